@@ -1,0 +1,39 @@
+"""Hook names, from one place: never hand-write a module path elsewhere."""
+
+
+def resid_post(layer: int) -> str:
+    """Output of block ``layer`` (the residual stream after it)."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def attn_out(layer: int) -> str:
+    return f"blocks.{layer}.hook_attn_out"
+
+
+def mlp_out(layer: int) -> str:
+    return f"blocks.{layer}.hook_mlp_out"
+
+
+def embed_out() -> str:
+    return "hook_embed"
+
+
+FINAL_NORM = "ln_final.hook_normalized"
+
+
+def check_layers(layers, n_layers: int) -> list[int]:
+    """Validate a layer list (negative counts from the end; ``"all"`` is every layer)."""
+    if layers in (None, "all"):
+        return list(range(n_layers))
+    if isinstance(layers, str):
+        layers = [int(x) for x in layers.split(",") if x.strip()]
+    out = []
+    for layer in layers:
+        idx = layer + n_layers if layer < 0 else layer
+        if not 0 <= idx < n_layers:
+            raise ValueError(f"layer {layer} is out of range: this model has {n_layers} layers "
+                             f"(0..{n_layers - 1}, or -1 for the last)")
+        out.append(idx)
+    if len(set(out)) != len(out):
+        raise ValueError(f"layer list {list(layers)} names a layer twice")
+    return out

