@@ -122,7 +122,7 @@ def test_gemma_from_registry_package_through_the_gguf_path(tmp_path, monkeypatch
     again = load_model("gemma-3-270m", device="cpu")
     second = time.perf_counter() - t0
     print(f"gemma-3-270m load: first {first:.1f} s, cached {second:.1f} s")
-    assert second < 30
+    assert second < 0.5 * first  # the conversion is not repeated
     assert again.weights_hash == model.weights_hash
     assert model.n_layers == 18 and model.d_model == 640
     audit = resolve_label_tokens(model.tokenizer)

@@ -1,0 +1,387 @@
+"""The loop over checkpoints: activations, filtering, concept vectors, steering sensitivity.
+
+One checkpoint is in memory at a time. Each step writes its results to
+``OUT/steps/step-NNNNNN/`` and a ``done.json`` holding the key of what produced them; a re-run
+skips steps whose key matches and recomputes the rest, so an interrupted run resumes. The
+top-level tables (``sensitivity.csv``, ``filtering.csv``, ``steps.csv``) are rebuilt from the
+step folders at the end of every run.
+"""
+
+import argparse
+import gc
+import logging
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+import emolens
+from emolens import hooks, results
+from emolens.activations import Activations, collect_activations
+from emolens.data import Corpus
+from emolens.labels import STUDY_LABELS, TEMPLATES, LabelSet, render_prompts, resolve_label_tokens
+from emolens.models import Checkpoint, CheckpointSeries, discover_series, is_run_dir, load_model
+from emolens.steering import SteeringEffect, final_layer_sensitivity, layer_sensitivity
+from emolens.tokens import encode
+from emolens.vectors import concept_vectors, count_kept, keep_mask
+
+log = logging.getLogger(__name__)
+
+FILTER_MODES = ("self", "base", "all", "none")  # none: keep every sample, no filtering
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """What ``analyze`` computes. Layers may be negative (from the end) or ``"all"``."""
+
+    layers: str = "all"  # layers whose residuals (and concept vectors) are kept
+    steer_layers: str = "-1"  # layers steered for sensitivity; -1 is the final block output
+    alphas: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 6.0, 8.0)
+    alpha_unit: str = "absolute"  # or "norm": alpha * mean residual norm along the unit vector
+    positions: str = "all"  # steer at every position, or "answer" only
+    n_prompts: int = 10  # neutral prompts steered, sampled once with prompt_seed
+    prompt_seed: int = 0
+    filter_mode: str = "self"  # who decides a sample is correct: self, base, all (or none)
+    min_count: int = 3  # a label with fewer kept samples drops out (with a warning)
+    batch_size: int = 8
+    language: str = "ja"
+    chat: bool = False
+    allow_shared_tokens: bool = False
+
+    def __post_init__(self) -> None:
+        if self.filter_mode not in FILTER_MODES:
+            raise ValueError(f"filter mode {self.filter_mode!r} unknown; use {FILTER_MODES}")
+        if self.alpha_unit not in ("absolute", "norm"):
+            raise ValueError("alpha_unit must be 'absolute' or 'norm'")
+        if self.positions not in ("all", "answer"):
+            raise ValueError("positions must be 'all' or 'answer'")
+        if not self.alphas or not all(np.isfinite(a) for a in self.alphas):
+            raise ValueError(f"the alpha grid {self.alphas} must be a non-empty list of "
+                             "finite numbers")
+        if self.n_prompts < 1 or self.batch_size < 1 or self.min_count < 1:
+            raise ValueError("n_prompts, batch_size and min_count must be at least 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace) -> "AnalysisConfig":
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        if isinstance(values.get("alphas"), str):
+            try:
+                values["alphas"] = tuple(float(a) for a in values["alphas"].split(","))
+            except ValueError:
+                raise ValueError(f"cannot read --alphas {values['alphas']!r}: give numbers "
+                                 "separated by commas, e.g. 0,1,2,4") from None
+        return cls(**values)
+
+
+def add_analysis_options(p: argparse.ArgumentParser) -> None:
+    d = AnalysisConfig()
+    p.add_argument("--layers", default=d.layers,
+                   help="layers whose residuals and vectors are kept: 'all' or e.g. 6,12,-1")
+    p.add_argument("--steer-layers", default=d.steer_layers,
+                   help="layers to steer at (comma-separated; -1 = final block output)")
+    p.add_argument("--alphas", default=",".join(f"{a:g}" for a in d.alphas),
+                   help="steering strengths, comma-separated")
+    p.add_argument("--alpha-unit", default=d.alpha_unit, choices=["absolute", "norm"],
+                   help="absolute: h + alpha*v; norm: h + alpha*|h|mean*v/|v|")
+    p.add_argument("--positions", default=d.positions, choices=["all", "answer"],
+                   help="steer every position or only the answer position")
+    p.add_argument("--n-prompts", type=int, default=d.n_prompts,
+                   help="neutral prompts to steer (sampled once)")
+    p.add_argument("--prompt-seed", type=int, default=d.prompt_seed, help="seed of that sample")
+    p.add_argument("--filter-mode", default=d.filter_mode, choices=list(FILTER_MODES),
+                   help="which model decides that a sample is correctly classified")
+    p.add_argument("--min-count", type=int, default=d.min_count,
+                   help="labels with fewer kept samples drop out")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="forward batch size")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    p.add_argument("--allow-shared-tokens", action="store_true",
+                   help="accept labels that share a first token")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def step_dir(out: Path, step: int) -> Path:
+    return out / "steps" / f"step-{step:06d}"
+
+
+def choose_prompts(corpus: Corpus, labels: LabelSet, n: int, seed: int) -> list[int]:
+    """Indices of ``n`` neutral samples drawn once with ``seed`` (the steered prompts)."""
+    neutral = [i for i, s in enumerate(corpus.samples) if s.label == labels.neutral.en]
+    if len(neutral) < n:
+        raise ValueError(f"the corpus has {len(neutral)} neutral ({labels.neutral.en}) samples, "
+                         f"fewer than the {n} prompts to steer; lower --n-prompts")
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(neutral, size=n, replace=False))
+
+
+def _fingerprint(spec: str) -> str:
+    """Cheap identity of a checkpoint's weights: names, sizes and mtimes of its files."""
+    path = Path(spec)
+    if not path.is_dir():
+        return spec
+    items = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()
+                   if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
+    return results.stable_hash([str(path.resolve()), items])
+
+
+def effect_frame(effect: SteeringEffect, *, step: int, layer: int, emotions, labels,
+                 alphas, alpha_unit: str, positions: str, prompt_ids) -> pd.DataFrame:
+    """Long table of a steering effect: one row per emotion, alpha, prompt and label."""
+    shape = effect.logit_change.shape  # [emotion, alpha, prompt, label]
+    e, a, p, lab = np.meshgrid(*(np.arange(s) for s in shape), indexing="ij")
+    return pd.DataFrame({
+        "step": step, "layer": layer,
+        "steered_emotion": np.asarray(emotions)[e.ravel()],
+        "observed_label": np.asarray(labels)[lab.ravel()],
+        "alpha": np.asarray(alphas, dtype=float)[a.ravel()],
+        "alpha_unit": alpha_unit, "positions": positions,
+        "prompt_id": np.asarray(prompt_ids)[p.ravel()],
+        "logit_change": effect.logit_change.reshape(-1).numpy(),
+        "logprob_change": effect.logprob_change.reshape(-1).numpy(),
+        "centered_change": effect.centered_change.reshape(-1).numpy(),
+    })
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _Context:
+    out: Path
+    corpus: Corpus
+    labels: LabelSet
+    config: AnalysisConfig
+    prompt_index: list[int]
+    load_kwargs: dict
+    base_key: dict
+
+
+def _series_of(model_spec, base: str | None) -> CheckpointSeries:
+    if isinstance(model_spec, CheckpointSeries):
+        return model_spec
+    if is_run_dir(model_spec):
+        return discover_series(model_spec, base=base)
+    return CheckpointSeries(run_dir="", base=str(model_spec),
+                            checkpoints=(Checkpoint(0, str(model_spec), "base"),))
+
+
+def _step_key(ctx: _Context, ckpt: Checkpoint) -> str:
+    return results.stable_hash({**ctx.base_key, "checkpoint": asdict(ckpt),
+                                "weights": _fingerprint(ckpt.spec)})
+
+
+def _collect(ctx: _Context, model, ckpt: Checkpoint, key: str) -> tuple[Activations, dict]:
+    """Activations of every corpus sample at the configured layers (cached per step)."""
+    folder = step_dir(ctx.out, ckpt.step)
+    marker = folder / "activations.key"
+    if marker.exists() and marker.read_text() == key:
+        return Activations.load(folder), results.read_json(folder / "label_audit.json")
+    template = TEMPLATES[ctx.config.language]
+    audit = resolve_label_tokens(model.tokenizer, template, ctx.labels, chat=ctx.config.chat,
+                                 allow_shared=ctx.config.allow_shared_tokens)
+    prompts = render_prompts(ctx.corpus.texts(), template, ctx.labels, model.tokenizer,
+                             ctx.config.chat)
+    layers = hooks.check_layers(ctx.config.layers, model.n_layers)
+    acts = collect_activations(
+        model, encode(model.tokenizer, prompts), audit.ids, layers,
+        gold=ctx.corpus.label_indices(ctx.labels), sample_ids=ctx.corpus.ids(),
+        label_names=tuple(ctx.labels.names("en")), batch_size=ctx.config.batch_size,
+        meta={"step": ckpt.step})
+    acts.save(folder)
+    results.write_json(folder / "label_audit.json", audit.to_dict())
+    results.write_text(marker, key)
+    return acts, audit.to_dict()
+
+
+def _vectors_and_sensitivity(ctx: _Context, model, ckpt: Checkpoint, acts: Activations,
+                             keep: torch.Tensor, audit: dict, key: str) -> None:
+    """Filter, build vectors, steer the neutral prompts at each steer layer, write the step."""
+    cfg, folder = ctx.config, step_dir(ctx.out, ckpt.step)
+    is_prompt = torch.zeros(acts.n_samples, dtype=torch.bool)
+    is_prompt[ctx.prompt_index] = True
+    vec_keep = keep & ~is_prompt  # the steered prompts never feed the vectors
+    vectors = concept_vectors(acts, vec_keep, ctx.labels, cfg.min_count)
+    vectors.save(folder)
+    label_ids = [e["first_token_id"] for e in audit["entries"]]
+    prompt_ids = [acts.sample_ids[i] for i in ctx.prompt_index]
+    template = TEMPLATES[cfg.language]
+    prompt_texts = [ctx.corpus.samples[i].text for i in ctx.prompt_index]
+    prompt_tokens = encode(model.tokenizer, render_prompts(prompt_texts, template, ctx.labels,
+                                                           model.tokenizer, cfg.chat))
+    alphas = torch.tensor(cfg.alphas, dtype=torch.float32)
+    frames = []
+    last = model.n_layers - 1
+    for layer in hooks.check_layers(cfg.steer_layers, model.n_layers):
+        if layer not in acts.layers:
+            raise ValueError(f"steer layer {layer} is not among the collected layers "
+                             f"{acts.layers}; add it to --layers")
+        v = vectors.layer(layer)
+        if cfg.alpha_unit == "norm":
+            v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12) * acts.mean_norm(layer)
+        if layer == last and cfg.positions in ("all", "answer"):
+            # the final block output feeds only the readout: steering every position or only
+            # the answer position changes the answer logits identically, no forward needed
+            effect = final_layer_sensitivity(model, acts.layer(layer)[ctx.prompt_index], v,
+                                             alphas, label_ids)
+        else:
+            effect = layer_sensitivity(model, prompt_tokens, layer, v, alphas, label_ids,
+                                       positions=cfg.positions, batch_size=cfg.batch_size)
+        frames.append(effect_frame(effect, step=ckpt.step, layer=layer, emotions=vectors.emotions,
+                                   labels=ctx.labels.names("en"), alphas=cfg.alphas,
+                                   alpha_unit=cfg.alpha_unit, positions=cfg.positions,
+                                   prompt_ids=prompt_ids))
+    results.write_csv(folder / "sensitivity.csv", pd.concat(frames, ignore_index=True))
+    counts = count_kept(acts.gold, vec_keep, len(ctx.labels))
+    n_per_label = torch.bincount(acts.gold[acts.gold >= 0], minlength=len(ctx.labels))
+    correct = count_kept(acts.gold, acts.correct, len(ctx.labels))
+    filtering = pd.DataFrame({
+        "step": ckpt.step, "label": ctx.labels.names("en"), "label_ja": ctx.labels.names("ja"),
+        "n_samples": n_per_label.numpy(), "n_correct": correct.numpy(), "n_kept": counts.numpy(),
+        "dropped": [n in vectors.dropped for n in ctx.labels.names("en")],
+        "filter_mode": cfg.filter_mode})
+    results.write_csv(folder / "filtering.csv", filtering)
+    results.write_json(folder / "done.json", {
+        "key": key, "step": ckpt.step, "checkpoint": asdict(ckpt),
+        "weights_hash": model.weights_hash, "model": model.describe(),
+        "accuracy": float(acts.correct.float().mean()), "n_samples": acts.n_samples,
+        "dropped": list(vectors.dropped), "numerics": acts.meta.get("numerics")})
+
+
+def _base_activations(ctx: _Context, checkpoints: list[Checkpoint]) -> Activations | None:
+    """The first step's activations (for filter mode 'base'), from disk."""
+    if ctx.config.filter_mode != "base":
+        return None
+    folder = step_dir(ctx.out, checkpoints[0].step)
+    if not (folder / "activations.key").exists():
+        raise ValueError(f"filter mode 'base' needs the activations of step "
+                         f"{checkpoints[0].step} (the base model), which failed or were not "
+                         "computed; fix the base model or use --filter-mode self")
+    return Activations.load(folder)
+
+
+def _keep(ctx: _Context, acts: Activations, checkpoints: list[Checkpoint], is_base: bool):
+    mode = ctx.config.filter_mode
+    if mode == "none":
+        return torch.ones(acts.n_samples, dtype=torch.bool)
+    base_acts = acts if is_base else _base_activations(ctx, checkpoints)
+    return keep_mask(mode, acts, base_acts)
+
+
+def _is_done(ctx: _Context, ckpt: Checkpoint, key: str) -> bool:
+    marker = step_dir(ctx.out, ckpt.step) / "done.json"
+    return marker.exists() and results.read_json(marker).get("key") == key
+
+
+def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
+            config: AnalysisConfig = AnalysisConfig(), *, labels: LabelSet = STUDY_LABELS,
+            base: str | None = None, device: str = "auto", dtype=None,
+            device_map=None, steps: list[int] | None = None) -> Path:
+    """Run the study over a checkpoint series (a run folder) or one model; returns ``out``.
+
+    Re-running with the same inputs skips finished steps. A checkpoint that fails to load is
+    recorded in the manifest's ``failures`` and the others still run.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    series = _series_of(model_spec, base)
+    checkpoints = [c for c in series.checkpoints if steps is None or c.step in steps]
+    if not checkpoints:
+        raise ValueError(f"no checkpoints to analyse (asked for steps {steps}, "
+                         f"found {series.steps})")
+    prompt_index = choose_prompts(corpus, labels, config.n_prompts, config.prompt_seed)
+    base_key = {"emolens": emolens.__version__, "data": corpus.sha256,
+                "labels": labels.to_dict(), "template": TEMPLATES[config.language].to_dict(),
+                "config": config.to_dict(), "dtype": str(dtype)}
+    ctx = _Context(out, corpus, labels, config, prompt_index,
+                   {"device": device, "dtype": dtype, "device_map": device_map}, base_key)
+    started = time.time()
+    manifest_path = out / "manifest.json"
+    previous = results.read_json(manifest_path) if manifest_path.exists() else {}
+    failures: list[dict] = []
+    pending: list[tuple[Checkpoint, str]] = []
+    for ckpt in tqdm(checkpoints, desc="checkpoints", unit="ckpt"):
+        key = _step_key(ctx, ckpt)
+        if _is_done(ctx, ckpt, key):
+            continue
+        try:
+            model = series.load(ckpt, **ctx.load_kwargs)
+        except Exception as exc:  # one broken checkpoint must not stop the series
+            log.warning("checkpoint step %s (%s) failed to load: %s", ckpt.step, ckpt.spec, exc)
+            failures.append({"step": ckpt.step, "spec": ckpt.spec, "error": str(exc)})
+            continue
+        try:
+            acts, audit = _collect(ctx, model, ckpt, key)
+            if config.filter_mode == "all":
+                pending.append((ckpt, key))
+            else:
+                keep = _keep(ctx, acts, checkpoints, is_base=ckpt is checkpoints[0])
+                _vectors_and_sensitivity(ctx, model, ckpt, acts, keep, audit, key)
+        finally:
+            del model
+            gc.collect()
+    if pending:  # filter mode "all": correctness of every step is known only now
+        masks = [Activations.load(step_dir(out, c.step)).correct for c in checkpoints
+                 if (step_dir(out, c.step) / "activations.key").exists()]
+        for ckpt, key in tqdm(pending, desc="steering (filter: all)", unit="ckpt"):
+            model = series.load(ckpt, **ctx.load_kwargs)
+            acts, audit = _collect(ctx, model, ckpt, key)
+            keep = keep_mask("all", acts, all_steps=masks)
+            _vectors_and_sensitivity(ctx, model, ckpt, acts, keep, audit, key)
+            del model
+            gc.collect()
+    tables = combine_steps(out)
+    first_audit = next(iter(sorted((out / "steps").glob("step-*/label_audit.json"))), None)
+    if first_audit is not None:
+        results.write_json(out / "label_audit.json", results.read_json(first_audit))
+    results.write_json(manifest_path, {
+        "emolens": emolens.__version__, "versions": results.versions(),
+        "created": previous.get("created", time.strftime("%Y-%m-%dT%H:%M:%S")),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "model": str(model_spec) if not isinstance(model_spec, CheckpointSeries) else
+        series.run_dir, "run_dir": series.run_dir or None, "series": series.to_dict(),
+        "data": {"source": corpus.source, "sha256": corpus.sha256, "n_samples": len(corpus),
+                 "counts": corpus.counts()},
+        "labels": labels.to_dict(), "template": TEMPLATES[config.language].to_dict(),
+        "settings": config.to_dict(),
+        "load": {"device": device, "dtype": str(dtype), "device_map": device_map},
+        "steered_prompts": [corpus.samples[i].id for i in prompt_index],
+        "hook_names": {"vectors": "blocks.{layer}.hook_resid_post (answer position)",
+                       "steering": "blocks.{layer}.hook_resid_post"},
+        "numerics": results.NUMERICS_MODE, "numerics_note": results.NUMERICS_NOTE,
+        "seeds": {"prompt_seed": config.prompt_seed},
+        "steps_done": sorted(int(s) for s in tables["steps"]["step"]) if len(tables["steps"])
+        else [],
+        "failures": failures, "series_problems": list(series.problems),
+        "seconds_this_run": round(time.time() - started, 1),
+    })
+    return out
+
+
+def combine_steps(out: Path) -> dict[str, pd.DataFrame]:
+    """Rebuild the top-level tables from the finished step folders."""
+    done = sorted(p.parent for p in (out / "steps").glob("step-*/done.json"))
+    sens = [pd.read_csv(d / "sensitivity.csv") for d in done]
+    filt = [pd.read_csv(d / "filtering.csv") for d in done]
+    rows = []
+    for d in done:
+        info = results.read_json(d / "done.json")
+        ck = info["checkpoint"]
+        rows.append({"step": info["step"], "kind": ck["kind"], "spec": ck["spec"],
+                     "eval_loss": ck.get("eval_loss"), "accuracy": info["accuracy"],
+                     "n_samples": info["n_samples"], "weights_hash": info["weights_hash"]})
+    tables = {"sensitivity": pd.concat(sens, ignore_index=True) if sens else pd.DataFrame(),
+              "filtering": pd.concat(filt, ignore_index=True) if filt else pd.DataFrame(),
+              "steps": pd.DataFrame(rows, columns=["step", "kind", "spec", "eval_loss",
+                                                   "accuracy", "n_samples", "weights_hash"])}
+    for name, frame in tables.items():
+        results.write_csv(out / f"{name}.csv", frame)
+    return tables
+

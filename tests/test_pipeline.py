@@ -1,0 +1,88 @@
+import json
+
+import pandas as pd
+import pytest
+
+from emolens.data import load_corpus
+from emolens.pipeline import AnalysisConfig, analyze, choose_prompts
+from emolens.labels import STUDY_LABELS
+
+CONFIG = AnalysisConfig(layers="1,-1", steer_layers="1,-1", alphas=(0.0, 2.0, 4.0), n_prompts=3,
+                        min_count=1, batch_size=16, filter_mode="none")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_corpus(None).head_per_label(6)
+
+
+@pytest.fixture(scope="module")
+def series_out(tmp_path_factory, fake_run_dir, corpus):
+    out = tmp_path_factory.mktemp("analysis")
+    analyze(fake_run_dir, corpus, out, CONFIG, device="cpu")
+    return out
+
+
+def test_analysis_writes_long_tables_for_every_step(series_out):
+    sens = pd.read_csv(series_out / "sensitivity.csv")
+    assert sorted(sens.step.unique()) == [0, 2, 4]
+    assert sorted(sens.layer.unique()) == [1, 3]
+    n_emotions, n_labels = 12, 13
+    assert len(sens) == 3 * 2 * n_emotions * 3 * 3 * n_labels
+    assert set(sens.columns) >= {"step", "layer", "steered_emotion", "observed_label", "alpha",
+                                 "prompt_id", "logit_change", "logprob_change",
+                                 "centered_change"}
+    assert (sens[sens.alpha == 0][["logit_change", "logprob_change"]].abs() < 1e-4).all().all()
+    filtering = pd.read_csv(series_out / "filtering.csv")
+    assert len(filtering) == 3 * 13
+    steps = pd.read_csv(series_out / "steps.csv")
+    assert steps.step.tolist() == [0, 2, 4]
+    assert steps.eval_loss.isna().tolist() == [True, False, False]
+    manifest = json.loads((series_out / "manifest.json").read_text())
+    assert manifest["numerics"] == "raw-hf"
+    assert manifest["failures"] == [] and manifest["series_problems"]
+    assert manifest["data"]["sha256"]
+    assert len(manifest["steered_prompts"]) == 3
+
+
+def test_rerun_skips_finished_steps(series_out, fake_run_dir, corpus):
+    before = {p: p.stat().st_mtime_ns for p in series_out.glob("steps/*/sensitivity.csv")}
+    analyze(fake_run_dir, corpus, series_out, CONFIG, device="cpu")
+    after = {p: p.stat().st_mtime_ns for p in series_out.glob("steps/*/sensitivity.csv")}
+    assert before == after
+
+
+def test_changed_settings_recompute(series_out, fake_run_dir, corpus, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(series_out, out)
+    analyze(fake_run_dir, corpus, out, AnalysisConfig(**{**CONFIG.to_dict(),
+                                                         "alphas": (0.0, 1.0)}),
+            device="cpu")
+    sens = pd.read_csv(out / "sensitivity.csv")
+    assert sorted(sens.alpha.unique()) == [0.0, 1.0]
+
+
+def test_final_layer_fast_path_matches_hooked_steering_in_the_pipeline(series_out):
+    """Layer 3 (final) uses the fast path, layer 1 the hooked batched pass; both give zero
+    effect at alpha 0 and grow with alpha on the diagonal."""
+    sens = pd.read_csv(series_out / "sensitivity.csv")
+    diag = sens[sens.steered_emotion == sens.observed_label]
+    grow = diag.groupby(["layer", "alpha"]).logit_change.mean().unstack()
+    assert (grow[4.0] != grow[0.0]).all()
+
+
+def test_prompts_are_neutral_and_fixed_by_seed(corpus):
+    a = choose_prompts(corpus, STUDY_LABELS, 3, 0)
+    assert a == choose_prompts(corpus, STUDY_LABELS, 3, 0)
+    assert all(corpus.samples[i].label == "no-emotion" for i in a)
+    with pytest.raises(ValueError, match="fewer than"):
+        choose_prompts(corpus, STUDY_LABELS, 100, 0)
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="alpha grid"):
+        AnalysisConfig(alphas=(float("nan"),))
+    with pytest.raises(ValueError, match="filter mode"):
+        AnalysisConfig(filter_mode="some")
