@@ -22,11 +22,17 @@ FINAL_NORM = "ln_final.hook_normalized"
 
 
 def check_layers(layers, n_layers: int) -> list[int]:
-    """Validate a layer list (negative counts from the end; ``"all"`` is every layer)."""
+    """Validate a layer list: negative counts from the end, ``"all"`` is every layer, ``"mid"``
+    the middle layer (``n_layers // 2``); a string is comma-separated (``"mid,-1"``)."""
     if layers in (None, "all"):
         return list(range(n_layers))
     if isinstance(layers, str):
-        layers = [int(x) for x in layers.split(",") if x.strip()]
+        try:
+            layers = [n_layers // 2 if x.strip() == "mid" else int(x)
+                      for x in layers.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"cannot read the layer list {layers!r}: give 'all' or "
+                             "comma-separated integers (or 'mid'), e.g. 6,12,-1") from None
     out = []
     for layer in layers:
         idx = layer + n_layers if layer < 0 else layer
