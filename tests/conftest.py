@@ -59,3 +59,11 @@ def fake_run_dir(tmp_path_factory, tiny_model_dir) -> Path:
     (run / "checkpoint-4" / "trainer_state.json").write_text(json.dumps(state))
     (run / "emolens_run.json").write_text(json.dumps({"base_model": str(tiny_model_dir)}))
     return run
+
+
+@pytest.fixture(scope="session")
+def gemma_model():
+    """The real Gemma 3 270M from its registry package (converted once into EMOLENS_CACHE)."""
+    from emolens.models import load_model
+
+    return load_model("gemma-3-270m", device="cpu")

@@ -86,3 +86,24 @@ def test_bad_settings_are_clear_errors():
         AnalysisConfig(alphas=(float("nan"),))
     with pytest.raises(ValueError, match="filter mode"):
         AnalysisConfig(filter_mode="some")
+
+
+def test_explanation_tables_are_written_for_the_series(series_out):
+    attribution = pd.read_csv(series_out / "attribution.csv")
+    assert sorted(attribution.step.unique()) == [0, 2, 4]
+    assert ((attribution.direct + attribution.scale_change - attribution.logit_change).abs()
+            < 1e-4).all()
+    sens = pd.read_csv(series_out / "sensitivity.csv")
+    diag = sens[(sens.steered_emotion == sens.observed_label) & (sens.layer == 3)]
+    measured = diag.groupby(["step", "steered_emotion", "alpha"]).logit_change.mean()
+    merged = attribution.set_index(["step", "emotion", "alpha"]).logit_change
+    assert ((merged - measured.reindex(merged.index)).abs() < 1e-4).all()
+    first = attribution[attribution.step == 0]
+    assert (first.push_change.abs() < 1e-5).all()
+    transfer = pd.read_csv(series_out / "transfer.csv")
+    assert len(transfer) == 3 * 3 * 12
+    own = transfer[transfer.step == transfer.vector_step].set_index(["step", "emotion"])
+    top = attribution[attribution.alpha == 4.0].set_index(["step", "emotion"]).logit_change
+    assert ((own.logit_change - top.reindex(own.index)).abs() < 1e-4).all()
+    dla = pd.read_csv(series_out / "dla.csv")
+    assert set(dla.kind) == {"embed", "attn", "mlp"} and sorted(dla.step.unique()) == [0, 2, 4]

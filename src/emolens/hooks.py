@@ -6,6 +6,16 @@ def resid_post(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
+def resid_pre(layer: int) -> str:
+    """Input of block ``layer``."""
+    return f"blocks.{layer}.hook_resid_pre"
+
+
+def resid_mid(layer: int) -> str:
+    """Residual stream of block ``layer`` after its attention, before its MLP."""
+    return f"blocks.{layer}.hook_resid_mid"
+
+
 def attn_out(layer: int) -> str:
     return f"blocks.{layer}.hook_attn_out"
 

@@ -11,7 +11,7 @@ import argparse
 import gc
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,9 @@ from tqdm.auto import tqdm
 import emolens
 from emolens import hooks, results
 from emolens.activations import Activations, collect_activations
+from emolens.attribution import Readout, UnsupportedReadout
 from emolens.data import Corpus
+from emolens.explain import READOUT_FILE, attribution_frame, dla_frame, load_steps, transfer_frame
 from emolens.labels import STUDY_LABELS, TEMPLATES, LabelSet, render_prompts, resolve_label_tokens
 from emolens.models import Checkpoint, CheckpointSeries, discover_series, is_run_dir, load_model
 from emolens.steering import SteeringEffect, final_layer_sensitivity, layer_sensitivity
@@ -51,6 +53,8 @@ class AnalysisConfig:
     language: str = "ja"
     chat: bool = False
     allow_shared_tokens: bool = False
+    dla_per_label: int = 8  # samples per label for the direct logit attribution (0: none)
+    transfer_alpha: float | None = None  # alpha of the transfer table (default: the largest)
 
     def __post_init__(self) -> None:
         if self.filter_mode not in FILTER_MODES:
@@ -100,6 +104,8 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-count", type=int, default=d.min_count,
                    help="labels with fewer kept samples drop out")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="forward batch size")
+    p.add_argument("--dla-per-label", type=int, default=d.dla_per_label,
+                   help="samples per label for the direct logit attribution (0: skip it)")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     p.add_argument("--allow-shared-tokens", action="store_true",
                    help="accept labels that share a first token")
@@ -132,22 +138,13 @@ def _fingerprint(spec: str) -> str:
     return results.stable_hash([str(path.resolve()), items])
 
 
-def effect_frame(effect: SteeringEffect, *, step: int, layer: int, emotions, labels,
-                 alphas, alpha_unit: str, positions: str, prompt_ids) -> pd.DataFrame:
+def effect_frame(effect: SteeringEffect, *, step: int, alpha_unit: str) -> pd.DataFrame:
     """Long table of a steering effect: one row per emotion, alpha, prompt and label."""
-    shape = effect.logit_change.shape  # [emotion, alpha, prompt, label]
-    e, a, p, lab = np.meshgrid(*(np.arange(s) for s in shape), indexing="ij")
-    return pd.DataFrame({
-        "step": step, "layer": layer,
-        "steered_emotion": np.asarray(emotions)[e.ravel()],
-        "observed_label": np.asarray(labels)[lab.ravel()],
-        "alpha": np.asarray(alphas, dtype=float)[a.ravel()],
-        "alpha_unit": alpha_unit, "positions": positions,
-        "prompt_id": np.asarray(prompt_ids)[p.ravel()],
-        "logit_change": effect.logit_change.reshape(-1).numpy(),
-        "logprob_change": effect.logprob_change.reshape(-1).numpy(),
-        "centered_change": effect.centered_change.reshape(-1).numpy(),
-    })
+    frame = effect.to_frame(step=step).rename(columns={
+        "emotion": "steered_emotion", "label": "observed_label", "prompt": "prompt_id"})
+    frame.insert(5, "alpha_unit", alpha_unit)
+    frame.insert(6, "positions", effect.positions)
+    return frame
 
 
 # --------------------------------------------------------------------------- the run
@@ -226,19 +223,21 @@ def _vectors_and_sensitivity(ctx: _Context, model, ckpt: Checkpoint, acts: Activ
         v = vectors.layer(layer)
         if cfg.alpha_unit == "norm":
             v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12) * acts.mean_norm(layer)
-        if layer == last and cfg.positions in ("all", "answer"):
+        names = {"emotions": vectors.emotions, "labels": ctx.labels.names("en"),
+                 "prompt_ids": prompt_ids}
+        if layer == last:
             # the final block output feeds only the readout: steering every position or only
             # the answer position changes the answer logits identically, no forward needed
             effect = final_layer_sensitivity(model, acts.layer(layer)[ctx.prompt_index], v,
-                                             alphas, label_ids)
+                                             alphas, label_ids, **names)
+            effect = replace(effect, positions=cfg.positions)
         else:
             effect = layer_sensitivity(model, prompt_tokens, layer, v, alphas, label_ids,
-                                       positions=cfg.positions, batch_size=cfg.batch_size)
-        frames.append(effect_frame(effect, step=ckpt.step, layer=layer, emotions=vectors.emotions,
-                                   labels=ctx.labels.names("en"), alphas=cfg.alphas,
-                                   alpha_unit=cfg.alpha_unit, positions=cfg.positions,
-                                   prompt_ids=prompt_ids))
+                                       positions=cfg.positions, batch_size=cfg.batch_size,
+                                       progress=False, **names)
+        frames.append(effect_frame(effect, step=ckpt.step, alpha_unit=cfg.alpha_unit))
     results.write_csv(folder / "sensitivity.csv", pd.concat(frames, ignore_index=True))
+    _explain_step(ctx, model, ckpt, acts, label_ids, folder)
     counts = count_kept(acts.gold, vec_keep, len(ctx.labels))
     n_per_label = torch.bincount(acts.gold[acts.gold >= 0], minlength=len(ctx.labels))
     correct = count_kept(acts.gold, acts.correct, len(ctx.labels))
@@ -273,6 +272,30 @@ def _keep(ctx: _Context, acts: Activations, checkpoints: list[Checkpoint], is_ba
         return torch.ones(acts.n_samples, dtype=torch.bool)
     base_acts = acts if is_base else _base_activations(ctx, checkpoints)
     return keep_mask(mode, acts, base_acts)
+
+
+def _explain_step(ctx: _Context, model, ckpt: Checkpoint, acts: Activations,
+                  label_ids: list[int], folder: Path) -> None:
+    """The readout (for offline attribution and transfer) and the DLA of the unsteered answer
+    on up to ``dla_per_label`` samples of each label."""
+    try:
+        readout = Readout.from_model(model, label_ids)
+    except UnsupportedReadout as exc:
+        log.warning("step %s: no attribution: %s", ckpt.step, exc)
+        return
+    readout.save(folder / READOUT_FILE)
+    if ctx.config.dla_per_label <= 0:
+        return
+    chosen: list[int] = []
+    for j in range(len(ctx.labels)):
+        chosen += (acts.gold == j).nonzero().flatten().tolist()[: ctx.config.dla_per_label]
+    template = TEMPLATES[ctx.config.language]
+    texts = [ctx.corpus.samples[i].text for i in chosen]
+    tokens = encode(model.tokenizer, render_prompts(texts, template, ctx.labels, model.tokenizer,
+                                                    ctx.config.chat))
+    frame = dla_frame(model, ckpt.step, tokens, acts.gold[chosen].tolist(), readout,
+                      tuple(ctx.labels.names("en")), ctx.config.batch_size)
+    results.write_csv(folder / "dla.csv", frame)
 
 
 def _is_done(ctx: _Context, ckpt: Checkpoint, key: str) -> bool:
@@ -337,7 +360,9 @@ def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
             _vectors_and_sensitivity(ctx, model, ckpt, acts, keep, audit, key)
             del model
             gc.collect()
-    tables = combine_steps(out)
+    tables = combine_steps(out, prompt_ids=[corpus.samples[i].id for i in prompt_index],
+                           alphas=config.alphas, labels=tuple(labels.names("en")),
+                           transfer_alpha=config.transfer_alpha)
     first_audit = next(iter(sorted((out / "steps").glob("step-*/label_audit.json"))), None)
     if first_audit is not None:
         results.write_json(out / "label_audit.json", results.read_json(first_audit))
@@ -365,7 +390,9 @@ def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
     return out
 
 
-def combine_steps(out: Path) -> dict[str, pd.DataFrame]:
+def combine_steps(out: Path, prompt_ids: list[str], alphas: tuple[float, ...],
+                  labels: tuple[str, ...], transfer_alpha: float | None = None
+                  ) -> dict[str, pd.DataFrame]:
     """Rebuild the top-level tables from the finished step folders."""
     done = sorted(p.parent for p in (out / "steps").glob("step-*/done.json"))
     sens = [pd.read_csv(d / "sensitivity.csv") for d in done]
@@ -381,6 +408,13 @@ def combine_steps(out: Path) -> dict[str, pd.DataFrame]:
               "filtering": pd.concat(filt, ignore_index=True) if filt else pd.DataFrame(),
               "steps": pd.DataFrame(rows, columns=["step", "kind", "spec", "eval_loss",
                                                    "accuracy", "n_samples", "weights_hash"])}
+    dla = [pd.read_csv(d / "dla.csv") for d in done if (d / "dla.csv").exists()]
+    tables["dla"] = pd.concat(dla, ignore_index=True) if dla else pd.DataFrame()
+    steps = load_steps(done)
+    if steps:
+        tables["attribution"] = attribution_frame(steps, prompt_ids, alphas, labels)
+        alpha = transfer_alpha if transfer_alpha is not None else max(alphas)
+        tables["transfer"] = transfer_frame(steps, prompt_ids, alpha, labels)
     for name, frame in tables.items():
         results.write_csv(out / f"{name}.csv", frame)
     return tables

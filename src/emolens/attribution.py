@@ -1,0 +1,271 @@
+"""Why steering moves (or stops moving) a label's logit: exact decompositions at the final layer.
+
+The label logit at the answer position is ``l(h) = w . (h / r(h)) + b`` for an RMS final norm,
+with ``w = u * g`` the label's unembedding row times the norm gain and ``r(h)`` the RMS scale
+(for a LayerNorm, ``h`` is centred first and the norm bias folds into ``b``). Steering
+``h -> h + alpha v`` changes it by, exactly,
+
+    alpha * (w . v) / r(h + alpha v)        direct push of v along the label's readout row
+  + (w . h) * (1 / r(h + alpha v) - 1 / r(h))   change of the normalisation scale
+
+and across checkpoints the direct push of step t against step 0 splits, exactly, into what the
+vector changed, what the readout row changed and what the scale changed (see
+:func:`direct_push_change`). :class:`Readout` extracts ``w``, ``b`` and the norm from a model and
+checks itself against the model's own ``ln_final`` and ``unembed`` before it is used.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from emolens import hooks
+from emolens.results import load_tensors, save_tensors
+
+
+class UnsupportedReadout(ValueError):
+    """The model's final readout is not a plain norm + linear unembedding."""
+
+
+@dataclass(frozen=True)
+class Readout:
+    """A model's final norm and the unembedding rows of the label tokens (plus the mean row).
+
+    ``gain`` includes any offset the architecture adds (Gemma's ``1 + w``); ``rows`` are
+    ``[label, d_model]``; ``mean_row`` is the mean over the whole vocabulary, so
+    ``mean_logit(h) = mean_row . ln(h) + mean_bias`` exactly (the readout is linear).
+    """
+
+    norm: str  # "rms" or "layer"
+    gain: Float[Tensor, " d_model"]
+    norm_bias: Float[Tensor, " d_model"]
+    eps: float
+    rows: Float[Tensor, "label d_model"]
+    bias: Float[Tensor, " label"]
+    mean_row: Float[Tensor, " d_model"]
+    mean_bias: float
+    token_ids: tuple[int, ...]
+
+    @property
+    def effective_rows(self) -> Float[Tensor, "label d_model"]:
+        """``w = u * g``: what a normalised residual is read out along."""
+        return self.rows * self.gain
+
+    @property
+    def effective_bias(self) -> Float[Tensor, " label"]:
+        return self.bias + self.rows @ self.norm_bias
+
+    def center(self, h: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_model"]:
+        return h - h.mean(-1, keepdim=True) if self.norm == "layer" else h
+
+    def scale(self, h: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows"]:
+        """``r(h)``: the RMS of the (centred, for LayerNorm) residual, with eps."""
+        x = self.center(h.double())
+        return torch.sqrt((x * x).mean(-1) + self.eps)
+
+    def logits(self, h: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows label"]:
+        """Label logits of final-block outputs ``h`` (float64)."""
+        x = self.center(h.double()) / self.scale(h)[..., None]
+        return x @ self.effective_rows.double().T + self.effective_bias.double()
+
+    def mean_logit(self, h: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows"]:
+        x = self.center(h.double()) / self.scale(h)[..., None]
+        w = (self.mean_row * self.gain).double()
+        return x @ w + float(self.mean_bias + self.mean_row @ self.norm_bias)
+
+    def save(self, path: str | Path) -> Path:
+        return save_tensors(path, {"gain": self.gain, "norm_bias": self.norm_bias,
+                                   "rows": self.rows, "bias": self.bias,
+                                   "mean_row": self.mean_row},
+                            {"norm": self.norm, "eps": self.eps, "mean_bias": self.mean_bias,
+                             "token_ids": list(self.token_ids)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Readout":
+        t, m = load_tensors(path)
+        return cls(m["norm"], t["gain"], t["norm_bias"], float(m["eps"]), t["rows"], t["bias"],
+                   t["mean_row"], float(m["mean_bias"]), tuple(m["token_ids"]))
+
+    @classmethod
+    @torch.no_grad()
+    def from_model(cls, model, token_ids: Sequence[int], check_atol: float = 1e-3) -> "Readout":
+        """Extract the readout and verify it against the model's ``ln_final`` and ``unembed``
+        on random residuals of realistic scale; raise :class:`UnsupportedReadout` if they differ
+        (e.g. final-logit soft-capping, whose effect is not linear)."""
+        bridge = model.bridge
+        config = model.hf_model.config
+        if getattr(config, "final_logit_softcapping", None):
+            raise UnsupportedReadout("final-logit soft-capping makes the readout non-linear; "
+                                     "exact attribution is not available for this model")
+        head = model.hf_model.get_output_embeddings()
+        w_u = head.weight.detach().float()
+        b_u = (head.bias.detach().float() if getattr(head, "bias", None) is not None
+               else torch.zeros(w_u.shape[0]))
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+        d = w_u.shape[1]
+        norm_module = bridge.ln_final
+        eps = getattr(config, "rms_norm_eps", None)
+        kind = "rms" if eps is not None else "layer"
+        eps = float(eps if eps is not None else getattr(config, "layer_norm_eps",
+                                                        getattr(config, "layer_norm_epsilon",
+                                                                1e-5)))
+        dtype = next(bridge.unembed.parameters()).dtype
+        device = next(bridge.unembed.parameters()).device
+        # gain and bias from the norm's response: ln(x) = g * c(x) / r(x) + beta
+        zero = torch.zeros(1, 1, d, dtype=dtype, device=device)
+        beta = norm_module(zero + 0.0)[0, 0].float().cpu() if kind == "layer" else torch.zeros(d)
+        probe = torch.randn(1, 8, d, generator=torch.Generator().manual_seed(0))
+        probe = probe.to(dtype=dtype, device=device) * 10.0
+        out = norm_module(probe)[0].float().cpu() - beta
+        x = probe[0].float().cpu()
+        x = x - x.mean(-1, keepdim=True) if kind == "layer" else x
+        r = torch.sqrt((x.double() * x.double()).mean(-1) + eps).float()
+        gain = (out * r[:, None] / x).median(dim=0).values
+        readout = cls(kind, gain, beta, eps, w_u[ids].clone(), b_u[ids].clone(),
+                      w_u.mean(0), float(b_u.mean()), tuple(int(i) for i in ids))
+        logits = bridge.unembed(norm_module(probe)).float().cpu()[0]
+        mine = readout.logits(probe[0].float().cpu()).float()
+        err = (logits[:, ids] - mine).abs().max().item()
+        err_mean = (logits.mean(-1) - readout.mean_logit(probe[0].float().cpu())).abs().max()
+        scale = logits.abs().max().item()
+        if err > check_atol * max(1.0, scale) or err_mean > check_atol * max(1.0, scale):
+            raise UnsupportedReadout(
+                f"the extracted readout differs from the model's ln_final + unembed by {err:.3g}"
+                " (not a plain RMSNorm/LayerNorm + linear unembedding?); exact attribution is "
+                "not available for this model")
+        return readout
+
+
+@dataclass(frozen=True)
+class SteeringDecomposition:
+    """Exact parts of the final-layer steering effect, ``[emotion, alpha, prompt, label]``.
+
+    ``direct + scale == total``; ``total`` equals the measured logit change.
+    """
+
+    total: Float[Tensor, "emotion alpha prompt label"]
+    direct: Float[Tensor, "emotion alpha prompt label"]
+    scale: Float[Tensor, "emotion alpha prompt label"]
+    cosine: Float[Tensor, "emotion label"]  # cos(v_e, w_label)
+    vector_norm: Float[Tensor, " emotion"]
+    row_norm: Float[Tensor, " label"]  # |w_label| = |u * g|
+    resid_scale: Float[Tensor, " prompt"]  # r(h), unsteered
+    steered_scale: Float[Tensor, "emotion alpha prompt"]  # r(h + alpha v)
+
+
+def decompose_steering(readout: Readout, h: Float[Tensor, "prompt d_model"],
+                       vectors: Float[Tensor, "emotion d_model"],
+                       alphas: Float[Tensor, " alpha"]) -> SteeringDecomposition:
+    """Split each label's final-layer logit change into direct push and scale change."""
+    h64, v64, a64 = h.double(), vectors.double(), alphas.double()
+    w = readout.effective_rows.double()  # [label, d]
+    hc, vc = readout.center(h64), readout.center(v64)
+    steered = h64[None, None] + a64[None, :, None, None] * v64[:, None, None, :]  # [e, a, p, d]
+    r0 = readout.scale(h64)  # [p]
+    r1 = readout.scale(steered)  # [e, a, p]
+    wv = vc @ w.T  # [e, label]
+    wh = hc @ w.T  # [p, label]
+    direct = a64[None, :, None, None] * wv[:, None, None, :] / r1[..., None]
+    scale = wh[None, None] * (1.0 / r1[..., None] - 1.0 / r0[None, None, :, None])
+    total = readout.logits(steered) - readout.logits(h64)[None, None]
+    cosine = (vc @ w.T) / (vc.norm(dim=-1)[:, None] * w.norm(dim=-1)[None]).clamp_min(1e-30)
+    return SteeringDecomposition(total.float(), direct.float(), scale.float(), cosine.float(),
+                                 vc.norm(dim=-1).float(), w.norm(dim=-1).float(), r0.float(),
+                                 r1.float())
+
+
+@dataclass(frozen=True)
+class PushChange:
+    """Change of the per-unit direct push ``w . v / r`` from a reference step to step t,
+    split exactly into ``vector + readout + scale``, ``[emotion]`` for the diagonal labels."""
+
+    total: Float[Tensor, " emotion"]
+    vector: Float[Tensor, " emotion"]
+    readout: Float[Tensor, " emotion"]
+    scale: Float[Tensor, " emotion"]
+
+
+def direct_push_change(w_ref: Float[Tensor, "emotion d_model"],
+                       v_ref: Float[Tensor, "emotion d_model"], r_ref: float,
+                       w_t: Float[Tensor, "emotion d_model"],
+                       v_t: Float[Tensor, "emotion d_model"], r_t: float) -> PushChange:
+    """``w_t.v_t/r_t - w_0.v_0/r_0 = (w_0.(v_t-v_0))/r_0 + ((w_t-w_0).v_t)/r_0
+    + (w_t.v_t)(1/r_t - 1/r_0)``: the vector moved, the readout row moved, the scale moved.
+
+    Rows ``w`` are the diagonal labels' effective rows (``u * g``), ``r`` a typical residual
+    scale (e.g. the mean ``r(h)`` of the steered prompts).
+    """
+    w0, v0, wt, vt = (x.double() for x in (w_ref, v_ref, w_t, v_t))
+    vector = (w0 * (vt - v0)).sum(-1) / r_ref
+    readout = ((wt - w0) * vt).sum(-1) / r_ref
+    scale = (wt * vt).sum(-1) * (1.0 / r_t - 1.0 / r_ref)
+    total = (wt * vt).sum(-1) / r_t - (w0 * v0).sum(-1) / r_ref
+    return PushChange(total.float(), vector.float(), readout.float(), scale.float())
+
+
+def transfer_effect(readout: Readout, h: Float[Tensor, "prompt d_model"],
+                    vectors: Float[Tensor, "emotion d_model"], alpha: float
+                    ) -> Float[Tensor, "emotion prompt label"]:
+    """Final-layer logit change when a model (``readout``, its own prompt residuals ``h``) is
+    steered with vectors from another checkpoint: the transfer experiment."""
+    h64 = h.double()
+    steered = h64[None] + alpha * vectors.double()[:, None, :]
+    return (readout.logits(steered) - readout.logits(h64)[None]).float()
+
+
+@dataclass(frozen=True)
+class ComponentAttribution:
+    """Direct logit attribution of the unsteered answer, ``[sample, component, label]``.
+
+    Components: ``embed`` (what enters block 0), then ``attn L`` and ``mlp L`` for every block
+    (``resid_mid - resid_pre`` and ``resid_post - resid_mid``), which sum to the final block
+    output exactly. The final norm's scale is frozen at its value on the full residual (the
+    usual DLA convention), so the components plus the label's bias sum to the label logit.
+    """
+
+    contributions: Float[Tensor, "sample component label"]
+    bias: Float[Tensor, " label"]
+    components: tuple[str, ...]
+
+    @property
+    def logits(self) -> Float[Tensor, "sample label"]:
+        return self.contributions.sum(1) + self.bias
+
+
+@torch.no_grad()
+def component_attribution(model, token_ids: Sequence[Sequence[int]], readout: Readout,
+                          batch_size: int = 8) -> ComponentAttribution:
+    """Decompose each prompt's label logits over the embedding and every attention and MLP
+    output, through the final norm with its scale frozen (see :class:`ComponentAttribution`)."""
+    from emolens.tokens import last_token_index, pad, pad_id
+
+    bridge = model.bridge
+    n_layers = model.n_layers
+    names = [hooks.resid_pre(0)]
+    for layer in range(n_layers):
+        names += [hooks.resid_mid(layer), hooks.resid_post(layer)]
+    device = next(bridge.parameters()).device
+    parts = []
+    pid = pad_id(model.tokenizer)
+    for start in range(0, len(token_ids), batch_size):
+        ids, mask = pad(token_ids[start:start + batch_size], pid, "right")
+        last = last_token_index(mask)
+        _, cache = bridge.run_with_cache(ids.to(device), attention_mask=mask.to(device),
+                                         names_filter=lambda n: n in names)
+        rows = torch.arange(ids.shape[0])
+        stream = [cache[n][rows, last.to(cache[n].device)].float().cpu() for n in names]
+        pieces = [stream[0]] + [b - a for a, b in zip(stream[:-1], stream[1:])]
+        parts.append(torch.stack(pieces, 1))  # [batch, component, d]
+    comps = torch.cat(parts).double()  # [sample, component, d]
+    final = comps.sum(1)
+    r = readout.scale(final)  # [sample]
+    centered = readout.center(comps)
+    w = readout.effective_rows.double()
+    contributions = (centered @ w.T) / r[:, None, None]
+    labels = ["embed"] + [f"{kind} {layer}" for layer in range(n_layers)
+                          for kind in ("attn", "mlp")]
+    return ComponentAttribution(contributions.float(), readout.effective_bias.float(),
+                                tuple(labels))

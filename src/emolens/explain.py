@@ -1,0 +1,150 @@
+"""Tables that explain sensitivity across the series, built from finished step folders.
+
+Each step folder holds ``activations``, ``vectors`` and ``readout.safetensors`` (the final norm
+and the label rows of the unembedding); from those alone, with no model in memory, this module
+computes the exact attribution of final-layer steering, the transfer of vectors between steps,
+and the cross-step change of the direct push. The direct logit attribution of the unsteered
+answer needs the model and is computed in the step loop (:func:`dla_frame`).
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from emolens.activations import Activations
+from emolens.attribution import (
+    Readout,
+    component_attribution,
+    decompose_steering,
+    direct_push_change,
+    transfer_effect,
+)
+from emolens.vectors import ConceptVectors
+
+READOUT_FILE = "readout.safetensors"
+
+
+@dataclass(frozen=True)
+class StepData:
+    """What the offline tables need of one finished step."""
+
+    step: int
+    acts: Activations
+    vectors: ConceptVectors
+    readout: Readout
+
+    @property
+    def final_layer(self) -> int:
+        return max(self.acts.layers)
+
+    def prompt_resid(self, prompt_ids: list[str]) -> torch.Tensor:
+        index = [self.acts.sample_ids.index(p) for p in prompt_ids]
+        return self.acts.layer(self.final_layer)[index]
+
+
+def load_steps(step_dirs: list[Path]) -> list[StepData]:
+    out = []
+    for d in step_dirs:
+        if not (d / READOUT_FILE).exists():
+            continue
+        info = Activations.load(d)
+        out.append(StepData(int(d.name.split("-")[-1]), info, ConceptVectors.load(d),
+                            Readout.load(d / READOUT_FILE)))
+    return sorted(out, key=lambda s: s.step)
+
+
+def _diag_rows(readout: Readout, labels: tuple[str, ...], emotions: tuple[str, ...]):
+    idx = [labels.index(e) for e in emotions]
+    return readout.effective_rows[idx], idx
+
+
+def attribution_frame(steps: list[StepData], prompt_ids: list[str], alphas: tuple[float, ...],
+                      labels: tuple[str, ...]) -> pd.DataFrame:
+    """Per step, emotion and alpha: the final-layer diagonal logit change (mean over prompts)
+    split into ``direct`` + ``scale_change``, the cosine of v with the label's readout row, the
+    norms, and the change of the per-unit direct push against the first step split into
+    ``push_vector`` + ``push_readout`` + ``push_scale`` (exact; see attribution.py)."""
+    if not steps:
+        return pd.DataFrame()
+    ref = steps[0]
+    rows = []
+    a = torch.tensor(alphas, dtype=torch.float32)
+    for s in steps:
+        layer = s.final_layer
+        h = s.prompt_resid(prompt_ids)
+        v = s.vectors.layer(layer)
+        parts = decompose_steering(s.readout, h, v, a)
+        common = [e for e in s.vectors.emotions if e in ref.vectors.emotions]
+        w_t, _ = _diag_rows(s.readout, labels, tuple(common))
+        w_0, _ = _diag_rows(ref.readout, labels, tuple(common))
+        v_t = torch.stack([v[s.vectors.emotions.index(e)] for e in common]) if common else None
+        v_ref = ref.vectors.layer(ref.final_layer)
+        v_0 = torch.stack([v_ref[ref.vectors.emotions.index(e)] for e in common]) if common \
+            else None
+        r_t = float(parts.resid_scale.mean())
+        r_0 = float(ref.readout.scale(ref.prompt_resid(prompt_ids)).mean())
+        push = direct_push_change(w_0, v_0, r_0, w_t, v_t, r_t) if common else None
+        for i, emotion in enumerate(s.vectors.emotions):
+            j = labels.index(emotion)
+            k = common.index(emotion) if emotion in common else None
+            for ai, alpha in enumerate(alphas):
+                rows.append({
+                    "step": s.step, "layer": layer, "emotion": emotion, "alpha": alpha,
+                    "logit_change": float(parts.total[i, ai, :, j].mean()),
+                    "direct": float(parts.direct[i, ai, :, j].mean()),
+                    "scale_change": float(parts.scale[i, ai, :, j].mean()),
+                    "cosine_v_readout": float(parts.cosine[i, j]),
+                    "vector_norm": float(parts.vector_norm[i]),
+                    "readout_norm": float(parts.row_norm[j]),
+                    "resid_scale": r_t,
+                    "push_change": float(push.total[k]) if k is not None else float("nan"),
+                    "push_vector": float(push.vector[k]) if k is not None else float("nan"),
+                    "push_readout": float(push.readout[k]) if k is not None else float("nan"),
+                    "push_scale": float(push.scale[k]) if k is not None else float("nan"),
+                })
+    return pd.DataFrame(rows)
+
+
+def transfer_frame(steps: list[StepData], prompt_ids: list[str], alpha: float,
+                   labels: tuple[str, ...]) -> pd.DataFrame:
+    """Steer the model of step t (its readout and its own prompt residuals) with the vectors
+    of step s, for every pair: mean diagonal logit change over prompts at the final layer."""
+    rows = []
+    for t in steps:
+        h = t.prompt_resid(prompt_ids)
+        for s in steps:
+            v = s.vectors.layer(s.final_layer)
+            change = transfer_effect(t.readout, h, v, alpha)  # [emotion, prompt, label]
+            for i, emotion in enumerate(s.vectors.emotions):
+                rows.append({"step": t.step, "vector_step": s.step, "emotion": emotion,
+                             "alpha": alpha, "layer": t.final_layer,
+                             "logit_change": float(change[i, :, labels.index(emotion)].mean())})
+    return pd.DataFrame(rows)
+
+
+def dla_frame(model, step: int, token_ids: list[list[int]], gold: list[int], readout: Readout,
+              labels: tuple[str, ...], batch_size: int = 8) -> pd.DataFrame:
+    """Direct logit attribution of the unsteered answer: for each gold label, the mean
+    contribution of the embedding and each attention / MLP output to the gold label's logit
+    and to its margin over the mean of the other labels (norm scale frozen at the full
+    residual's)."""
+    dla = component_attribution(model, token_ids, readout, batch_size)
+    c = dla.contributions  # [sample, component, label]
+    gold_t = torch.as_tensor(gold)
+    own = c[torch.arange(len(gold)), :, gold_t]  # [sample, component]
+    others = (c.sum(-1) - own) / (c.shape[-1] - 1)
+    rows = []
+    for j, name in enumerate(labels):
+        mask = gold_t == j
+        if not bool(mask.any()):
+            continue
+        for k, comp in enumerate(dla.components):
+            kind, _, layer = comp.partition(" ")
+            rows.append({"step": step, "label": name, "component": comp, "kind": kind,
+                         "layer": int(layer) if layer else -1,
+                         "n_samples": int(mask.sum()),
+                         "logit": float(own[mask, k].mean()),
+                         "margin": float((own[mask, k] - others[mask, k]).mean())})
+    return pd.DataFrame(rows)

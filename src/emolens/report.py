@@ -1,0 +1,727 @@
+"""``report.html``: one self-contained page (plotly.js inline, no network) over a results folder.
+
+:func:`load_report_inputs` reads the folder (and the fine-tuning run beside it, if any) into a
+:class:`ReportInputs`; :func:`build_report_html` turns that into the page's text without touching
+the disk; :func:`write_report` does both and writes the file atomically. A missing
+``sensitivity.csv`` is an error that says which command makes it; every other input is optional
+and a missing or unreadable one becomes a visible note in its section.
+"""
+
+import html
+import json
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+
+from emolens import plots
+from emolens.results import read_json, write_text
+
+#: The optional tables of the explanation analyses, with their section headings.
+OPTIONAL_TABLES: dict[str, str] = {
+    "attribution": "Logit attribution",
+    "transfer": "Vector transfer",
+    "geometry": "Geometry",
+    "probes": "Linear probes",
+}
+_MAX_ROWS = 200
+_MAX_SWEEP_EMOTIONS = 13
+_ANALYZE_HINT = "emolens analyze --model MODEL_OR_RUN_DIR --out {dir}"
+
+
+class ReportInputError(ValueError):
+    """A required input of the report is missing or unreadable."""
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """Everything the report shows; only ``sensitivity`` is required.
+
+    ``problems`` maps an input (a file name) to why it could not be used; each appears as a
+    note in the report.
+    """
+
+    sensitivity: pd.DataFrame
+    manifest: dict = field(default_factory=dict)
+    steps: pd.DataFrame | None = None
+    filtering: pd.DataFrame | None = None
+    label_audit: dict | None = None
+    trainer_log: pd.DataFrame | None = None
+    accuracy: pd.DataFrame | None = None
+    extra_tables: dict = field(default_factory=dict)
+    problems: dict = field(default_factory=dict)
+    results_dir: str = ""
+    run_dir: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def read_sensitivity(path: str | Path) -> pd.DataFrame:
+    """Read and check ``sensitivity.csv``; errors name the file and the command that makes it."""
+    path = Path(path)
+    hint = _ANALYZE_HINT.format(dir=path.parent)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: the report needs the steering sensitivity table; make it with "
+            f"`{hint}` (or run `emolens demo`)"
+        )
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ReportInputError(
+            f"{path} cannot be read as a CSV table ({exc}); it may be truncated or corrupt: "
+            f"rerun `{hint}` to rewrite it"
+        ) from exc
+    try:
+        plots.require_columns(frame, plots.SENSITIVITY_KEYS, str(path))
+        if not any(m in frame.columns for m in plots.MEASURES):
+            raise ValueError(f"{path} has none of the measure columns {', '.join(plots.MEASURES)}")
+        if frame.empty:
+            raise ValueError(f"{path} has no rows")
+        for col in ("step", "layer", "alpha", *[m for m in plots.MEASURES if m in frame]):
+            if not pd.api.types.is_numeric_dtype(frame[col]):
+                raise ValueError(f"{path}: column {col!r} is not numeric")
+    except ValueError as exc:
+        raise ReportInputError(f"{exc}; rerun `{hint}` to rewrite it") from exc
+    return frame
+
+
+def _note_problem(problems: dict, name: str, message: str) -> None:
+    problems[name] = message
+    warnings.warn(f"report: {name}: {message}", stacklevel=3)
+
+
+def _optional_csv(path: Path, problems: dict, name: str | None = None) -> pd.DataFrame | None:
+    """The table at ``path``; None if it is absent, or unreadable (noted in ``problems``)."""
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        _note_problem(problems, name or path.name, f"cannot be read as a CSV table: {exc}")
+        return None
+
+
+def _optional_json(path: Path, problems: dict, name: str | None = None) -> dict | None:
+    """The JSON object at ``path``; None if it is absent, or unreadable (noted)."""
+    if not path.is_file():
+        return None
+    name = name or path.name
+    try:
+        data = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        _note_problem(problems, name, f"is not valid JSON: {exc}")
+        return None
+    if not isinstance(data, dict):
+        _note_problem(problems, name, f"holds a {type(data).__name__}, not a JSON object")
+        return None
+    return data
+
+
+def read_trainer_log(run_dir: str | Path, problems: dict | None = None) -> pd.DataFrame | None:
+    """Train and eval losses per step from every ``trainer_state.json`` of a run folder (the
+    latest checkpoint's holds the whole history; all are merged), or None if there is none."""
+    run_dir = Path(run_dir)
+    problems = {} if problems is None else problems
+    entries = []
+    for path in [
+        run_dir / "trainer_state.json",
+        *sorted(run_dir.glob("checkpoint-*/trainer_state.json")),
+    ]:
+        state = _optional_json(path, problems, str(path.relative_to(run_dir)))
+        history = (state or {}).get("log_history")
+        if isinstance(history, list):
+            entries += [e for e in history if isinstance(e, dict) and "step" in e]
+    if not entries:
+        return None
+    frame = pd.DataFrame(entries)
+    columns = [c for c in ("loss", "eval_loss") if c in frame.columns]
+    if not columns:
+        return None
+    frame = frame[["step", *columns]].apply(pd.to_numeric, errors="coerce")
+    frame = frame.groupby("step", sort=True)[columns].first().reset_index()
+    return frame.dropna(how="all", subset=columns).reset_index(drop=True)
+
+
+def _resolve_run_dir(results_dir: Path, run_dir, manifest: dict, problems: dict) -> Path | None:
+    if run_dir is not None:
+        path = Path(run_dir)
+        if not path.is_dir():
+            raise FileNotFoundError(f"run folder {path} not found (given as run_dir)")
+        return path
+    recorded = manifest.get("run_dir")
+    if not recorded:
+        return None
+    for candidate in (Path(recorded), results_dir / recorded):
+        if candidate.is_dir():
+            return candidate
+    _note_problem(
+        problems,
+        "run_dir",
+        f"the run folder {recorded} recorded in manifest.json "
+        "is not there; training curves come from steps.csv only",
+    )
+    return None
+
+
+def load_report_inputs(results_dir: str | Path, run_dir: str | Path | None = None) -> ReportInputs:
+    """Read a results folder (and the fine-tuning run folder, given or recorded in the
+    manifest as ``run_dir``) for :func:`build_report_html`."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise FileNotFoundError(
+            f"results folder {results_dir} not found; make it with "
+            f"`{_ANALYZE_HINT.format(dir=results_dir)}` (or run `emolens demo`)"
+        )
+    sensitivity = read_sensitivity(results_dir / "sensitivity.csv")
+    problems: dict[str, str] = {}
+    manifest = _optional_json(results_dir / "manifest.json", problems) or {}
+    run = _resolve_run_dir(results_dir, run_dir, manifest, problems)
+    trainer_log = read_trainer_log(run, problems) if run is not None else None
+    accuracy = None
+    for folder in ([run] if run is not None else []) + [results_dir]:
+        accuracy = _optional_csv(folder / "accuracy.csv", problems)
+        if accuracy is not None:
+            break
+    extra = {}
+    for name in OPTIONAL_TABLES:
+        path = results_dir / f"{name}.csv"
+        if path.is_file():
+            extra[name] = _optional_csv(path, problems)
+    return ReportInputs(
+        sensitivity=sensitivity,
+        manifest=manifest,
+        steps=_optional_csv(results_dir / "steps.csv", problems),
+        filtering=_optional_csv(results_dir / "filtering.csv", problems),
+        label_audit=_optional_json(results_dir / "label_audit.json", problems),
+        trainer_log=trainer_log,
+        accuracy=accuracy,
+        extra_tables=extra,
+        problems=problems,
+        results_dir=str(results_dir),
+        run_dir=str(run) if run is not None else None,
+    )
+
+
+def write_report(
+    results_dir: str | Path, run_dir: str | Path | None = None, out: str | Path | None = None
+) -> Path:
+    """Write ``results_dir/report.html`` (or ``out``) atomically; returns its path."""
+    inputs = load_report_inputs(results_dir, run_dir)
+    path = Path(out) if out is not None else Path(results_dir) / "report.html"
+    return write_text(path, build_report_html(inputs))
+
+
+# --------------------------------------------------------------------------------------------
+# HTML pieces
+
+_CSS = """
+:root { color-scheme: light; }
+body { margin: 0; background: #fafafa; color: #222; line-height: 1.5;
+  font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Hiragino Sans",
+  "Noto Sans CJK JP", "Yu Gothic", Meiryo, sans-serif; }
+.container { max-width: 1100px; margin: 0 auto; padding: 0 16px 48px; }
+header { border-bottom: 1px solid #ddd; margin-bottom: 8px; }
+h1 { font-size: 1.6rem; margin: 24px 0 4px; }
+h2 { font-size: 1.3rem; margin: 36px 0 8px; border-bottom: 1px solid #e4e4e4; }
+h3 { font-size: 1.05rem; margin: 20px 0 6px; }
+nav { font-size: 0.9rem; margin: 8px 0 16px; }
+nav a { margin-right: 12px; white-space: nowrap; }
+.figure { background: #fff; border: 1px solid #e4e4e4; border-radius: 4px; margin: 12px 0;
+  width: 100%; }
+.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(420px, 1fr)); gap: 12px; }
+.tablewrap { overflow-x: auto; margin: 8px 0; }
+table { border-collapse: collapse; font-size: 0.85rem; background: #fff; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
+th { background: #f0f0f0; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.note { background: #f3f6fa; border-left: 4px solid #8aa4c8; padding: 6px 12px; margin: 8px 0; }
+.problem { background: #fdf1f0; border-left: 4px solid #d62728; padding: 6px 12px;
+  margin: 8px 0; }
+.above { color: #1a7f37; font-weight: 600; }
+.below { color: #b42318; font-weight: 600; }
+dl.meta { display: grid; grid-template-columns: max-content 1fr; gap: 2px 16px; }
+dl.meta dt { font-weight: 600; }
+dl.meta dd { margin: 0; overflow-wrap: anywhere; }
+pre { background: #fff; border: 1px solid #e4e4e4; padding: 8px; overflow-x: auto;
+  font-size: 0.8rem; }
+details > summary { cursor: pointer; }
+"""
+
+_STUDY_TEXT = (
+    "The study asks how fine-tuning changes a language model's emotion concepts. For each "
+    "emotion e, a concept vector v_e is the mean residual stream at the answer position over "
+    "samples of e minus that over neutral samples (eq. 2). Steering adds α·v_e to the block "
+    "output (eq. 1), and the steering sensitivity is the resulting change of e's first-token "
+    "logit at the answer position, averaged over a fixed set of neutral prompts (Figure 2). "
+    "Repeating this at every checkpoint of a fine-tuning run shows whether the model still "
+    "reads its emotion concepts as training goes on; the paper found the rise shrinks for most "
+    "emotions while trust and boredom keep it."
+)
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _note(text: str, problem: bool = False) -> str:
+    return f'<p class="{"problem" if problem else "note"}">{_e(text)}</p>'
+
+
+def _figure(fig: go.Figure, height: int = 480) -> str:
+    fig.update_layout(autosize=True)
+    body = fig.to_html(
+        full_html=False,
+        include_plotlyjs=False,
+        default_width="100%",
+        default_height=f"{height}px",
+        config={"responsive": True, "displaylogo": False},
+    )
+    return f'<div class="figure">{body}</div>'
+
+
+def _safe_figure(make: Callable[[], go.Figure], what: str, height: int = 480) -> str:
+    """A figure, or a visible note saying why it could not be drawn."""
+    try:
+        return _figure(make(), height)
+    except Exception as exc:  # one bad figure must not cost the whole report
+        return _note(f"{what} could not be drawn: {exc}", problem=True)
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "<td></td>"
+    if isinstance(value, bool | np.bool_):
+        return f"<td>{_e(value)}</td>"
+    if isinstance(value, int | float | np.integer | np.floating):
+        return f'<td class="num">{_e(plots.format_value(value))}</td>'
+    return f"<td>{_e(value)}</td>"
+
+
+def _table(headers, rows, max_rows: int = _MAX_ROWS) -> str:
+    rows = list(rows)
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(_cell(v) for v in r) + "</tr>" for r in rows[:max_rows])
+    more = (
+        _note(f"Showing the first {max_rows} of {len(rows)} rows.") if len(rows) > max_rows else ""
+    )
+    return (
+        f'<div class="tablewrap"><table><thead><tr>{head}</tr></thead>'
+        f"<tbody>{body}</tbody></table></div>{more}"
+    )
+
+
+def _frame_table(frame: pd.DataFrame, max_rows: int = _MAX_ROWS) -> str:
+    rows = frame.astype(object).where(frame.notna(), None).itertuples(index=False, name=None)
+    return _table([str(c) for c in frame.columns], rows, max_rows)
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{_e(anchor)}"><h2>{_e(title)}</h2>\n{body}\n</section>'
+
+
+def _short(value, limit: int = 300) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _problem_notes(inputs: ReportInputs, *names: str) -> str:
+    return "".join(
+        _note(f"{n}: {inputs.problems[n]}", problem=True) for n in names if n in inputs.problems
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# sections
+
+
+def _ja_map(inputs: ReportInputs) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if inputs.label_audit:
+        for entry in inputs.label_audit.get("entries", []) or []:
+            if isinstance(entry, dict) and entry.get("en") and entry.get("ja"):
+                out[str(entry["en"])] = str(entry["ja"])
+    if inputs.filtering is not None and {"label", "label_ja"} <= set(inputs.filtering.columns):
+        for en, ja in zip(inputs.filtering["label"], inputs.filtering["label_ja"], strict=True):
+            if pd.notna(en) and pd.notna(ja):
+                out.setdefault(str(en), str(ja))
+    return out
+
+
+def _eval_table(inputs: ReportInputs) -> pd.DataFrame | None:
+    """Eval losses per step: steps.csv if it has any, else the trainer log."""
+    for table in (inputs.steps, inputs.trainer_log):
+        if table is not None and {"step", "eval_loss"} <= set(table.columns):
+            if pd.to_numeric(table["eval_loss"], errors="coerce").notna().any():
+                return table
+    return None
+
+
+def _verdicts(inputs: ReportInputs, ja: dict) -> str:
+    """One line per emotion: is its sensitivity at the last step above or below the base's?"""
+    try:
+        summary, sel = plots.diagonal_summary(inputs.sensitivity)
+    except ValueError as exc:
+        return _note(f"No steering sensitivity to summarise: {exc}", problem=True)
+    steps = sorted(int(s) for s in summary["step"].unique())
+    last = steps[-1]
+    if 0 not in steps:
+        return _note(
+            f"The results have no base model (step 0), so sensitivity at step {last} "
+            "cannot be compared with the base model's."
+        )
+    if last == 0:
+        return _note(
+            "Only the base model (step 0) was analysed; there is no later step to compare with."
+        )
+    items, above, below = [], [], []
+    for emotion in plots.label_order(summary["emotion"]):
+        rows = summary[summary["emotion"] == emotion].set_index("step")
+        name = _e(plots.display_name(emotion, ja))
+        if 0 not in rows.index or last not in rows.index:
+            missing = 0 if 0 not in rows.index else last
+            items.append(f"<li>{name}: not measured at step {missing}.</li>")
+            continue
+        base, end = rows.loc[0], rows.loc[last]
+        diff = float(end["mean"] - base["mean"])
+        se = math.sqrt(np.nansum([base["se"] ** 2, end["se"] ** 2]))
+        word = "above" if diff > 0 else "below" if diff < 0 else "equal to"
+        if diff > 0:
+            above.append(emotion)
+        elif diff < 0:
+            below.append(emotion)
+        caveat = (
+            " — within two standard errors, so not clearly different"
+            if se > 0 and abs(diff) < 2 * se
+            else ""
+        )
+        items.append(
+            f"<li>{name}: {end['mean']:.4g} at step {last} vs {base['mean']:.4g} at the base "
+            f'model: <span class="{word.split()[0]}">{word}</span> the base model '
+            f"({diff:+.4g}){_e(caveat)}.</li>"
+        )
+    sentence = (
+        f"At the last step ({last}), steering sensitivity ({_e(sel.describe())}) is "
+        f"above the base model's for {_e(', '.join(above) or 'no emotion')} and below "
+        f"it for {_e(', '.join(below) or 'no emotion')}."
+    )
+    return f"<p>{sentence}</p><ul>{''.join(items)}</ul>"
+
+
+def _summary_section(inputs: ReportInputs, ja: dict) -> str:
+    m = inputs.manifest
+    meta: list[tuple[str, str]] = [("Results folder", inputs.results_dir or "(in memory)")]
+    if inputs.run_dir:
+        meta.append(("Fine-tuning run", inputs.run_dir))
+    if m.get("model"):
+        meta.append(("Model", _short(m["model"])))
+    data = m.get("data")
+    if isinstance(data, dict):
+        parts = [f"{k}: {data[k]}" for k in ("source", "n_samples", "sha256") if k in data]
+        meta.append(("Data", "; ".join(parts) or _short(data)))
+    elif data:
+        meta.append(("Data", _short(data)))
+    steps = sorted(int(s) for s in inputs.sensitivity["step"].dropna().unique())
+    if inputs.steps is not None and {"step", "kind"} <= set(inputs.steps.columns):
+        kinds = dict(zip(inputs.steps["step"], inputs.steps["kind"], strict=True))
+        shown = ", ".join(f"{s} ({kinds[s]})" if s in kinds else str(s) for s in steps)
+    else:
+        shown = ", ".join(map(str, steps))
+    meta.append(("Steps analysed", shown))
+    layers = sorted(int(v) for v in inputs.sensitivity["layer"].dropna().unique())
+    meta.append(("Layers", ", ".join(map(str, layers))))
+    numerics = m.get("numerics") or m.get("numerics_mode")
+    note = m.get("numerics_note")
+    meta.append(
+        (
+            "Numerics mode",
+            f"{numerics}" + (f" ({note})" if note else "")
+            if numerics
+            else "not recorded in manifest.json",
+        )
+    )
+    if m.get("hook_names"):
+        meta.append(("Hooks", _short(m["hook_names"])))
+    if m.get("seeds"):
+        meta.append(("Seeds", _short(m["seeds"])))
+    versions = m.get("versions")
+    if isinstance(versions, dict):
+        meta.append(("Versions", ", ".join(f"{k} {v}" for k, v in versions.items())))
+    for key in ("created", "updated"):
+        if m.get(key):
+            meta.append((key.capitalize(), str(m[key])))
+    dl = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in meta)
+    body = [
+        f'<dl class="meta">{dl}</dl>',
+        f"<h3>What the study measures</h3><p>{_e(_STUDY_TEXT)}</p>",
+        "<h3>Sensitivity at the last step against the base model</h3>",
+        _verdicts(inputs, ja),
+    ]
+    if inputs.steps is not None and len(inputs.steps):
+        body += ["<h3>Checkpoints</h3>", _frame_table(inputs.steps)]
+    if not m:
+        body.append(_note("manifest.json not found: model, data and settings are unknown."))
+    if inputs.problems:
+        body.append("<h3>Inputs that could not be used</h3>")
+        body += [_note(f"{k}: {v}", problem=True) for k, v in inputs.problems.items()]
+    return "\n".join(body)
+
+
+def _figure2_section(inputs: ReportInputs, ja: dict) -> str:
+    sens = inputs.sensitivity
+    eval_table = _eval_table(inputs)
+    body = [
+        "<p>The paper's Figure 2: the mean change (over prompts) of the steered emotion's own "
+        "label logit at the answer position, at the final layer and the largest α, against "
+        "training step (0 = base model). Error bars: one standard error over prompts."
+        + (" Dashed grey: eval loss (right axis)." if eval_table is not None else "")
+        + "</p>",
+        _safe_figure(
+            lambda: plots.figure2(sens, steps_table=eval_table, ja=ja), "Figure 2", height=560
+        ),
+    ]
+    try:
+        swept, sel = plots.select_sensitivity(sens, all_layers=True)
+        layers = sorted(int(v) for v in swept["layer"].unique())
+        emotions = plots.label_order(swept["steered_emotion"].unique())
+    except ValueError:  # figure2 above already shows why
+        layers, emotions = [], []
+    if len(layers) > 1:
+        body.append(
+            "<h3>Layer sweep</h3><p>The same diagonal effect at every analysed layer "
+            f"({', '.join(map(str, layers))}), one heatmap per emotion.</p>"
+        )
+        cells = [
+            _safe_figure(
+                lambda e=e: plots.layer_step_heatmap(
+                    sens, e, sel.alpha, alpha_unit=sel.alpha_unit, positions=sel.positions, ja=ja
+                ),
+                f"layer sweep of {e}",
+                height=360,
+            )
+            for e in emotions[:_MAX_SWEEP_EMOTIONS]
+        ]
+        body.append(f'<div class="grid">{"".join(cells)}</div>')
+    return "\n".join(body)
+
+
+def _selectivity_section(inputs: ReportInputs, ja: dict) -> str:
+    sens = inputs.sensitivity
+    steps = sorted(int(s) for s in sens["step"].dropna().unique())
+    body = [
+        "<p>Steered emotion (rows) against every observed label (columns) at the final "
+        "layer and the largest α: a selective concept vector raises its own label only.</p>"
+    ]
+    shown = [steps[-1]] + ([0] if 0 in steps and steps[-1] != 0 else [])
+    for step in shown:
+        label = "last step" if step == steps[-1] else "base model"
+        body.append(f"<h3>Step {step} ({label})</h3>")
+        body.append(
+            _safe_figure(
+                lambda s=step: plots.selectivity_heatmap(sens, s, ja=ja),
+                f"the selectivity heatmap at step {step}",
+                height=560,
+            )
+        )
+    return "\n".join(body)
+
+
+def _training_section(inputs: ReportInputs) -> str:
+    body = [_problem_notes(inputs, "run_dir", "accuracy.csv")]
+    if inputs.trainer_log is not None and len(inputs.trainer_log):
+        body.append(_safe_figure(lambda: plots.loss_curve(inputs.trainer_log), "the loss curve"))
+    elif (eval_table := _eval_table(inputs)) is not None:
+        body.append(_note("No trainer log found (no run folder); eval losses from steps.csv."))
+        body.append(_safe_figure(lambda: plots.loss_curve(eval_table), "the eval-loss curve"))
+    else:
+        body.append(
+            _note(
+                "No loss to show: no fine-tuning run folder with trainer_state.json "
+                "was given or recorded, and steps.csv has no eval_loss."
+            )
+        )
+    acc = inputs.accuracy
+    if acc is None and inputs.steps is not None and "accuracy" in inputs.steps.columns:
+        if pd.to_numeric(inputs.steps["accuracy"], errors="coerce").notna().any():
+            acc = inputs.steps
+    if acc is not None:
+        body.append(_safe_figure(lambda: plots.accuracy_curve(acc), "the accuracy curve"))
+    else:
+        body.append(_note("No classification accuracy per checkpoint was found."))
+    return "\n".join(body)
+
+
+def _filtering_section(inputs: ReportInputs, ja: dict) -> str:
+    frame = inputs.filtering
+    if frame is None:
+        body = _problem_notes(inputs, "filtering.csv") or _note("filtering.csv not found.")
+        return body
+    body = [
+        "<p>Samples are kept where the model picks the gold label (argmax over the label "
+        "first-token logits); a label with too few kept samples drops out of the concept "
+        "vectors and steering.</p>",
+        _safe_figure(lambda: plots.filtering_bars(frame), "the filtering figure"),
+    ]
+    try:
+        plots.require_columns(frame, ("step", "label", "n_kept"), "filtering.csv")
+        steps = sorted(int(s) for s in frame["step"].dropna().unique())
+        labels = plots.label_order(frame["label"].dropna())
+        cells = {(str(r["label"]), int(r["step"])): r for _, r in frame.iterrows()}
+        rows = []
+        for lab in labels:
+            row = [lab, ja.get(lab) or plots.japanese_name(lab) or ""]
+            for s in steps:
+                r = cells.get((lab, s))
+                if r is None:
+                    row.append("")
+                    continue
+                text = f"{plots.format_value(r['n_kept'])}"
+                if "n_samples" in r and pd.notna(r["n_samples"]):
+                    text += f" / {plots.format_value(r['n_samples'])}"
+                if plots.as_bool(r.get("dropped", False)):
+                    text += " (dropped)"
+                row.append(text)
+            rows.append(row)
+        body += [
+            "<h3>Kept / samples per label and step</h3>",
+            _table(["label", "日本語", *[f"step {s}" for s in steps]], rows),
+        ]
+    except (ValueError, KeyError, TypeError) as exc:
+        body.append(_note(f"filtering.csv could not be tabulated: {exc}", problem=True))
+        body.append(_frame_table(frame))
+    return "\n".join(body)
+
+
+def _audit_section(inputs: ReportInputs) -> str:
+    audit = inputs.label_audit
+    entries = audit.get("entries") if isinstance(audit, dict) else None
+    if not isinstance(entries, list):
+        body = _problem_notes(inputs, "label_audit.json") or _note(
+            "label_audit.json not found."
+            if audit is None
+            else "label_audit.json has no list of entries."
+        )
+        return body
+    columns = [
+        "ja",
+        "en",
+        "answer",
+        "first_token",
+        "first_token_id",
+        "n_tokens",
+        "token_ids",
+        "shares_first_token_with",
+    ]
+    rows = []
+    for e in entries:
+        if not isinstance(e, dict):
+            continue
+        row = []
+        for c in columns:
+            v = e.get(c, "")
+            if c == "first_token":
+                v = repr(v)
+            elif isinstance(v, list):
+                v = ", ".join(map(str, v)) or "-"
+            row.append(v)
+        rows.append(row)
+    body = (
+        "<p>The observed quantity is each label's FIRST token after the prompt, resolved "
+        "from the tokenization of prompt + answer. Labels sharing a first token cannot be "
+        "told apart.</p>" + _table(columns, rows)
+    )
+    return body
+
+
+def _optional_section(inputs: ReportInputs, name: str, title: str) -> str:
+    frame = inputs.extra_tables.get(name)
+    if frame is None:
+        body = _problem_notes(inputs, f"{name}.csv") or _note(f"{name}.csv is empty.")
+        return body
+    body = [
+        _safe_figure(
+            lambda: plots.generic_table_figure(frame, f"{title} ({name}.csv)"), f"the {name} figure"
+        ),
+        f"<details><summary>{_e(name)}.csv ({len(frame)} rows)</summary>"
+        f"{_frame_table(frame)}</details>",
+    ]
+    return "\n".join(body)
+
+
+def _failures_section(inputs: ReportInputs) -> str:
+    failures = inputs.manifest.get("failures") or []
+    problems = inputs.manifest.get("series_problems") or []
+    body = []
+    if not inputs.manifest:
+        body.append(_note("manifest.json not found: failed checkpoints are unknown."))
+    elif failures:
+        rows = [
+            [f.get("step", ""), f.get("spec", ""), f.get("error", "")]
+            if isinstance(f, dict)
+            else ["", "", f]
+            for f in failures
+        ]
+        body += [
+            f"<p>{len(rows)} checkpoint(s) failed and are missing from the figures:</p>",
+            _table(["step", "spec", "error"], rows),
+        ]
+    else:
+        body.append("<p>No checkpoint failed.</p>")
+    if problems:
+        body.append(
+            "<p>Problems found in the checkpoint series:</p><ul>"
+            + "".join(f"<li>{_e(_short(p))}</li>" for p in problems)
+            + "</ul>"
+        )
+    return "\n".join(body)
+
+
+def _manifest_section(inputs: ReportInputs) -> str:
+    if not inputs.manifest:
+        body = _problem_notes(inputs, "manifest.json") or _note("manifest.json not found.")
+    else:
+        text = json.dumps(inputs.manifest, ensure_ascii=False, indent=2, default=str)
+        body = f"<details><summary>manifest.json</summary><pre>{_e(text)}</pre></details>"
+    return body
+
+
+def build_report_html(inputs: ReportInputs, title: str = "emolens report") -> str:
+    """The report page as text: plotly.js inline once, every figure a ``div``, no network."""
+    ja = _ja_map(inputs)
+    sections = [
+        ("summary", "Summary", lambda: _summary_section(inputs, ja)),
+        ("figure2", "Figure 2 reproduction", lambda: _figure2_section(inputs, ja)),
+        ("selectivity", "Selectivity", lambda: _selectivity_section(inputs, ja)),
+        ("training", "Training curves", lambda: _training_section(inputs)),
+        ("filtering", "Filtering", lambda: _filtering_section(inputs, ja)),
+        ("label-audit", "Label audit", lambda: _audit_section(inputs)),
+        *[
+            (n, t, lambda n=n, t=t: _optional_section(inputs, n, t))
+            for n, t in OPTIONAL_TABLES.items()
+            if n in inputs.extra_tables
+        ],
+        ("failures", "Failures", lambda: _failures_section(inputs)),
+        ("manifest", "Run manifest", lambda: _manifest_section(inputs)),
+    ]
+    body = "\n".join(_section(a, t, make()) for a, t, make in sections)
+    links = "".join(f'<a href="#{_e(a)}">{_e(t)}</a>' for a, t, _ in sections)
+    model = inputs.manifest.get("model")
+    subtitle = f"<p>{_e(_short(model, 160))}</p>" if model else ""
+    # a "</script" inside plotly.js would end the tag early; it has none, but be sure
+    plotly_js = get_plotlyjs().replace("</script", "<\\/script")
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n"
+        f'<script type="text/javascript">{plotly_js}</script>\n</head>\n<body>\n'
+        f'<div class="container">\n<header><h1>{_e(title)}</h1>{subtitle}<nav>{links}</nav>'
+        f"</header>\n{body}\n</div>\n</body>\n</html>\n"
+    )

@@ -1,0 +1,256 @@
+"""report.html from synthetic results folders: sections, self-containment, notes and errors."""
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_plots import make_filtering, make_sensitivity, make_steps
+
+from emolens.labels import STUDY_LABELS
+from emolens.report import (
+    OPTIONAL_TABLES,
+    ReportInputError,
+    ReportInputs,
+    build_report_html,
+    load_report_inputs,
+    read_trainer_log,
+    write_report,
+)
+
+HEADINGS = (
+    "Summary",
+    "Figure 2 reproduction",
+    "Selectivity",
+    "Training curves",
+    "Filtering",
+    "Label audit",
+    "Failures",
+    "Run manifest",
+)
+
+
+def _audit() -> dict:
+    entries = [
+        {
+            "ja": e.ja,
+            "en": e.en,
+            "answer": e.ja,
+            "first_token_id": 100 + i,
+            "first_token": e.ja[0],
+            "n_tokens": len(e.ja),
+            "token_ids": [100 + i],
+            "shares_first_token_with": [],
+        }
+        for i, e in enumerate(STUDY_LABELS)
+    ]
+    return {"labels": STUDY_LABELS.to_dict(), "entries": entries}
+
+
+def _manifest(**extra) -> dict:
+    return {
+        "emolens": "0.1.0",
+        "model": "tiny-random <b>model</b>",
+        "data": {"source": "bundled", "sha256": "abc123", "n_samples": 120},
+        "numerics": "raw-hf",
+        "numerics_note": "raw HF weights",
+        "hook_names": {"steering": "blocks.{layer}.hook_resid_post"},
+        "seeds": {"prompt_seed": 0},
+        "failures": [{"step": 6, "spec": "run/checkpoint-6", "error": "no weights found"}],
+        **extra,
+    }
+
+
+def make_results(folder: Path, optional=(), manifest: dict | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    make_sensitivity(steps=(0, 2, 4)).to_csv(folder / "sensitivity.csv", index=False)
+    make_filtering().to_csv(folder / "filtering.csv", index=False)
+    make_steps().to_csv(folder / "steps.csv", index=False)
+    (folder / "label_audit.json").write_text(
+        json.dumps(_audit(), ensure_ascii=False), encoding="utf-8"
+    )
+    (folder / "manifest.json").write_text(
+        json.dumps(manifest if manifest is not None else _manifest(), ensure_ascii=False),
+        encoding="utf-8",
+    )
+    for name in optional:
+        pd.DataFrame(
+            {
+                "step": [0, 2, 4] * 2,
+                "emotion": ["joy"] * 3 + ["trust"] * 3,
+                "value": [1.0, 0.8, 0.5, 1.0, 1.1, 1.2],
+            }
+        ).to_csv(folder / f"{name}.csv", index=False)
+    return folder
+
+
+def make_run(folder: Path) -> Path:
+    history = [
+        {"step": 2, "loss": 2.5},
+        {"step": 2, "eval_loss": 2.2},
+        {"step": 4, "loss": 2.0},
+        {"step": 4, "eval_loss": 2.3},
+    ]
+    for step, upto in ((2, 2), (4, 4)):
+        ck = folder / f"checkpoint-{step}"
+        ck.mkdir(parents=True)
+        state = {"log_history": [h for h in history if h["step"] <= upto]}
+        (ck / "trainer_state.json").write_text(json.dumps(state))
+    pd.DataFrame({"step": [0, 2, 4], "accuracy": [0.2, 0.4, 0.5], "n": [30] * 3}).to_csv(
+        folder / "accuracy.csv", index=False
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory) -> str:
+    folder = make_results(tmp_path_factory.mktemp("results"))
+    path = write_report(folder)
+    assert path == folder / "report.html"
+    return path.read_text(encoding="utf-8")
+
+
+def test_report_has_every_section_heading(full_report):
+    for heading in HEADINGS:
+        assert f"<h2>{heading}</h2>" in full_report
+    for title in OPTIONAL_TABLES.values():  # no optional table in this folder
+        assert f"<h2>{title}</h2>" not in full_report
+
+
+def test_report_is_self_contained_with_plotly_inline_once(full_report):
+    assert "<script src=" not in full_report.replace(" ", "").replace("<script\nsrc", "<scriptsrc")
+    assert 'src="http' not in full_report and "src='http" not in full_report
+    assert full_report.count("* plotly.js v") == 1
+    assert full_report.count('class="plotly-graph-div"') >= 4
+    assert '<meta charset="utf-8">' in full_report
+
+
+def test_report_shows_japanese_labels_and_escapes_text(full_report):
+    for ja in ("喜び", "恥", "信頼"):
+        assert ja in full_report
+    assert "<b>model</b>" not in full_report
+    assert "tiny-random &lt;b&gt;model&lt;/b&gt;" in full_report
+
+
+def test_report_summary_says_which_emotions_lost_sensitivity(full_report):
+    summary = full_report.split('id="summary"')[1].split("</section>")[0]
+    assert "raw-hf" in summary and "abc123" in summary
+    assert "above the base model's for trust and below it for joy, sadness" in summary
+    assert "joy (喜び)" in summary
+
+
+def test_report_lists_failed_checkpoints_and_the_manifest(full_report):
+    failures = full_report.split('id="failures"')[1].split("</section>")[0]
+    assert "run/checkpoint-6" in failures and "no weights found" in failures
+    assert "<details><summary>manifest.json</summary>" in full_report
+
+
+def test_optional_sections_appear_only_for_tables_that_exist(tmp_path):
+    folder = make_results(tmp_path / "r", optional=("geometry", "probes"))
+    text = write_report(folder).read_text(encoding="utf-8")
+    assert "<h2>Geometry</h2>" in text and "<h2>Linear probes</h2>" in text
+    assert "<h2>Logit attribution</h2>" not in text and "<h2>Vector transfer</h2>" not in text
+    assert "geometry.csv (6 rows)" in text
+
+
+def test_training_curves_come_from_the_run_folder_recorded_in_the_manifest(tmp_path):
+    run = make_run(tmp_path / "run")
+    folder = make_results(tmp_path / "r", manifest=_manifest(run_dir=str(run)))
+    inputs = load_report_inputs(folder)
+    assert inputs.run_dir == str(run)
+    assert inputs.trainer_log["step"].tolist() == [2, 4]
+    assert inputs.trainer_log["eval_loss"].tolist() == [2.2, 2.3]
+    assert inputs.accuracy["accuracy"].tolist() == [0.2, 0.4, 0.5]
+    text = write_report(folder).read_text(encoding="utf-8")
+    training = text.split('id="training"')[1].split("</section>")[0]
+    assert "train loss" in training and "lowest eval loss" in training
+    assert "No loss to show" not in training
+
+
+def test_read_trainer_log_merges_train_and_eval_entries(tmp_path):
+    log = read_trainer_log(make_run(tmp_path / "run"))
+    assert log.to_dict("list") == {"step": [2, 4], "loss": [2.5, 2.0], "eval_loss": [2.2, 2.3]}
+    assert read_trainer_log(tmp_path) is None
+
+
+def test_a_given_run_folder_that_is_missing_is_an_error(tmp_path):
+    folder = make_results(tmp_path / "r")
+    with pytest.raises(FileNotFoundError, match="run folder"):
+        write_report(folder, run_dir=tmp_path / "nowhere")
+
+
+def test_missing_optional_inputs_become_notes(tmp_path):
+    folder = tmp_path / "r"
+    folder.mkdir()
+    make_sensitivity(steps=(2, 4)).to_csv(folder / "sensitivity.csv", index=False)
+    out = write_report(folder, out=tmp_path / "elsewhere" / "r.html")
+    text = out.read_text(encoding="utf-8")
+    assert out == tmp_path / "elsewhere" / "r.html" and not (folder / "report.html").exists()
+    for heading in HEADINGS:
+        assert f"<h2>{heading}</h2>" in text
+    assert "filtering.csv not found" in text and "label_audit.json not found" in text
+    assert "manifest.json not found" in text
+    assert "no base model (step 0)" in text
+    assert "No loss to show" in text
+
+
+def test_missing_sensitivity_names_the_file_and_the_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"sensitivity\.csv.*emolens analyze"):
+        write_report(tmp_path)
+    with pytest.raises(FileNotFoundError, match="results folder"):
+        write_report(tmp_path / "absent")
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("", "cannot be read as a CSV"),
+        ('step,layer\n0,1,2,3,4\n"unterminated', "cannot be read as a CSV"),
+        ("step,layer,steered_emotion,observed_label,alpha,prompt_id,logit_change\n", "has no rows"),
+        (
+            "step,layer,steered_emotion,observed_label,alpha,logit_change\n0,1,joy,joy,1,0.5\n",
+            "lacks the column.*prompt_id",
+        ),
+        (
+            "step,layer,steered_emotion,observed_label,alpha,prompt_id,logit_change\n"
+            "zero,1,joy,joy,1,p,0.5\n",
+            "'step' is not numeric",
+        ),
+    ],
+)
+def test_corrupt_sensitivity_is_a_clear_error(tmp_path, content, match):
+    (tmp_path / "sensitivity.csv").write_text(content)
+    with pytest.raises(ReportInputError, match=match) as info:
+        write_report(tmp_path)
+    assert "emolens analyze" in str(info.value)
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_corrupt_optional_inputs_are_reported_not_fatal(tmp_path):
+    folder = make_results(tmp_path / "r", optional=("transfer",))
+    (folder / "manifest.json").write_text("{not json")
+    (folder / "transfer.csv").write_text("")
+    with pytest.warns(UserWarning) as record:
+        text = write_report(folder).read_text(encoding="utf-8")
+    warned = " ".join(str(w.message) for w in record)
+    assert "manifest.json" in warned and "transfer.csv" in warned
+    assert "manifest.json: is not valid JSON" in text
+    assert "<h2>Vector transfer</h2>" in text and "transfer.csv: cannot be read" in text
+
+
+def test_build_report_html_is_pure_and_survives_odd_tables():
+    sens = make_sensitivity(steps=(0, 4), layers=(5,))
+    odd = pd.DataFrame({"what": ["a", "b"], "x": [math.nan, 1.0]})
+    inputs = ReportInputs(
+        sensitivity=sens, extra_tables={"attribution": odd}, label_audit={"entries": "broken"}
+    )
+    text = build_report_html(inputs)
+    assert "<h2>Logit attribution</h2>" in text
+    assert "label_audit.json has no list of entries" in text
+    assert "Layer sweep" not in text  # one layer only
+    assert text.startswith("<!DOCTYPE html>")
+
+
+def test_layer_sweep_appears_with_several_layers(full_report):
+    assert "<h3>Layer sweep</h3>" in full_report
