@@ -29,7 +29,8 @@ def test_japanese_prompt_is_the_papers_figure_1_byte_for_byte():
 
 
 def test_study_labels_are_the_thirteen_in_paper_order_with_neutral_last():
-    assert STUDY_LABELS.names("ja") == "怒り 退屈 嫌悪 恐怖 罪悪感 喜び 誇り 安堵 悲しみ 恥 驚き 信頼 中立".split()
+    expected = "怒り 退屈 嫌悪 恐怖 罪悪感 喜び 誇り 安堵 悲しみ 恥 驚き 信頼 中立".split()
+    assert STUDY_LABELS.names("ja") == expected
     assert STUDY_LABELS.names("en")[-1] == "no-emotion"
     assert STUDY_LABELS.neutral == NEUTRAL and STUDY_LABELS.neutral_index == 12
 

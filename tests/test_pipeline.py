@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 
 from emolens.data import load_corpus
-from emolens.pipeline import AnalysisConfig, analyze, choose_prompts
 from emolens.labels import STUDY_LABELS
+from emolens.pipeline import AnalysisConfig, analyze, choose_prompts
 
 CONFIG = AnalysisConfig(layers="1,-1", steer_layers="1,-1", alphas=(0.0, 2.0, 4.0), n_prompts=3,
                         min_count=1, batch_size=16, filter_mode="none")
@@ -107,3 +107,35 @@ def test_explanation_tables_are_written_for_the_series(series_out):
     assert ((own.logit_change - top.reindex(own.index)).abs() < 1e-4).all()
     dla = pd.read_csv(series_out / "dla.csv")
     assert set(dla.kind) == {"embed", "attn", "mlp"} and sorted(dla.step.unique()) == [0, 2, 4]
+
+
+def test_shards_merge_into_the_single_run(series_out, fake_run_dir, corpus, tmp_path):
+    from emolens.pipeline import merge
+
+    shards = []
+    for i in range(2):
+        shards.append(tmp_path / f"shard{i}")
+        analyze(fake_run_dir, corpus, shards[-1], CONFIG, device="cpu", shard=(i, 2))
+    assert sorted(pd.read_csv(shards[0] / "steps.csv").step) == [0, 4]
+    merged = merge(shards, tmp_path / "merged")
+    for name in ("sensitivity", "filtering", "steps", "attribution", "transfer", "dla"):
+        assert (merged / f"{name}.csv").read_bytes() == (series_out / f"{name}.csv").read_bytes()
+
+
+def test_a_corrupt_checkpoint_fails_alone_and_is_reported(fake_run_dir, corpus, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(fake_run_dir, run)
+    (run / "checkpoint-2" / "model.safetensors").write_bytes(b"not a safetensors file")
+    out = tmp_path / "out"
+    analyze(run, corpus, out, CONFIG, device="cpu")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [f["step"] for f in manifest["failures"]] == [2]
+    assert sorted(pd.read_csv(out / "steps.csv").step) == [0, 4]
+
+
+def test_same_command_gives_identical_csv_files(series_out, fake_run_dir, corpus, tmp_path):
+    again = analyze(fake_run_dir, corpus, tmp_path / "again", CONFIG, device="cpu")
+    for name in ("sensitivity", "filtering", "steps", "attribution", "transfer"):
+        assert (again / f"{name}.csv").read_bytes() == (series_out / f"{name}.csv").read_bytes()

@@ -95,10 +95,24 @@ def _analysis_config(args):
 def _cmd_analyze(args) -> int:
     from emolens.pipeline import analyze
 
+    shard = None
+    if args.shard:
+        try:
+            i, n = (int(x) for x in args.shard.split("/"))
+        except ValueError:
+            raise ValueError(f"cannot read --shard {args.shard!r}: write i/n, e.g. 0/4") from None
+        shard = (i, n)
     result = analyze(args.model, _load_corpus(args), args.out, _analysis_config(args),
                      base=args.base, device=args.device, dtype=args.dtype,
-                     device_map=args.device_map)
+                     device_map=args.device_map, shard=shard)
     print(f"results in {result}")
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    from emolens.pipeline import merge
+
+    print(f"merged into {merge(args.shards, args.out)}")
     return 0
 
 
@@ -160,7 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     from emolens.pipeline import add_analysis_options
 
     add_analysis_options(p)
+    p.add_argument("--shard", default=None,
+                   help="i/n: analyse every n-th checkpoint from the i-th (merge with "
+                   "'emolens merge')")
     p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("merge", formatter_class=_Formatter,
+                       help="combine the result folders of sharded analyze runs")
+    p.add_argument("shards", nargs="+", help="result folders of analyze --shard i/n")
+    p.add_argument("--out", required=True, help="merged results folder")
+    p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("report", formatter_class=_Formatter,
                        help="rebuild report.html from a results folder")

@@ -11,6 +11,7 @@ import argparse
 import gc
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from emolens.attribution import Readout, UnsupportedReadout
 from emolens.data import Corpus
 from emolens.explain import READOUT_FILE, attribution_frame, dla_frame, load_steps, transfer_frame
 from emolens.labels import STUDY_LABELS, TEMPLATES, LabelSet, render_prompts, resolve_label_tokens
-from emolens.models import Checkpoint, CheckpointSeries, discover_series, is_run_dir, load_model
+from emolens.models import Checkpoint, CheckpointSeries, discover_series, is_run_dir
 from emolens.steering import SteeringEffect, final_layer_sensitivity, layer_sensitivity
 from emolens.tokens import encode
 from emolens.vectors import concept_vectors, count_kept, keep_mask
@@ -170,13 +171,24 @@ def _series_of(model_spec, base: str | None) -> CheckpointSeries:
                             checkpoints=(Checkpoint(0, str(model_spec), "base"),))
 
 
+def _activation_key(ctx: _Context, ckpt: Checkpoint) -> str:
+    """What the activations depend on: weights, data, prompt, labels, layers, code version."""
+    c = ctx.config
+    return results.stable_hash({**ctx.base_key, "checkpoint": [ckpt.step, ckpt.spec, ckpt.kind],
+                                "weights": _fingerprint(ckpt.spec), "layers": c.layers,
+                                "chat": c.chat, "allow_shared": c.allow_shared_tokens,
+                                "language": c.language})
+
+
 def _step_key(ctx: _Context, ckpt: Checkpoint) -> str:
-    return results.stable_hash({**ctx.base_key, "checkpoint": asdict(ckpt),
-                                "weights": _fingerprint(ckpt.spec)})
+    """What a finished step depends on: its activations and every analysis setting."""
+    return results.stable_hash({"activations": _activation_key(ctx, ckpt),
+                                "config": ctx.config.to_dict(), "eval_loss": ckpt.eval_loss})
 
 
-def _collect(ctx: _Context, model, ckpt: Checkpoint, key: str) -> tuple[Activations, dict]:
+def _collect(ctx: _Context, model, ckpt: Checkpoint) -> tuple[Activations, dict]:
     """Activations of every corpus sample at the configured layers (cached per step)."""
+    key = _activation_key(ctx, ckpt)
     folder = step_dir(ctx.out, ckpt.step)
     marker = folder / "activations.key"
     if marker.exists() and marker.read_text() == key:
@@ -298,6 +310,19 @@ def _explain_step(ctx: _Context, model, ckpt: Checkpoint, acts: Activations,
     results.write_csv(folder / "dla.csv", frame)
 
 
+@contextmanager
+def _loaded(series: CheckpointSeries, ckpt: Checkpoint, ctx: _Context):
+    """One checkpoint in memory, released on exit."""
+    model = series.load(ckpt, **ctx.load_kwargs)
+    try:
+        yield model
+    finally:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def _is_done(ctx: _Context, ckpt: Checkpoint, key: str) -> bool:
     marker = step_dir(ctx.out, ckpt.step) / "done.json"
     return marker.exists() and results.read_json(marker).get("key") == key
@@ -306,12 +331,22 @@ def _is_done(ctx: _Context, ckpt: Checkpoint, key: str) -> bool:
 def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
             config: AnalysisConfig = AnalysisConfig(), *, labels: LabelSet = STUDY_LABELS,
             base: str | None = None, device: str = "auto", dtype=None,
-            device_map=None, steps: list[int] | None = None) -> Path:
+            device_map=None, steps: list[int] | None = None,
+            shard: tuple[int, int] | None = None) -> Path:
     """Run the study over a checkpoint series (a run folder) or one model; returns ``out``.
 
-    Re-running with the same inputs skips finished steps. A checkpoint that fails to load is
-    recorded in the manifest's ``failures`` and the others still run.
+    Re-running with the same inputs skips finished steps. A checkpoint that fails (to load, or
+    with non-finite activations, ...) is recorded in the manifest's ``failures`` and the others
+    still run. ``shard=(i, n)`` analyses every n-th checkpoint from the i-th, for splitting a
+    series between processes; :func:`merge` combines the shards' folders.
     """
+    if shard is not None:
+        i, n = shard
+        if not 0 <= i < n:
+            raise ValueError(f"shard {i}/{n} is out of range: use i/n with 0 <= i < n")
+        if config.filter_mode in ("base", "all"):
+            raise ValueError(f"filter mode {config.filter_mode!r} needs other checkpoints' "
+                             "results, so it cannot be sharded; use --filter-mode self")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     series = _series_of(model_spec, base)
@@ -322,7 +357,7 @@ def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
     prompt_index = choose_prompts(corpus, labels, config.n_prompts, config.prompt_seed)
     base_key = {"emolens": emolens.__version__, "data": corpus.sha256,
                 "labels": labels.to_dict(), "template": TEMPLATES[config.language].to_dict(),
-                "config": config.to_dict(), "dtype": str(dtype)}
+                "dtype": str(dtype)}
     ctx = _Context(out, corpus, labels, config, prompt_index,
                    {"device": device, "dtype": dtype, "device_map": device_map}, base_key)
     started = time.time()
@@ -330,36 +365,31 @@ def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
     previous = results.read_json(manifest_path) if manifest_path.exists() else {}
     failures: list[dict] = []
     pending: list[tuple[Checkpoint, str]] = []
-    for ckpt in tqdm(checkpoints, desc="checkpoints", unit="ckpt"):
+    mine = checkpoints if shard is None else checkpoints[shard[0]::shard[1]]
+    for ckpt in tqdm(mine, desc="checkpoints", unit="ckpt"):
         key = _step_key(ctx, ckpt)
         if _is_done(ctx, ckpt, key):
             continue
         try:
-            model = series.load(ckpt, **ctx.load_kwargs)
-        except Exception as exc:  # one broken checkpoint must not stop the series
-            log.warning("checkpoint step %s (%s) failed to load: %s", ckpt.step, ckpt.spec, exc)
-            failures.append({"step": ckpt.step, "spec": ckpt.spec, "error": str(exc)})
-            continue
-        try:
-            acts, audit = _collect(ctx, model, ckpt, key)
-            if config.filter_mode == "all":
-                pending.append((ckpt, key))
-            else:
+            with _loaded(series, ckpt, ctx) as model:
+                acts, audit = _collect(ctx, model, ckpt)
+                if config.filter_mode == "all":
+                    pending.append((ckpt, key))
+                    continue
                 keep = _keep(ctx, acts, checkpoints, is_base=ckpt is checkpoints[0])
                 _vectors_and_sensitivity(ctx, model, ckpt, acts, keep, audit, key)
-        finally:
-            del model
-            gc.collect()
+        except Exception as exc:  # one broken checkpoint must not stop the series
+            log.warning("step %s (%s) failed: %s", ckpt.step, ckpt.spec, exc)
+            failures.append({"step": ckpt.step, "spec": ckpt.spec,
+                             "error": f"{type(exc).__name__}: {exc}"})
     if pending:  # filter mode "all": correctness of every step is known only now
         masks = [Activations.load(step_dir(out, c.step)).correct for c in checkpoints
                  if (step_dir(out, c.step) / "activations.key").exists()]
         for ckpt, key in tqdm(pending, desc="steering (filter: all)", unit="ckpt"):
-            model = series.load(ckpt, **ctx.load_kwargs)
-            acts, audit = _collect(ctx, model, ckpt, key)
-            keep = keep_mask("all", acts, all_steps=masks)
-            _vectors_and_sensitivity(ctx, model, ckpt, acts, keep, audit, key)
-            del model
-            gc.collect()
+            with _loaded(series, ckpt, ctx) as model:
+                acts, audit = _collect(ctx, model, ckpt)
+                keep = keep_mask("all", acts, all_steps=masks)
+                _vectors_and_sensitivity(ctx, model, ckpt, acts, keep, audit, key)
     tables = combine_steps(out, prompt_ids=[corpus.samples[i].id for i in prompt_index],
                            alphas=config.alphas, labels=tuple(labels.names("en")),
                            transfer_alpha=config.transfer_alpha)
@@ -382,6 +412,7 @@ def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
                        "steering": "blocks.{layer}.hook_resid_post"},
         "numerics": results.NUMERICS_MODE, "numerics_note": results.NUMERICS_NOTE,
         "seeds": {"prompt_seed": config.prompt_seed},
+        "shard": list(shard) if shard else None,
         "steps_done": sorted(int(s) for s in tables["steps"]["step"]) if len(tables["steps"])
         else [],
         "failures": failures, "series_problems": list(series.problems),
@@ -419,3 +450,49 @@ def combine_steps(out: Path, prompt_ids: list[str], alphas: tuple[float, ...],
         results.write_csv(out / f"{name}.csv", frame)
     return tables
 
+
+
+def merge(shard_dirs: list[str | Path], out_dir: str | Path) -> Path:
+    """Combine the result folders of ``analyze(..., shard=(i, n))`` runs into ``out_dir``.
+
+    The shards must agree on data, labels, prompt and settings; the merged tables equal those
+    of a single run over the whole series.
+    """
+    import shutil
+
+    out = Path(out_dir)
+    manifests = []
+    for d in map(Path, shard_dirs):
+        if not (d / "manifest.json").exists():
+            raise ValueError(f"{d} holds no manifest.json: is it an emolens analyze folder?")
+        manifests.append(results.read_json(d / "manifest.json"))
+    same = ("data", "labels", "template", "settings", "steered_prompts")
+    for d, m in zip(shard_dirs[1:], manifests[1:]):
+        differ = [k for k in same if m.get(k) != manifests[0].get(k)]
+        if differ:
+            raise ValueError(f"{d} was run with other {', '.join(differ)} than {shard_dirs[0]}; "
+                             "only shards of one analysis can be merged")
+    for d in map(Path, shard_dirs):
+        for step in sorted((d / "steps").glob("step-*")):
+            target = out / "steps" / step.name
+            if step.resolve() == target.resolve() or not (step / "done.json").exists():
+                continue
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(step, target)
+    first = manifests[0]
+    settings = first["settings"]
+    tables = combine_steps(out, prompt_ids=first["steered_prompts"],
+                           alphas=tuple(settings["alphas"]),
+                           labels=tuple(e["en"] for e in first["labels"]["emotions"]),
+                           transfer_alpha=settings.get("transfer_alpha"))
+    audit = next(iter(sorted((out / "steps").glob("step-*/label_audit.json"))), None)
+    if audit is not None:
+        results.write_json(out / "label_audit.json", results.read_json(audit))
+    done = sorted(int(x) for x in tables["steps"]["step"]) if len(tables["steps"]) else []
+    results.write_json(out / "manifest.json", {
+        **first, "shard": None, "merged_from": [str(d) for d in shard_dirs],
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps_done": done,
+        "failures": [f for m in manifests for f in m.get("failures", [])
+                     if f["step"] not in done]})
+    return out
