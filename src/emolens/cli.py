@@ -19,7 +19,7 @@ def _model_options(p: argparse.ArgumentParser, default: str | None = DEFAULT_MOD
                    help="base model of a run folder or LoRA adapter (if not recorded in it)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     p.add_argument("--dtype", default=None,
-                   help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)")
+                   help="float32, bfloat16 or float16; None means float32 on CPU, bfloat16 on GPU")
     p.add_argument("--device-map", default=None,
                    help="HF device_map (e.g. auto) for models larger than one GPU")
 
