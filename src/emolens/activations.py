@@ -1,0 +1,321 @@
+"""Residual-stream activations and label logits at the answer position.
+
+For each prompt, :func:`collect_activations` keeps the output of the requested blocks
+(``blocks.{l}.hook_resid_post``) at the answer position (the last real token) and the logits of
+each label's first token there. Hooks keep only the answer row of each batch and the forward pass
+stops after the last block, so memory grows with samples x layers x d_model, never with the
+sequence length, and the full ``[batch, seq, vocab]`` logits are never computed: the answer
+logits are ``unembed(ln_final(h))`` of the final block output ``h`` at the answer position,
+computed with the model's own modules (:func:`answer_readout`), which reproduces the full
+forward pass (raw HF numerics unless the bridge is in compatibility mode).
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from emolens import hooks, results
+from emolens.tokens import last_token_index, pad, pad_id
+
+# --------------------------------------------------------------------------- on-disk helpers
+
+
+def save_artifact(directory: str | Path, stem: str, tensors: Mapping[str, Tensor],
+                  meta: Mapping) -> Path:
+    """Write ``stem.safetensors`` and the ``stem.json`` sidecar (with versions) into
+    ``directory``, each atomically, so a crash never leaves a half-written file."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    with results.atomic_path(directory / f"{stem}.safetensors") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    results.write_json(directory / f"{stem}.json", {**meta, "versions": results.versions()})
+    return directory
+
+
+def load_artifact(directory: str | Path, stem: str) -> tuple[dict[str, Tensor], dict]:
+    """Read what :func:`save_artifact` wrote."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    tensor_path, meta_path = directory / f"{stem}.safetensors", directory / f"{stem}.json"
+    if not tensor_path.exists() or not meta_path.exists():
+        raise FileNotFoundError(f"{directory} holds no {stem}.safetensors + {stem}.json")
+    return load_file(str(tensor_path)), results.read_json(meta_path)
+
+
+# --------------------------------------------------------------------------- model helpers
+
+
+def bridge_of(model):
+    """The ``TransformerBridge`` of a ``LoadedModel`` (or the bridge itself)."""
+    return getattr(model, "bridge", model)
+
+
+def numerics_mode(model) -> str:
+    """``"compatibility"`` (HookedTransformer numerics) or ``"raw-hf"`` (the bridge default)."""
+    return "compatibility" if getattr(bridge_of(model), "compatibility_mode", False) else "raw-hf"
+
+
+def input_device(model) -> torch.device:
+    """Where token ids go: the device of the bridge's first parameter."""
+    return next(bridge_of(model).parameters()).device
+
+
+def _readout_dtype_device(bridge) -> tuple[torch.dtype, torch.device]:
+    p = next(bridge.unembed.parameters())
+    return p.dtype, p.device
+
+
+def _softcap(bridge) -> float | None:
+    config = getattr(getattr(bridge, "original_model", None), "config", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def default_chunk_rows(model, budget_bytes: int = 256 * 2**20) -> int:
+    """How many rows of full-vocabulary float32 logits fit in ``budget_bytes`` (at least 1)."""
+    vocab = int(bridge_of(model).cfg.d_vocab)
+    return max(1, budget_bytes // (vocab * 4 * 2))
+
+
+@torch.no_grad()
+def answer_readout(model, h: Float[Tensor, "sample d_model"], label_token_ids: Sequence[int],
+                   *, chunk_rows: int | None = None
+                   ) -> tuple[Float[Tensor, "sample label"], Float[Tensor, " sample"],
+                              Float[Tensor, " sample"]]:
+    """Label logits, logsumexp and mean logit over the vocabulary of final-block outputs ``h``.
+
+    The logits are ``unembed(ln_final(h))`` with the model's own modules (and the final logit
+    soft-capping of the HF config, if any), computed in chunks of ``chunk_rows`` rows so the
+    ``[rows, vocab]`` block stays small. Results are float32 on the CPU.
+    """
+    bridge = bridge_of(model)
+    dtype, device = _readout_dtype_device(bridge)
+    chunk = chunk_rows or default_chunk_rows(bridge)
+    cap = _softcap(bridge)
+    label_idx = torch.as_tensor(list(label_token_ids), dtype=torch.long, device=device)
+    outs: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+    for start in range(0, h.shape[0], chunk):
+        x = h[start:start + chunk].to(device=device, dtype=dtype)[:, None, :]
+        logits = bridge.unembed(bridge.ln_final(x))[:, 0, :].float()
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        outs[0].append(logits[:, label_idx].cpu())
+        outs[1].append(torch.logsumexp(logits, dim=-1).cpu())
+        outs[2].append(logits.mean(dim=-1).cpu())
+    if not outs[0]:
+        n_labels = len(label_idx)
+        return torch.zeros(0, n_labels), torch.zeros(0), torch.zeros(0)
+    return torch.cat(outs[0]), torch.cat(outs[1]), torch.cat(outs[2])
+
+
+class _StopForward(Exception):
+    """Raised by a hook once everything needed from a forward pass is stored."""
+
+
+def answer_rows_hook(store: dict, key, answer_index: Int[Tensor, " sample"], *,
+                     stop: bool = False):
+    """A hook storing ``tensor[row, answer_index[row]]`` (float32, CPU) in ``store[key]``;
+    with ``stop`` it then ends the forward pass (see :func:`run_to_answer_rows`)."""
+
+    def hook_fn(tensor, *, hook):
+        rows = torch.arange(tensor.shape[0], device=tensor.device)
+        store[key] = tensor[rows, answer_index.to(tensor.device)].detach().float().cpu()
+        if stop:
+            raise _StopForward
+        return None
+
+    return hook_fn
+
+
+@torch.no_grad()
+def run_to_answer_rows(model, input_ids: Int[Tensor, "sample seq"],
+                       attention_mask: Int[Tensor, "sample seq"], layers: Sequence[int]
+                       ) -> dict[int, Float[Tensor, "sample d_model"]]:
+    """One forward pass keeping only ``blocks.{l}.hook_resid_post`` at the answer position for
+    each layer in ``layers`` (float32, CPU); it stops after the last of them, so neither later
+    blocks nor the unembedding run. Hooks already on the bridge (e.g. steering) stay active."""
+    bridge = bridge_of(model)
+    answer = last_token_index(attention_mask)
+    wanted = sorted(set(layers))
+    store: dict[int, Tensor] = {}
+    fwd = [(hooks.resid_post(layer), answer_rows_hook(store, layer, answer,
+                                                      stop=layer == wanted[-1]))
+           for layer in wanted]
+    device = input_device(bridge)
+    with bridge.hooks(fwd_hooks=fwd):
+        try:
+            bridge(input_ids.to(device), attention_mask=attention_mask.to(device))
+        except _StopForward:
+            pass
+    missing = [layer for layer in wanted if layer not in store]
+    if missing:
+        raise RuntimeError(f"hooks at layers {missing} did not fire during the forward pass")
+    return store
+
+
+# --------------------------------------------------------------------------- activations
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Answer-position residuals and label logits of a set of prompts, for one model.
+
+    ``label_logits[:, j]`` is the logit of label ``j``'s first token (labels in label-set order);
+    ``logsumexp`` and ``mean_logit`` are over the whole vocabulary at the same position, so
+    ``label_logits - logsumexp[:, None]`` are log-probabilities. ``gold`` is -1 where unknown.
+    """
+
+    resid: Float[Tensor, "sample layer d_model"]
+    label_logits: Float[Tensor, "sample label"]
+    logsumexp: Float[Tensor, " sample"]
+    mean_logit: Float[Tensor, " sample"]
+    layers: tuple[int, ...]
+    sample_ids: tuple[str, ...]
+    gold: Int[Tensor, " sample"]
+    label_names: tuple[str, ...] = ()
+    meta: dict = field(default_factory=dict)
+
+    FILE_STEM = "activations"
+
+    def __post_init__(self) -> None:
+        n = self.resid.shape[0]
+        if self.resid.shape[1] != len(self.layers):
+            raise ValueError(f"resid has {self.resid.shape[1]} layers but layers={self.layers}")
+        if len(self.sample_ids) != n:
+            raise ValueError(f"{len(self.sample_ids)} sample ids for {n} samples")
+        if len(set(self.sample_ids)) != n:
+            raise ValueError("sample ids must be unique")
+        if self.label_names and len(self.label_names) != self.label_logits.shape[1]:
+            raise ValueError(f"{len(self.label_names)} label names for "
+                             f"{self.label_logits.shape[1]} label logit columns")
+
+    @property
+    def n_samples(self) -> int:
+        return self.resid.shape[0]
+
+    @property
+    def predictions(self) -> Int[Tensor, " sample"]:
+        """Argmax over the label first-token logits."""
+        return self.label_logits.argmax(dim=-1)
+
+    @property
+    def correct(self) -> Bool[Tensor, " sample"]:
+        """Whether the prediction is the gold label (False where the gold label is unknown)."""
+        return (self.predictions == self.gold) & (self.gold >= 0)
+
+    @property
+    def label_logprobs(self) -> Float[Tensor, "sample label"]:
+        return self.label_logits - self.logsumexp[:, None]
+
+    def layer_position(self, layer: int) -> int:
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer} was not collected; collected layers: {self.layers}")
+        return self.layers.index(layer)
+
+    def layer(self, layer: int) -> Float[Tensor, "sample d_model"]:
+        """The answer-position residuals after block ``layer``."""
+        return self.resid[:, self.layer_position(layer)]
+
+    def mean_norm(self, layer: int) -> float:
+        """Mean L2 norm of the residuals at ``layer`` (a scale for steering strengths)."""
+        return float(self.layer(layer).norm(dim=-1).mean())
+
+    def select(self, mask: Bool[Tensor, " sample"]) -> "Activations":
+        """The samples where ``mask`` is True."""
+        keep = mask.nonzero().flatten().tolist()
+        return Activations(self.resid[mask], self.label_logits[mask], self.logsumexp[mask],
+                           self.mean_logit[mask], self.layers,
+                           tuple(self.sample_ids[i] for i in keep), self.gold[mask],
+                           self.label_names, dict(self.meta))
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``activations.safetensors`` and ``activations.json`` into ``directory``."""
+        tensors = {"resid": self.resid, "label_logits": self.label_logits,
+                   "logsumexp": self.logsumexp, "mean_logit": self.mean_logit,
+                   "gold": self.gold, "predictions": self.predictions}
+        meta = {"layers": list(self.layers), "sample_ids": list(self.sample_ids),
+                "label_names": list(self.label_names),
+                "hook_names": [hooks.resid_post(layer) for layer in self.layers],
+                "meta": self.meta}
+        return save_artifact(directory, self.FILE_STEM, tensors, meta)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Activations":
+        t, m = load_artifact(directory, cls.FILE_STEM)
+        return cls(t["resid"], t["label_logits"], t["logsumexp"], t["mean_logit"],
+                   tuple(m["layers"]), tuple(m["sample_ids"]), t["gold"],
+                   tuple(m["label_names"]), m.get("meta", {}))
+
+
+def _check_finite(resid: Tensor, logits: Tensor, sample_ids: Sequence[str]) -> None:
+    bad = ~(torch.isfinite(resid).flatten(1).all(1) & torch.isfinite(logits).all(1))
+    if bool(bad.any()):
+        names = [sample_ids[i] for i in bad.nonzero().flatten().tolist()]
+        shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+        raise ValueError(f"non-finite activations or logits (NaN/inf) for samples {shown}; "
+                         "check the model's dtype (float16 overflows) and its weights")
+
+
+def collect_activations(model, token_ids: Sequence[Sequence[int]],
+                        label_token_ids: Sequence[int], layers: Sequence[int] | str, *,
+                        gold: Int[Tensor, " sample"] | Sequence[int] | None = None,
+                        sample_ids: Sequence[str] | None = None,
+                        label_names: Sequence[str] = (), batch_size: int = 8,
+                        padding_side: str = "right", progress: bool = True,
+                        meta: Mapping | None = None) -> Activations:
+    """Answer-position residuals at ``layers`` and label first-token logits for each prompt.
+
+    ``token_ids`` are tokenized prompts (:func:`emolens.tokens.encode`), batched by similar
+    length and padded on ``padding_side`` (the answer position comes from the attention mask,
+    so both sides work). Negative layers count from the end; ``"all"`` is every layer. Label
+    logits come from :func:`answer_readout` on the final block output, not from a
+    full-vocabulary forward.
+    Raises ``ValueError`` naming the samples whose activations are not finite.
+    """
+    bridge = bridge_of(model)
+    n_layers = int(bridge.cfg.n_layers)
+    layers = hooks.check_layers(layers if isinstance(layers, str) else list(layers), n_layers)
+    n = len(token_ids)
+    if n == 0:
+        raise ValueError("no prompts to collect activations for")
+    sample_ids = tuple(str(s) for s in (sample_ids if sample_ids is not None else range(n)))
+    if len(sample_ids) != n:
+        raise ValueError(f"{len(sample_ids)} sample ids for {n} prompts")
+    gold_t = (torch.full((n,), -1, dtype=torch.long) if gold is None
+              else torch.as_tensor(gold, dtype=torch.long).clone())
+    if gold_t.shape != (n,):
+        raise ValueError(f"gold has shape {tuple(gold_t.shape)}, expected ({n},)")
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+
+    last = n_layers - 1
+    wanted = sorted(set(layers) | {last})
+    order = sorted(range(n), key=lambda i: len(token_ids[i]))
+    resid = torch.zeros(n, len(layers), int(bridge.cfg.d_model))
+    final = torch.zeros(n, int(bridge.cfg.d_model))
+    pid = pad_id(getattr(model, "tokenizer", None) or bridge.tokenizer)
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    for batch in tqdm(batches, desc="activations", disable=not progress, leave=False):
+        ids, mask = pad([token_ids[i] for i in batch], pid, padding_side)
+        rows = run_to_answer_rows(bridge, ids, mask, wanted)
+        index = torch.as_tensor(batch)
+        for j, layer in enumerate(layers):
+            resid[index, j] = rows[layer]
+        final[index] = rows[last]
+    label_logits, lse, mean = answer_readout(bridge, final, label_token_ids)
+    _check_finite(resid, torch.cat([label_logits, lse[:, None], mean[:, None]], 1), sample_ids)
+    info = {"numerics": numerics_mode(bridge), "label_token_ids": [int(i) for i in label_token_ids],
+            "padding_side": padding_side, "readout": "unembed(ln_final(resid_post[-1]))"}
+    for key in ("spec", "weights_hash", "dtype", "device"):
+        if hasattr(model, key):
+            info[key] = getattr(model, key)
+    info.update(meta or {})
+    return Activations(resid, label_logits, lse, mean, tuple(layers), sample_ids, gold_t,
+                       tuple(label_names), info)

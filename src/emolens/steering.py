@@ -1,0 +1,381 @@
+"""Steering with concept vectors (equation 1) and steering sensitivity (Figure 2).
+
+``h_new = h + alpha * v`` at a hook (by default the final block output), at every position or
+only at the answer position. Sensitivity is the change, steered minus unsteered, of each
+label's first-token logit at the answer position, for every (steered emotion, alpha, prompt,
+observed label), with the log-probability change and the shift-invariant change of the logit
+minus the mean logit over the vocabulary (:class:`SteeringEffect`).
+
+Three ways to compute it, all with the same result:
+
+- :func:`final_layer_sensitivity`: at the final block, no forward pass at all; the model's own
+  ``ln_final`` and ``unembed`` are applied to ``h + alpha * v`` for every configuration.
+- :func:`layer_sensitivity`: at any layer, with many (emotion, alpha) configurations riding in
+  the batch dimension of each hooked forward pass (one steering vector per batch row).
+- :func:`naive_sensitivity`: the obvious reference, one hooked forward pass per (emotion,
+  alpha, prompt); for tests and benchmarks.
+"""
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from emolens import hooks
+from emolens.activations import (
+    answer_readout,
+    bridge_of,
+    default_chunk_rows,
+    input_device,
+    load_artifact,
+    numerics_mode,
+    run_to_answer_rows,
+    save_artifact,
+)
+from emolens.tokens import last_token_index, pad, pad_id
+
+Positions = Literal["all", "answer"]
+POSITIONS: tuple[str, ...] = ("all", "answer")
+
+#: The default steering strengths: a handful from 0 to 8.
+DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 6.0, 8.0)
+
+
+def alphas_from_norm_multiples(multiples: Float[Tensor, " alpha"] | Sequence[float | int],
+                               resid_norm_mean: float) -> Float[Tensor, " alpha"]:
+    """Steering strengths as multiples of the mean residual norm at the steered layer.
+
+    Use them with unit-norm vectors (:meth:`emolens.vectors.ConceptVectors.unit`): the added
+    vector ``alpha * v`` then has norm ``multiple * resid_norm_mean`` (e.g. from
+    :meth:`emolens.activations.Activations.mean_norm`).
+    """
+    if resid_norm_mean <= 0:
+        raise ValueError(f"the mean residual norm must be positive, not {resid_norm_mean}")
+    return torch.as_tensor(multiples, dtype=torch.float32) * float(resid_norm_mean)
+
+
+def _check_positions(positions: str) -> None:
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, not {positions!r}")
+
+
+@contextmanager
+def steer(bridge, hook_name: str, vector: Float[Tensor, "*rows d_model"],
+          alpha: float | Float[Tensor, "*alpha_rows"] = 1.0, positions: Positions = "all",
+          answer_index: Int[Tensor, " batch"] | None = None) -> Iterator[None]:
+    """Add ``alpha * vector`` at ``hook_name`` of ``bridge`` (a bridge or a ``LoadedModel``)
+    for the forward passes inside the ``with`` block.
+
+    ``vector`` is ``[d_model]`` (the same for every row) or ``[batch, d_model]`` (one per batch
+    row, so many configurations ride in one batch); ``alpha`` a number or one per row.
+    ``positions="answer"`` steers only at ``answer_index[row]`` (e.g. from
+    :func:`emolens.tokens.last_token_index`). The hook is removed on exit, also on errors.
+    """
+    _check_positions(positions)
+    bridge = bridge_of(bridge)
+    alpha_t = torch.as_tensor(alpha, dtype=torch.float32, device=vector.device)
+    delta = vector.float() * (alpha_t[..., None] if alpha_t.dim() else alpha_t)
+    if positions == "answer" and answer_index is None:
+        raise ValueError("positions='answer' needs answer_index (the answer position per row)")
+
+    def hook_fn(tensor, *, hook):
+        d = delta.to(device=tensor.device, dtype=tensor.dtype)
+        if d.dim() == 2 and d.shape[0] != tensor.shape[0]:
+            raise ValueError(f"{d.shape[0]} steering vectors for a batch of {tensor.shape[0]} "
+                             f"rows at {hook_name}")
+        if positions == "all":
+            return tensor + (d[:, None, :] if d.dim() == 2 else d)
+        rows = torch.arange(tensor.shape[0], device=tensor.device)
+        index = answer_index.to(tensor.device)
+        out = tensor.clone()
+        out[rows, index] = out[rows, index] + d
+        return out
+
+    with bridge.hooks(fwd_hooks=[(hook_name, hook_fn)]):
+        yield
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class SteeringEffect:
+    """Steered minus unsteered answer-position quantities, ``[emotion, alpha, prompt, label]``.
+
+    ``emotion`` is the steered concept, ``label`` the observed label's first token.
+    ``logit_change`` is the change of the label logit; ``logprob_change`` of its
+    log-probability; ``centered_change`` of the logit minus the mean logit over the vocabulary
+    (invariant to a shift of all logits, so the numerics mode cannot fake a trend).
+    """
+
+    logit_change: Float[Tensor, "emotion alpha prompt label"]
+    logprob_change: Float[Tensor, "emotion alpha prompt label"]
+    centered_change: Float[Tensor, "emotion alpha prompt label"]
+    base_label_logits: Float[Tensor, "prompt label"]
+    alphas: Float[Tensor, " alpha"]
+    emotions: tuple[str, ...]
+    labels: tuple[str, ...]
+    prompt_ids: tuple[str, ...]
+    layer: int
+    hook_name: str
+    positions: str = "all"
+    method: str = ""
+    meta: dict = field(default_factory=dict)
+
+    FILE_STEM = "steering"
+
+    def __post_init__(self) -> None:
+        e, a, p, k = self.logit_change.shape
+        if (len(self.emotions), len(self.prompt_ids), len(self.labels)) != (e, p, k):
+            raise ValueError(f"axes names ({len(self.emotions)} emotions, {len(self.prompt_ids)}"
+                             f" prompts, {len(self.labels)} labels) do not match the tensors "
+                             f"{tuple(self.logit_change.shape)}")
+
+    def diagonal(self, quantity: str = "logit_change") -> Float[Tensor, "emotion alpha prompt"]:
+        """The change of each steered emotion's own label (Figure 2's quantity)."""
+        missing = [e for e in self.emotions if e not in self.labels]
+        if missing:
+            raise KeyError(f"steered emotions {missing} are not among the observed labels")
+        idx = torch.as_tensor([self.labels.index(e) for e in self.emotions])
+        values = getattr(self, quantity)
+        return values[torch.arange(len(self.emotions)), :, :, idx]
+
+    def to_frame(self, **constants):
+        """Long format, one row per (emotion, label, alpha, prompt); ``constants`` (e.g.
+        ``step=300``) become leading columns."""
+        import pandas as pd
+
+        e, a, p, k = self.logit_change.shape
+        grid = torch.cartesian_prod(*(torch.arange(n) for n in (e, a, p, k)))
+        frame = pd.DataFrame({
+            "layer": self.layer,
+            "emotion": [self.emotions[i] for i in grid[:, 0].tolist()],
+            "label": [self.labels[i] for i in grid[:, 3].tolist()],
+            "alpha": self.alphas[grid[:, 1]].numpy(),
+            "prompt": [self.prompt_ids[i] for i in grid[:, 2].tolist()],
+            "logit_change": self.logit_change.flatten().numpy(),
+            "logprob_change": self.logprob_change.flatten().numpy(),
+            "centered_change": self.centered_change.flatten().numpy(),
+        })
+        for i, (key, value) in enumerate(constants.items()):
+            frame.insert(i, key, value)
+        return frame
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``steering.safetensors`` and ``steering.json`` into ``directory``."""
+        tensors = {"logit_change": self.logit_change, "logprob_change": self.logprob_change,
+                   "centered_change": self.centered_change,
+                   "base_label_logits": self.base_label_logits, "alphas": self.alphas}
+        meta = {"emotions": list(self.emotions), "labels": list(self.labels),
+                "prompt_ids": list(self.prompt_ids), "layer": self.layer,
+                "hook_name": self.hook_name, "positions": self.positions,
+                "method": self.method, "meta": self.meta,
+                "axes": ["emotion", "alpha", "prompt", "label"]}
+        return save_artifact(directory, self.FILE_STEM, tensors, meta)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "SteeringEffect":
+        t, m = load_artifact(directory, cls.FILE_STEM)
+        return cls(t["logit_change"], t["logprob_change"], t["centered_change"],
+                   t["base_label_logits"], t["alphas"], tuple(m["emotions"]),
+                   tuple(m["labels"]), tuple(m["prompt_ids"]), int(m["layer"]),
+                   m["hook_name"], m["positions"], m["method"], m.get("meta", {}))
+
+
+def _names(given: Sequence[str] | None, n: int, prefix: str) -> tuple[str, ...]:
+    if given is None:
+        return tuple(f"{prefix}{i}" for i in range(n))
+    if len(given) != n:
+        raise ValueError(f"{len(given)} {prefix} names for {n} entries")
+    return tuple(str(g) for g in given)
+
+
+def _effect(steered: tuple[Tensor, Tensor, Tensor], base: tuple[Tensor, Tensor, Tensor],
+            n_emotions: int, n_alphas: int, n_prompts: int, *, alphas: Tensor, emotions,
+            labels, prompt_ids, layer: int, positions: str, method: str, model
+            ) -> SteeringEffect:
+    """Assemble a :class:`SteeringEffect` from steered readouts (rows in (emotion, alpha,
+    prompt) order) and unsteered readouts (one row per prompt)."""
+    shape = (n_emotions, n_alphas, n_prompts, -1)
+    s_ll, s_lse, s_mean = steered
+    b_ll, b_lse, b_mean = base
+    s_ll = s_ll.reshape(shape)
+    s_lse = s_lse.reshape(shape[:3])[..., None]
+    s_mean = s_mean.reshape(shape[:3])[..., None]
+    logit = s_ll - b_ll
+    logprob = (s_ll - s_lse) - (b_ll - b_lse[:, None])
+    centered = (s_ll - s_mean) - (b_ll - b_mean[:, None])
+    meta = {"numerics": numerics_mode(model)}
+    for key in ("spec", "weights_hash", "dtype"):
+        if hasattr(model, key):
+            meta[key] = getattr(model, key)
+    return SteeringEffect(logit, logprob, centered, b_ll, alphas.float().cpu(),
+                          _names(emotions, n_emotions, "emotion"),
+                          _names(labels, b_ll.shape[1], "label"),
+                          _names(prompt_ids, n_prompts, "prompt"), layer,
+                          hooks.resid_post(layer), positions, method, meta)
+
+
+def _config_index(flat: Tensor, n_alphas: int, n_prompts: int) -> tuple[Tensor, Tensor, Tensor]:
+    return flat // (n_alphas * n_prompts), (flat // n_prompts) % n_alphas, flat % n_prompts
+
+
+# --------------------------------------------------------------------------- final layer
+
+
+@torch.no_grad()
+def final_layer_sensitivity(model, h_final: Float[Tensor, "prompt d_model"],
+                            vectors: Float[Tensor, "emotion d_model"],
+                            alphas: Float[Tensor, " alpha"], label_token_ids: Sequence[int], *,
+                            emotions: Sequence[str] | None = None,
+                            labels: Sequence[str] | None = None,
+                            prompt_ids: Sequence[str] | None = None,
+                            chunk_rows: int | None = None, progress: bool = False
+                            ) -> SteeringEffect:
+    """Sensitivity to steering at the final block output, without a forward pass.
+
+    ``h_final`` are the unsteered final-block outputs at the answer position (e.g.
+    ``acts.layer(n_layers - 1)``). Steering there changes the answer logits only through
+    ``unembed(ln_final(h + alpha * v))``, computed with the model's own modules for every
+    (emotion, alpha, prompt) in chunks of ``chunk_rows`` rows of full-vocabulary logits (by
+    default as many as fit in 256 MiB). Equals the hooked forward pass with positions "all" or
+    "answer" alike (steering other positions cannot reach the answer after the last block).
+    """
+    bridge = bridge_of(model)
+    n_e, n_a, n_p = vectors.shape[0], alphas.shape[0], h_final.shape[0]
+    chunk = chunk_rows or default_chunk_rows(bridge)
+    h, v, al = h_final.float().cpu(), vectors.float().cpu(), alphas.float().cpu()
+    base = answer_readout(bridge, h, label_token_ids, chunk_rows=chunk)
+    total = n_e * n_a * n_p
+    parts: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+    starts = range(0, total, chunk)
+    for start in tqdm(starts, desc="final-layer steering", disable=not progress, leave=False):
+        flat = torch.arange(start, min(start + chunk, total))
+        e, a, p = _config_index(flat, n_a, n_p)
+        rows = h[p] + al[a, None] * v[e]
+        out = answer_readout(bridge, rows, label_token_ids, chunk_rows=chunk)
+        for part, value in zip(parts, out, strict=True):
+            part.append(value)
+    steered = tuple(torch.cat(part) for part in parts)
+    return _effect(steered, base, n_e, n_a, n_p, alphas=al, emotions=emotions, labels=labels,
+                   prompt_ids=prompt_ids, layer=int(bridge.cfg.n_layers) - 1, positions="all",
+                   method="final-layer readout: unembed(ln_final(h + alpha v))", model=model)
+
+
+# --------------------------------------------------------------------------- any layer
+
+
+def _final_rows(bridge, token_ids: Sequence[Sequence[int]], pid: int, padding_side: str,
+                steering=None) -> Float[Tensor, "sample d_model"]:
+    """Final-block outputs at the answer position of a batch, optionally steered by
+    ``steering(answer_index)``, a context manager factory."""
+    ids, mask = pad(token_ids, pid, padding_side)
+    last = int(bridge.cfg.n_layers) - 1
+    if steering is None:
+        return run_to_answer_rows(bridge, ids, mask, [last])[last]
+    with steering(last_token_index(mask)):
+        return run_to_answer_rows(bridge, ids, mask, [last])[last]
+
+
+@torch.no_grad()
+def layer_sensitivity(model, token_ids: Sequence[Sequence[int]], layer: int,
+                      vectors: Float[Tensor, "emotion d_model"], alphas: Float[Tensor, " alpha"],
+                      label_token_ids: Sequence[int], *, positions: Positions = "all",
+                      batch_size: int = 32, emotions: Sequence[str] | None = None,
+                      labels: Sequence[str] | None = None,
+                      prompt_ids: Sequence[str] | None = None, padding_side: str = "right",
+                      progress: bool = True) -> SteeringEffect:
+    """Sensitivity to steering at ``blocks.{layer}.hook_resid_post`` of the prompts
+    ``token_ids``, by hooked forward passes.
+
+    Every (emotion, alpha, prompt) configuration is one batch row with its own steering vector,
+    up to ``batch_size`` rows per pass (rows of similar prompt length together). Each pass stops
+    after the last block and reads the answer logits out with ``ln_final`` and ``unembed`` at
+    the answer position only. The unsteered baseline comes from plain passes of the prompts.
+    """
+    _check_positions(positions)
+    bridge = bridge_of(model)
+    (layer,) = hooks.check_layers([layer], int(bridge.cfg.n_layers))
+    hook_name = hooks.resid_post(layer)
+    n_e, n_a, n_p = vectors.shape[0], alphas.shape[0], len(token_ids)
+    if n_p == 0:
+        raise ValueError("no prompts to steer")
+    pid = pad_id(getattr(model, "tokenizer", None) or bridge.tokenizer)
+    v, al = vectors.float().cpu(), alphas.float().cpu()
+    lengths = torch.as_tensor([len(t) for t in token_ids])
+
+    base_rows = torch.zeros(n_p, int(bridge.cfg.d_model))
+    by_length = sorted(range(n_p), key=lambda i: len(token_ids[i]))
+    for start in range(0, n_p, batch_size):
+        batch = by_length[start:start + batch_size]
+        base_rows[batch] = _final_rows(bridge, [token_ids[i] for i in batch], pid, padding_side)
+    base = answer_readout(bridge, base_rows, label_token_ids)
+
+    total = n_e * n_a * n_p
+    flat_all = torch.arange(total)
+    order = flat_all[torch.argsort(lengths[flat_all % n_p], stable=True)]
+    steered_rows = torch.zeros(total, int(bridge.cfg.d_model))
+    device = input_device(bridge)
+    starts = range(0, total, batch_size)
+    for start in tqdm(starts, desc=f"steering at layer {layer}", disable=not progress,
+                      leave=False):
+        flat = order[start:start + batch_size]
+        e, a, p = _config_index(flat, n_a, n_p)
+        deltas = (al[a, None] * v[e]).to(device)
+
+        def steering(answer_index, deltas=deltas):
+            return steer(bridge, hook_name, deltas, 1.0, positions, answer_index)
+
+        steered_rows[flat] = _final_rows(bridge, [token_ids[i] for i in p.tolist()], pid,
+                                         padding_side, steering)
+    steered = answer_readout(bridge, steered_rows, label_token_ids)
+    return _effect(steered, base, n_e, n_a, n_p, alphas=al, emotions=emotions, labels=labels,
+                   prompt_ids=prompt_ids, layer=layer, positions=positions,
+                   method=f"batched hooked forward (batch {batch_size})", model=model)
+
+
+@torch.no_grad()
+def naive_sensitivity(model, token_ids: Sequence[Sequence[int]], layer: int,
+                      vectors: Float[Tensor, "emotion d_model"], alphas: Float[Tensor, " alpha"],
+                      label_token_ids: Sequence[int], *, positions: Positions = "all",
+                      emotions: Sequence[str] | None = None, labels: Sequence[str] | None = None,
+                      prompt_ids: Sequence[str] | None = None, progress: bool = False
+                      ) -> SteeringEffect:
+    """The slow, obvious reference: one full hooked forward pass (logits at every position)
+    per (emotion, alpha, prompt), reading the last position's logits."""
+    _check_positions(positions)
+    bridge = bridge_of(model)
+    (layer,) = hooks.check_layers([layer], int(bridge.cfg.n_layers))
+    hook_name = hooks.resid_post(layer)
+    device = input_device(bridge)
+    label_idx = torch.as_tensor(list(label_token_ids))
+    n_e, n_a, n_p = vectors.shape[0], alphas.shape[0], len(token_ids)
+
+    def readout(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        logits = logits.float().cpu()
+        return logits[label_idx], logits.logsumexp(-1), logits.mean(-1)
+
+    base_parts: list[tuple[Tensor, Tensor, Tensor]] = []
+    steered_parts: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in range(n_p)]
+    for p in tqdm(range(n_p), desc="naive steering", disable=not progress, leave=False):
+        ids = torch.as_tensor([list(token_ids[p])], device=device)
+        answer = torch.as_tensor([ids.shape[1] - 1])
+        base_parts.append(readout(bridge(ids)[0, -1]))
+        for e in range(n_e):
+            for a in range(n_a):
+                with steer(bridge, hook_name, vectors[e], float(alphas[a]), positions, answer):
+                    steered_parts[p].append(readout(bridge(ids)[0, -1]))
+    # steered_parts[p][e * n_a + a] -> rows in (emotion, alpha, prompt) order
+    rows = [steered_parts[p][e * n_a + a] for e in range(n_e) for a in range(n_a)
+            for p in range(n_p)]
+    steered = tuple(torch.stack([r[i] for r in rows]) for i in range(3))
+    base = tuple(torch.stack([r[i] for r in base_parts]) for i in range(3))
+    return _effect(steered, base, n_e, n_a, n_p, alphas=alphas, emotions=emotions, labels=labels,
+                   prompt_ids=prompt_ids, layer=layer, positions=positions,
+                   method="naive: one hooked forward per (emotion, alpha, prompt)", model=model)

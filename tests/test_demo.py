@@ -1,0 +1,74 @@
+"""The main job end to end on the tiny random model, and its report in a real browser."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pandas as pd
+import pytest
+
+from emolens.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--model", "tiny-random", "--out", str(out), "--device", "cpu"]) == 0
+    return out
+
+
+def test_demo_fine_tunes_analyses_every_checkpoint_and_writes_the_report(demo_out):
+    results = demo_out / "results"
+    steps = pd.read_csv(results / "steps.csv")
+    run_steps = sorted(int(p.name.split("-")[1]) for p in (demo_out / "run").glob("checkpoint-*"))
+    assert steps.step.tolist() == [0] + run_steps and len(run_steps) >= 2
+    assert steps.eval_loss.iloc[1:].notna().all()
+    for name in ("sensitivity.csv", "filtering.csv", "attribution.csv", "transfer.csv",
+                 "dla.csv", "label_audit.json", "manifest.json", "report.html"):
+        assert (results / name).stat().st_size > 0, name
+    manifest = json.loads((results / "manifest.json").read_text())
+    assert manifest["failures"] == [] and manifest["run_dir"]
+    html = (results / "report.html").read_text(encoding="utf-8")
+    assert "Figure 2" in html and "喜び" in html and "<script src=" not in html
+
+
+def test_report_rebuilds_from_disk(demo_out, capsys):
+    report = demo_out / "results" / "report.html"
+    report.unlink()
+    assert main(["report", str(demo_out / "results")]) == 0
+    assert report.exists() and str(report) in capsys.readouterr().out
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which(
+        "google-chrome")
+
+
+def test_report_draws_every_figure_in_headless_chromium_with_the_network_off(demo_out, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing in CI: .ci/run installs Debian's chromium package")
+        pytest.skip("no chromium on this machine (apt-get install chromium)")
+    report = demo_out / "results" / "report.html"
+    html = report.read_text(encoding="utf-8")
+    n_figures = len(re.findall(r'class="plotly-graph-div"', html))
+    assert n_figures >= 5
+    proc = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+         "--proxy-server=http://127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND",
+         "--enable-logging=stderr", "--v=0", "--window-size=1366,768",
+         "--virtual-time-budget=15000", "--dump-dom", report.as_uri()],
+        capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dom = proc.stdout
+    drawn = re.findall(r'<div[^>]*class="[^"]*js-plotly-plot[^"]*"', dom)
+    assert len(drawn) == n_figures, f"{len(drawn)} of {n_figures} figures drawn"
+    assert dom.count('class="main-svg"') >= n_figures
+    console_errors = [line for line in proc.stderr.splitlines()
+                      if "CONSOLE" in line and ("Error" in line or "Uncaught" in line)]
+    assert console_errors == []

@@ -1,0 +1,290 @@
+import pytest
+import torch
+
+from emolens import hooks
+from emolens.activations import collect_activations
+from emolens.labels import STUDY_LABELS, render_prompts, resolve_label_tokens
+from emolens.steering import (
+    SteeringEffect,
+    alphas_from_norm_multiples,
+    final_layer_sensitivity,
+    layer_sensitivity,
+    naive_sensitivity,
+    steer,
+)
+from emolens.tokens import encode, last_token_index, pad
+
+TEXTS = [
+    "今日は駅まで歩いた。",
+    "友達に裏切られて、とても悲しかった。",
+    "雨",
+    "上司に褒められて誇らしい。",
+]
+ALPHAS = torch.tensor([0.0, 0.5, 1.0, 2.0])
+TOL = 1e-3  # the issue's bound; float32 runs land near 1e-5
+
+
+def attached_hooks(bridge) -> tuple[int, int]:
+    """Hook functions on the bridge's hook points, and torch hooks on all its modules."""
+    lens = sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in bridge.hook_dict.values())
+    torch_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in bridge.modules())
+    return lens, torch_hooks
+
+
+def max_diff(a: SteeringEffect, b: SteeringEffect) -> float:
+    return max(
+        float((getattr(a, q) - getattr(b, q)).abs().max())
+        for q in ("logit_change", "logprob_change", "centered_change")
+    )
+
+
+def realistic_vectors(acts, layer: int, n: int, seed: int = 0) -> torch.Tensor:
+    """Random directions with the norm of the difference of two prompts' residuals."""
+    h = acts.layer(layer)
+    scale = float((h[0] - h[1]).norm())
+    v = torch.randn(n, h.shape[1], generator=torch.Generator().manual_seed(seed))
+    return v / v.norm(dim=-1, keepdim=True) * scale
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model):
+    prompts = encode(tiny_model.tokenizer, render_prompts(TEXTS))
+    label_ids = resolve_label_tokens(tiny_model.tokenizer).ids
+    acts = collect_activations(tiny_model, prompts, label_ids, "all", progress=False)
+    vectors = realistic_vectors(acts, tiny_model.n_layers - 1, 3)
+    return prompts, label_ids, acts, vectors
+
+
+def test_final_layer_fast_path_matches_the_hooked_forward_pass(tiny_model, setup):
+    prompts, label_ids, acts, vectors = setup
+    last = tiny_model.n_layers - 1
+    fast = final_layer_sensitivity(
+        tiny_model, acts.layer(last), vectors, ALPHAS, label_ids, chunk_rows=7
+    )
+    naive = naive_sensitivity(tiny_model, prompts, last, vectors, ALPHAS, label_ids)
+    assert fast.logit_change.shape == (3, len(ALPHAS), len(prompts), len(label_ids))
+    assert max_diff(fast, naive) <= TOL
+    assert max_diff(fast, naive) <= 1e-4  # float32: in fact ~1e-6
+    torch.testing.assert_close(fast.base_label_logits, naive.base_label_logits, atol=1e-5, rtol=0)
+    assert fast.hook_name == naive.hook_name == hooks.resid_post(last)
+
+
+@pytest.mark.parametrize("positions", ["all", "answer"])
+def test_batched_mid_layer_sweep_matches_the_naive_loop(tiny_model, setup, positions):
+    prompts, label_ids, acts, _ = setup
+    vectors = realistic_vectors(acts, 1, 2, seed=1)
+    batched = layer_sensitivity(
+        tiny_model,
+        prompts,
+        1,
+        vectors,
+        ALPHAS,
+        label_ids,
+        positions=positions,
+        batch_size=5,
+        progress=False,
+    )
+    naive = naive_sensitivity(
+        tiny_model, prompts, 1, vectors, ALPHAS, label_ids, positions=positions
+    )
+    assert max_diff(batched, naive) <= 1e-4
+    assert batched.positions == positions and batched.layer == 1
+    assert float(batched.logit_change[:, 1:].abs().max()) > 1e-2  # steering does something
+
+
+def test_batched_final_layer_sweep_matches_the_fast_path(tiny_model, setup):
+    prompts, label_ids, acts, vectors = setup
+    last = tiny_model.n_layers - 1
+    batched = layer_sensitivity(
+        tiny_model, prompts, -1, vectors, ALPHAS, label_ids, batch_size=16, progress=False
+    )
+    fast = final_layer_sensitivity(tiny_model, acts.layer(last), vectors, ALPHAS, label_ids)
+    assert max_diff(batched, fast) <= 1e-4
+
+
+def test_zero_alpha_gives_zero_change(tiny_model, setup):
+    prompts, label_ids, acts, vectors = setup
+    last = tiny_model.n_layers - 1
+    fast = final_layer_sensitivity(tiny_model, acts.layer(last), vectors, ALPHAS, label_ids)
+    mid = layer_sensitivity(
+        tiny_model, prompts, 1, vectors * 0 + 1, ALPHAS, label_ids, batch_size=7, progress=False
+    )
+    for effect in (fast, mid):
+        for q in ("logit_change", "logprob_change", "centered_change"):
+            assert float(getattr(effect, q)[:, 0].abs().max()) <= 1e-5
+
+
+def test_steering_along_a_labels_unembedding_row_raises_that_label_most(tiny_model, setup):
+    prompts, label_ids, acts, _ = setup
+    last = tiny_model.n_layers - 1
+    target = STUDY_LABELS.index("joy")
+    row = tiny_model.hf_model.lm_head.weight[label_ids[target]].detach().float()
+    h_norm = float(acts.layer(last).norm(dim=-1).mean())
+    alphas = torch.tensor([0.0, 2.0, 10.0]) * h_norm / float(row.norm())
+    fast = final_layer_sensitivity(
+        tiny_model,
+        acts.layer(last),
+        row[None],
+        alphas,
+        label_ids,
+        emotions=["joy"],
+        labels=STUDY_LABELS.names(),
+    )
+    hooked = layer_sensitivity(
+        tiny_model,
+        prompts,
+        last,
+        row[None],
+        alphas,
+        label_ids,
+        emotions=["joy"],
+        labels=STUDY_LABELS.names(),
+        progress=False,
+    )
+    for effect in (fast, hooked):
+        for q in ("logit_change", "centered_change", "logprob_change"):
+            assert (getattr(effect, q)[0, 1:].argmax(-1) == target).all()
+        assert (effect.diagonal()[0, 1:] > 0).all()
+
+
+def test_answer_only_steering_changes_nothing_before_the_answer(tiny_model, setup):
+    prompts, _, acts, _ = setup
+    bridge = tiny_model.bridge
+    ids, mask = pad(prompts, 0, "right")
+    answer = last_token_index(mask)
+    last_name = hooks.resid_post(tiny_model.n_layers - 1)
+    vector = realistic_vectors(acts, 1, 1)[0] * 3
+    with torch.no_grad():
+        _, clean = bridge.run_with_cache(ids, attention_mask=mask, names_filter=[last_name])
+        with steer(bridge, hooks.resid_post(1), vector, 1.0, "answer", answer):
+            _, steered = bridge.run_with_cache(ids, attention_mask=mask, names_filter=[last_name])
+    for i, a in enumerate(answer.tolist()):
+        before = (steered[last_name][i, :a] - clean[last_name][i, :a]).abs().max()
+        at = (steered[last_name][i, a] - clean[last_name][i, a]).abs().max()
+        assert float(before) == 0.0 and float(at) > 1e-2
+
+
+def test_answer_and_all_positions_agree_only_at_the_final_layer(tiny_model, setup):
+    prompts, label_ids, acts, vectors = setup
+    last = tiny_model.n_layers - 1
+    run = {
+        pos: {
+            layer: naive_sensitivity(
+                tiny_model, prompts[:2], layer, vectors[:1], ALPHAS[:2], label_ids, positions=pos
+            )
+            for layer in (1, last)
+        }
+        for pos in ("all", "answer")
+    }
+    assert max_diff(run["all"][last], run["answer"][last]) <= 1e-5
+    assert max_diff(run["all"][1], run["answer"][1]) > 1e-3
+
+
+def test_per_row_vectors_equal_separate_runs(tiny_model, setup):
+    prompts, _, acts, _ = setup
+    bridge = tiny_model.bridge
+    vectors = realistic_vectors(acts, 2, 2, seed=3)
+    ids = torch.tensor([prompts[0], prompts[0]])
+    alphas = torch.tensor([1.0, 2.5])
+    with torch.no_grad(), steer(bridge, hooks.resid_post(2), vectors, alphas):
+        both = bridge(ids)[:, -1]
+    for i in range(2):
+        with torch.no_grad(), steer(bridge, hooks.resid_post(2), vectors[i], float(alphas[i])):
+            one = bridge(ids[:1])[0, -1]
+        torch.testing.assert_close(both[i], one, atol=1e-5, rtol=0)
+
+
+def test_no_hooks_remain_after_an_exception_inside_the_context(tiny_model, setup):
+    prompts, label_ids, _, vectors = setup
+    bridge = tiny_model.bridge
+    before = attached_hooks(bridge)
+    with pytest.raises(RuntimeError, match="boom"):
+        with steer(bridge, hooks.resid_post(1), vectors[0], 2.0):
+            assert attached_hooks(bridge) != before  # the hook is really there
+            raise RuntimeError("boom")
+    assert attached_hooks(bridge) == before
+    with pytest.raises(ValueError, match="steering vectors for a batch"):  # raised in the hook
+        with torch.no_grad(), steer(bridge, hooks.resid_post(1), vectors, 1.0):
+            bridge(torch.tensor([prompts[0]]))
+    assert attached_hooks(bridge) == before
+    with pytest.raises(KeyError):
+        with steer(bridge, "blocks.1.hook_nonexistent", vectors[0], 1.0):
+            pass
+    with pytest.raises(ValueError, match="answer_index"):
+        with steer(bridge, hooks.resid_post(1), vectors[0], 1.0, positions="answer"):
+            pass
+    layer_sensitivity(
+        tiny_model, prompts[:1], 1, vectors[:1], ALPHAS[:2], label_ids, progress=False
+    )
+    assert attached_hooks(bridge) == before
+
+
+def test_effect_axes_diagonal_frame_and_round_trip(tiny_model, setup, tmp_path):
+    _, label_ids, acts, vectors = setup
+    last = tiny_model.n_layers - 1
+    names = ["joy", "sadness", "trust"]
+    effect = final_layer_sensitivity(
+        tiny_model,
+        acts.layer(last),
+        vectors,
+        ALPHAS,
+        label_ids,
+        emotions=names,
+        labels=STUDY_LABELS.names(),
+        prompt_ids=[f"p{i}" for i in range(len(TEXTS))],
+    )
+    diag = effect.diagonal()
+    assert diag.shape == (3, len(ALPHAS), len(TEXTS))
+    assert torch.equal(diag[1], effect.logit_change[1, :, :, STUDY_LABELS.index("sadness")])
+    frame = effect.to_frame(step=300)
+    assert len(frame) == 3 * len(ALPHAS) * len(TEXTS) * len(STUDY_LABELS)
+    assert list(frame.columns[:3]) == ["step", "layer", "emotion"]
+    row = frame[
+        (frame.emotion == "trust")
+        & (frame.label == "joy")
+        & (frame.alpha == 2.0)
+        & (frame.prompt == "p3")
+    ]
+    assert float(row.logit_change.iloc[0]) == pytest.approx(
+        float(effect.logit_change[2, 3, 3, STUDY_LABELS.index("joy")])
+    )
+    effect.save(tmp_path)
+    back = SteeringEffect.load(tmp_path)
+    assert max_diff(back, effect) == 0.0
+    assert (back.emotions, back.labels, back.prompt_ids, back.hook_name) == (
+        effect.emotions,
+        effect.labels,
+        effect.prompt_ids,
+        effect.hook_name,
+    )
+    assert torch.equal(back.alphas, effect.alphas)
+
+
+def test_alphas_from_norm_multiples():
+    alphas = alphas_from_norm_multiples([0, 0.5, 1], 40.0)
+    assert alphas.tolist() == [0.0, 20.0, 40.0]
+    with pytest.raises(ValueError, match="positive"):
+        alphas_from_norm_multiples([1], 0.0)
+
+
+# --------------------------------------------------------------------------- gemma-3-270m
+
+
+@pytest.mark.slow
+def test_gemma_fast_path_and_batched_mid_layer_match_hooked_passes(gemma_model):
+    prompts = encode(gemma_model.tokenizer, render_prompts(TEXTS[:2]))
+    label_ids = resolve_label_tokens(gemma_model.tokenizer, allow_shared=True).ids
+    last, mid = gemma_model.n_layers - 1, gemma_model.n_layers // 2
+    acts = collect_activations(gemma_model, prompts, label_ids, [mid, last], progress=False)
+    alphas = torch.tensor([0.0, 1.0, 4.0])
+    vectors = realistic_vectors(acts, last, 2)
+    fast = final_layer_sensitivity(gemma_model, acts.layer(last), vectors, alphas, label_ids)
+    naive = naive_sensitivity(gemma_model, prompts, last, vectors, alphas, label_ids)
+    assert float(fast.logit_change[:, 1:].abs().max()) > 0.1
+    assert max_diff(fast, naive) <= TOL
+    mid_vectors = realistic_vectors(acts, mid, 2, seed=1)
+    batched = layer_sensitivity(
+        gemma_model, prompts, mid, mid_vectors, alphas[1:], label_ids, batch_size=4, progress=False
+    )
+    naive_mid = naive_sensitivity(gemma_model, prompts, mid, mid_vectors, alphas[1:], label_ids)
+    assert max_diff(batched, naive_mid) <= TOL
