@@ -587,6 +587,7 @@ def training_arguments(
         seed=config.seed,
         data_seed=config.seed,
         report_to="none",
+        ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=device == "cuda",
         use_cpu=device == "cpu",
