@@ -132,3 +132,15 @@ def test_gemma_from_registry_package_through_the_gguf_path(tmp_path, monkeypatch
     assert ids[0, 0].item() == model.tokenizer.bos_token_id and (ids == 2).sum() == 1
     with torch.no_grad():
         assert torch.allclose(model.bridge(ids), model.hf_model(ids).logits, atol=1e-4)
+
+
+def test_a_model_too_large_for_the_device_is_a_clear_error(tiny_model_dir, monkeypatch):
+    import emolens.models as models
+
+    need = models.estimated_model_bytes(str(tiny_model_dir), torch.float32)
+    n_params = sum(p.numel() for p in load_model(tiny_model_dir, device="cpu").hf_model
+                   .parameters())
+    assert need == 4 * n_params
+    monkeypatch.setattr(models, "available_memory", lambda device: need // 2)
+    with pytest.raises(ModelLoadError, match=r"needs about .* GiB .*--device-map auto"):
+        load_model(tiny_model_dir, device="cpu")

@@ -259,6 +259,57 @@ def load_hf_model(source: str, *, dtype: torch.dtype = torch.float32,
                              "local folder or set HF_HUB_OFFLINE with a filled hub cache") from exc
 
 
+def available_memory(device: str) -> int | None:
+    """Free bytes on ``device`` (CUDA: free device memory; CPU: available RAM), if known."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index or 0
+        return int(torch.cuda.mem_get_info(index)[0])
+    if device == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def estimated_model_bytes(source: str, dtype: torch.dtype) -> int | None:
+    """Bytes the weights of a local folder take in ``dtype`` (from the safetensors headers)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []
+    if not files:
+        return None
+    n = 0
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                n += _numel(f.get_slice(key).get_shape())
+    return n * torch.tensor([], dtype=dtype).element_size()
+
+
+def _numel(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
+
+
+def check_fits(source: str, dtype: torch.dtype, device: str) -> None:
+    """Raise :class:`ModelLoadError` if the weights clearly cannot fit on ``device``."""
+    need = estimated_model_bytes(source, dtype)
+    free = available_memory(device)
+    if need is None or free is None or need <= 0.9 * free:
+        return
+    gib = 2**30
+    raise ModelLoadError(
+        f"the model needs about {need / gib:.1f} GiB in {str(dtype).split('.')[-1]} but "
+        f"{device} has {free / gib:.1f} GiB free; use --dtype bfloat16, a larger device, or "
+        "--device-map auto to spread it over devices and CPU")
+
+
 def load_model(spec: str | Path, *, device: str = "auto", dtype: str | torch.dtype | None = None,
                device_map: str | dict | None = None, base: str | None = None,
                tokenizer_source: str | None = None) -> LoadedModel:
@@ -272,6 +323,8 @@ def load_model(spec: str | Path, *, device: str = "auto", dtype: str | torch.dty
     source = resolve_model_dir(spec)
     dev = "cpu" if device_map is not None else resolve_device(device)
     torch_dtype = resolve_dtype(dtype, "cuda" if device_map is not None else dev)
+    if device_map is None:
+        check_fits(source, torch_dtype, dev)
     hf_model = load_hf_model(source, dtype=torch_dtype, device_map=device_map, base=base)
     tok_source = tokenizer_source or source
     if not (Path(tok_source) / "tokenizer_config.json").exists() and base is not None:
