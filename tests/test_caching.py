@@ -22,7 +22,7 @@ def model_copy(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus():
-    return load_corpus(None).head_per_label(3)
+    return load_corpus(None).head_per_label(4)
 
 
 def _stamps(out):
@@ -55,7 +55,7 @@ def test_changing_an_input_of_the_activations_recomputes_them(change, first_run,
     out, before = first_run
     kwargs, config, data = {}, CONFIG, corpus
     if change == "data":
-        data = load_corpus(None).head_per_label(4)
+        data = load_corpus(None).head_per_label(5)
     elif change == "template":
         config = AnalysisConfig(**{**CONFIG.to_dict(), "language": "en"})
     elif change == "labels":
