@@ -118,7 +118,8 @@ def test_shards_merge_into_the_single_run(series_out, fake_run_dir, corpus, tmp_
         analyze(fake_run_dir, corpus, shards[-1], CONFIG, device="cpu", shard=(i, 2))
     assert sorted(pd.read_csv(shards[0] / "steps.csv").step) == [0, 4]
     merged = merge(shards, tmp_path / "merged")
-    for name in ("sensitivity", "filtering", "steps", "attribution", "transfer", "dla"):
+    for name in ("sensitivity", "filtering", "steps", "attribution", "transfer", "dla",
+                 "geometry", "probes", "random_baseline", "change_summary"):
         assert (merged / f"{name}.csv").read_bytes() == (series_out / f"{name}.csv").read_bytes()
 
 
@@ -137,5 +138,22 @@ def test_a_corrupt_checkpoint_fails_alone_and_is_reported(fake_run_dir, corpus, 
 
 def test_same_command_gives_identical_csv_files(series_out, fake_run_dir, corpus, tmp_path):
     again = analyze(fake_run_dir, corpus, tmp_path / "again", CONFIG, device="cpu")
-    for name in ("sensitivity", "filtering", "steps", "attribution", "transfer"):
+    for name in ("sensitivity", "filtering", "steps", "attribution", "transfer", "geometry",
+                 "probes", "random_baseline", "change_summary"):
         assert (again / f"{name}.csv").read_bytes() == (series_out / f"{name}.csv").read_bytes()
+
+
+def test_geometry_probes_and_baselines_cover_every_step_with_intervals(series_out):
+    geometry = pd.read_csv(series_out / "geometry.csv")
+    assert set(geometry.inner) == {"plain", "causal"}
+    assert sorted(geometry.step.unique()) == [0, 2, 4]
+    first = geometry[(geometry.measure == "cosine_to_first") & (geometry.step == 0)]
+    assert (first.value.dropna() > 0.999).all()
+    rows = geometry.dropna(subset=["ci_low", "ci_high"])
+    assert len(rows) and (rows.ci_low <= rows.ci_high + 1e-9).all()
+    probes = pd.read_csv(series_out / "probes.csv")
+    assert {"accuracy", "shuffled_accuracy", "recall"} <= set(probes.measure)
+    summary = pd.read_csv(series_out / "change_summary.csv")
+    assert {"geometry", "probes"} == set(summary.table) and summary.significant_change.dtype == bool
+    baseline = pd.read_csv(series_out / "random_baseline.csv")
+    assert {"logit_change_concept", "logit_change_random_mean"} <= set(baseline.columns)

@@ -21,9 +21,33 @@ from emolens.attribution import (
     direct_push_change,
     transfer_effect,
 )
+from emolens.geometry import CausalInnerProduct
+from emolens.results import load_tensors, save_tensors
 from emolens.vectors import ConceptVectors
 
 READOUT_FILE = "readout.safetensors"
+KEEP_FILE = "keep.safetensors"
+METRIC_FILE = "causal_metric.safetensors"
+
+
+def save_metric(inner: CausalInnerProduct, path: Path) -> Path:
+    return save_tensors(path, {"whitener": inner.whitener, "cov": inner.cov, "mean": inner.mean},
+                        {"ridge": inner.ridge, "n_tokens": inner.n_tokens, "dual": inner.dual})
+
+
+def load_metric(path: Path) -> CausalInnerProduct:
+    t, m = load_tensors(path)
+    return CausalInnerProduct(whitener=t["whitener"], cov=t["cov"], mean=t["mean"],
+                              ridge=float(m["ridge"]), n_tokens=int(m["n_tokens"]),
+                              dual=bool(m["dual"]))
+
+
+def causal_metric(model, gain: torch.Tensor) -> CausalInnerProduct:
+    """Park et al.'s causal inner product from the model's effective unembedding
+    (``W_U * gain``), in the dual form (``Cov^{1/2}``) that applies to residual-space vectors
+    such as concept vectors."""
+    w_u = model.hf_model.get_output_embeddings().weight.detach().float().cpu()
+    return CausalInnerProduct.from_unembedding(w_u * gain, dual=True)
 
 
 @dataclass(frozen=True)
@@ -34,6 +58,8 @@ class StepData:
     acts: Activations
     vectors: ConceptVectors
     readout: Readout
+    keep: torch.Tensor | None = None  # samples that built the vectors
+    metric: CausalInnerProduct | None = None
 
     @property
     def final_layer(self) -> int:
@@ -49,9 +75,12 @@ def load_steps(step_dirs: list[Path]) -> list[StepData]:
     for d in step_dirs:
         if not (d / READOUT_FILE).exists():
             continue
-        info = Activations.load(d)
-        out.append(StepData(int(d.name.split("-")[-1]), info, ConceptVectors.load(d),
-                            Readout.load(d / READOUT_FILE)))
+        keep = load_tensors(d / KEEP_FILE)[0]["keep"].bool() if (d / KEEP_FILE).exists() \
+            else None
+        metric = load_metric(d / METRIC_FILE) if (d / METRIC_FILE).exists() else None
+        out.append(StepData(int(d.name.split("-")[-1]), Activations.load(d),
+                            ConceptVectors.load(d), Readout.load(d / READOUT_FILE), keep,
+                            metric))
     return sorted(out, key=lambda s: s.step)
 
 

@@ -24,8 +24,25 @@ import emolens
 from emolens import hooks, results
 from emolens.activations import Activations, collect_activations
 from emolens.attribution import Readout, UnsupportedReadout
+from emolens.concept_space import (
+    causal_geometry_frame,
+    change_summary,
+    geometry_frame,
+    probes_frame,
+    random_baseline_frame,
+)
 from emolens.data import Corpus
-from emolens.explain import READOUT_FILE, attribution_frame, dla_frame, load_steps, transfer_frame
+from emolens.explain import (
+    KEEP_FILE,
+    METRIC_FILE,
+    READOUT_FILE,
+    attribution_frame,
+    causal_metric,
+    dla_frame,
+    load_steps,
+    save_metric,
+    transfer_frame,
+)
 from emolens.labels import STUDY_LABELS, TEMPLATES, LabelSet, render_prompts, resolve_label_tokens
 from emolens.models import Checkpoint, CheckpointSeries, discover_series, is_run_dir
 from emolens.steering import SteeringEffect, final_layer_sensitivity, layer_sensitivity
@@ -56,6 +73,9 @@ class AnalysisConfig:
     allow_shared_tokens: bool = False
     dla_per_label: int = 8  # samples per label for the direct logit attribution (0: none)
     transfer_alpha: float | None = None  # alpha of the transfer table (default: the largest)
+    causal_geometry: bool = True  # also measure geometry in Park et al.'s causal inner product
+    n_boot: int = 200  # bootstrap replicates for the confidence intervals
+    seed: int = 0  # seed of the bootstraps, probe splits and random directions
 
     def __post_init__(self) -> None:
         if self.filter_mode not in FILTER_MODES:
@@ -107,6 +127,10 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="forward batch size")
     p.add_argument("--dla-per-label", type=int, default=d.dla_per_label,
                    help="samples per label for the direct logit attribution (0: skip it)")
+    p.add_argument("--n-boot", type=int, default=d.n_boot,
+                   help="bootstrap replicates for confidence intervals")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of bootstraps, probe splits and random baseline directions")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     p.add_argument("--allow-shared-tokens", action="store_true",
                    help="accept labels that share a first token")
@@ -219,6 +243,7 @@ def _vectors_and_sensitivity(ctx: _Context, model, ckpt: Checkpoint, acts: Activ
     vec_keep = keep & ~is_prompt  # the steered prompts never feed the vectors
     vectors = concept_vectors(acts, vec_keep, ctx.labels, cfg.min_count)
     vectors.save(folder)
+    results.save_tensors(folder / KEEP_FILE, {"keep": vec_keep.to(torch.uint8)})
     label_ids = [e["first_token_id"] for e in audit["entries"]]
     prompt_ids = [acts.sample_ids[i] for i in ctx.prompt_index]
     template = TEMPLATES[cfg.language]
@@ -296,6 +321,8 @@ def _explain_step(ctx: _Context, model, ckpt: Checkpoint, acts: Activations,
         log.warning("step %s: no attribution: %s", ckpt.step, exc)
         return
     readout.save(folder / READOUT_FILE)
+    if ctx.config.causal_geometry:
+        save_metric(causal_metric(model, readout.gain), folder / METRIC_FILE)
     if ctx.config.dla_per_label <= 0:
         return
     chosen: list[int] = []
@@ -391,8 +418,7 @@ def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
                 keep = keep_mask("all", acts, all_steps=masks)
                 _vectors_and_sensitivity(ctx, model, ckpt, acts, keep, audit, key)
     tables = combine_steps(out, prompt_ids=[corpus.samples[i].id for i in prompt_index],
-                           alphas=config.alphas, labels=tuple(labels.names("en")),
-                           transfer_alpha=config.transfer_alpha)
+                           labels=tuple(labels.names("en")), config=config)
     first_audit = next(iter(sorted((out / "steps").glob("step-*/label_audit.json"))), None)
     if first_audit is not None:
         results.write_json(out / "label_audit.json", results.read_json(first_audit))
@@ -421,10 +447,10 @@ def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
     return out
 
 
-def combine_steps(out: Path, prompt_ids: list[str], alphas: tuple[float, ...],
-                  labels: tuple[str, ...], transfer_alpha: float | None = None
-                  ) -> dict[str, pd.DataFrame]:
-    """Rebuild the top-level tables from the finished step folders."""
+def combine_steps(out: Path, prompt_ids: list[str], labels: tuple[str, ...],
+                  config: AnalysisConfig) -> dict[str, pd.DataFrame]:
+    """Rebuild the top-level tables from the finished step folders (the cross-step ones,
+    attribution, transfer, geometry, probes, random baseline, need only what is on disk)."""
     done = sorted(p.parent for p in (out / "steps").glob("step-*/done.json"))
     sens = [pd.read_csv(d / "sensitivity.csv") for d in done]
     filt = [pd.read_csv(d / "filtering.csv") for d in done]
@@ -443,9 +469,26 @@ def combine_steps(out: Path, prompt_ids: list[str], alphas: tuple[float, ...],
     tables["dla"] = pd.concat(dla, ignore_index=True) if dla else pd.DataFrame()
     steps = load_steps(done)
     if steps:
+        alphas = config.alphas
         tables["attribution"] = attribution_frame(steps, prompt_ids, alphas, labels)
-        alpha = transfer_alpha if transfer_alpha is not None else max(alphas)
+        alpha = config.transfer_alpha if config.transfer_alpha is not None else max(alphas)
         tables["transfer"] = transfer_frame(steps, prompt_ids, alpha, labels)
+        tables["random_baseline"] = random_baseline_frame(steps, prompt_ids, alphas, labels,
+                                                          seed=config.seed)
+        neutral = labels[-1] if "no-emotion" not in labels else "no-emotion"
+        keep = {s.step: s.keep for s in steps if s.keep is not None}
+        geometry = [geometry_frame(steps, labels, neutral, keep_masks=keep,
+                                   n_boot=config.n_boot, seed=config.seed)]
+        metrics = {s.step: s.metric for s in steps if s.metric is not None}
+        if len(metrics) == len(steps):
+            geometry.append(causal_geometry_frame(steps, metrics, labels, neutral,
+                                                  keep_masks=keep, n_boot=config.n_boot,
+                                                  seed=config.seed))
+        tables["geometry"] = pd.concat(geometry, ignore_index=True)
+        tables["probes"] = probes_frame(steps, labels, seed=config.seed, n_boot=config.n_boot)
+        tables["change_summary"] = pd.concat(
+            [change_summary(tables["geometry"]).assign(table="geometry"),
+             change_summary(tables["probes"]).assign(table="probes")], ignore_index=True)
     for name, frame in tables.items():
         results.write_csv(out / f"{name}.csv", frame)
     return tables
@@ -481,11 +524,10 @@ def merge(shard_dirs: list[str | Path], out_dir: str | Path) -> Path:
                 shutil.rmtree(target)
             shutil.copytree(step, target)
     first = manifests[0]
-    settings = first["settings"]
+    settings = {**first["settings"], "alphas": tuple(first["settings"]["alphas"])}
     tables = combine_steps(out, prompt_ids=first["steered_prompts"],
-                           alphas=tuple(settings["alphas"]),
                            labels=tuple(e["en"] for e in first["labels"]["emotions"]),
-                           transfer_alpha=settings.get("transfer_alpha"))
+                           config=AnalysisConfig(**settings))
     audit = next(iter(sorted((out / "steps").glob("step-*/label_audit.json"))), None)
     if audit is not None:
         results.write_json(out / "label_audit.json", results.read_json(audit))

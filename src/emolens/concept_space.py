@@ -1,0 +1,971 @@
+"""Long tables of the emotion concept space across a checkpoint series, with bootstrap intervals.
+
+Built from finished steps (:class:`emolens.explain.StepData`) with no model in memory, for the
+pipeline to write as ``geometry.csv`` and ``probes.csv``, plus the test the report states per
+measure (:func:`change_summary`: does the change from the first step exceed its confidence
+interval?) and a random-direction steering baseline (:func:`random_baseline_frame`).
+
+Geometry (:func:`geometry_frame`, :func:`causal_geometry_frame`), one row per ``step, layer,
+measure, emotion, inner``:
+
+- ``within_own`` / ``within_other`` / ``within_gap``: mean cosine of a label's kept samples with
+  their own (leave-one-out) class mean, with the other classes' means, and the difference
+  (:func:`emolens.geometry.within_concept_similarity`, raw residuals, as the study did), and the
+  same three with ``_centred`` appended (the mean of the kept samples subtracted first, which
+  removes the offset shared by every residual and makes raw cosines all large). Rows for every
+  emotion with a vector and for the neutral label.
+- ``vector_norm``: ``|v_e|``; ``orthogonality`` (emotion ``"all"``): mean ``|cos|`` over distinct
+  pairs of concept vectors.
+- ``cosine_to_first`` / ``cosine_to_previous``: cosine of ``v_e(t)`` with ``v_e`` of the first
+  step / of the previous step; ``principal_angle_to_first_max`` / ``_mean`` (radians, emotion
+  ``"all"``): principal angles between the span of step t's vectors and the span of the first
+  step's (emotions that have a vector at both steps).
+
+Bootstrap: at each step the kept samples (``keep_masks``; the samples that built the vectors)
+are resampled within each gold label (:func:`emolens.stats.bootstrap_indices` with
+``strata=gold``, so class sizes never change), the class means and hence the vectors
+``v_e = mean(h | e) - mean(h | neutral)`` are recomputed for every replicate, and every measure
+is recomputed from them. The same seed at every step and layer: steps that keep the same
+samples get the same resamples. ``value`` is the measure on the full sample; ``ci_low`` /
+``ci_high`` the percentile interval. Everything is computed from the kept samples' Gram matrix
+(float64), so one ``(step, layer)`` costs about ``n^2 d + n_boot n^2`` operations and every
+layer gets intervals (416 samples, 18 layers, d 640, 5 steps, 200 replicates, 2 cores: about
+7 s plain, 17 s with the causal inner product including its covariance of a 262144-token
+unembedding). A sample drawn twice counts twice, also in its own leave-one-out mean.
+
+Cross-step measures compare replicate vectors of step t with the *full-sample* vectors of the
+reference step. At the first step the value is exact (cosine 1, angle 0, and NaN for
+``cosine_to_previous``, which has no previous step) and the interval is the resampling noise
+ceiling: how far a resampled vector lies from the full-sample one. That interval therefore
+does not contain its value; a later step whose interval lies below it (:func:`change_summary`
+with the ``disjoint`` rule) moved more than sampling noise moves a vector.
+
+Inner products: ``inner == "plain"`` is the Euclidean one; ``"causal"`` whitens residuals with
+:class:`emolens.geometry.CausalInnerProduct` first (Park et al.; ``Cov^{-1/2}`` of the
+unembedding rows, or ``Cov^{+1/2}`` with ``dual=True``). :func:`geometry_frame` takes one
+unembedding for every step (e.g. the last step's ``W_U * gain``);
+:func:`causal_geometry_frame` one per step, each step's vectors being whitened with its own
+step's metric (cross-step cosines compare each model's own canonical coordinates).
+
+Probes (:func:`probes_frame`): multinomial logistic probes (:mod:`emolens.probes`) per step and
+layer on every sample with a known gold label present at every step, one stratified split of
+sample ids shared by all steps; intervals by bootstrapping the held-out samples within labels
+(same resamples at every step).
+"""
+
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from emolens import stats
+from emolens.attribution import transfer_effect
+from emolens.geometry import CausalInnerProduct, principal_angles
+from emolens.probes import per_label_recall, stratified_split, train_probe
+
+#: :class:`emolens.explain.StepData` (not imported: explain may import this module).
+StepData = Any
+
+GEOMETRY_COLUMNS = ("step", "layer", "measure", "emotion", "inner", "value", "ci_low", "ci_high")
+PROBE_COLUMNS = (
+    "step",
+    "layer",
+    "measure",
+    "label",
+    "value",
+    "ci_low",
+    "ci_high",
+    "train_step",
+    "n",
+)
+RANDOM_COLUMNS = (
+    "step",
+    "layer",
+    "emotion",
+    "alpha",
+    "logit_change_concept",
+    "concept_ci_low",
+    "concept_ci_high",
+    "logit_change_random_mean",
+    "logit_change_random_sd",
+    "share_random_at_least_concept",
+    "n_random",
+)
+#: Columns that are not part of a series' identity in :func:`change_summary`.
+NON_KEY_COLUMNS = ("step", "value", "ci_low", "ci_high", "train_step", "n")
+WITHIN_MEASURES = ("within_own", "within_other", "within_gap")
+RULES = ("disjoint", "outside")
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Torch intra-op threads set to ``n`` inside the block and restored after (``None``: leave
+    the setting alone). The tensors here are small; on a busy 2-core machine a second thread
+    made the bootstrap several times slower (threads waiting on each other), never faster."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _interval(samples: Tensor, ci: float) -> tuple[Tensor, Tensor]:
+    """Percentile interval over the first axis (replicates), ignoring NaN replicates."""
+    if not 0.0 < ci < 1.0:
+        raise ValueError(f"ci must lie strictly between 0 and 1, got {ci}")
+    if samples.shape[0] == 0:
+        nan = torch.full(samples.shape[1:], torch.nan, dtype=torch.float64)
+        return nan, nan.clone()
+    alpha = (1.0 - ci) / 2
+    q = torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64)
+    lo_hi = torch.nanquantile(samples.to(torch.float64), q, dim=0)
+    return lo_hi[0], lo_hi[1]
+
+
+class _Columns:
+    """Accumulates a long table column-wise (fast for many rows)."""
+
+    def __init__(self, columns: Sequence[str]):
+        self.data: dict[str, list] = {c: [] for c in columns}
+
+    def add(self, **cols) -> None:
+        """Append rows: list-valued entries give one row each, scalars repeat."""
+        n = max((len(v) for v in cols.values() if isinstance(v, list)), default=1)
+        for name in self.data:
+            v = cols[name]
+            self.data[name].extend(v if isinstance(v, list) else [v] * n)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.data)
+
+
+def _floats(x: Tensor) -> list[float]:
+    return [float(v) for v in x.reshape(-1).tolist()]
+
+
+def _common_layers(
+    steps: Sequence[StepData], layers: Sequence[int] | None, with_vectors: bool
+) -> list[int]:
+    avail = set(steps[0].acts.layers)
+    for s in steps:
+        avail &= set(s.acts.layers)
+        if with_vectors:
+            avail &= set(s.vectors.layers)
+    if layers is None:
+        return sorted(avail)
+    missing = [layer for layer in layers if layer not in avail]
+    if missing:
+        raise ValueError(
+            f"layers {missing} are not available at every step; available: {sorted(avail)}"
+        )
+    return list(layers)
+
+
+# --------------------------------------------------------------------------- replicates
+
+
+class _Replicates:
+    """Multiplicities of the kept samples of one step: row 0 is the full sample (all ones),
+    rows 1.. the bootstrap replicates (resampled within each gold label)."""
+
+    def __init__(self, y: Tensor, n_classes: int, n_boot: int, seed: int):
+        n = len(y)
+        self.y = y
+        self.n_classes = n_classes
+        mult = torch.ones(1 + n_boot, n, dtype=torch.float64)
+        if n_boot > 0 and n > 0:
+            idx = stats.bootstrap_indices(n, n_boot, seed, strata=y)
+            mult[1:] = 0.0
+            mult[1:].scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64))
+        self.mult = mult
+        self.members = [torch.nonzero(y == c).flatten() for c in range(n_classes)]
+        onehot = torch.nn.functional.one_hot(y, n_classes).to(torch.float64).T  # [C, n]
+        self.weights = mult[:, None, :] * onehot[None]  # [R, C, n]
+        self.count = self.weights.sum(-1)  # [R, C]
+
+    def class_sums(self, z: Tensor) -> Tensor:
+        """``[R, C, k]`` sums of the rows of ``z`` ([n, k]) per class, per replicate."""
+        if z.shape[1] <= 4 * self.n_classes:
+            return self.weights @ z
+        out = z.new_zeros(self.mult.shape[0], self.n_classes, z.shape[1])
+        for c, m in enumerate(self.members):  # n_classes times fewer operations than above
+            if len(m):
+                out[:, c] = self.mult[:, m] @ z[m]
+        return out
+
+    def class_means(self, z: Tensor) -> Tensor:
+        """``[R, C, k]`` class means (NaN for empty classes)."""
+        n = self.count[..., None]
+        return self.class_sums(z) / torch.where(n > 0, n, torch.nan)
+
+    def per_sample_mean(self, values: Tensor) -> Tensor:
+        """``[R, C]`` class means of per-sample ``values`` ([R, n]), weighted by multiplicity,
+        skipping NaN samples (NaN where a class has no finite sample)."""
+        ok = torch.isfinite(values)
+        v = torch.where(ok, values, 0.0)
+        num = torch.bmm(self.weights, v[..., None])[..., 0]
+        den = torch.bmm(self.weights, ok.to(torch.float64)[..., None])[..., 0]
+        return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), torch.nan)
+
+
+def _within(
+    rep: _Replicates, wg: Tensor, ss: Tensor, hh: Tensor, hm: Tensor, ms: Tensor, mm: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Within-concept similarity of every replicate around an origin ``m``, from dot products.
+
+    ``wg[r, c, i] = h_i . S_c`` (class sums ``S``), ``ss[r, c, c'] = S_c . S_c'``,
+    ``hh[i] = |h_i|^2``, ``hm[r, i] = h_i . m``, ``ms[r, c] = m . S_c``, ``mm[r] = |m|^2``.
+    Returns ``own``, ``other`` as ``[R, C]``; matches
+    :func:`emolens.geometry.within_concept_similarity` (row 0, full sample).
+    """
+    y, n = rep.y, rep.count  # [n], [R, C]
+    rows = torch.arange(len(y))
+    # a_i = h_i - m, A_c = S_c - N_c m; a_dot[r, c, i] = a_i . A_c
+    a_a = hh[None] - 2 * hm + mm[:, None]  # [R, n]
+    a_dot = wg - (n[..., None] * hm[:, None, :] + (ms - n * mm[:, None])[..., None])
+    big_a = torch.diagonal(ss, dim1=1, dim2=2) - 2 * n * ms + n * n * mm[:, None]  # [R, C]
+    norm_a = a_a.clamp_min(0).sqrt()
+    sample_ok = a_a > 0
+    # own: cos(a_i, A_y - a_i)
+    s_own = a_dot[:, y, rows]  # [R, n]
+    loo_sq = (big_a[:, y] - 2 * s_own + a_a).clamp_min(0)
+    own_ok = (n[:, y] >= 2) & (loo_sq > 0) & sample_ok
+    own_cos = torch.where(
+        own_ok, (s_own - a_a) / (norm_a * loo_sq.sqrt()).clamp_min(1e-300), torch.nan
+    ).clamp(-1.0, 1.0)
+    # other: mean over the other non-empty classes c != y_i of cos(a_i, A_c)
+    norm_big = big_a.clamp_min(0).sqrt()  # [R, C]
+    class_ok = (n > 0) & (norm_big > 0)
+    inv_big = torch.where(class_ok, 1.0 / torch.where(class_ok, norm_big, 1.0), 0.0)
+    cos_all = a_dot * inv_big[..., None]  # [R, C, n]: cosines times |a_i|
+    total = cos_all.sum(1) - cos_all[:, y, rows]
+    cnt = class_ok.sum(1, keepdim=True) - class_ok[:, y].to(torch.long)
+    other_cos = torch.where(
+        (cnt > 0) & sample_ok, total / (norm_a * cnt.clamp_min(1)).clamp_min(1e-300), torch.nan
+    )
+    other_cos = other_cos.clamp(-1.0, 1.0)
+    return rep.per_sample_mean(own_cos), rep.per_sample_mean(other_cos)
+
+
+def _cholesky_angles(gram: Tensor, proj: Tensor) -> Tensor:
+    """Principal angles (ascending, radians) between span(X) and an orthonormal basis ``Q``,
+    given ``gram = X X^T`` ([R, k, k]) and ``proj = X Q`` ([R, k, r]); NaN for replicates whose
+    vectors are linearly dependent."""
+    chol, info = torch.linalg.cholesky_ex(gram)
+    ok = info == 0
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype)
+    chol = torch.where(ok[:, None, None], chol, eye)
+    m = torch.linalg.solve_triangular(chol, proj, upper=False)
+    cos = torch.linalg.svdvals(m).clamp(0.0, 1.0)  # descending
+    angles = torch.arccos(cos)
+    return torch.where(ok[:, None], angles, torch.nan)
+
+
+def _basis(rows: Tensor) -> Tensor:
+    """Orthonormal basis ``[d, r]`` of the row span of ``rows`` (null directions dropped)."""
+    if rows.shape[0] == 0:
+        return rows.new_zeros(rows.shape[1], 0)
+    u, s, _ = torch.linalg.svd(rows.T, full_matrices=False)
+    tol = s.max() * max(rows.shape) * torch.finfo(rows.dtype).eps
+    return u[:, s > tol]
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def _inner_of(x: Tensor | CausalInnerProduct, dual: bool) -> CausalInnerProduct:
+    if isinstance(x, CausalInnerProduct):
+        return x
+    return CausalInnerProduct.from_unembedding(x, dual=dual)
+
+
+def _keep_of(step: StepData, keep_masks: Mapping[int, Tensor] | None, n_labels: int) -> Tensor:
+    gold = step.acts.gold
+    known = (gold >= 0) & (gold < n_labels)
+    if keep_masks is None:
+        return known
+    if step.step not in keep_masks:
+        raise ValueError(f"keep_masks has no mask for step {step.step}")
+    mask = torch.as_tensor(keep_masks[step.step]).bool().cpu()
+    if mask.shape != gold.shape:
+        raise ValueError(
+            f"keep mask of step {step.step} has shape {tuple(mask.shape)}, expected ({len(gold)},)"
+        )
+    return mask & known
+
+
+def _geometry(
+    steps: Sequence[StepData],
+    labels: Sequence[str],
+    neutral: str,
+    layers: Sequence[int] | None,
+    keep_masks: Mapping[int, Tensor] | None,
+    n_boot: int,
+    seed: int,
+    ci: float,
+    inners: Mapping[int, CausalInnerProduct | None],
+    inner_name: str,
+    out: _Columns,
+) -> None:
+    labels = list(labels)
+    if neutral not in labels:
+        raise ValueError(f"neutral label {neutral!r} is not among the labels {labels}")
+    n_labels = len(labels)
+    u = labels.index(neutral)
+    layer_list = _common_layers(steps, layers, with_vectors=True)
+    prepared = []
+    for s in steps:
+        for e in s.vectors.emotions:
+            if e not in labels:
+                raise ValueError(f"step {s.step}: emotion {e!r} is not among the labels")
+        keep = _keep_of(s, keep_masks, n_labels)
+        y = s.acts.gold[keep].long()
+        rep = _Replicates(y, n_labels, n_boot, seed)
+        empty = [
+            e for e in s.vectors.emotions + (neutral,) if int(rep.count[0, labels.index(e)]) == 0
+        ]
+        if empty:
+            warnings.warn(
+                f"step {s.step}: no kept sample for {empty}; their measures are NaN "
+                "(does keep_masks match the samples that built the vectors?)",
+                stacklevel=3,
+            )
+        prepared.append((s, keep, rep))
+    for layer in layer_list:
+        first_full: dict[str, Tensor] = {}
+        prev_full: dict[str, Tensor] = {}
+        for t, (s, keep, rep) in enumerate(prepared):
+            inner = inners[s.step]
+            h = s.acts.layer(layer)[keep].to(torch.float64)
+            if inner is not None:
+                h = inner.whiten(h)
+            emotions = list(s.vectors.emotions)
+            e_idx = torch.tensor([labels.index(e) for e in emotions], dtype=torch.long)
+            origin = h.mean(0) if len(h) else h.new_zeros(h.shape[1])
+            hc = h - origin  # translation: vectors and centred cosines are invariant to it
+            gram = hc @ hc.T
+            wg = rep.class_sums(gram)  # [R, C, n]
+            ss = torch.bmm(wg, rep.weights.transpose(1, 2))  # [R, C, C]
+            hh = torch.diagonal(gram)
+            tot = rep.count.sum(1)  # [R]
+            common = dict(step=s.step, layer=layer, inner=inner_name)
+
+            # within-concept similarity: raw (origin 0 = -origin in hc coordinates) and centred
+            ho = hc @ origin  # h'_i . o
+            so = rep.class_sums(ho[:, None])[..., 0]  # [R, C]
+            raw = _within(rep, wg, ss, hh, -ho[None], -so, (origin @ origin).expand(len(tot)))
+            safe_tot = torch.where(tot > 0, tot, 1.0)
+            hm = wg.sum(1) / safe_tot[:, None]  # h'_i . mu'
+            ms = ss.sum(1) / safe_tot[:, None]  # mu' . S'_c
+            mm_c = ss.sum((1, 2)) / safe_tot**2
+            cen = _within(rep, wg, ss, hh, hm, ms, mm_c)
+            w_names = emotions + [neutral]
+            w_idx = torch.cat([e_idx, torch.tensor([u])])
+            for suffix, (own, other) in (("", raw), ("_centred", cen)):
+                for name, val in zip(WITHIN_MEASURES, (own, other, own - other)):
+                    v = val[:, w_idx]
+                    lo, hi = _interval(v[1:], ci)
+                    out.add(
+                        **common,
+                        measure=name + suffix,
+                        emotion=w_names,
+                        value=_floats(v[0]),
+                        ci_low=_floats(lo),
+                        ci_high=_floats(hi),
+                    )
+
+            # concept vectors: Gram matrix of the replicates' vectors from the means' Gram
+            n = rep.count
+            denom = torch.where(n > 0, n, torch.nan)
+            means_gram = ss / (denom[:, :, None] * denom[:, None, :])
+            mg_e = means_gram[:, e_idx][:, :, e_idx]
+            mg_eu = means_gram[:, e_idx, u]
+            k_v = mg_e - mg_eu[:, :, None] - mg_eu[:, None, :] + means_gram[:, u, u][:, None, None]
+            norms = torch.diagonal(k_v, dim1=1, dim2=2).clamp_min(0).sqrt()  # [R, E]
+            lo, hi = _interval(norms[1:], ci)
+            out.add(
+                **common,
+                measure="vector_norm",
+                emotion=emotions,
+                value=_floats(norms[0]),
+                ci_low=_floats(lo),
+                ci_high=_floats(hi),
+            )
+            unit = torch.where(norms > 0, norms, torch.nan)
+            cos = (k_v / (unit[:, :, None] * unit[:, None, :])).clamp(-1.0, 1.0)
+            off = ~torch.eye(len(emotions), dtype=torch.bool)
+            orth = (
+                cos[:, off].abs().nanmean(1)
+                if len(emotions) > 1
+                else torch.full((cos.shape[0],), torch.nan, dtype=torch.float64)
+            )
+            lo, hi = _interval(orth[1:, None], ci)
+            out.add(
+                **common,
+                measure="orthogonality",
+                emotion="all",
+                value=float(orth[0]),
+                ci_low=float(lo[0]),
+                ci_high=float(hi[0]),
+            )
+
+            # full-sample vectors in (whitened) residual space, for the next steps' references
+            means0 = rep.class_means(hc)[0] if len(hc) else None
+            full = (
+                {e: (means0[labels.index(e)] - means0[u]) for e in emotions}
+                if means0 is not None
+                else {}
+            )
+
+            # stability: cosine with the first and the previous step's full-sample vectors
+            ref_first = full if t == 0 else first_full
+            ref_prev = full if t == 0 else prev_full
+            for measure, ref in (("cosine_to_first", ref_first), ("cosine_to_previous", ref_prev)):
+                names = [e for e in emotions if e in ref]
+                if not names:
+                    continue
+                sel = torch.tensor([emotions.index(e) for e in names])
+                r = torch.stack([ref[e] for e in names])  # [k, d]
+                proj = rep.class_means(hc @ r.T)  # [R, C, k]
+                idx = e_idx[sel]
+                dots = proj[:, idx, torch.arange(len(names))] - proj[:, u, :]  # [R, k]
+                cosv = (dots / (unit[:, sel] * r.norm(dim=-1)[None])).clamp(-1.0, 1.0)
+                lo, hi = _interval(cosv[1:], ci)
+                if t == 0:
+                    value = [1.0 if measure == "cosine_to_first" else float("nan")] * len(names)
+                else:
+                    value = _floats(cosv[0])
+                out.add(
+                    **common,
+                    measure=measure,
+                    emotion=names,
+                    value=value,
+                    ci_low=_floats(lo),
+                    ci_high=_floats(hi),
+                )
+
+            # principal angles between the spans at step t and at the first step
+            names = [e for e in emotions if e in full and (e in first_full or t == 0)]
+            names = [
+                e
+                for e in names
+                if bool(torch.isfinite(ref_first[e]).all()) and bool(torch.isfinite(full[e]).all())
+            ]
+            if names:
+                sel = torch.tensor([emotions.index(e) for e in names])
+                a = torch.stack([ref_first[e] for e in names])
+                basis = _basis(a)
+                proj = rep.class_means(hc @ basis)  # [R, C, r]
+                x_proj = proj[:, e_idx[sel]] - proj[:, u][:, None]  # [R, k, r]
+                angles = _cholesky_angles(k_v[:, sel][:, :, sel], x_proj)
+                b = torch.stack([full[e] for e in names])
+                exact = (
+                    principal_angles(a, b)
+                    if t > 0
+                    else torch.zeros(min(len(names), basis.shape[1]))
+                )
+                for measure, stat, est in (
+                    (
+                        "principal_angle_to_first_max",
+                        angles.amax(-1),
+                        exact.max() if len(exact) else torch.tensor(float("nan")),
+                    ),
+                    (
+                        "principal_angle_to_first_mean",
+                        angles.mean(-1),
+                        exact.mean() if len(exact) else torch.tensor(float("nan")),
+                    ),
+                ):
+                    lo, hi = _interval(stat[1:, None], ci)
+                    out.add(
+                        **common,
+                        measure=measure,
+                        emotion="all",
+                        value=float(est),
+                        ci_low=float(lo[0]),
+                        ci_high=float(hi[0]),
+                    )
+            if t == 0:
+                first_full = full
+            prev_full = full
+
+
+def geometry_frame(
+    steps: Sequence[StepData],
+    labels: Sequence[str],
+    neutral: str,
+    layers: Sequence[int] | None = None,
+    keep_masks: Mapping[int, Tensor] | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+    unembedding: Tensor | CausalInnerProduct | None = None,
+    ci: float = 0.95,
+    dual: bool = False,
+    num_threads: int | None = 1,
+) -> pd.DataFrame:
+    """Geometry of the concept space per step and layer, long, with bootstrap intervals.
+
+    ``steps`` in series order (the first is the reference); ``labels`` are the English label
+    names in label-set order (``acts.gold`` indexes them), ``neutral`` one of them. ``layers``:
+    default every layer with vectors and activations at every step. ``keep_masks[step]``: the
+    samples that built that step's vectors (default: every sample with a known gold label),
+    used for the vectors and the within-concept similarity. ``unembedding``: ``[vocab,
+    d_model]`` effective unembedding (``W_U * gain``) or a ready
+    :class:`~emolens.geometry.CausalInnerProduct`; with one, every measure is also computed in
+    the causal inner product (``inner == "causal"``, the same metric at every step).
+
+    Columns: ``step, layer, measure, emotion, inner, value, ci_low, ci_high``; the measures
+    and the bootstrap are described in the module docstring. ``num_threads``: torch threads
+    while computing (restored after; ``None`` leaves them alone).
+    """
+    out = _Columns(GEOMETRY_COLUMNS)
+    if not steps:
+        return out.frame()
+    with _threads(num_threads):
+        _geometry(
+            steps,
+            labels,
+            neutral,
+            layers,
+            keep_masks,
+            n_boot,
+            seed,
+            ci,
+            {s.step: None for s in steps},
+            "plain",
+            out,
+        )
+        if unembedding is not None:
+            inner = _inner_of(unembedding, dual)
+            _geometry(
+                steps,
+                labels,
+                neutral,
+                layers,
+                keep_masks,
+                n_boot,
+                seed,
+                ci,
+                {s.step: inner for s in steps},
+                "causal",
+                out,
+            )
+    return out.frame()
+
+
+def causal_geometry_frame(
+    steps: Sequence[StepData],
+    W_U_effective_by_step: Mapping[int, Tensor | CausalInnerProduct],
+    labels: Sequence[str],
+    neutral: str,
+    layers: Sequence[int] | None = None,
+    keep_masks: Mapping[int, Tensor] | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+    ci: float = 0.95,
+    dual: bool = False,
+    num_threads: int | None = 1,
+) -> pd.DataFrame:
+    """:func:`geometry_frame` in the causal inner product only, with each step's own metric.
+
+    ``W_U_effective_by_step[step]``: that step's ``[vocab, d_model]`` unembedding times its
+    final-norm gain, or a ready :class:`~emolens.geometry.CausalInnerProduct` (building one
+    from a full vocabulary costs ``vocab * d_model^2``; reuse it where steps share a readout).
+    Every step needs one. Rows have ``inner == "causal"``.
+    """
+    out = _Columns(GEOMETRY_COLUMNS)
+    if not steps:
+        return out.frame()
+    missing = [s.step for s in steps if s.step not in W_U_effective_by_step]
+    if missing:
+        raise ValueError(f"no unembedding for steps {missing}")
+    with _threads(num_threads):
+        inners = {s.step: _inner_of(W_U_effective_by_step[s.step], dual) for s in steps}
+        _geometry(
+            steps, labels, neutral, layers, keep_masks, n_boot, seed, ci, inners, "causal", out
+        )
+    return out.frame()
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def _aligned_samples(steps: Sequence[StepData], n_labels: int) -> tuple[list[Tensor], Tensor]:
+    """Positions, at every step, of the first step's samples with a known gold label that
+    every step has; and their gold labels (which must agree between steps)."""
+    first = steps[0].acts
+    maps = [{sid: i for i, sid in enumerate(s.acts.sample_ids)} for s in steps]
+    gold0 = first.gold.tolist()
+    ids = [
+        sid
+        for sid, g in zip(first.sample_ids, gold0)
+        if 0 <= g < n_labels and all(sid in m for m in maps)
+    ]
+    if not ids:
+        raise ValueError("no sample with a known gold label is present at every step")
+    positions = [torch.tensor([m[sid] for sid in ids], dtype=torch.long) for m in maps]
+    y = first.gold[positions[0]].long()
+    for s, pos in zip(steps, positions):
+        if not torch.equal(s.acts.gold[pos].long(), y):
+            raise ValueError(
+                f"step {s.step} gives some samples another gold label than step {steps[0].step}"
+            )
+    return positions, y
+
+
+def probes_frame(
+    steps: Sequence[StepData],
+    labels: Sequence[str],
+    layers: Sequence[int] | None = None,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    n_boot: int = 200,
+    ci: float = 0.95,
+    l2: float = 1e-3,
+    max_iter: int = 300,
+    num_threads: int | None = 1,
+) -> pd.DataFrame:
+    """Linear probes per step and layer, long, with bootstrap intervals.
+
+    Samples: those of the first step with a known gold label that every step has (no
+    filtering: the probe reads the label from the residual whatever the model answered); one
+    stratified split of them (:func:`emolens.probes.stratified_split`, ``seed``) for all steps
+    and layers. ``layers``: default every layer collected at every step.
+
+    Columns ``step, layer, measure, label, value, ci_low, ci_high, train_step, n``; measures:
+
+    - ``accuracy`` (label ``"all"``) and ``recall`` (per label) on the held-out samples, of the
+      step's own probe (``train_step == step``) and of the first step's probe evaluated on this
+      step's residuals of the same held-out samples (``train_step`` = the first step; at the
+      first step the two are the same probe and appear once);
+    - ``train_accuracy``; ``shuffled_accuracy`` (a probe trained on permuted training labels,
+      seed ``seed + 1``, scored on the true held-out labels); ``chance`` (the majority label's
+      share of the held-out set, no interval).
+
+    Intervals: percentile bootstrap of the held-out samples resampled within labels (the same
+    resamples at every step and layer, so steps are paired); none for ``train_accuracy`` and
+    ``chance``. ``n`` is the number of samples scored (per label for ``recall``). ``l2``,
+    ``max_iter``: of :func:`emolens.probes.train_probe`; ``num_threads`` as in
+    :func:`geometry_frame`.
+    """
+    out = _Columns(PROBE_COLUMNS)
+    if not steps:
+        return out.frame()
+    with _threads(num_threads):
+        _probes(steps, labels, layers, test_fraction, seed, n_boot, ci, l2, max_iter, out)
+    return out.frame()
+
+
+def _probes(
+    steps: Sequence[StepData],
+    labels: Sequence[str],
+    layers: Sequence[int] | None,
+    test_fraction: float,
+    seed: int,
+    n_boot: int,
+    ci: float,
+    l2: float,
+    max_iter: int,
+    out: _Columns,
+) -> None:
+    labels = list(labels)
+    n_labels = len(labels)
+    positions, y = _aligned_samples(steps, n_labels)
+    layer_list = _common_layers(steps, layers, with_vectors=False)
+    train_idx, test_idx = stratified_split(y, test_fraction, seed)
+    y_train, y_test = y[train_idx], y[test_idx]
+    n_test = len(test_idx)
+    counts = torch.zeros(max(n_boot, 0), n_test, dtype=torch.float64)
+    if n_boot > 0:
+        idx = stats.bootstrap_indices(n_test, n_boot, seed, strata=y_test)
+        counts.scatter_add_(1, idx, torch.ones(n_boot, n_test, dtype=torch.float64))
+    present = torch.bincount(y_test, minlength=n_labels)
+    label_ids = [c for c in range(n_labels) if int(present[c]) > 0]
+    members = [torch.nonzero(y_test == c).flatten() for c in label_ids]
+    chance = float(present.max()) / max(n_test, 1)
+    gen = torch.Generator().manual_seed(seed + 1)
+    shuffle = torch.randperm(len(train_idx), generator=gen)
+    first = steps[0].step
+
+    def scores(pred: Tensor, step: int, layer: int, measure: str, train_step: int) -> None:
+        correct = (pred == y_test).to(torch.float64)
+        boot = counts @ correct / max(n_test, 1)
+        lo, hi = _interval(boot[:, None], ci)
+        out.add(
+            step=step,
+            layer=layer,
+            measure=measure,
+            label="all",
+            value=float(correct.mean()),
+            ci_low=float(lo[0]),
+            ci_high=float(hi[0]),
+            train_step=train_step,
+            n=n_test,
+        )
+        if measure != "accuracy":
+            return
+        recall = per_label_recall(pred, y_test, n_labels)
+        boot_r = (
+            torch.stack([counts[:, m] @ correct[m] / len(m) for m in members], 1)
+            if members
+            else torch.zeros(counts.shape[0], 0, dtype=torch.float64)
+        )
+        lo, hi = _interval(boot_r, ci)
+        out.add(
+            step=step,
+            layer=layer,
+            measure="recall",
+            label=[labels[c] for c in label_ids],
+            value=[float(recall[c]) for c in label_ids],
+            ci_low=_floats(lo),
+            ci_high=_floats(hi),
+            train_step=train_step,
+            n=[int(present[c]) for c in label_ids],
+        )
+
+    for layer in layer_list:
+        probe0 = None
+        for s, pos in zip(steps, positions):
+            x = s.acts.layer(layer)[pos]
+            x_train, x_test = x[train_idx], x[test_idx]
+            probe = train_probe(x_train, y_train, n_labels, l2=l2, seed=seed, max_iter=max_iter)
+            scores(probe.predict(x_test), s.step, layer, "accuracy", s.step)
+            out.add(
+                step=s.step,
+                layer=layer,
+                measure="train_accuracy",
+                label="all",
+                value=probe.accuracy(x_train, y_train),
+                ci_low=float("nan"),
+                ci_high=float("nan"),
+                train_step=s.step,
+                n=len(train_idx),
+            )
+            shuffled = train_probe(
+                x_train, y_train[shuffle], n_labels, l2=l2, seed=seed, max_iter=max_iter
+            )
+            scores(shuffled.predict(x_test), s.step, layer, "shuffled_accuracy", s.step)
+            out.add(
+                step=s.step,
+                layer=layer,
+                measure="chance",
+                label="all",
+                value=chance,
+                ci_low=chance,
+                ci_high=chance,
+                train_step=s.step,
+                n=n_test,
+            )
+            if probe0 is None:
+                probe0 = probe
+            else:
+                scores(probe0.predict(x_test), s.step, layer, "accuracy", first)
+
+
+# --------------------------------------------------------------------------- change summary
+
+
+def _series_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add a ``probe`` column to a probes frame (``own``, or ``step S`` for a probe trained at
+    step S evaluated elsewhere), with the training step's own rows copied into each such
+    series as its first point."""
+    if "train_step" not in frame.columns:
+        return frame
+    df = frame.copy()
+    own = df.train_step == df.step
+    df["probe"] = np.where(own, "own", "step " + df.train_step.astype(str))
+    extra = []
+    for s in sorted(df.loc[~own, "train_step"].unique()):
+        measures = df.loc[~own & (df.train_step == s), "measure"].unique()
+        ref = df[own & (df.step == s) & df.measure.isin(measures)].copy()
+        ref["probe"] = f"step {s}"
+        extra.append(ref)
+    return pd.concat([df, *extra], ignore_index=True) if extra else df
+
+
+def change_summary(
+    frame: pd.DataFrame, measure_cols: Sequence[str] | None = None, rule: str = "disjoint"
+) -> pd.DataFrame:
+    """Per measure series over steps: does the change from the first step exceed its interval?
+
+    A series is one combination of ``measure_cols`` (default: every column but ``step,
+    value, ci_low, ci_high, train_step, n``, i.e. ``layer, measure, emotion, inner`` for
+    :func:`geometry_frame` and ``layer, measure, label`` plus a ``probe`` column, ``"own"`` or
+    ``"step S"``, for :func:`probes_frame`). :func:`emolens.stats.change_exceeds_ci` is applied
+    against the first step of the frame: ``any_outside`` (some later estimate lies outside the
+    first step's interval) and ``any_disjoint`` (some later interval does not overlap it).
+    ``significant_change`` follows ``rule``: ``"disjoint"`` (default; robust where a measure's
+    first interval does not contain its value, as for ``cosine_to_first``, see the module
+    docstring) or ``"outside"``. ``max_abs_change`` is the largest ``|value(t) - value(first)|``
+    (NaN where the first value is NaN, as for ``cosine_to_previous``), ``step_of_max_change``
+    where it happens, ``significant_steps`` the steps flagged by ``rule``.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; choose one of {RULES}")
+    df = _series_frame(frame)
+    if measure_cols is None:
+        keys = [c for c in df.columns if c not in NON_KEY_COLUMNS]
+    else:
+        keys = list(measure_cols)
+        if "probe" in df.columns and "probe" not in keys:
+            keys.append("probe")
+    out_cols = keys + [
+        "first_step",
+        "n_steps",
+        "first_value",
+        "first_ci_low",
+        "first_ci_high",
+        "last_value",
+        "max_abs_change",
+        "step_of_max_change",
+        "any_outside",
+        "any_disjoint",
+        "significant_change",
+        "significant_steps",
+    ]
+    if df.empty:
+        return pd.DataFrame(columns=out_cols)
+    missing = [c for c in keys + ["step", "value", "ci_low", "ci_high"] if c not in df.columns]
+    if missing:
+        raise ValueError(f"frame lacks columns {missing}")
+    if df.duplicated(keys + ["step"]).any():
+        raise ValueError(
+            f"rows are not unique per series and step with keys {keys}; pass "
+            "measure_cols naming every column that tells series apart"
+        )
+    wide = df.set_index(keys + ["step"])[["value", "ci_low", "ci_high"]].unstack("step")
+    steps = sorted(df.step.unique())
+    wide = wide.reindex(columns=pd.MultiIndex.from_product([["value", "ci_low", "ci_high"], steps]))
+
+    def arr(name: str) -> Tensor:
+        return torch.tensor(wide[name].to_numpy(dtype=np.float64)).T  # [step, series]
+
+    value, low, high = arr("value"), arr("ci_low"), arr("ci_high")
+    test = stats.change_exceeds_ci(value, low, high)
+    flagged = (test.disjoint if rule == "disjoint" else test.outside).numpy()  # [step, series]
+    vals = value.numpy()
+    step_arr = np.asarray(steps)
+    later = np.abs(vals[1:] - vals[:1])  # [step - 1, series]
+    finite = np.isfinite(later)
+    has = finite.any(0)
+    filled = np.where(finite, later, -np.inf)
+    if len(steps) > 1:
+        max_change = np.where(has, filled.max(0), np.nan)
+        step_max = np.where(has, step_arr[1:][filled.argmax(0)], np.nan)
+    else:
+        max_change = step_max = np.full(vals.shape[1], np.nan)
+    res = wide.index.to_frame(index=False)
+    res["first_step"] = steps[0]
+    res["n_steps"] = np.isfinite(vals).sum(0)
+    res["first_value"] = vals[0]
+    res["first_ci_low"] = low[0].numpy()
+    res["first_ci_high"] = high[0].numpy()
+    res["last_value"] = pd.DataFrame(vals.T).ffill(axis=1).iloc[:, -1].to_numpy()
+    res["max_abs_change"] = max_change
+    res["step_of_max_change"] = step_max
+    res["any_outside"] = test.any_outside.numpy()
+    res["any_disjoint"] = test.any_disjoint.numpy()
+    res["significant_change"] = flagged[1:].any(0)
+    res["significant_steps"] = [
+        ",".join(str(s) for s in step_arr[flagged[:, j]]) for j in range(flagged.shape[1])
+    ]
+    return res[out_cols]
+
+
+# --------------------------------------------------------------------------- random baseline
+
+
+def random_baseline_frame(
+    steps: Sequence[StepData],
+    prompt_ids: Sequence[str],
+    alphas: Sequence[float | int],
+    labels: Sequence[str],
+    seed: int = 0,
+    n_random: int = 8,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+) -> pd.DataFrame:
+    """Final-layer steering with each concept vector against random directions of its norm.
+
+    Per step, emotion and alpha: ``logit_change_concept``, the mean over ``prompt_ids`` of the
+    emotion's own label logit change (:func:`emolens.attribution.transfer_effect` with the
+    step's readout and prompt residuals), with a bootstrap interval over prompts
+    (``concept_ci_low/high``); ``logit_change_random_mean`` / ``_sd`` (ddof 1) of the same
+    quantity over ``n_random`` random directions with the vector's norm
+    (:func:`emolens.stats.random_direction_like`, seeds ``seed .. seed + n_random - 1``, the
+    same directions at every step), and ``share_random_at_least_concept``, the share of random
+    directions whose change is at least the concept's.
+    """
+    out = _Columns(RANDOM_COLUMNS)
+    labels = list(labels)
+    for s in steps:
+        layer = s.final_layer
+        if layer not in s.vectors.layers:
+            raise ValueError(f"step {s.step} has no vectors at its final layer {layer}")
+        h = s.prompt_resid(list(prompt_ids))
+        v = s.vectors.layer(layer)
+        emotions = list(s.vectors.emotions)
+        diag = torch.tensor([labels.index(e) for e in emotions], dtype=torch.long)
+        rows = torch.arange(len(emotions))
+        randoms = [stats.random_direction_like(v, seed=seed + k) for k in range(n_random)]
+        for alpha in alphas:
+            change = transfer_effect(s.readout, h, v, float(alpha))[rows, :, diag]  # [E, P]
+            change = change.to(torch.float64)
+            if n_boot > 0:
+                boot = stats.bootstrap_ci(change, n_boot=n_boot, ci=ci, seed=seed)
+                lo, hi = _floats(boot.low), _floats(boot.high)
+            else:
+                lo = hi = [float("nan")] * len(emotions)
+            concept = change.mean(-1)
+            if n_random:
+                rand = torch.stack(
+                    [
+                        transfer_effect(s.readout, h, r, float(alpha))[rows, :, diag]
+                        .to(torch.float64)
+                        .mean(-1)
+                        for r in randoms
+                    ]
+                )  # [K, E]
+                mean = rand.mean(0)
+                sd = rand.std(0) if n_random > 1 else torch.full_like(mean, torch.nan)
+                share = (rand >= concept[None]).to(torch.float64).mean(0)
+            else:
+                mean = sd = share = torch.full_like(concept, torch.nan)
+            out.add(
+                step=s.step,
+                layer=layer,
+                emotion=emotions,
+                alpha=float(alpha),
+                logit_change_concept=_floats(concept),
+                concept_ci_low=lo,
+                concept_ci_high=hi,
+                logit_change_random_mean=_floats(mean),
+                logit_change_random_sd=_floats(sd),
+                share_random_at_least_concept=_floats(share),
+                n_random=n_random,
+            )
+    return out.frame()
+
+
+__all__ = [
+    "GEOMETRY_COLUMNS",
+    "PROBE_COLUMNS",
+    "RANDOM_COLUMNS",
+    "causal_geometry_frame",
+    "change_summary",
+    "geometry_frame",
+    "probes_frame",
+    "random_baseline_frame",
+]
