@@ -72,3 +72,17 @@ def test_report_draws_every_figure_in_headless_chromium_with_the_network_off(dem
     console_errors = [line for line in proc.stderr.splitlines()
                       if "CONSOLE" in line and ("Error" in line or "Uncaught" in line)]
     assert console_errors == []
+
+
+def test_analyze_can_take_one_split_of_the_runs_data(demo_out, tmp_path):
+    run = demo_out / "run"
+    info = json.loads((run / "emolens_run.json").read_text())
+    out = tmp_path / "test-split"
+    assert main(["analyze", "--model", str(run), "--split", "test", "--out", str(out),
+                 "--layers", "-1", "--n-prompts", "1", "--min-count", "1", "--filter-mode",
+                 "none", "--alphas", "0,1", "--dla-per-label", "0", "--n-boot", "20",
+                 "--device", "cpu"]) == 0
+    steps = pd.read_csv(out / "steps.csv")
+    assert (steps.n_samples == len(info["splits"]["test"])).all()
+    assert main(["analyze", "--model", "tiny-random", "--split", "test", "--out",
+                 str(tmp_path / "x")]) == 1  # not a run folder: a clear error

@@ -102,7 +102,12 @@ def _cmd_analyze(args) -> int:
         except ValueError:
             raise ValueError(f"cannot read --shard {args.shard!r}: write i/n, e.g. 0/4") from None
         shard = (i, n)
-    result = analyze(args.model, _load_corpus(args), args.out, _analysis_config(args),
+    corpus = _load_corpus(args)
+    if args.split != "all":
+        from emolens.finetune import run_split
+
+        corpus = run_split(args.model, corpus, args.split)
+    result = analyze(args.model, corpus, args.out, _analysis_config(args),
                      base=args.base, device=args.device, dtype=args.dtype,
                      device_map=args.device_map, shard=shard)
     print(f"results in {result}")
@@ -174,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     from emolens.pipeline import add_analysis_options
 
     add_analysis_options(p)
+    p.add_argument("--split", default="all", choices=["all", "train", "validation", "test"],
+                   help="analyse only this split of the run's data (as recorded by finetune)")
     p.add_argument("--shard", default=None,
                    help="i/n: analyse every n-th checkpoint from the i-th (merge with "
                    "'emolens merge')")

@@ -791,7 +791,18 @@ def evaluate_accuracy(
 
 def run_test_split(run_dir, corpus: Corpus) -> Corpus:
     """The test split of a run, taken from ``corpus`` by the sample ids the run recorded."""
+    return run_split(run_dir, corpus, "test")
+
+
+def run_split(run_dir, corpus: Corpus, split: str) -> Corpus:
+    """A split (train, validation, test) of a run, taken from ``corpus`` by recorded ids."""
+    if not (Path(run_dir) / RUN_INFO).exists():
+        raise FinetuneError(f"{run_dir} holds no {RUN_INFO}: splits are known only for runs "
+                            "made by emolens finetune; use --split all")
     info = read_json(Path(run_dir) / RUN_INFO)
+    if split not in info.get("splits", {}):
+        raise FinetuneError(f"{run_dir} records no {split!r} split; it has "
+                            f"{', '.join(info.get('splits', {}))}")
     if info.get("data_sha256") not in (None, corpus.sha256):
         raise FinetuneError(
             f"{run_dir} was trained on data with sha256 "
@@ -799,7 +810,7 @@ def run_test_split(run_dir, corpus: Corpus) -> Corpus:
             f"({corpus.sha256[:12]}); pass the corpus the run used"
         )
     index = {s.id: i for i, s in enumerate(corpus.samples)}
-    return corpus.subset(index[i] for i in info["splits"]["test"])
+    return corpus.subset(index[i] for i in info["splits"][split])
 
 
 def write_accuracy(
