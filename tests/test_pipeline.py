@@ -157,3 +157,37 @@ def test_geometry_probes_and_baselines_cover_every_step_with_intervals(series_ou
     assert {"geometry", "probes"} == set(summary.table) and summary.significant_change.dtype == bool
     baseline = pd.read_csv(series_out / "random_baseline.csv")
     assert {"logit_change_concept", "logit_change_random_mean"} <= set(baseline.columns)
+
+
+def test_answer_only_steering_uses_the_kv_cache_and_matches_the_plain_pass(series_out,
+                                                                           fake_run_dir, corpus,
+                                                                           tmp_path):
+    """positions="answer" at a middle layer runs one token a configuration on the prompt's
+    cache; the hooked pass over whole prompts must give the same numbers."""
+    from emolens.models import discover_series
+    from emolens.steering import naive_sensitivity
+    from emolens.tokens import encode
+    from emolens.labels import render_prompts, resolve_label_tokens
+    from emolens.vectors import ConceptVectors
+    import torch
+
+    config = AnalysisConfig(**{**CONFIG.to_dict(), "positions": "answer", "steer_layers": "1"})
+    out = analyze(fake_run_dir, corpus, tmp_path / "answer", config, device="cpu", steps=[4])
+    sens = pd.read_csv(out / "sensitivity.csv")
+    assert set(sens.positions) == {"answer"} and set(sens.layer) == {1}
+    series = discover_series(fake_run_dir)
+    model = series.load(series.checkpoints[-1], device="cpu")
+    manifest = json.loads((out / "manifest.json").read_text())
+    index = {s.id: s for s in corpus.samples}
+    prompts = encode(model.tokenizer, render_prompts([index[i].text
+                                                      for i in manifest["steered_prompts"]]))
+    vectors = ConceptVectors.load(out / "steps" / "step-000004")
+    label_ids = resolve_label_tokens(model.tokenizer).ids
+    naive = naive_sensitivity(model, prompts, 1, vectors.layer(1)[:2],
+                              torch.tensor([2.0]), label_ids, positions="answer",
+                              emotions=vectors.emotions[:2], labels=STUDY_LABELS.names("en"),
+                              prompt_ids=manifest["steered_prompts"])
+    got = sens[(sens.alpha == 2.0) & sens.steered_emotion.isin(vectors.emotions[:2])]
+    got = got.sort_values(["steered_emotion", "prompt_id", "observed_label"])
+    expected = naive.to_frame().sort_values(["emotion", "prompt", "label"])
+    assert abs(got.logit_change.to_numpy() - expected.logit_change.to_numpy()).max() < 1e-4

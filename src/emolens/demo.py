@@ -18,8 +18,11 @@ from emolens.results import write_json
 
 log = logging.getLogger(__name__)
 
-#: Analysis settings of the demo: the final layer and a few middle layers are steered.
-DEMO_ANALYSIS = AnalysisConfig(layers="all", steer_layers="mid,-1", n_prompts=10)
+#: Analysis settings of the demo: vectors at every layer; steering at the final layer (as in
+#: the paper; there steering every position or the answer position is the same) and at the
+#: middle layer (answer position only, one token a configuration on the prompt's KV cache).
+DEMO_ANALYSIS = AnalysisConfig(layers="all", steer_layers="mid,-1", positions="answer",
+                               n_prompts=10)
 
 
 def demo_settings(model: str) -> tuple[str, AnalysisConfig]:

@@ -45,7 +45,12 @@ from emolens.explain import (
 )
 from emolens.labels import STUDY_LABELS, TEMPLATES, LabelSet, render_prompts, resolve_label_tokens
 from emolens.models import Checkpoint, CheckpointSeries, discover_series, is_run_dir
-from emolens.steering import SteeringEffect, final_layer_sensitivity, layer_sensitivity
+from emolens.steering import (
+    SteeringEffect,
+    final_layer_sensitivity,
+    layer_sensitivity,
+    layer_sensitivity_cached,
+)
 from emolens.tokens import encode
 from emolens.vectors import concept_vectors, count_kept, keep_mask
 
@@ -268,6 +273,9 @@ def _vectors_and_sensitivity(ctx: _Context, model, ckpt: Checkpoint, acts: Activ
             effect = final_layer_sensitivity(model, acts.layer(layer)[ctx.prompt_index], v,
                                              alphas, label_ids, **names)
             effect = replace(effect, positions=cfg.positions)
+        elif cfg.positions == "answer":  # one token a configuration, on the prompt's KV cache
+            effect = layer_sensitivity_cached(model, prompt_tokens, layer, v, alphas, label_ids,
+                                              progress=False, **names)
         else:
             effect = layer_sensitivity(model, prompt_tokens, layer, v, alphas, label_ids,
                                        positions=cfg.positions, batch_size=cfg.batch_size,
