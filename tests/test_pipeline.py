@@ -164,12 +164,13 @@ def test_answer_only_steering_uses_the_kv_cache_and_matches_the_plain_pass(serie
                                                                            tmp_path):
     """positions="answer" at a middle layer runs one token a configuration on the prompt's
     cache; the hooked pass over whole prompts must give the same numbers."""
+    import torch
+
+    from emolens.labels import render_prompts, resolve_label_tokens
     from emolens.models import discover_series
     from emolens.steering import naive_sensitivity
     from emolens.tokens import encode
-    from emolens.labels import render_prompts, resolve_label_tokens
     from emolens.vectors import ConceptVectors
-    import torch
 
     config = AnalysisConfig(**{**CONFIG.to_dict(), "positions": "answer", "steer_layers": "1"})
     out = analyze(fake_run_dir, corpus, tmp_path / "answer", config, device="cpu", steps=[4])

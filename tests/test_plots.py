@@ -314,3 +314,436 @@ def test_generic_table_figure_draws_a_line_per_group_at_the_final_layer():
 def test_generic_table_figure_never_fails_on_unexpected_columns(frame):
     fig = plots.generic_table_figure(frame, "odd")
     assert isinstance(fig, go.Figure) and len(fig.data) >= 1
+
+
+# --------------------------------------------------------------------------------------------
+# figures of the explanation analyses, from small planted tables
+
+EMOTIONS = ("joy", "trust")
+
+
+def make_attribution(steps=STEPS, alphas=ALPHAS, emotions=EMOTIONS, seed=1) -> pd.DataFrame:
+    """attribution.csv: direct + scale_change == logit_change; the push parts add up to
+    push_change and do not depend on alpha (as the pipeline writes them)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for step in steps:
+        for emotion in emotions:
+            push = rng.normal(0, 0.1, 3) if step else np.zeros(3)
+            for alpha in alphas:
+                direct, scale = rng.normal(alpha, 0.5), rng.normal(0, 0.2)
+                rows.append(
+                    {
+                        "step": step,
+                        "layer": 3,
+                        "emotion": emotion,
+                        "alpha": alpha,
+                        "logit_change": direct + scale,
+                        "direct": direct,
+                        "scale_change": scale,
+                        "cosine_v_readout": 0.1,
+                        "vector_norm": 1.0,
+                        "readout_norm": 1.0,
+                        "resid_scale": 1.0,
+                        "push_change": float(push.sum()),
+                        "push_vector": push[0],
+                        "push_readout": push[1],
+                        "push_scale": push[2],
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def make_transfer(steps=STEPS, emotions=EMOTIONS) -> pd.DataFrame:
+    """transfer.csv: the change is 10 * model step + vector step (+ 100 for trust)."""
+    return pd.DataFrame(
+        [
+            {
+                "step": t,
+                "vector_step": s,
+                "emotion": e,
+                "alpha": 4.0,
+                "layer": 3,
+                "logit_change": 10 * t + s + 100 * (e == "trust"),
+            }
+            for t in steps
+            for s in steps
+            for e in emotions
+        ]
+    )
+
+
+DLA_COMPONENTS = (("mlp 1", 1), ("attn 0", 0), ("embed", -1), ("attn 1", 1), ("mlp 0", 0))
+
+
+def make_dla(steps=STEPS, labels=EMOTIONS) -> pd.DataFrame:
+    """dla.csv with components out of order: logit = step + layer (+ 1 for trust)."""
+    return pd.DataFrame(
+        [
+            {
+                "step": step,
+                "label": lab,
+                "component": comp,
+                "kind": comp.split(" ")[0],
+                "layer": layer,
+                "n_samples": 4,
+                "logit": step + layer + (lab == "trust"),
+                "margin": -(step + layer),
+            }
+            for step in steps
+            for lab in labels
+            for comp, layer in DLA_COMPONENTS
+        ]
+    )
+
+
+def make_geometry(steps=STEPS, layers=LAYERS, emotions=EMOTIONS) -> pd.DataFrame:
+    rows = []
+    for step in steps:
+        for layer in layers:
+            for inner in ("plain", "causal"):
+                off = 0.5 if inner == "causal" else 0.0
+                for k, emotion in enumerate(emotions):
+                    value = 1.0 - 0.05 * step * (k + 1) - 0.01 * layer + off
+                    rows.append(
+                        {
+                            "step": step,
+                            "layer": layer,
+                            "measure": "cosine_to_first",
+                            "emotion": emotion,
+                            "inner": inner,
+                            "value": value,
+                            "ci_low": value - 0.1,
+                            "ci_high": value + 0.05,
+                        }
+                    )
+                rows.append(
+                    {
+                        "step": step,
+                        "layer": layer,
+                        "measure": "orthogonality",
+                        "emotion": "all",
+                        "inner": inner,
+                        "value": 0.2 + 0.01 * step + off,
+                        "ci_low": math.nan if step == 0 else 0.1,
+                        "ci_high": math.nan if step == 0 else 0.4,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def make_probes(steps=STEPS, layers=LAYERS, labels=("joy", "trust", "no-emotion")) -> pd.DataFrame:
+    """probes.csv: own accuracy = 0.5 + 0.1 layer + 0.01 step; the first step's probe loses
+    0.02 per step; shuffled 0.1; chance 0.34; per-label recall planted."""
+    rows = []
+
+    def add(step, layer, measure, label, value, train_step, lo=-0.05, hi=0.05):
+        rows.append(
+            {
+                "step": step,
+                "layer": layer,
+                "measure": measure,
+                "label": label,
+                "value": value,
+                "ci_low": value + lo if lo is not None else math.nan,
+                "ci_high": value + hi if hi is not None else math.nan,
+                "train_step": train_step,
+                "n": 30,
+            }
+        )
+
+    first = steps[0]
+    for step in steps:
+        for layer in layers:
+            add(step, layer, "accuracy", "all", 0.5 + 0.1 * layer + 0.01 * step, step)
+            for k, lab in enumerate(labels):
+                add(step, layer, "recall", lab, 0.1 * k + 0.1 * layer, step)
+            add(step, layer, "train_accuracy", "all", 0.99, step, None, None)
+            add(step, layer, "shuffled_accuracy", "all", 0.1, step)
+            add(step, layer, "chance", "all", 0.34, step, 0.0, 0.0)
+            if step != first:
+                add(step, layer, "accuracy", "all", 0.5 + 0.1 * layer - 0.02 * step, first)
+                for lab in labels:
+                    add(step, layer, "recall", lab, 0.05, first)
+    return pd.DataFrame(rows)
+
+
+def make_random_baseline(steps=STEPS, emotions=EMOTIONS, alphas=ALPHAS) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {
+                "step": step,
+                "layer": 3,
+                "emotion": e,
+                "alpha": a,
+                "logit_change_concept": a * (2 - 0.1 * step),
+                "concept_ci_low": a * (2 - 0.1 * step) - 0.3,
+                "concept_ci_high": a * (2 - 0.1 * step) + 0.3,
+                "logit_change_random_mean": 0.01 * a,
+                "logit_change_random_sd": 0.2,
+                "share_random_at_least_concept": 0.0,
+                "n_random": 8,
+            }
+            for step in steps
+            for e in emotions
+            for a in alphas
+        ]
+    )
+
+
+def make_change_summary() -> pd.DataFrame:
+    """change_summary.csv: 3 of 4 cosine_to_first (plain) series flagged, none causal; probes:
+    one recall series of the step-0 probe flagged; train_accuracy has no interval."""
+    rows = []
+    for inner, flags in (("plain", (True, True, True, False)), ("causal", (False,) * 4)):
+        for (layer, emotion), flag in zip(
+            [(1, "joy"), (1, "trust"), (3, "joy"), (3, "trust")], flags, strict=True
+        ):
+            rows.append(
+                {
+                    "table": "geometry",
+                    "layer": layer,
+                    "measure": "cosine_to_first",
+                    "emotion": emotion,
+                    "inner": inner,
+                    "first_ci_low": 0.9,
+                    "first_ci_high": 0.99,
+                    "max_abs_change": 0.3 if flag else 0.01,
+                    "significant_change": flag,
+                }
+            )
+    for measure, probe, flag, ci in (
+        ("recall", "step 0", True, 0.1),
+        ("recall", "own", False, 0.1),
+        ("train_accuracy", "own", False, math.nan),
+        ("chance", "own", False, 0.3),
+    ):
+        rows.append(
+            {
+                "table": "probes",
+                "layer": 3,
+                "measure": measure,
+                "label": "joy" if measure == "recall" else "all",
+                "probe": probe,
+                "first_ci_low": ci,
+                "first_ci_high": ci,
+                "max_abs_change": 0.5 if flag else 0.0,
+                "significant_change": flag,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _of(fig, emotion, name=None):
+    return [t for t in fig.data if t.meta == emotion and (name is None or t.name == name)]
+
+
+def test_attribution_figure_stacks_direct_and_scale_parts_under_the_measured_change():
+    attr = make_attribution()
+    fig = plots.attribution_figure(attr)
+    assert fig.layout.barmode == "relative"
+    assert "α = 4" in fig.layout.title.text and "layer 3" in fig.layout.title.text
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles == ["joy (喜び)", "trust (信頼)"]
+    for emotion in EMOTIONS:
+        direct = next(t for t in _of(fig, emotion) if t.legendgroup == "direct")
+        scale = next(t for t in _of(fig, emotion) if t.legendgroup == "scale_change")
+        (line,) = _of(fig, emotion, "measured logit change")
+        assert list(direct.x) == list(STEPS) and direct.type == "bar"
+        for i, step in enumerate(STEPS):
+            rows = [
+                r
+                for _, r in attr.iterrows()
+                if r.emotion == emotion and r.step == step and r.alpha == 4.0
+            ]
+            assert direct.y[i] == pytest.approx(rows[0]["direct"])
+            assert scale.y[i] == pytest.approx(rows[0]["scale_change"])
+            assert line.y[i] == pytest.approx(direct.y[i] + scale.y[i])
+    legend = [t.name for t in fig.data if t.showlegend is not False]
+    assert len(legend) == 3  # one legend entry per part, not per panel
+    two = plots.attribution_figure(attr, alpha=2)
+    joy = next(t for t in _of(two, "joy") if t.legendgroup == "direct")
+    expect = attr[(attr.emotion == "joy") & (attr.alpha == 2.0)].sort_values("step")
+    assert list(joy.y) == pytest.approx(expect["direct"].tolist())
+
+
+def test_push_change_figure_splits_the_push_into_vector_readout_and_scale():
+    attr = make_attribution()
+    fig = plots.push_change_figure(attr)
+    for emotion in EMOTIONS:
+        traces = {t.legendgroup: t for t in _of(fig, emotion)}
+        assert set(traces) == {"push_vector", "push_readout", "push_scale", "push_change"}
+        for i, step in enumerate(STEPS):
+            rows = attr[(attr.emotion == emotion) & (attr.step == step)]
+            for part in ("push_vector", "push_readout", "push_scale", "push_change"):
+                assert traces[part].y[i] == pytest.approx(sum(rows[part]) / len(rows))
+        total = sum(traces[p].y[-1] for p in ("push_vector", "push_readout", "push_scale"))
+        assert total == pytest.approx(traces["push_change"].y[-1])
+    with pytest.raises(ValueError, match="push_vector"):
+        plots.push_change_figure(attr.drop(columns="push_vector"))
+
+
+def test_transfer_heatmap_is_model_step_by_vector_step_mean_over_emotions_by_default():
+    tr = make_transfer()
+    fig = plots.transfer_heatmap(tr)
+    names = [t.name for t in fig.data]
+    assert names == ["mean over emotions", "joy", "trust"]
+    assert [t.visible for t in fig.data] == [True, False, False]
+    mean = fig.data[0]
+    assert list(mean.y) == ["0", "2", "4"] and list(mean.x) == ["0", "2", "4"]
+    for i, t in enumerate(STEPS):
+        for j, s in enumerate(STEPS):
+            assert mean.z[i][j] == pytest.approx(10 * t + s + 50)  # (joy + trust) / 2
+            assert fig.data[2].z[i][j] == pytest.approx(10 * t + s + 100)
+    (menu,) = fig.layout.updatemenus
+    assert [b.label for b in menu.buttons] == names
+    assert menu.buttons[2].args[0]["visible"] == [False, False, True]
+    chosen = plots.transfer_heatmap(tr, emotion="trust")
+    assert [t.visible for t in chosen.data] == [False, False, True]
+    with pytest.raises(ValueError, match="no transfer rows for 'fear'"):
+        plots.transfer_heatmap(tr, emotion="fear")
+
+
+def test_dla_figure_orders_components_by_depth_and_averages_labels():
+    dla = make_dla()
+    fig = plots.dla_figure(dla)
+    mean = fig.data[0]
+    assert mean.name == "mean over labels" and mean.visible
+    assert list(mean.y) == ["embed", "attn 0", "mlp 0", "attn 1", "mlp 1"]
+    layer = {c: lay for c, lay in DLA_COMPONENTS}
+    for i, comp in enumerate(mean.y):
+        for j, step in enumerate(STEPS):
+            assert mean.z[i][j] == pytest.approx(step + layer[comp] + 0.5)
+    trust = plots.dla_figure(dla, label="trust")
+    shown = [t for t in trust.data if t.visible]
+    assert [t.name for t in shown] == ["trust"]
+    assert shown[0].z[0][0] == pytest.approx(0 - 1 + 1)
+    margin = plots.dla_figure(dla, value="margin")
+    assert margin.data[0].z[4][2] == pytest.approx(-(4 + 1))
+    assert "margin" in margin.layout.title.text
+    with pytest.raises(ValueError, match="'logit' or 'margin'"):
+        plots.dla_figure(dla, value="bogus")
+
+
+def test_geometry_figure_draws_a_line_and_an_interval_band_per_emotion():
+    geo = make_geometry()
+    fig = plots.geometry_figure(geo, "cosine_to_first")
+    assert "layer 3" in fig.layout.title.text and "plain" in fig.layout.title.text
+    for k, emotion in enumerate(EMOTIONS):
+        band, line = _of(fig, emotion)
+        assert band.fill == "toself" and band.showlegend is False
+        values = [1.0 - 0.05 * s * (k + 1) - 0.03 for s in STEPS]
+        assert list(line.x) == list(STEPS)
+        assert list(line.y) == pytest.approx(values)
+        hi = [v + 0.05 for v in values]
+        lo = [v - 0.1 for v in values]
+        assert list(band.x) == list(STEPS) + list(STEPS)[::-1]
+        assert list(band.y) == pytest.approx(hi + lo[::-1])
+        assert line.line.color == plots.emotion_color(emotion)
+    causal = plots.geometry_figure(geo, "cosine_to_first", inner="causal", layer=1)
+    joy = _of(causal, "joy")[-1]
+    assert joy.y[0] == pytest.approx(1.0 - 0.01 + 0.5)
+    ortho = plots.geometry_figure(geo, "orthogonality")
+    band, line = _of(ortho, "all")
+    assert list(band.x) == [2, 4, 4, 2]  # the first step has no interval
+    with pytest.raises(ValueError, match="no measure 'bogus'.*cosine_to_first, orthogonality"):
+        plots.geometry_figure(geo, "bogus")
+
+
+def test_probes_figure_has_an_all_layers_view_and_a_detailed_view_per_layer():
+    pr = make_probes()
+    fig = plots.probes_figure(pr)
+    (menu,) = fig.layout.updatemenus
+    assert [b.label for b in menu.buttons] == ["all layers", "layer 1", "layer 3"]
+    shown = [t for t in fig.data if t.visible]
+    assert [t.name for t in shown] == ["layer 1", "layer 3", "chance"]
+    assert list(shown[1].y) == pytest.approx([0.5 + 0.3 + 0.01 * s for s in STEPS])
+    assert list(shown[2].y) == pytest.approx([0.34] * 3) and shown[2].line.dash == "dash"
+    detail = plots.probes_figure(pr, layer=1)
+    lines = {t.name: t for t in detail.data if t.visible and t.fill != "toself"}
+    assert set(lines) == {"own probe", "step-0 probe", "shuffled labels", "chance"}
+    assert list(lines["own probe"].y) == pytest.approx([0.6 + 0.01 * s for s in STEPS])
+    # the first step's probe: its own score at the first step, then the planted decline
+    assert list(lines["step-0 probe"].y) == pytest.approx([0.6, 0.6 - 0.04, 0.6 - 0.08])
+    assert lines["step-0 probe"].line.dash == "dashdot"
+    assert list(lines["shuffled labels"].y) == pytest.approx([0.1] * 3)
+    bands = [t for t in detail.data if t.visible and t.fill == "toself"]
+    assert len(bands) == 3  # own, step-0 and shuffled have intervals; chance has none drawn
+    single = plots.probes_figure(pr[pr.layer == 3])
+    assert not single.layout.updatemenus
+    with pytest.raises(ValueError, match="no probe at layer 7"):
+        plots.probes_figure(pr, layer=7)
+
+
+def test_random_baseline_figure_shows_concept_against_random_mean_and_sd():
+    rb = make_random_baseline()
+    fig = plots.random_baseline_figure(rb)
+    assert "α = 4" in fig.layout.title.text
+    for emotion in EMOTIONS:
+        traces = {t.name: t for t in _of(fig, emotion)}
+        concept = traces["concept vector"]
+        assert list(concept.y) == pytest.approx([4 * (2 - 0.1 * s) for s in STEPS])
+        rand = traces["random directions (mean ± sd)"]
+        assert list(rand.y) == pytest.approx([0.04] * 3)
+        band = traces["random ± sd"]
+        assert list(band.y) == pytest.approx([0.24] * 3 + [-0.16] * 3)
+        assert concept.line.color == plots.emotion_color(emotion)
+
+
+def test_change_summary_counts_per_family_and_table():
+    counts = plots.change_summary_counts(make_change_summary())
+    by = {(r.table, r.measure, r.variant): r for r in counts.itertuples()}
+    plain = by[("geometry", "cosine_to_first", "plain")]
+    assert (plain.n_series, plain.n_tested, plain.n_significant) == (4, 4, 3)
+    assert plain.significant_layers == "1, 3"
+    assert plain.significant_series == "joy @ 1, trust @ 1, joy @ 3"
+    assert plain.max_abs_change == pytest.approx(0.3)
+    assert by[("geometry", "cosine_to_first", "causal")].n_significant == 0
+    assert by[("probes", "recall", "step 0")].n_significant == 1
+    assert by[("probes", "train_accuracy", "own")].n_tested == 0
+    assert by[("probes", "chance", "own")].n_tested == 0
+    fig = plots.change_summary_table(make_change_summary())
+    (table,) = fig.data
+    assert list(table.cells.values[1]) == counts["measure"].tolist()
+    assert list(table.cells.values[4]) == [3, 0, 1, 0, 0, 0]
+
+
+def test_layer_summary_figure_writes_the_layer_in_each_cell():
+    summary = pd.DataFrame(
+        {
+            "step": [0, 0, 4, 4],
+            "emotion": ["trust", "joy", "trust", "joy"],
+            "most_steerable_layer": [3, 2, 3, 1],
+            "max_effect": [1.0, 2.0, 3.0, 4.0],
+            "most_decodable_layer": [1, pd.NA, 2, 2],
+            "recall": [0.5, 0.0, 0.6, 0.7],
+        }
+    )
+    fig = plots.layer_summary_figure(summary)
+    steer, decode = fig.data
+    assert list(steer.y) == ["joy", "trust"] and list(steer.x) == ["0", "4"]
+    assert [list(r) for r in steer.z] == [[2, 1], [3, 3]]
+    assert [list(r) for r in decode.text] == [["", "2"], ["1", "2"]]
+    assert decode.zmin == 1 and decode.zmax == 3
+    only = plots.layer_summary_figure(summary.drop(columns=["most_decodable_layer", "recall"]))
+    assert len(only.data) == 1
+
+
+def test_layer_step_heatmaps_of_probes_and_geometry():
+    pr = make_probes()
+    fig = plots.probes_layer_heatmap(pr)
+    acc = fig.data[0]
+    assert acc.name == "accuracy" and list(acc.y) == ["1", "3"]  # the first row is drawn lowest
+    assert acc.z[1][2] == pytest.approx(0.5 + 0.3 + 0.04)
+    assert [t.name for t in fig.data] == [
+        "accuracy",
+        "recall: joy",
+        "recall: trust",
+        "recall: no-emotion",
+    ]
+    trust = plots.probes_layer_heatmap(pr, label="trust")
+    shown = next(t for t in trust.data if t.visible)
+    assert shown.z[0][0] == pytest.approx(0.1 + 0.1)
+    geo = plots.geometry_layer_heatmap(make_geometry(), "cosine_to_first", emotion="trust")
+    shown = next(t for t in geo.data if t.visible)
+    assert shown.name == "trust" and shown.z[1][1] == pytest.approx(1.0 - 0.2 - 0.03)

@@ -6,7 +6,18 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_plots import make_filtering, make_sensitivity, make_steps
+from test_plots import (
+    make_attribution,
+    make_change_summary,
+    make_dla,
+    make_filtering,
+    make_geometry,
+    make_probes,
+    make_random_baseline,
+    make_sensitivity,
+    make_steps,
+    make_transfer,
+)
 
 from emolens.labels import STUDY_LABELS
 from emolens.report import (
@@ -62,9 +73,25 @@ def _manifest(**extra) -> dict:
     }
 
 
-def make_results(folder: Path, optional=(), manifest: dict | None = None) -> Path:
+#: Tables of the explanation analyses, in the pipeline's format, with their section headings.
+TABLE_MAKERS = {
+    "attribution": make_attribution,
+    "transfer": make_transfer,
+    "dla": make_dla,
+    "random_baseline": make_random_baseline,
+    "geometry": make_geometry,
+    "probes": make_probes,
+    "change_summary": make_change_summary,
+}
+
+
+def make_results(
+    folder: Path, optional=(), manifest: dict | None = None, tables=(), layers=(1, 3)
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    make_sensitivity(steps=(0, 2, 4)).to_csv(folder / "sensitivity.csv", index=False)
+    make_sensitivity(steps=(0, 2, 4), layers=layers).to_csv(folder / "sensitivity.csv", index=False)
+    for name in tables:
+        TABLE_MAKERS[name]().to_csv(folder / f"{name}.csv", index=False)
     make_filtering().to_csv(folder / "filtering.csv", index=False)
     make_steps().to_csv(folder / "steps.csv", index=False)
     (folder / "label_audit.json").write_text(
@@ -146,12 +173,93 @@ def test_report_lists_failed_checkpoints_and_the_manifest(full_report):
     assert "<details><summary>manifest.json</summary>" in full_report
 
 
+def _section_of(text: str, anchor: str) -> str:
+    return text.split(f'id="{anchor}"')[1].split("</section>")[0]
+
+
 def test_optional_sections_appear_only_for_tables_that_exist(tmp_path):
-    folder = make_results(tmp_path / "r", optional=("geometry", "probes"))
+    folder = make_results(tmp_path / "r", tables=("geometry", "probes"))
     text = write_report(folder).read_text(encoding="utf-8")
     assert "<h2>Geometry</h2>" in text and "<h2>Linear probes</h2>" in text
-    assert "<h2>Logit attribution</h2>" not in text and "<h2>Vector transfer</h2>" not in text
-    assert "geometry.csv (6 rows)" in text
+    for name in ("attribution", "transfer", "dla", "random_baseline", "change_summary"):
+        assert f"<h2>{OPTIONAL_TABLES[name]}</h2>" not in text
+    assert f"geometry.csv ({len(make_geometry())} rows)" in text
+    assert "could not be shown as designed" not in text and 'class="problem"' not in text
+
+
+@pytest.fixture(scope="module")
+def explained_report(tmp_path_factory) -> str:
+    folder = make_results(tmp_path_factory.mktemp("explained"), tables=tuple(TABLE_MAKERS))
+    return write_report(folder).read_text(encoding="utf-8")
+
+
+def test_every_explanation_table_gets_its_dedicated_section(explained_report):
+    for name, title in OPTIONAL_TABLES.items():
+        assert f"<h2>{title}</h2>" in explained_report
+        section = _section_of(explained_report, name.replace("_", "-"))
+        assert f"<details><summary>{name}.csv (" in section
+    assert "could not be shown as designed" not in explained_report
+    assert 'class="problem"' not in explained_report
+    attribution = _section_of(explained_report, "attribution")
+    assert "<h3>Why the push changed across the series</h3>" in attribution
+    assert "From step 0 to step 4 the per-unit push" in attribution
+    assert attribution.count('class="plotly-graph-div"') == 2
+    transfer = _section_of(explained_report, "transfer")
+    # model 4 with its own vectors: 10*4 + 4 + 50 (mean of joy and trust); with step 0's: 90
+    assert "the step-4 model with its own vectors 94 and with the step-0 vectors 90" in transfer
+    geometry = _section_of(explained_report, "geometry")
+    assert "<h3>cosine_to_first</h3>" in geometry and "<h3>orthogonality</h3>" in geometry
+    assert "<h3>within_gap</h3>" not in geometry  # not in this table
+    assert geometry.count('class="plotly-graph-div"') == 4  # plain and causal of each
+    assert _section_of(explained_report, "dla").count('class="plotly-graph-div"') == 2
+    probes = _section_of(explained_report, "probes")
+    assert "Layer 3: held-out accuracy 0.800 at step 0 and 0.840 at step 4" in probes
+    assert "the step-0 probe scores 0.720 there" in probes
+    baseline = _section_of(explained_report, "random-baseline")
+    assert "Step 4, α = 4: 2 of 2 concept vectors raise their label more" in baseline
+
+
+def test_change_summary_states_per_family_whether_the_change_exceeds_the_interval(
+    explained_report,
+):
+    section = _section_of(explained_report, "change-summary")
+    assert (
+        "3 of 8 geometry series (measure × emotion × layer × inner product) change beyond "
+        "their 95% interval: cosine_to_first (plain) 3 of 4." in section
+    )
+    # train_accuracy (no interval) and chance (not an estimate) are not tested
+    assert "1 of 2 probe series" in section and "recall (step 0) 1 of 1" in section
+    assert "The paper found no significant change of the geometry" in section
+    summary = _section_of(explained_report, "summary")
+    assert "<h3>Geometry and probes across the series</h3>" in summary
+    assert "3 of 8 geometry series" in summary
+
+
+def test_change_summary_agrees_with_the_paper_when_nothing_moves(tmp_path):
+    folder = make_results(tmp_path / "r")
+    quiet = make_change_summary().assign(significant_change=False)
+    quiet.to_csv(folder / "change_summary.csv", index=False)
+    section = _section_of(write_report(folder).read_text(encoding="utf-8"), "change-summary")
+    assert "0 of 8 geometry series" in section
+    assert "This agrees with the paper, which found no significant change" in section
+
+
+def test_layer_summary_appears_only_with_several_steered_layers(explained_report, tmp_path):
+    title = "<h2>Where emotions are steerable and decodable</h2>"
+    assert title in explained_report
+    section = _section_of(explained_report, "layer-summary")
+    assert "<h3>From step 0 to step 4</h3>" in section
+    assert section.count('class="plotly-graph-div"') == 1
+    one = make_results(tmp_path / "one", tables=("probes",), layers=(3,))
+    assert title not in write_report(one).read_text(encoding="utf-8")
+
+
+def test_a_table_of_another_shape_falls_back_to_the_generic_figure(tmp_path):
+    folder = make_results(tmp_path / "r", optional=("geometry",))
+    text = write_report(folder).read_text(encoding="utf-8")
+    section = _section_of(text, "geometry")
+    assert "geometry.csv could not be shown as designed" in section
+    assert 'class="plotly-graph-div"' in section and "geometry.csv (6 rows)" in section
 
 
 def test_training_curves_come_from_the_run_folder_recorded_in_the_manifest(tmp_path):

@@ -11,7 +11,7 @@ Figure 2: how much steering with an emotion's concept vector raises that emotion
 """
 
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -760,5 +760,1023 @@ def _lines_over_steps(df: pd.DataFrame, title: str) -> go.Figure | None:
         legend={"title": {"text": " · ".join(map(str, groups)) or None}},
         margin={"t": 90},
         **layout,
+    )
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# figures of the explanation analyses (attribution, transfer, DLA, geometry, probes, baseline)
+
+_GRID_COLS = 4
+_MEASURED_COLOR = "#222222"
+_CHANCE_COLOR = "#999999"
+_RANDOM_COLOR = "#7f7f7f"
+_ALL_COLOR = "#333333"
+#: Parts of the final-layer logit change (attribution.csv): column, legend name, colour.
+ATTRIBUTION_PARTS = (
+    ("direct", "direct push α·(w·v)/r(h+αv)", "#1f77b4"),
+    ("scale_change", "norm-scale change", "#ff7f0e"),
+)
+#: Parts of the change of the per-unit direct push w·v/r against the first step.
+PUSH_PARTS = (
+    ("push_vector", "vector moved", "#2ca02c"),
+    ("push_readout", "readout row moved", "#9467bd"),
+    ("push_scale", "residual scale moved", "#d62728"),
+)
+
+
+def _rgba(color: str, alpha: float) -> str:
+    """``#rrggbb`` or ``rgb(r, g, b)`` as ``rgba(r, g, b, alpha)`` (for bands)."""
+    if color.startswith("#") and len(color) == 7:
+        r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+    elif color.startswith("rgb"):
+        r, g, b = (int(float(x)) for x in color[color.index("(") + 1 : -1].split(",")[:3])
+    else:
+        return color
+    return f"rgba({r}, {g}, {b}, {alpha})"
+
+
+def _step_ticks(steps) -> dict:
+    """Axis settings with a tick at every analysed step when there are few of them."""
+    steps = sorted({float(v) for v in steps if pd.notna(v)})
+    if not steps or len(steps) > 12:
+        return {}
+    return {"tickmode": "array", "tickvals": steps, "ticktext": [format_value(v) for v in steps]}
+
+
+def _series_color(name: str) -> str:
+    return _ALL_COLOR if name == "all" else emotion_color(name)
+
+
+def _layer_colors(n: int) -> list[str]:
+    """One colour per layer, shallow to deep along Viridis."""
+    from plotly.colors import sample_colorscale
+
+    return sample_colorscale("Viridis", [i / max(n - 1, 1) * 0.9 for i in range(n)])
+
+
+def _band(x, low, high, color: str, *, name: str, group: str, meta=None) -> go.Scatter | None:
+    """A filled interval over ``x`` (points with a missing bound are left out), or None."""
+    pts = [
+        (a, lo, hi)
+        for a, lo, hi in zip(x, low, high, strict=True)
+        if np.isfinite(lo) and np.isfinite(hi)
+    ]
+    if not pts:
+        return None
+    xs = [p[0] for p in pts]
+    return go.Scatter(
+        x=xs + xs[::-1],
+        y=[p[2] for p in pts] + [p[1] for p in pts][::-1],
+        fill="toself",
+        fillcolor=_rgba(color, 0.1),
+        line={"width": 0},
+        mode="lines",
+        hoverinfo="skip",
+        showlegend=False,
+        legendgroup=group,
+        name=name,
+        meta=meta,
+    )
+
+
+def _add_view_menu(fig: go.Figure, views: list[tuple[str, list[int]]], active: int = 0) -> None:
+    """Show one view (a set of trace indices) at a time, chosen from a menu."""
+    n = len(fig.data)
+    for i, trace in enumerate(fig.data):
+        trace.visible = i in views[active][1]
+    if len(views) < 2:
+        return
+    buttons = [
+        {
+            "label": label,
+            "method": "update",
+            "args": [{"visible": [i in idx for i in range(n)]}],
+        }
+        for label, idx in views
+    ]
+    fig.update_layout(
+        updatemenus=[
+            {
+                "buttons": buttons,
+                "active": active,
+                "direction": "down",
+                "x": 1.0,
+                "xanchor": "right",
+                "y": 1.12,
+                "yanchor": "bottom",
+            }
+        ]
+    )
+
+
+def _facet_grid(names: list[str], ja: Mapping[str, str] | None, row_height: int = 230):
+    """A grid of small panels, one per name, sharing both axes; ``(fig, cell)`` where
+    ``cell(k)`` gives the ``(row, col)`` of panel ``k``."""
+    from plotly.subplots import make_subplots
+
+    cols = max(1, min(_GRID_COLS, len(names)))
+    rows = max(1, -(-len(names) // cols))
+    fig = make_subplots(
+        rows=rows,
+        cols=cols,
+        subplot_titles=[display_name(n, ja) for n in names],
+        shared_xaxes="all",
+        shared_yaxes="all",
+        horizontal_spacing=0.03,
+        vertical_spacing=min(0.1, 0.5 / rows),
+    )
+    fig.update_layout(height=140 + row_height * rows, margin={"t": 110})
+    return fig, lambda k: (k // cols + 1, k % cols + 1)
+
+
+def _top_legend(fig: go.Figure) -> dict:
+    """A horizontal legend just under the title, above the panels of a facet grid."""
+    height = fig.layout.height or 450
+    return {
+        "orientation": "h",
+        "x": 0,
+        "xanchor": "left",
+        "y": 1 - 58 / height,
+        "yanchor": "top",
+        "yref": "container",
+    }
+
+
+def _select_one(frame: pd.DataFrame, column: str, value, largest: bool = True):
+    """:func:`_pick` for an optional setting column (alpha, layer) that must be one value."""
+    if column not in frame.columns:
+        return frame, None
+    return _pick(frame, column, value, largest=largest)
+
+
+def _stacked_parts_figure(
+    frame: pd.DataFrame,
+    parts: Sequence[tuple[str, str, str]],
+    total: tuple[str, str],
+    title: str,
+    yaxis: str,
+    ja: Mapping[str, str] | None,
+) -> go.Figure:
+    """Per emotion (one panel each): the parts as stacked bars over steps and the total they
+    add up to as a black line."""
+    columns = [p[0] for p in parts] + [total[0]]
+    means = frame.groupby(["emotion", "step"], sort=True)[columns].mean().reset_index()
+    emotions = label_order(means["emotion"].dropna())
+    if not emotions:
+        raise ValueError("the table has no emotion rows")
+    fig, cell = _facet_grid(emotions, ja)
+    for k, emotion in enumerate(emotions):
+        rows = means[means["emotion"] == emotion].sort_values("step")
+        row, col = cell(k)
+        steps = rows["step"].tolist()
+        for column, name, color in parts:
+            fig.add_trace(
+                go.Bar(
+                    x=steps,
+                    y=rows[column].tolist(),
+                    name=name,
+                    legendgroup=column,
+                    showlegend=k == 0,
+                    marker={"color": color},
+                    meta=emotion,
+                    hovertemplate=f"<b>{display_name(emotion, ja)}</b><br>step %{{x}}<br>"
+                    f"{name}: %{{y:.4g}}<extra></extra>",
+                ),
+                row=row,
+                col=col,
+            )
+        fig.add_trace(
+            go.Scatter(
+                x=steps,
+                y=rows[total[0]].tolist(),
+                name=total[1],
+                legendgroup=total[0],
+                showlegend=k == 0,
+                mode="lines+markers",
+                line={"color": _MEASURED_COLOR, "width": 1.5},
+                marker={"color": _MEASURED_COLOR, "size": 5},
+                meta=emotion,
+                hovertemplate=f"<b>{display_name(emotion, ja)}</b><br>step %{{x}}<br>"
+                f"{total[1]}: %{{y:.4g}}<extra></extra>",
+            ),
+            row=row,
+            col=col,
+        )
+    fig.update_layout(
+        barmode="relative",
+        title={"text": title},
+        legend=_top_legend(fig),
+    )
+    fig.update_xaxes(title_text=None, **_step_ticks(means["step"]))
+    fig.update_yaxes(zeroline=True, zerolinecolor="#bbbbbb")
+    fig.update_yaxes(title_text=yaxis, col=1)
+    return fig
+
+
+def attribution_figure(
+    attribution: pd.DataFrame,
+    alpha: float | int | None = None,
+    *,
+    ja: Mapping[str, str] | None = None,
+) -> go.Figure:
+    """Why final-layer steering moves each label's logit, per emotion over steps: the exact
+    parts ``direct`` (the push of α·v along the label's readout row, at the steered norm
+    scale) and ``scale_change`` (the same unsteered readout divided by a changed norm scale)
+    as stacked bars, and the measured change (their sum) as a line. Default: the largest
+    alpha (and layer) present; one panel per emotion, all on one scale."""
+    require_columns(
+        attribution,
+        ("step", "emotion", "logit_change", *[p[0] for p in ATTRIBUTION_PARTS]),
+        "the attribution table",
+    )
+    frame, alpha = _select_one(attribution, "alpha", alpha)
+    frame, layer = _select_one(frame, "layer", None)
+    setting = ", ".join(
+        s
+        for s in (
+            f"layer {format_value(layer)}" if layer is not None else "",
+            f"α = {format_value(alpha)}" if alpha is not None else "",
+        )
+        if s
+    )
+    return _stacked_parts_figure(
+        frame,
+        ATTRIBUTION_PARTS,
+        ("logit_change", "measured logit change"),
+        f"Logit attribution of steering: direct push + norm-scale change = measured change"
+        f"{' (' + setting + ')' if setting else ''}",
+        "logit change",
+        ja,
+    )
+
+
+def push_change_figure(
+    attribution: pd.DataFrame, *, ja: Mapping[str, str] | None = None
+) -> go.Figure:
+    """Why the per-unit direct push ``w·v/r`` of each emotion changed against the first step:
+    the exact parts "vector moved" (``push_vector``), "readout row moved" (``push_readout``)
+    and "residual scale moved" (``push_scale``) as stacked bars over steps, their sum
+    ``push_change`` as a line; one panel per emotion. The push does not depend on alpha (the
+    table repeats it for every alpha; the rows are averaged)."""
+    require_columns(
+        attribution,
+        ("step", "emotion", "push_change", *[p[0] for p in PUSH_PARTS]),
+        "the attribution table",
+    )
+    frame, layer = _select_one(attribution, "layer", None)
+    where = f" (layer {format_value(layer)})" if layer is not None else ""
+    return _stacked_parts_figure(
+        frame,
+        PUSH_PARTS,
+        ("push_change", "change of the per-unit push"),
+        f"Change of the direct push per unit α against the first step{where}: "
+        "vector + readout + scale",
+        "change of w·v / r",
+        ja,
+    )
+
+
+def _heatmap_views(
+    views: list[tuple[str, pd.DataFrame]],
+    index: str,
+    columns: str,
+    value: str,
+    *,
+    row_order: list | None = None,
+    hover: Callable,
+    colorbar: str,
+    diverging: bool = True,
+    zrange: tuple[float, float] | None = None,
+    active: int = 0,
+) -> go.Figure:
+    """One heatmap per view (mean of ``value`` per ``index`` x ``columns``), one shown at a
+    time with a menu to switch."""
+    fig = go.Figure()
+    menu = []
+    cols = sorted(pd.concat([f[columns] for _, f in views]).dropna().unique())
+    for name, frame in views:
+        table = frame.pivot_table(index=index, columns=columns, values=value, aggfunc="mean")
+        rows = row_order if row_order is not None else sorted(table.index)
+        table = table.reindex(index=rows, columns=cols)
+        z = table.to_numpy(dtype=float)
+        text = [
+            [hover(name, r, c, z[i, j]) for j, c in enumerate(cols)] for i, r in enumerate(rows)
+        ]
+        x = [format_value(c) for c in cols]
+        y = [format_value(r) for r in rows]
+        z_list = [[None if not np.isfinite(v) else float(v) for v in row] for row in z]
+        if diverging:
+            trace = _diverging_heatmap(z_list, x, y, text, colorbar)
+        else:
+            lo, hi = zrange if zrange is not None else (None, None)
+            trace = go.Heatmap(
+                z=z_list,
+                x=x,
+                y=y,
+                text=text,
+                zmin=lo,
+                zmax=hi,
+                colorscale="Viridis",
+                colorbar={"title": {"text": colorbar}},
+                hovertemplate="%{text}<extra></extra>",
+            )
+        trace.name = name
+        fig.add_trace(trace)
+        menu.append((name, [len(fig.data) - 1]))
+    _add_view_menu(fig, menu, active)
+    return fig
+
+
+def transfer_heatmap(
+    transfer: pd.DataFrame,
+    emotion: str | None = None,
+    *,
+    ja: Mapping[str, str] | None = None,
+) -> go.Figure:
+    """Model step (rows) x vector step (columns): the final-layer logit change of steering the
+    model of one step with the concept vectors of another. The diagonal is the model's own
+    vectors; along a row the model is fixed and only the direction changes ("did the concept
+    direction move?"), along a column the direction is fixed and only the model changes ("does
+    the model still read it?"). Default view: the mean over emotions; a menu shows each
+    emotion (``emotion`` chooses the one shown first)."""
+    require_columns(
+        transfer, ("step", "vector_step", "emotion", "logit_change"), "the transfer table"
+    )
+    frame, alpha = _select_one(transfer, "alpha", None)
+    frame, layer = _select_one(frame, "layer", None)
+    emotions = label_order(frame["emotion"].dropna())
+    views = [("mean over emotions", frame)] + [(e, frame[frame["emotion"] == e]) for e in emotions]
+    if emotion is not None and emotion not in emotions:
+        raise ValueError(f"no transfer rows for {emotion!r}; emotions: {', '.join(emotions)}")
+    active = 0 if emotion is None else 1 + emotions.index(emotion)
+
+    def hover(name, model_step, vector_step, z):
+        who = "mean over emotions" if name == "mean over emotions" else display_name(name, ja)
+        return (
+            f"{who}<br>model of step {format_value(model_step)}, vectors of step "
+            f"{format_value(vector_step)}<br>logit change {z:.4g}"
+        )
+
+    fig = _heatmap_views(
+        views,
+        "step",
+        "vector_step",
+        "logit_change",
+        hover=hover,
+        colorbar="logit change",
+        active=active,
+    )
+    setting = ", ".join(
+        s
+        for s in (
+            f"layer {format_value(layer)}" if layer is not None else "",
+            f"α = {format_value(alpha)}" if alpha is not None else "",
+        )
+        if s
+    )
+    fig.update_layout(
+        title={
+            "text": "Vector transfer: steer the model of one step with the vectors of "
+            f"another{' (' + setting + ')' if setting else ''}"
+        },
+        xaxis={"title": {"text": "step of the concept vectors"}, "type": "category"},
+        yaxis={"title": {"text": "step of the model"}, "type": "category", "autorange": "reversed"},
+        margin={"t": 90},
+    )
+    return fig
+
+
+_KIND_ORDER = {"embed": 0, "attn": 1, "mlp": 2}
+
+
+def _component_key(component: str, layer) -> tuple:
+    kind, _, rest = str(component).partition(" ")
+    if layer is None or not np.isfinite(layer):
+        layer = int(rest) if rest.lstrip("-").isdigit() else -1
+    return (int(layer), _KIND_ORDER.get(kind, 3), str(component))
+
+
+def dla_figure(
+    dla: pd.DataFrame,
+    label: str | None = None,
+    value: str = "logit",
+    *,
+    ja: Mapping[str, str] | None = None,
+) -> go.Figure:
+    """Component (embedding, then attention and MLP of each layer, in depth order) x step:
+    the mean direct contribution to the gold label's logit at the answer position (``value``
+    ``"logit"``) or to its margin over the mean of the other labels (``"margin"``). Default
+    view: the mean over gold labels (each label weighs the same); a menu shows each label."""
+    if value not in ("logit", "margin"):
+        raise ValueError(f"value must be 'logit' or 'margin', got {value!r}")
+    require_columns(dla, ("step", "label", "component", value), "the DLA table")
+    layer_of = {}
+    for comp, lay in zip(
+        dla["component"], dla["layer"] if "layer" in dla else [None] * len(dla), strict=True
+    ):
+        layer_of.setdefault(comp, None if lay is None or pd.isna(lay) else float(lay))
+    components = sorted(layer_of, key=lambda c: _component_key(c, layer_of[c]))
+    labels = label_order(dla["label"].dropna())
+    per_label = dla.groupby(["label", "component", "step"], sort=True)[value].mean().reset_index()
+    mean = per_label.groupby(["component", "step"], sort=True)[value].mean().reset_index()
+    views = [("mean over labels", mean)] + [
+        (lab, per_label[per_label["label"] == lab]) for lab in labels
+    ]
+    if label is not None and label not in labels:
+        raise ValueError(f"no DLA rows for gold label {label!r}; labels: {', '.join(labels)}")
+    active = 0 if label is None else 1 + labels.index(label)
+    what = "gold label logit" if value == "logit" else "gold-vs-rest margin"
+
+    def hover(name, comp, step, z):
+        who = "mean over labels" if name == "mean over labels" else display_name(name, ja)
+        return f"{who}<br>{comp}, step {format_value(step)}<br>{what} {z:.4g}"
+
+    fig = _heatmap_views(
+        views,
+        "component",
+        "step",
+        value,
+        row_order=components,
+        hover=hover,
+        colorbar=value,
+        active=active,
+    )
+    fig.update_layout(
+        title={"text": f"Direct logit attribution of the unsteered answer: {what}"},
+        xaxis={"title": {"text": _AXIS_STEP}, "type": "category"},
+        yaxis={"title": {"text": "component"}, "type": "category", "autorange": "reversed"},
+        height=max(420, 160 + 16 * len(components)),
+        margin={"t": 90},
+    )
+    return fig
+
+
+def geometry_figure(
+    geometry: pd.DataFrame,
+    measure: str,
+    inner: str = "plain",
+    layer: int | None = None,
+    *,
+    ja: Mapping[str, str] | None = None,
+) -> go.Figure:
+    """One geometry measure over steps, a line per emotion (or one line ``all`` for measures
+    of the whole set, such as ``orthogonality``) with its bootstrap interval as a band, in the
+    ``inner`` product (``plain`` or ``causal``), at ``layer`` (default the largest)."""
+    require_columns(
+        geometry, ("step", "layer", "measure", "emotion", "value"), "the geometry table"
+    )
+    frame = geometry[geometry["measure"] == measure]
+    if frame.empty:
+        present = ", ".join(sorted(map(str, geometry["measure"].dropna().unique())))
+        raise ValueError(f"the geometry table has no measure {measure!r}; it has {present}")
+    frame, inner = _select_one(frame, "inner", inner, largest=False)
+    frame, layer = _pick(frame, "layer", layer, largest=True)
+    has_ci = {"ci_low", "ci_high"} <= set(frame.columns)
+    fig = go.Figure()
+    for emotion in label_order(frame["emotion"].dropna()):
+        rows = frame[frame["emotion"] == emotion].sort_values("step")
+        color = _series_color(emotion)
+        steps = rows["step"].tolist()
+        if has_ci:
+            band = _band(
+                steps,
+                rows["ci_low"].to_numpy(float),
+                rows["ci_high"].to_numpy(float),
+                color,
+                name=f"{emotion} interval",
+                group=emotion,
+                meta=emotion,
+            )
+            if band is not None:
+                fig.add_trace(band)
+        ci = (
+            np.column_stack([rows["ci_low"].to_numpy(float), rows["ci_high"].to_numpy(float)])
+            if has_ci
+            else np.full((len(rows), 2), np.nan)
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=steps,
+                y=rows["value"].tolist(),
+                mode="lines+markers",
+                name=emotion,
+                legendgroup=emotion,
+                line={"color": color},
+                marker={"color": color, "size": 6},
+                meta=emotion,
+                customdata=ci,
+                hovertemplate=f"<b>{display_name(emotion, ja)}</b><br>step %{{x}}<br>"
+                f"{measure} %{{y:.4g}} [%{{customdata[0]:.3g}}, %{{customdata[1]:.3g}}]"
+                "<extra></extra>",
+            )
+        )
+    where = f"layer {format_value(layer)}" + (f", {inner} inner product" if inner else "")
+    fig.update_layout(
+        title={"text": f"Geometry: {measure} ({where}); bands: bootstrap intervals"},
+        xaxis={"title": {"text": _AXIS_STEP}, **_step_ticks(frame["step"])},
+        yaxis={"title": {"text": measure}},
+        legend={"title": {"text": "emotion"}},
+        margin={"t": 70},
+    )
+    return fig
+
+
+def probe_rows(probes: pd.DataFrame, measure: str, own: bool | None = True) -> pd.DataFrame:
+    """Held-out rows of one probes.csv measure for label ``all``, by step; ``own``: the step's
+    own probe (True), the first step's probe (False, which at the first step is its own), or
+    every row (None)."""
+    rows = probes[probes["measure"] == measure]
+    if "label" in rows.columns:
+        rows = rows[rows["label"].astype(str) == "all"]
+    if own is not None and "train_step" in rows.columns:
+        first = probes["step"].min()
+        rows = (
+            rows[rows["train_step"] == rows["step"]] if own else rows[rows["train_step"] == first]
+        )
+    return rows.sort_values("step")
+
+
+def probes_figure(probes: pd.DataFrame, layer: int | None = None) -> go.Figure:
+    """Held-out accuracy of the linear probes over steps, with bootstrap intervals.
+
+    Views (a menu): "all layers", each layer's own-probe accuracy as one line, shallow to deep,
+    with chance (dashed grey); and one view per layer with the layer's own probe, the first
+    step's probe evaluated on this step's residuals (dash-dot: does the old read-out still
+    work?), the shuffled-label baseline (dotted) and chance, each with its interval. ``layer``
+    chooses the view shown first (default "all layers"; a single layer has only its view)."""
+    require_columns(probes, ("step", "layer", "measure", "value"), "the probes table")
+    own_all = probe_rows(probes, "accuracy", own=True)
+    if own_all.empty:
+        raise ValueError("the probes table has no held-out accuracy rows")
+    layers = sorted(int(v) for v in own_all["layer"].dropna().unique())
+    if layer is not None and int(layer) not in layers:
+        raise ValueError(f"no probe at layer {layer}; layers: {', '.join(map(str, layers))}")
+    first = int(probes["step"].min())
+    has_ci = {"ci_low", "ci_high"} <= set(probes.columns)
+    chance = probes[probes["measure"] == "chance"].groupby("step", sort=True)["value"].mean()
+    fig = go.Figure()
+
+    def line(rows, name, color, dash, *, group, meta, band=True, width=2.0):
+        idx = []
+        steps = rows["step"].tolist()
+        if band and has_ci:
+            b = _band(
+                steps,
+                rows["ci_low"].to_numpy(float),
+                rows["ci_high"].to_numpy(float),
+                color,
+                name=f"{name} interval",
+                group=group,
+                meta=meta,
+            )
+            if b is not None:
+                fig.add_trace(b)
+                idx.append(len(fig.data) - 1)
+        fig.add_trace(
+            go.Scatter(
+                x=steps,
+                y=rows["value"].tolist(),
+                mode="lines+markers",
+                name=name,
+                legendgroup=group,
+                line={"color": color, "dash": dash, "width": width},
+                marker={"color": color, "size": 5},
+                meta=meta,
+                hovertemplate=f"{name}<br>step %{{x}}<br>accuracy %{{y:.3f}}<extra></extra>",
+            )
+        )
+        idx.append(len(fig.data) - 1)
+        return idx
+
+    def chance_line(meta):
+        if chance.empty:
+            return []
+        fig.add_trace(
+            go.Scatter(
+                x=chance.index.tolist(),
+                y=chance.tolist(),
+                mode="lines",
+                name="chance",
+                line={"color": _CHANCE_COLOR, "dash": "dash", "width": 1.5},
+                meta=meta,
+                hovertemplate="chance (majority label) %{y:.3f}<extra></extra>",
+            )
+        )
+        return [len(fig.data) - 1]
+
+    views = []
+    if len(layers) > 1:
+        idx = []
+        for lay, color in zip(layers, _layer_colors(len(layers)), strict=True):
+            rows = own_all[own_all["layer"] == lay]
+            idx += line(
+                rows,
+                f"layer {lay}",
+                color,
+                "solid",
+                group=f"layer {lay}",
+                meta={"view": "all", "layer": lay, "kind": "own"},
+                band=False,
+            )
+        idx += chance_line({"view": "all", "kind": "chance"})
+        views.append(("all layers", idx))
+    styles = (
+        ("accuracy", True, "own probe", "#1f77b4", "solid"),
+        ("accuracy", False, f"step-{first} probe", "#ff7f0e", "dashdot"),
+        ("shuffled_accuracy", None, "shuffled labels", "#7f7f7f", "dot"),
+    )
+    for lay in layers:
+        idx = []
+        for measure, own, name, color, dash in styles:
+            rows = probe_rows(probes, measure, own)
+            rows = rows[rows["layer"] == lay]
+            if rows.empty:
+                continue
+            idx += line(
+                rows, name, color, dash, group=name, meta={"view": lay, "layer": lay, "kind": name}
+            )
+        idx += chance_line({"view": lay, "kind": "chance"})
+        views.append((f"layer {lay}", idx))
+    active = 0 if layer is None else [v[0] for v in views].index(f"layer {int(layer)}")
+    _add_view_menu(fig, views, active)
+    fig.update_layout(
+        title={"text": "Linear probes: held-out accuracy (bands: bootstrap intervals)"},
+        xaxis={"title": {"text": _AXIS_STEP}, **_step_ticks(probes["step"])},
+        yaxis={"title": {"text": "held-out accuracy"}, "range": [0, 1.02]},
+        margin={"t": 90},
+    )
+    return fig
+
+
+def random_baseline_figure(
+    rb: pd.DataFrame,
+    alpha: float | int | None = None,
+    *,
+    ja: Mapping[str, str] | None = None,
+) -> go.Figure:
+    """Final-layer steering with each concept vector against random directions of the same
+    norm, per emotion over steps (one panel each): the concept's own-label logit change with
+    its bootstrap interval over prompts, and the random directions' mean ± one standard
+    deviation (grey). Default: the largest alpha (and layer)."""
+    require_columns(
+        rb,
+        ("step", "emotion", "logit_change_concept", "logit_change_random_mean"),
+        "the random baseline table",
+    )
+    frame, alpha = _select_one(rb, "alpha", alpha)
+    frame, layer = _select_one(frame, "layer", None)
+    emotions = label_order(frame["emotion"].dropna())
+    if not emotions:
+        raise ValueError("the random baseline table has no emotion rows")
+    fig, cell = _facet_grid(emotions, ja, row_height=210)
+    for k, emotion in enumerate(emotions):
+        rows = frame[frame["emotion"] == emotion].sort_values("step")
+        row, col = cell(k)
+        steps = rows["step"].tolist()
+        color = emotion_color(emotion)
+        mean = rows["logit_change_random_mean"].to_numpy(float)
+        sd = (
+            rows["logit_change_random_sd"].to_numpy(float)
+            if "logit_change_random_sd" in rows
+            else np.full(len(rows), np.nan)
+        )
+        traces = [
+            _band(
+                steps,
+                mean - sd,
+                mean + sd,
+                _RANDOM_COLOR,
+                name="random ± sd",
+                group="random",
+                meta=emotion,
+            ),
+            go.Scatter(
+                x=steps,
+                y=mean.tolist(),
+                mode="lines",
+                name="random directions (mean ± sd)",
+                legendgroup="random",
+                showlegend=k == 0,
+                meta=emotion,
+                line={"color": _RANDOM_COLOR, "dash": "dash"},
+                hovertemplate="random directions<br>step %{x}<br>mean %{y:.4g}<extra></extra>",
+            ),
+        ]
+        if {"concept_ci_low", "concept_ci_high"} <= set(rows.columns):
+            traces.append(
+                _band(
+                    steps,
+                    rows["concept_ci_low"].to_numpy(float),
+                    rows["concept_ci_high"].to_numpy(float),
+                    color,
+                    name="concept interval",
+                    group="concept",
+                    meta=emotion,
+                )
+            )
+        traces.append(
+            go.Scatter(
+                x=steps,
+                y=rows["logit_change_concept"].tolist(),
+                mode="lines+markers",
+                name="concept vector",
+                legendgroup="concept",
+                showlegend=k == 0,
+                meta=emotion,
+                line={"color": color},
+                marker={"color": color, "size": 5},
+                hovertemplate=f"<b>{display_name(emotion, ja)}</b> concept vector<br>step %{{x}}"
+                "<br>logit change %{y:.4g}<extra></extra>",
+            )
+        )
+        for trace in traces:
+            if trace is not None:
+                fig.add_trace(trace, row=row, col=col)
+    setting = ", ".join(
+        s
+        for s in (
+            f"layer {format_value(layer)}" if layer is not None else "",
+            f"α = {format_value(alpha)}" if alpha is not None else "",
+        )
+        if s
+    )
+    fig.update_layout(
+        title={
+            "text": "Concept vectors against random directions of the same norm"
+            f"{' (' + setting + ')' if setting else ''}"
+        },
+        legend=_top_legend(fig),
+    )
+    fig.update_yaxes(title_text="own-label logit change", col=1)
+    fig.update_xaxes(**_step_ticks(frame["step"]))
+    return fig
+
+
+#: Columns of :func:`change_summary_counts`.
+CHANGE_COUNT_COLUMNS = (
+    "table",
+    "measure",
+    "variant",
+    "n_series",
+    "n_tested",
+    "n_significant",
+    "max_abs_change",
+    "significant_layers",
+    "significant_series",
+)
+
+
+#: Measures that are properties of the data split, not estimates: never counted as tested.
+_UNTESTED_MEASURES = ("chance",)
+
+
+def change_summary_counts(change_summary: pd.DataFrame) -> pd.DataFrame:
+    """Per measure family (``table``, ``measure`` and the inner product for geometry or the
+    probe for probes, as ``variant``): how many series there are, how many change beyond their
+    interval (``significant_change``), the largest ``|change|``, and which layers and series
+    (emotion or label, at a layer) are flagged. ``n_tested`` counts the series whose first
+    step has an interval (``train_accuracy``, for one, has none and cannot be flagged; ``chance``
+    is a property of the held-out split, not an estimate, and is never tested)."""
+    require_columns(change_summary, ("measure", "significant_change"), "the change summary table")
+    frame = change_summary.copy()
+    if "table" not in frame:
+        frame["table"] = "geometry" if "inner" in frame else "probes"
+    variant = pd.Series("", index=frame.index)
+    for col in ("inner", "probe"):
+        if col in frame:
+            variant = variant.where(frame[col].isna(), frame[col].astype(str))
+    frame["variant"] = variant
+    frame["sig"] = frame["significant_change"].map(as_bool)
+    who = pd.Series("", index=frame.index)
+    for col in ("emotion", "label"):
+        if col in frame:
+            who = who.where(frame[col].isna() | (who != ""), frame[col].astype(str))
+    frame["who"] = who
+    rows = []
+    for (table, measure, var), g in frame.groupby(["table", "measure", "variant"], sort=False):
+        sig = g[g["sig"]]
+        layers = sorted({int(v) for v in sig["layer"].dropna()}) if "layer" in g else []
+        series = [
+            f"{w} @ {int(lay)}" if "layer" in g and pd.notna(lay) else str(w)
+            for w, lay in zip(
+                sig["who"], sig["layer"] if "layer" in g else [None] * len(sig), strict=True
+            )
+        ]
+        tested = 0 if measure in _UNTESTED_MEASURES else len(g)
+        if tested and {"first_ci_low", "first_ci_high"} <= set(g.columns):
+            low = pd.to_numeric(g["first_ci_low"], errors="coerce")
+            high = pd.to_numeric(g["first_ci_high"], errors="coerce")
+            tested = int((low.notna() & high.notna()).sum())
+        change = pd.to_numeric(g.get("max_abs_change"), errors="coerce")
+        rows.append(
+            {
+                "table": table,
+                "measure": measure,
+                "variant": var,
+                "n_series": len(g),
+                "n_tested": tested,
+                "n_significant": int(g["sig"].sum()),
+                "max_abs_change": float(change.max())
+                if change is not None and change.notna().any()
+                else float("nan"),
+                "significant_layers": ", ".join(map(str, layers)),
+                "significant_series": ", ".join(series),
+            }
+        )
+    return pd.DataFrame(rows, columns=list(CHANGE_COUNT_COLUMNS))
+
+
+def change_summary_table(change_summary: pd.DataFrame) -> go.Figure:
+    """:func:`change_summary_counts` as a table figure, families with a flagged series in red."""
+    counts = change_summary_counts(change_summary)
+    headers = [
+        "table",
+        "measure",
+        "inner / probe",
+        "series",
+        "beyond interval",
+        "largest |change|",
+        "layers flagged",
+    ]
+    values = [
+        counts["table"].tolist(),
+        counts["measure"].tolist(),
+        counts["variant"].tolist(),
+        counts["n_series"].tolist(),
+        counts["n_significant"].tolist(),
+        [format_value(round(v, 4)) if np.isfinite(v) else "" for v in counts["max_abs_change"]],
+        counts["significant_layers"].tolist(),
+    ]
+    fill = ["#fdecea" if n else "#ffffff" for n in counts["n_significant"]]
+    fig = go.Figure(
+        go.Table(
+            columnwidth=[1, 2.4, 0.9, 0.7, 0.9, 1, 1.2],
+            header={"values": headers, "fill": {"color": "#f0f0f0"}, "align": "left"},
+            cells={"values": values, "fill": {"color": [fill] * len(headers)}, "align": "left"},
+        )
+    )
+    fig.update_layout(
+        title={"text": "Change across the series beyond the first step's interval"},
+        height=min(900, 140 + 28 * max(len(counts), 1)),
+        margin={"t": 60},
+    )
+    return fig
+
+
+def layer_step_views(
+    views: list[tuple[str, pd.DataFrame]],
+    value: str,
+    title: str,
+    *,
+    diverging: bool = False,
+    zrange: tuple[float, float] | None = None,
+    active: int = 0,
+) -> go.Figure:
+    """Layer (rows, deepest on top) x step heatmaps of ``value`` (mean per cell), one per
+    named view with a menu to switch: for layer sweeps of any per-layer measure."""
+
+    def hover(name, layer, step, z):
+        return (
+            f"{name}<br>layer {format_value(layer)}, step {format_value(step)}<br>{value} {z:.4g}"
+        )
+
+    # categories run bottom to top: the shallowest layer at the bottom, the deepest on top
+    layers = sorted(pd.concat([f["layer"] for _, f in views]).dropna().unique())
+    fig = _heatmap_views(
+        views,
+        "layer",
+        "step",
+        value,
+        row_order=layers,
+        hover=hover,
+        colorbar=value,
+        diverging=diverging,
+        zrange=zrange,
+        active=active,
+    )
+    fig.update_layout(
+        title={"text": title},
+        xaxis={"title": {"text": _AXIS_STEP}, "type": "category"},
+        yaxis={"title": {"text": "layer"}, "type": "category"},
+        margin={"t": 90},
+    )
+    return fig
+
+
+def probes_layer_heatmap(probes: pd.DataFrame, label: str | None = None) -> go.Figure:
+    """Layer x step of the own probe's held-out accuracy (default view) and, in a menu, of
+    each label's recall: where in depth each emotion is decodable, and when."""
+    require_columns(probes, ("step", "layer", "measure", "value"), "the probes table")
+    own = probes
+    if "train_step" in probes:
+        own = probes[probes["train_step"] == probes["step"]]
+    acc = own[own["measure"] == "accuracy"]
+    recall = own[own["measure"] == "recall"]
+    labels = label_order(recall["label"].dropna()) if "label" in recall else []
+    views = [("accuracy", acc)] + [
+        (f"recall: {lab}", recall[recall["label"] == lab]) for lab in labels
+    ]
+    views = [(n, f) for n, f in views if not f.empty]
+    if not views:
+        raise ValueError("the probes table has no held-out accuracy or recall rows")
+    names = [n for n, _ in views]
+    active = 0 if label is None else names.index(f"recall: {label}")
+    return layer_step_views(
+        views,
+        "value",
+        "Linear probes by layer and step (own probe, held out)",
+        zrange=(0.0, 1.0),
+        active=active,
+    )
+
+
+def geometry_layer_heatmap(
+    geometry: pd.DataFrame, measure: str, inner: str = "plain", emotion: str | None = None
+) -> go.Figure:
+    """Layer x step of one geometry measure, a menu entry per emotion (``emotion``: the one
+    shown first; default the first in the study's order)."""
+    require_columns(
+        geometry, ("step", "layer", "measure", "emotion", "value"), "the geometry table"
+    )
+    frame = geometry[geometry["measure"] == measure]
+    if frame.empty:
+        raise ValueError(f"the geometry table has no measure {measure!r}")
+    frame, inner = _select_one(frame, "inner", inner, largest=False)
+    emotions = label_order(frame["emotion"].dropna())
+    views = [(e, frame[frame["emotion"] == e]) for e in emotions]
+    active = 0 if emotion is None else emotions.index(emotion)
+    return layer_step_views(
+        views,
+        "value",
+        f"Geometry by layer and step: {measure} ({inner} inner product)",
+        active=active,
+    )
+
+
+def layer_summary_figure(
+    summary: pd.DataFrame, *, ja: Mapping[str, str] | None = None
+) -> go.Figure:
+    """Emotion (rows) x step: the most steerable layer (left) and the most decodable layer
+    (right, highest per-label probe recall), the layer number written in each cell; the hover
+    gives the effect or recall there. From :func:`emolens.sweeps.layer_summary`."""
+    from plotly.subplots import make_subplots
+
+    require_columns(summary, ("step", "emotion"), "the layer summary")
+    panels = [
+        (c, v, t)
+        for c, v, t in (
+            ("most_steerable_layer", "max_effect", "most steerable layer"),
+            ("most_decodable_layer", "recall", "most decodable layer (probe recall)"),
+        )
+        if c in summary and summary[c].notna().any()
+    ]
+    if not panels:
+        raise ValueError("the layer summary has neither a steerable nor a decodable layer")
+    emotions = label_order(summary["emotion"].dropna())
+    steps = sorted(summary["step"].dropna().unique())
+    layer_values = pd.concat([summary[c] for c, _, _ in panels]).dropna()
+    lo, hi = float(layer_values.min()), float(layer_values.max())
+    fig = make_subplots(
+        rows=1,
+        cols=len(panels),
+        subplot_titles=[t for _, _, t in panels],
+        shared_yaxes=True,
+        horizontal_spacing=0.06,
+    )
+    for k, (column, value, title) in enumerate(panels):
+        z = summary.pivot_table(index="emotion", columns="step", values=column, aggfunc="first")
+        z = z.reindex(index=emotions, columns=steps)
+        v = summary.pivot_table(index="emotion", columns="step", values=value, aggfunc="first")
+        v = v.reindex(index=emotions, columns=steps) if value in summary else z * np.nan
+        zz = z.to_numpy(dtype=float)
+        vv = v.to_numpy(dtype=float)
+        fig.add_trace(
+            go.Heatmap(
+                z=[[None if not np.isfinite(a) else a for a in row] for row in zz],
+                x=[format_value(s) for s in steps],
+                y=emotions,
+                text=[["" if not np.isfinite(a) else str(int(a)) for a in row] for row in zz],
+                texttemplate="%{text}",
+                customdata=vv,
+                zmin=lo,
+                zmax=hi,
+                colorscale="Viridis",
+                showscale=k == 0,
+                colorbar={"title": {"text": "layer"}, "dtick": 1},
+                name=title,
+                hovertemplate="%{y}<br>step %{x}<br>layer %{text}<br>"
+                + value.replace("_", " ")
+                + " %{customdata:.4g}<extra></extra>",
+            ),
+            row=1,
+            col=k + 1,
+        )
+        fig.update_xaxes(title_text=_AXIS_STEP, type="category", row=1, col=k + 1)
+    fig.update_yaxes(type="category", autorange="reversed")
+    fig.update_layout(
+        title={"text": "Where each emotion is most steerable and most decodable"},
+        height=max(380, 140 + 26 * len(emotions)),
+        margin={"t": 90},
     )
     return fig

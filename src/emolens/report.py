@@ -20,16 +20,23 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from emolens import plots
+from emolens import plots, sweeps
 from emolens.results import read_json, write_text
 
-#: The optional tables of the explanation analyses, with their section headings.
+#: The optional tables of the explanation analyses, with their section headings (in order).
 OPTIONAL_TABLES: dict[str, str] = {
     "attribution": "Logit attribution",
     "transfer": "Vector transfer",
+    "dla": "Direct logit attribution",
+    "random_baseline": "Random-direction baseline",
     "geometry": "Geometry",
     "probes": "Linear probes",
+    "change_summary": "Change across the series",
 }
+#: Geometry measures the report draws (every measure is in the change summary).
+GEOMETRY_KEY_MEASURES = ("cosine_to_first", "orthogonality", "within_gap")
+#: The level of the bootstrap intervals the pipeline writes (concept_space's default).
+CI_LEVEL = 0.95
 _MAX_ROWS = 200
 _MAX_SWEEP_EMOTIONS = 13
 _ANALYZE_HINT = "emolens analyze --model MODEL_OR_RUN_DIR --out {dir}"
@@ -218,6 +225,11 @@ def write_report(
     inputs = load_report_inputs(results_dir, run_dir)
     path = Path(out) if out is not None else Path(results_dir) / "report.html"
     return write_text(path, build_report_html(inputs))
+
+
+def write_figure(fig: go.Figure, path: str | Path) -> Path:
+    """One figure as a self-contained HTML page (plotly.js inline, no network), atomically."""
+    return write_text(path, fig.to_html(full_html=True, include_plotlyjs=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,6 +477,18 @@ def _summary_section(inputs: ReportInputs, ja: dict) -> str:
         "<h3>Sensitivity at the last step against the base model</h3>",
         _verdicts(inputs, ja),
     ]
+    changes = inputs.extra_tables.get("change_summary")
+    if changes is not None:
+        try:
+            counts = plots.change_summary_counts(changes)
+            items = "".join(f"<li>{_e(t)}</li>" for t in _change_sentences(counts, top=3))
+            verdict = _change_verdict(counts)
+            body += [
+                "<h3>Geometry and probes across the series</h3>",
+                f"<ul>{items}</ul>" + (f"<p>{_e(verdict)}</p>" if verdict else ""),
+            ]
+        except Exception:  # the change summary section says why
+            pass
     if inputs.steps is not None and len(inputs.steps):
         body += ["<h3>Checkpoints</h3>", _frame_table(inputs.steps)]
     if not m:
@@ -641,18 +665,401 @@ def _audit_section(inputs: ReportInputs) -> str:
     return body
 
 
-def _optional_section(inputs: ReportInputs, name: str, title: str) -> str:
+def _steps_of(frame: pd.DataFrame) -> list[int]:
+    return sorted(int(s) for s in pd.to_numeric(frame["step"], errors="coerce").dropna().unique())
+
+
+def _names(items) -> str:
+    items = list(items)
+    return ", ".join(items) if items else "none"
+
+
+def _grid(cells: list[str]) -> str:
+    return f'<div class="grid">{"".join(cells)}</div>' if len(cells) > 1 else "".join(cells)
+
+
+def _attribution_body(frame: pd.DataFrame, ja: dict) -> str:
+    body = [
+        "<p>At the final layer the steered change of a label's logit splits exactly into the "
+        "<b>direct push</b> of α·v along the label's readout row w (its unembedding row times "
+        "the final norm's gain), divided by the norm scale of the steered residual, and the "
+        "<b>norm-scale change</b>: the unsteered readout w·h divided by the new scale instead "
+        "of the old (a larger residual, or a v that grows it, dilutes the same α). Bars: the "
+        "two parts (mean over prompts); line: the measured change, their sum.</p>",
+        _safe_figure(
+            lambda: plots.attribution_figure(frame, ja=ja), "the attribution figure", height=900
+        ),
+    ]
+    if {"push_change", *[p for p, _, _ in plots.PUSH_PARTS]} <= set(frame.columns):
+        body += [
+            "<h3>Why the push changed across the series</h3>",
+            "<p>The per-unit direct push w·v/r of each emotion, against the first step, split "
+            "exactly into the part due to the <b>vector</b> moving (v), the <b>readout row</b> "
+            "moving (w) and the <b>residual scale</b> moving (r, the norm scale of the neutral "
+            "prompts).</p>",
+            _push_verdicts(frame),
+            _safe_figure(
+                lambda: plots.push_change_figure(frame, ja=ja), "the push-change figure", height=900
+            ),
+        ]
+    return "\n".join(body)
+
+
+def _push_verdicts(frame: pd.DataFrame) -> str:
+    """Which part dominates each emotion's change of the push at the last step."""
+    parts = [p for p, _, _ in plots.PUSH_PARTS]
+    names = {p: n for p, n, _ in plots.PUSH_PARTS}
+    means = frame.groupby(["emotion", "step"])[["push_change", *parts]].mean().reset_index()
+    steps = _steps_of(means)
+    if len(steps) < 2:
+        return _note("One step only: nothing to compare the push with.")
+    last = means[means["step"] == steps[-1]].dropna(subset=["push_change"])
+    fell, rose = [], []
+    for emotion in plots.label_order(last["emotion"]):
+        row = last[last["emotion"] == emotion].iloc[0]
+        total = float(row["push_change"])
+        if total == 0:
+            continue
+        # the part that moved the push furthest in the direction it went
+        part = max(parts, key=lambda p: float(row[p]) * np.sign(total))
+        (fell if total < 0 else rose).append(f"{emotion} ({names[part]}, {total:+.3g})")
+    return (
+        f"<p>From step {steps[0]} to step {steps[-1]} the per-unit push fell for "
+        f"{_e(_names(fell))}; it rose for {_e(_names(rose))} (in brackets: the largest part "
+        "in that direction, and the total change).</p>"
+    )
+
+
+def _transfer_body(frame: pd.DataFrame, ja: dict) -> str:
+    body = [
+        "<p>Steering the model of step t (rows) with the concept vectors of step s "
+        "(columns), at the final layer. Along a row the model is fixed and only the direction "
+        "changes; along a column the direction is fixed and only the model changes. If the "
+        "later model steered with the base model's vectors moves its labels as much as with its "
+        "own, the concept direction barely changed; if both fall short of the base model, the "
+        "model no longer reads the concept as strongly.</p>",
+        _safe_figure(
+            lambda: plots.transfer_heatmap(frame, ja=ja), "the transfer heatmap", height=520
+        ),
+    ]
+    means = frame.groupby(["step", "vector_step"])["logit_change"].mean()
+    steps = _steps_of(frame)
+    first, last = steps[0], steps[-1]
+    if first != last:
+        cells = [(first, first), (last, last), (last, first), (first, last)]
+        if all(c in means.index for c in cells):
+            a, b, c, d = (float(means[x]) for x in cells)
+            body.append(
+                f"<p>Mean over emotions: the step-{first} model with its own vectors "
+                f"{a:.4g}; the step-{last} model with its own vectors {b:.4g} and with the "
+                f"step-{first} vectors {c:.4g}; the step-{first} model with the step-{last} "
+                f"vectors {d:.4g}.</p>"
+            )
+    return "\n".join(body)
+
+
+def _dla_body(frame: pd.DataFrame, ja: dict) -> str:
+    body = [
+        "<p>Direct logit attribution of the unsteered answer: each component's output (the "
+        "embedding, each layer's attention and MLP) read out through the final norm with the "
+        "norm scale frozen at the full residual's, so the components add up to the label "
+        "logit (minus its bias). Mean over samples of each gold label, then over labels.</p>",
+        _safe_figure(
+            lambda: plots.dla_figure(frame, value="logit", ja=ja), "the DLA figure", height=560
+        ),
+    ]
+    if "margin" in frame.columns:
+        body.append(
+            _safe_figure(
+                lambda: plots.dla_figure(frame, value="margin", ja=ja),
+                "the DLA margin figure",
+                height=560,
+            )
+        )
+        steps = _steps_of(frame)
+        last = frame[frame["step"] == steps[-1]]
+        top = last.groupby("component")["margin"].mean().sort_values(ascending=False).head(3)
+        if len(top):
+            shown = ", ".join(f"{c} ({v:+.3g})" for c, v in top.items())
+            body.append(
+                f"<p>Largest contributions to the gold-vs-rest margin at step "
+                f"{steps[-1]} (mean over labels): {_e(shown)}.</p>"
+            )
+    return "\n".join(body)
+
+
+def _random_baseline_body(frame: pd.DataFrame, ja: dict) -> str:
+    body = [
+        "<p>Each concept vector against random directions of the same norm, steered at the "
+        "final layer: the concept's own-label logit change with its bootstrap interval over "
+        "prompts, and the random directions' mean ± one standard deviation (grey).</p>",
+        _safe_figure(
+            lambda: plots.random_baseline_figure(frame, ja=ja),
+            "the random baseline figure",
+            height=900,
+        ),
+    ]
+    if "share_random_at_least_concept" in frame.columns:
+        alpha = float(frame["alpha"].max()) if "alpha" in frame else None
+        sel = frame if alpha is None else frame[np.isclose(frame["alpha"], alpha)]
+        for step in sorted({_steps_of(sel)[0], _steps_of(sel)[-1]}):
+            rows = sel[sel["step"] == step]
+            beat = rows[rows["share_random_at_least_concept"] == 0]["emotion"]
+            body.append(
+                f"<p>Step {step}{'' if alpha is None else ', α = ' + plots.format_value(alpha)}"
+                f": {len(beat)} of "
+                f"{rows['emotion'].nunique()} concept vectors raise their label more than every "
+                f"random direction ({_e(_names(plots.label_order(beat)))}).</p>"
+            )
+    return "\n".join(body)
+
+
+def _geometry_body(frame: pd.DataFrame, ja: dict) -> str:
+    plots.require_columns(frame, ("step", "layer", "measure", "emotion", "value"), "geometry.csv")
+    layers = sorted(int(v) for v in frame["layer"].dropna().unique())
+    inners = [i for i in ("plain", "causal") if "inner" in frame and (frame["inner"] == i).any()]
+    body = [
+        "<p>Key measures at the deepest analysed layer "
+        f"({layers[-1] if layers else '?'}), in the plain inner product and in Park et al.'s "
+        "causal inner product (whitened by the covariance of the unembedding rows); bands are "
+        f"{CI_LEVEL:.0%} bootstrap intervals over samples. <b>cosine_to_first</b>: cosine of "
+        "each concept vector with its first-step self (at the first step the band is the "
+        "resampling noise ceiling, so it lies below 1); <b>orthogonality</b>: mean |cos| "
+        "between distinct concept vectors; <b>within_gap</b>: mean cosine of a sample with its "
+        "own class mean minus that with the other class means. Every measure at every layer "
+        "is tested in the change summary.</p>"
+    ]
+    for measure in GEOMETRY_KEY_MEASURES:
+        if not (frame["measure"] == measure).any():
+            continue
+        body.append(f"<h3>{_e(measure)}</h3>")
+        cells = [
+            _safe_figure(
+                lambda m=measure, i=inner: plots.geometry_figure(frame, m, inner=i, ja=ja),
+                f"{measure} ({inner})",
+                height=420,
+            )
+            for inner in (inners or [None])
+        ]
+        body.append(_grid(cells))
+    return "\n".join(body)
+
+
+def _probes_body(frame: pd.DataFrame, ja: dict) -> str:
+    body = [
+        "<p>Multinomial logistic probes per layer and step on the residuals at the answer "
+        f"position; held-out accuracy with {CI_LEVEL:.0%} bootstrap intervals. The menu shows "
+        "one layer at a time with the first step's probe evaluated on later steps (does the "
+        "old read-out still work?), a probe trained on shuffled labels, and chance (the "
+        "majority label's share).</p>",
+        _safe_figure(lambda: plots.probes_figure(frame), "the probes figure", height=480),
+    ]
+    acc = plots.probe_rows(frame, "accuracy", own=True)
+    if not acc.empty:
+        layer = int(acc["layer"].max())
+        steps = _steps_of(acc)
+        at = acc[acc["layer"] == layer].set_index("step")["value"]
+        old = plots.probe_rows(frame, "accuracy", own=False)
+        old = old[old["layer"] == layer].set_index("step")["value"]
+        text = (
+            f"<p>Layer {layer}: held-out accuracy {float(at.iloc[0]):.3f} at step "
+            f"{steps[0]} and {float(at.iloc[-1]):.3f} at step {steps[-1]}"
+        )
+        if len(steps) > 1 and steps[-1] in old.index:
+            text += f"; the step-{steps[0]} probe scores {float(old[steps[-1]]):.3f} there"
+        body.append(text + ".</p>")
+    if frame["layer"].nunique() > 1:
+        body.append(
+            _safe_figure(
+                lambda: plots.probes_layer_heatmap(frame), "the probe layer heatmap", height=480
+            )
+        )
+    return "\n".join(body)
+
+
+def _change_sentences(counts: pd.DataFrame, top: int | None = None) -> list[str]:
+    """One sentence per table (geometry, probes): how many series change beyond their
+    interval, with the families that do (only the ``top`` most flagged, by share, if given)."""
+    out = []
+    what = {
+        "geometry": "geometry series (measure × emotion × layer × inner product)",
+        "probes": "probe series (measure × label × layer × probe)",
+    }
+    for table, g in counts.groupby("table", sort=False):
+        g = g[g["n_tested"] > 0]
+        n, m = int(g["n_significant"].sum()), int(g["n_tested"].sum())
+        hit = g[g["n_significant"] > 0]
+        if top is not None:
+            share = hit["n_significant"] / hit["n_tested"]
+            hit = hit.assign(_s=share).sort_values("_s", ascending=False, kind="stable")
+        flagged = [
+            f"{r.measure}{' (' + r.variant + ')' if r.variant else ''} {r.n_significant} of "
+            f"{r.n_tested}"
+            for r in hit.itertuples()
+        ]
+        if top is not None and len(flagged) > top:
+            flagged = flagged[:top] + [f"{len(flagged) - top} more families"]
+        sentence = (
+            f"{n} of {m} {what.get(table, table + ' series')} change beyond their "
+            f"{CI_LEVEL:.0%} interval"
+        )
+        sentence += f": {'; '.join(flagged)}." if flagged else "."
+        out.append(sentence)
+    return out
+
+
+def _change_verdict(counts: pd.DataFrame) -> str:
+    geo = counts[(counts["table"] == "geometry") & (counts["n_tested"] > 0)]
+    if geo.empty:
+        return ""
+    n = int(geo["n_significant"].sum())
+    if n == 0:
+        return (
+            "This agrees with the paper, which found no significant change of the "
+            "geometry after fine-tuning."
+        )
+    return (
+        f"The paper found no significant change of the geometry after fine-tuning; here "
+        f"{n} geometry series do change beyond their interval (see the table)."
+    )
+
+
+def _change_summary_body(frame: pd.DataFrame, ja: dict) -> str:
+    counts = plots.change_summary_counts(frame)
+    sentences = _change_sentences(counts)
+    body = [
+        "<p>Per measure series (one emotion or label, at one layer, in one inner product or for "
+        "one probe) over steps: a series counts as changed when some later step's "
+        f"{CI_LEVEL:.0%} bootstrap interval does not overlap the first step's (column "
+        "<code>significant_change</code>). Series whose first step has no interval "
+        "(train_accuracy) are not tested.</p>",
+        "<ul>" + "".join(f"<li>{_e(s)}</li>" for s in sentences) + "</ul>",
+    ]
+    verdict = _change_verdict(counts)
+    if verdict:
+        body.append(f"<p>{_e(verdict)}</p>")
+    shown = counts.drop(columns="significant_series").rename(columns={"variant": "inner / probe"})
+    body.append(_frame_table(shown))
+    flagged = counts[counts["n_significant"] > 0]
+    if len(flagged):
+        body.append(
+            "<details><summary>Series flagged, per family</summary>"
+            + _table(
+                ["table", "measure", "inner / probe", "series (emotion or label @ layer)"],
+                flagged[["table", "measure", "variant", "significant_series"]].itertuples(
+                    index=False, name=None
+                ),
+            )
+            + "</details>"
+        )
+    return "\n".join(body)
+
+
+_SECTION_BODIES: dict[str, Callable[[pd.DataFrame, dict], str]] = {
+    "attribution": _attribution_body,
+    "transfer": _transfer_body,
+    "dla": _dla_body,
+    "random_baseline": _random_baseline_body,
+    "geometry": _geometry_body,
+    "probes": _probes_body,
+    "change_summary": _change_summary_body,
+}
+
+
+def _optional_section(inputs: ReportInputs, name: str, title: str, ja: dict | None = None) -> str:
     frame = inputs.extra_tables.get(name)
     if frame is None:
         body = _problem_notes(inputs, f"{name}.csv") or _note(f"{name}.csv is empty.")
         return body
+    make = _SECTION_BODIES.get(name)
+    try:
+        if make is None:
+            raise ValueError("no dedicated figure")
+        shown = make(frame, ja or {})
+    except Exception as exc:  # an unexpected table is still shown, generically
+        shown = "\n".join(
+            [
+                _note(
+                    f"{name}.csv could not be shown as designed ({exc}); shown generically.",
+                    problem=True,
+                )
+                if make is not None
+                else "",
+                _safe_figure(
+                    lambda: plots.generic_table_figure(frame, f"{title} ({name}.csv)"),
+                    f"the {name} figure",
+                ),
+            ]
+        )
+    return "\n".join(
+        [
+            shown,
+            f"<details><summary>{_e(name)}.csv ({len(frame)} rows)</summary>"
+            f"{_frame_table(frame)}</details>",
+        ]
+    )
+
+
+def _has_layer_sweep(inputs: ReportInputs) -> bool:
+    return inputs.sensitivity["layer"].nunique() > 1
+
+
+def _layer_text(layer) -> str:
+    return "–" if pd.isna(layer) else str(int(layer))
+
+
+def _layer_summary_section(inputs: ReportInputs, ja: dict) -> str:
+    probes = inputs.extra_tables.get("probes")
+    try:
+        summary = sweeps.layer_summary(inputs.sensitivity, probes)
+    except Exception as exc:
+        try:  # a probes table of another shape must not hide the steering half
+            summary = sweeps.layer_summary(inputs.sensitivity, None)
+            probe_note = _note(f"probes.csv not used here: {exc}", problem=True)
+        except Exception as exc2:
+            return _note(f"The layer summary could not be computed: {exc2}", problem=True)
+    else:
+        probe_note = (
+            ""
+            if probes is not None
+            else _note("probes.csv not found: the most decodable layer is unknown.")
+        )
+    layers = sorted(int(v) for v in inputs.sensitivity["layer"].dropna().unique())
     body = [
+        "<p>Per step and emotion: the steered layer (of "
+        f"{', '.join(map(str, layers))}) where steering with the emotion's concept vector "
+        "raises its own label most (largest α, mean over prompts), and the layer whose probe "
+        "recalls the label best on held-out samples. Ties go to the shallowest layer; a label "
+        "that no layer's probe recalls at all has no decodable layer (–).</p>",
+        probe_note,
         _safe_figure(
-            lambda: plots.generic_table_figure(frame, f"{title} ({name}.csv)"), f"the {name} figure"
+            lambda: plots.layer_summary_figure(summary, ja=ja), "the layer summary", height=560
         ),
-        f"<details><summary>{_e(name)}.csv ({len(frame)} rows)</summary>"
-        f"{_frame_table(frame)}</details>",
     ]
+    moves = sweeps.layer_moves(summary)
+    if len(moves):
+        rows = [
+            [
+                r.emotion,
+                *(
+                    f"{_layer_text(a)} → {_layer_text(b)}"
+                    for a, b in (
+                        (r.steerable_first, r.steerable_last),
+                        (r.decodable_first, r.decodable_last),
+                    )
+                ),
+            ]
+            for r in moves.itertuples()
+        ]
+        first, last = int(moves["first_step"].min()), int(moves["last_step"].max())
+        body += [
+            f"<h3>From step {first} to step {last}</h3>",
+            _table(["emotion", "most steerable layer", "most decodable layer"], rows),
+        ]
+    body.append(
+        f"<details><summary>Layer summary ({len(summary)} rows)</summary>"
+        f"{_frame_table(summary)}</details>"
+    )
     return "\n".join(body)
 
 
@@ -700,11 +1107,22 @@ def build_report_html(inputs: ReportInputs, title: str = "emolens report") -> st
         ("summary", "Summary", lambda: _summary_section(inputs, ja)),
         ("figure2", "Figure 2 reproduction", lambda: _figure2_section(inputs, ja)),
         ("selectivity", "Selectivity", lambda: _selectivity_section(inputs, ja)),
+        *(
+            [
+                (
+                    "layer-summary",
+                    "Where emotions are steerable and decodable",
+                    lambda: _layer_summary_section(inputs, ja),
+                )
+            ]
+            if _has_layer_sweep(inputs)
+            else []
+        ),
         ("training", "Training curves", lambda: _training_section(inputs)),
         ("filtering", "Filtering", lambda: _filtering_section(inputs, ja)),
         ("label-audit", "Label audit", lambda: _audit_section(inputs)),
         *[
-            (n, t, lambda n=n, t=t: _optional_section(inputs, n, t))
+            (n.replace("_", "-"), t, lambda n=n, t=t: _optional_section(inputs, n, t, ja))
             for n, t in OPTIONAL_TABLES.items()
             if n in inputs.extra_tables
         ],

@@ -1,0 +1,45 @@
+"""Reproduce the paper's Figure 2: steering sensitivity of each emotion over fine-tuning steps.
+
+Runs :func:`emolens.pipeline.analyze` over a fine-tuning run folder (or one model) with the
+paper's settings (final block output, 10 neutral prompts, filtering by the model's own
+answers; no DLA, no causal geometry), then writes ``OUT/figures/figure2.html``. Every
+``emolens analyze`` option can override them::
+
+    python experiments/figure2.py runs/paper --data crowd-enVent_generation_ja.tsv --out res
+"""
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+
+from emolens import plots
+from emolens.data import load_corpus
+from emolens.pipeline import AnalysisConfig, add_analysis_options, analyze
+from emolens.report import write_figure
+from emolens.results import read_json
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="fine-tuning run folder (checkpoint series) or a model spec")
+    parser.add_argument("--data", default="bundled", help="corpus file, or 'bundled'")
+    parser.add_argument("--out", type=Path, required=True, help="results folder")
+    parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    parser.add_argument("--alpha", type=float, help="alpha shown (default: the largest)")
+    add_analysis_options(parser)
+    parser.set_defaults(layers="-1", steer_layers="-1", n_prompts=10, dla_per_label=0)
+    args = parser.parse_args(argv)
+    config = replace(AnalysisConfig.from_cli(args), causal_geometry=False)
+    out = analyze(args.run, load_corpus(args.data), args.out, config, device=args.device)
+    manifest = read_json(out / "manifest.json")
+    if not manifest["steps_done"]:
+        raise SystemExit("no checkpoint analysed: " + manifest["failures"][0]["error"])
+    steps = pd.read_csv(out / "steps.csv")
+    fig = plots.figure2(pd.read_csv(out / "sensitivity.csv"), alpha=args.alpha, steps_table=steps)
+    print(write_figure(fig, out / "figures" / "figure2.html"))
+
+
+if __name__ == "__main__":
+    main()

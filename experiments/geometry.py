@@ -1,0 +1,48 @@
+"""The pre-experiments' geometry, and beyond: concept-space measures over fine-tuning (issue 5).
+
+Within-concept similarity, orthogonality of the concept vectors and their stability against
+the first step, in the plain and the causal inner product, with bootstrap intervals. From a
+results folder of ``emolens analyze``, writes ``DIR/figures/geometry_MEASURE_INNER.html``
+(lines over steps at one layer), ``geometry_MEASURE_INNER_layers.html`` (layer x step) and,
+where ``change_summary.csv`` exists, ``change_summary.html`` (which series change beyond
+their interval: the paper reported no significant change)::
+
+    python experiments/geometry.py results/ --measures cosine_to_first,orthogonality
+"""
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from emolens import plots
+from emolens.report import GEOMETRY_KEY_MEASURES, write_figure
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, help="results folder written by emolens analyze")
+    parser.add_argument(
+        "--measures",
+        default=",".join(GEOMETRY_KEY_MEASURES),
+        help="comma-separated measures of geometry.csv",
+    )
+    parser.add_argument("--layer", type=int, help="layer of the line figures (default: last)")
+    args = parser.parse_args(argv)
+    if not (args.results / "geometry.csv").is_file():
+        parser.error(f"{args.results / 'geometry.csv'} not found: run emolens analyze first")
+    geo = pd.read_csv(args.results / "geometry.csv")
+    out = args.results / "figures"
+    for measure in args.measures.split(","):
+        for inner in sorted(geo.loc[geo["measure"] == measure, "inner"].unique()):
+            fig = plots.geometry_figure(geo, measure, inner=inner, layer=args.layer)
+            print(write_figure(fig, out / f"geometry_{measure}_{inner}.html"))
+            fig = plots.geometry_layer_heatmap(geo, measure, inner=inner)
+            print(write_figure(fig, out / f"geometry_{measure}_{inner}_layers.html"))
+    if (args.results / "change_summary.csv").is_file():
+        fig = plots.change_summary_table(pd.read_csv(args.results / "change_summary.csv"))
+        print(write_figure(fig, out / "change_summary.html"))
+
+
+if __name__ == "__main__":
+    main()

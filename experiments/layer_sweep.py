@@ -1,0 +1,50 @@
+"""Mid-layer localisation (the paper's future work, issue 6): steer and probe at every layer.
+
+With ``--model`` runs :func:`emolens.pipeline.analyze` with ``--layers all --steer-layers all``
+(other ``emolens analyze`` options apply) into OUT first; then, from OUT, writes
+``OUT/layer_summary.csv`` (per step and emotion, the most steerable and the most decodable
+layer) and to ``OUT/figures/``: ``layer_summary.html`` and one layer x step heatmap of the
+steering effect per emotion (``layer_sweep_EMOTION.html``)::
+
+    python experiments/layer_sweep.py results/ --model runs/paper --data crowd-enVent_ja.tsv
+"""
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from emolens import plots, sweeps
+from emolens.data import load_corpus
+from emolens.pipeline import AnalysisConfig, add_analysis_options, analyze
+from emolens.report import write_figure
+from emolens.results import write_csv
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="results folder (read, or written with --model)")
+    parser.add_argument("--model", help="run folder or model spec to analyse first")
+    parser.add_argument("--data", default="bundled", help="corpus file, or 'bundled'")
+    parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    parser.add_argument("--alpha", type=float, help="alpha summarised (default: the largest)")
+    add_analysis_options(parser)
+    parser.set_defaults(layers="all", steer_layers="all")
+    args = parser.parse_args(argv)
+    if args.model:
+        config = AnalysisConfig.from_cli(args)
+        analyze(args.model, load_corpus(args.data), args.out, config, device=args.device)
+    sens = pd.read_csv(args.out / "sensitivity.csv")
+    probes_csv = args.out / "probes.csv"
+    probes = pd.read_csv(probes_csv) if probes_csv.is_file() else None
+    summary = sweeps.layer_summary(sens, probes, alpha=args.alpha)
+    print(write_csv(args.out / "layer_summary.csv", summary))
+    figures = args.out / "figures"
+    print(write_figure(plots.layer_summary_figure(summary), figures / "layer_summary.html"))
+    for emotion in plots.label_order(sens["steered_emotion"].unique()):
+        fig = plots.layer_step_heatmap(sens, emotion, alpha=args.alpha)
+        print(write_figure(fig, figures / f"layer_sweep_{emotion}.html"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Vector transfer: steer the model of step t with the concept vectors of step s (issue 5).
+
+Separates "the concept direction changed" (along a row) from "the model no longer reads it"
+(along a column). From a results folder of ``emolens analyze``, writes
+``DIR/figures/transfer.html`` (model step x vector step, mean over emotions, a menu per
+emotion)::
+
+    python experiments/transfer.py results/ --emotion joy
+"""
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from emolens import plots
+from emolens.report import write_figure
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, help="results folder written by emolens analyze")
+    parser.add_argument("--emotion", help="emotion shown first (default: the mean over emotions)")
+    args = parser.parse_args(argv)
+    path = args.results / "transfer.csv"
+    if not path.is_file():
+        parser.error(f"{path} not found: run emolens analyze first")
+    fig = plots.transfer_heatmap(pd.read_csv(path), emotion=args.emotion)
+    print(write_figure(fig, args.results / "figures" / "transfer.html"))
+
+
+if __name__ == "__main__":
+    main()
