@@ -9,7 +9,9 @@ from emolens.steering import (
     alphas_from_norm_multiples,
     final_layer_sensitivity,
     layer_sensitivity,
+    layer_sensitivity_cached,
     naive_sensitivity,
+    prompt_kv_cache,
     steer,
 )
 from emolens.tokens import encode, last_token_index, pad
@@ -100,6 +102,39 @@ def test_batched_final_layer_sweep_matches_the_fast_path(tiny_model, setup):
     )
     fast = final_layer_sensitivity(tiny_model, acts.layer(last), vectors, ALPHAS, label_ids)
     assert max_diff(batched, fast) <= 1e-4
+
+
+@pytest.mark.parametrize("layer", [0, 2, -1])
+def test_kv_cached_answer_steering_matches_the_naive_loop(tiny_model, setup, layer):
+    prompts, label_ids, acts, _ = setup
+    vectors = realistic_vectors(acts, layer % tiny_model.n_layers, 2, seed=4)
+    bridge = tiny_model.bridge
+    before = attached_hooks(bridge)
+    cached = layer_sensitivity_cached(
+        tiny_model, prompts, layer, vectors, ALPHAS, label_ids, batch_size=3, progress=False
+    )
+    assert attached_hooks(bridge) == before
+    naive = naive_sensitivity(
+        tiny_model, prompts, layer, vectors, ALPHAS, label_ids, positions="answer"
+    )
+    assert max_diff(cached, naive) <= 1e-4
+    torch.testing.assert_close(cached.base_label_logits, naive.base_label_logits, atol=1e-5, rtol=0)
+    assert cached.positions == "answer" and cached.hook_name == naive.hook_name
+    assert float(cached.logit_change[:, 1:].abs().max()) > 1e-2  # steering does something
+
+
+def test_prompt_kv_cache_holds_the_prefix_and_a_one_token_prompt_needs_none(tiny_model, setup):
+    prompts, label_ids, acts, _ = setup
+    prefix = prompts[1][:-1]
+    assert prompt_kv_cache(tiny_model, prefix).get_seq_length() == len(prefix)
+    # (reuse of one prompt cache by several chunks is covered by batch_size=3 above)
+    one = [prompts[0][-1:]]
+    vectors = realistic_vectors(acts, 1, 1)
+    cached = layer_sensitivity_cached(
+        tiny_model, one, 1, vectors, ALPHAS, label_ids, progress=False
+    )
+    naive = naive_sensitivity(tiny_model, one, 1, vectors, ALPHAS, label_ids, positions="answer")
+    assert max_diff(cached, naive) <= 1e-4
 
 
 def test_zero_alpha_gives_zero_change(tiny_model, setup):
@@ -288,3 +323,21 @@ def test_gemma_fast_path_and_batched_mid_layer_match_hooked_passes(gemma_model):
     )
     naive_mid = naive_sensitivity(gemma_model, prompts, mid, mid_vectors, alphas[1:], label_ids)
     assert max_diff(batched, naive_mid) <= TOL
+
+
+@pytest.mark.slow
+def test_gemma_kv_cached_answer_steering_matches_the_naive_loop(gemma_model):
+    prompts = encode(gemma_model.tokenizer, render_prompts(TEXTS[:2]))
+    label_ids = resolve_label_tokens(gemma_model.tokenizer, allow_shared=True).ids
+    mid = gemma_model.n_layers // 2
+    acts = collect_activations(gemma_model, prompts, label_ids, [mid], progress=False)
+    alphas = torch.tensor([0.0, 1.0, 4.0])
+    vectors = realistic_vectors(acts, mid, 2, seed=2)
+    cached = layer_sensitivity_cached(
+        gemma_model, prompts, mid, vectors, alphas, label_ids, batch_size=4, progress=False
+    )
+    naive = naive_sensitivity(
+        gemma_model, prompts, mid, vectors, alphas, label_ids, positions="answer"
+    )
+    assert float(naive.logit_change[:, 1:].abs().max()) > 0.1
+    assert max_diff(cached, naive) <= TOL

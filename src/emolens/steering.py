@@ -12,10 +12,15 @@ Three ways to compute it, all with the same result:
   ``ln_final`` and ``unembed`` are applied to ``h + alpha * v`` for every configuration.
 - :func:`layer_sensitivity`: at any layer, with many (emotion, alpha) configurations riding in
   the batch dimension of each hooked forward pass (one steering vector per batch row).
+- :func:`layer_sensitivity_cached`: at any layer, steering the answer position only: each
+  prompt but its last token runs once, and every configuration then costs one token, run on
+  copies of the prompt's key/value cache.
 - :func:`naive_sensitivity`: the obvious reference, one hooked forward pass per (emotion,
   alpha, prompt); for tests and benchmarks.
 """
 
+import copy
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -338,6 +343,152 @@ def layer_sensitivity(model, token_ids: Sequence[Sequence[int]], layer: int,
     return _effect(steered, base, n_e, n_a, n_p, alphas=al, emotions=emotions, labels=labels,
                    prompt_ids=prompt_ids, layer=layer, positions=positions,
                    method=f"batched hooked forward (batch {batch_size})", model=model)
+
+
+# --------------------------------------------------------------------------- key/value cache
+
+
+class _StopAfterLastBlock(Exception):
+    """Raised by a hook once the rows needed from a forward pass are stored."""
+
+
+@contextmanager
+def attention_reads_kv_cache(bridge) -> Iterator[None]:
+    """Make the bridge's attention components fill and read a key/value cache.
+
+    transformers 5.x hands each attention module the cache as ``cache=...``, while the
+    attention that TransformerLens 4.3 reimplements (``AttentionBridge._update_kv_cache``)
+    looks only for ``past_key_values=...``: without this, a cache passed to the bridge is never
+    filled nor read, and a cached step silently attends to itself alone. Inside the ``with``
+    block a forward pre-hook on every attention component copies ``cache`` to
+    ``past_key_values`` (a no-op where the caller already passes ``past_key_values``, as
+    transformers 4.x does); the pre-hooks are removed on exit.
+    """
+
+    def pre_hook(module, args, kwargs):
+        if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+            kwargs = {**kwargs, "past_key_values": kwargs["cache"]}
+        return args, kwargs
+
+    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True)
+               for m in bridge_of(bridge).modules() if hasattr(m, "_update_kv_cache")]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _cached_forward_rows(bridge, input_ids: Int[Tensor, "sample seq"], cache
+                         ) -> Float[Tensor, "sample d_model"]:
+    """Run ``input_ids`` after the positions held in ``cache`` (which grows by them) and
+    return the final block output at the last position; the unembedding never runs."""
+    last = int(bridge.cfg.n_layers) - 1
+    store: dict[str, Tensor] = {}
+
+    def keep_last_row(tensor, *, hook):
+        store["h"] = tensor[:, -1].detach().float().cpu()
+        raise _StopAfterLastBlock
+
+    with warnings.catch_warnings(), attention_reads_kv_cache(bridge), \
+            bridge.hooks(fwd_hooks=[(hooks.resid_post(last), keep_last_row)]):
+        warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+        try:
+            bridge(input_ids.to(input_device(bridge)), past_key_values=cache)
+        except _StopAfterLastBlock:
+            pass
+    if "h" not in store:
+        raise RuntimeError(f"the hook at {hooks.resid_post(last)} did not fire")
+    return store["h"]
+
+
+def prompt_kv_cache(model, prefix: Sequence[int]):
+    """The key/value cache (a transformers ``DynamicCache``, batch 1) of the token ids
+    ``prefix``, from one forward pass that stops after the last block.
+
+    Raises ``RuntimeError`` if the pass left the cache unfilled (a TransformerLens /
+    transformers pairing whose attention ignores the cache), rather than let later steps
+    silently attend to themselves alone.
+    """
+    from transformers import DynamicCache
+
+    bridge = bridge_of(model)
+    cache = DynamicCache(config=bridge.original_model.config)
+    if len(prefix) == 0:
+        return cache
+    _cached_forward_rows(bridge, torch.as_tensor([list(prefix)]), cache)
+    if cache.get_seq_length() != len(prefix):
+        raise RuntimeError(f"the key/value cache holds {cache.get_seq_length()} positions after "
+                           f"a pass over {len(prefix)} tokens: this model's attention does not "
+                           "fill it; use layer_sensitivity instead")
+    return cache
+
+
+def _expanded(cache, rows: int):
+    """A copy of a batch-1 cache repeated ``rows`` times along the batch dimension (the
+    original is left as it was, so it serves the next chunk)."""
+    out = copy.deepcopy(cache)
+    out.batch_repeat_interleave(rows)
+    return out
+
+
+@torch.no_grad()
+def layer_sensitivity_cached(model, token_ids: Sequence[Sequence[int]], layer: int,
+                             vectors: Float[Tensor, "emotion d_model"],
+                             alphas: Float[Tensor, " alpha"], label_token_ids: Sequence[int], *,
+                             batch_size: int = 128, emotions: Sequence[str] | None = None,
+                             labels: Sequence[str] | None = None,
+                             prompt_ids: Sequence[str] | None = None,
+                             progress: bool = True) -> SteeringEffect:
+    """Sensitivity to steering the answer position only at ``blocks.{layer}.hook_resid_post``,
+    reusing each prompt's key/value cache: equal to ``layer_sensitivity(...,
+    positions="answer")`` and to the naive loop, for a fraction of the compute.
+
+    Steering only the answer (last) position leaves every earlier position, and so their keys
+    and values, as they were. Each prompt but its last token therefore runs once
+    (:func:`prompt_kv_cache`, stopping after the last block); then its (emotion, alpha)
+    configurations, plus one unsteered row for the baseline, run as a batch of single tokens
+    (up to ``batch_size`` rows a pass) on a copy of that cache repeated along the batch
+    dimension, with ``alpha * v`` added at the one position. A configuration costs one token
+    instead of the whole prompt. Memory: the repeated cache holds ``batch_size x prompt length
+    x n_layers x 2 x n_kv_heads x d_head`` numbers.
+    """
+    bridge = bridge_of(model)
+    (layer,) = hooks.check_layers([layer], int(bridge.cfg.n_layers))
+    hook_name = hooks.resid_post(layer)
+    n_e, n_a, n_p = vectors.shape[0], alphas.shape[0], len(token_ids)
+    if n_p == 0:
+        raise ValueError("no prompts to steer")
+    if any(len(t) == 0 for t in token_ids):
+        raise ValueError("cannot steer an empty prompt")
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    v, al = vectors.float().cpu(), alphas.float().cpu()
+    # row 0 of each prompt is the unsteered baseline, rows 1.. its configurations (e, a)
+    deltas = torch.cat([torch.zeros(1, v.shape[1]), (al[None, :, None] * v[:, None, :])
+                        .reshape(n_e * n_a, -1)])
+    d_model = int(bridge.cfg.d_model)
+    base_rows = torch.zeros(n_p, d_model)
+    steered_rows = torch.zeros(n_e, n_a, n_p, d_model)
+    for p in tqdm(range(n_p), desc=f"cached steering at layer {layer}", disable=not progress,
+                  leave=False):
+        ids = list(token_ids[p])
+        cache = prompt_kv_cache(bridge, ids[:-1])
+        rows = torch.zeros(len(deltas), d_model)
+        for start in range(0, len(deltas), batch_size):
+            chunk = deltas[start:start + batch_size]
+            answer = torch.full((len(chunk), 1), ids[-1], dtype=torch.long)
+            with steer(bridge, hook_name, chunk.to(input_device(bridge)), 1.0, "all"):
+                rows[start:start + len(chunk)] = _cached_forward_rows(
+                    bridge, answer, _expanded(cache, len(chunk)))
+        base_rows[p] = rows[0]
+        steered_rows[:, :, p] = rows[1:].reshape(n_e, n_a, d_model)
+    base = answer_readout(bridge, base_rows, label_token_ids)
+    steered = answer_readout(bridge, steered_rows.reshape(-1, d_model), label_token_ids)
+    return _effect(steered, base, n_e, n_a, n_p, alphas=al, emotions=emotions, labels=labels,
+                   prompt_ids=prompt_ids, layer=layer, positions="answer",
+                   method=f"answer-only steering on the prompt's key/value cache "
+                          f"(batch {batch_size})", model=model)
 
 
 @torch.no_grad()
