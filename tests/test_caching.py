@@ -90,3 +90,10 @@ def test_changing_an_analysis_setting_reuses_activations_and_recomputes_the_step
     config = AnalysisConfig(**{**CONFIG.to_dict(), setting[0]: setting[1]})
     analyze(model_copy, corpus, out, config, device="cpu")
     assert _recomputed(out, before) == (False, True)
+
+
+def test_changing_a_cross_step_setting_reuses_every_step(first_run, model_copy, corpus):
+    out, before = first_run
+    config = AnalysisConfig(**{**CONFIG.to_dict(), "n_boot": 50, "seed": 3})
+    analyze(model_copy, corpus, out, config, device="cpu")
+    assert _recomputed(out, before) == (False, False)

@@ -192,3 +192,21 @@ def test_answer_only_steering_uses_the_kv_cache_and_matches_the_plain_pass(serie
     got = got.sort_values(["steered_emotion", "prompt_id", "observed_label"])
     expected = naive.to_frame().sort_values(["emotion", "prompt", "label"])
     assert abs(got.logit_change.to_numpy() - expected.logit_change.to_numpy()).max() < 1e-4
+
+
+def test_localisation_sweeps_windows_for_every_step(series_out, corpus, tmp_path):
+    import shutil
+
+    from emolens.pipeline import localise
+
+    config = AnalysisConfig(**{**CONFIG.to_dict(), "layers": "all"})
+    out = tmp_path / "all-layers"
+    shutil.copytree(series_out, out)
+    analyze(json.loads((series_out / "manifest.json").read_text())["run_dir"], corpus, out,
+            config, device="cpu")
+    table = localise(out, corpus, window=2, per_label=2, device="cpu")
+    assert sorted(table.step.unique()) == [0, 2, 4]
+    assert sorted(table.start_layer.unique()) == [0, 1, 2]
+    assert (table.end_layer - table.start_layer == 1).all()
+    assert (out / "localisation.csv").exists()
+    assert table.accuracy_after.between(0, 1).all()

@@ -747,3 +747,14 @@ def test_layer_step_heatmaps_of_probes_and_geometry():
     geo = plots.geometry_layer_heatmap(make_geometry(), "cosine_to_first", emotion="trust")
     shown = next(t for t in geo.data if t.visible)
     assert shown.name == "trust" and shown.z[1][1] == pytest.approx(1.0 - 0.2 - 0.03)
+
+
+def test_localisation_heatmap_has_one_cell_per_window_and_step():
+    from emolens.plots import localisation_heatmap
+
+    table = pd.DataFrame({"step": [0, 0, 8, 8], "start_layer": [0, 1, 0, 1],
+                          "end_layer": [1, 2, 1, 2], "gold_logit_drop": [0.5, 1.5, 0.25, 2.0]})
+    fig = localisation_heatmap(table)
+    z = fig.data[0].z
+    assert list(fig.data[0].y) == ["layers 0-1", "layers 1-2"]
+    assert z[1][1] == 2.0 and z[0][1] == 0.25

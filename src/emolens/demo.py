@@ -21,8 +21,12 @@ log = logging.getLogger(__name__)
 #: Analysis settings of the demo: vectors at every layer; steering at the final layer (as in
 #: the paper; there steering every position or the answer position is the same) and at the
 #: middle layer (answer position only, one token a configuration on the prompt's KV cache).
+#: The vectors use every sample (filter mode "none"): the 270M base model answers the 13-way
+#: prompt correctly for almost no neutral sample (1 of 32 on the bundled corpus), so the
+#: paper's filtering to correct answers would leave no neutral mean at step 0. filtering.csv
+#: still reports how many samples each step gets right; `emolens analyze` filters by default.
 DEMO_ANALYSIS = AnalysisConfig(layers="all", steer_layers="mid,-1", positions="answer",
-                               n_prompts=10)
+                               n_prompts=10, filter_mode="none")
 
 
 def demo_settings(model: str) -> tuple[str, AnalysisConfig]:

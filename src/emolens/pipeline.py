@@ -209,10 +209,15 @@ def _activation_key(ctx: _Context, ckpt: Checkpoint) -> str:
                                 "language": c.language})
 
 
+#: Settings used only by the cross-step tables, rebuilt from disk on every run.
+OFFLINE_SETTINGS = ("n_boot", "seed", "transfer_alpha")
+
+
 def _step_key(ctx: _Context, ckpt: Checkpoint) -> str:
-    """What a finished step depends on: its activations and every analysis setting."""
+    """What a finished step depends on: its activations and every per-step setting."""
+    settings = {k: v for k, v in ctx.config.to_dict().items() if k not in OFFLINE_SETTINGS}
     return results.stable_hash({"activations": _activation_key(ctx, ckpt),
-                                "config": ctx.config.to_dict(), "eval_loss": ckpt.eval_loss})
+                                "config": settings, "eval_loss": ckpt.eval_loss})
 
 
 def _collect(ctx: _Context, model, ckpt: Checkpoint) -> tuple[Activations, dict]:
@@ -546,3 +551,48 @@ def merge(shard_dirs: list[str | Path], out_dir: str | Path) -> Path:
         "failures": [f for m in manifests for f in m.get("failures", [])
                      if f["step"] not in done]})
     return out
+
+
+def localise(results_dir: str | Path, corpus: Corpus, *, window: int = 3, stride: int = 1,
+             mode: str = "ablate", per_label: int = 8, labels: LabelSet = STUDY_LABELS,
+             device: str = "auto", dtype=None, batch_size: int = 8) -> pd.DataFrame:
+    """Localisation by intervention for every finished step of an analysis: remove (or patch)
+    each sample's own concept direction over sliding windows of layers and record the drop of
+    its label logit and of the accuracy (:func:`emolens.localisation.window_sweep`), on up to
+    ``per_label`` samples of each label. Needs vectors at every layer (``--layers all``).
+    Writes and returns ``DIR/localisation.csv``."""
+    from emolens.localisation import window_sweep
+    from emolens.vectors import ConceptVectors
+
+    out = Path(results_dir)
+    manifest = results.read_json(out / "manifest.json")
+    if manifest["data"]["sha256"] != corpus.sha256:
+        raise ValueError(f"{out} was analysed on other data (sha256 "
+                         f"{manifest['data']['sha256'][:12]}); pass the same corpus")
+    series = CheckpointSeries(manifest["series"]["run_dir"], manifest["series"]["base"],
+                              tuple(Checkpoint(**c) for c in manifest["series"]["checkpoints"]))
+    chosen = []
+    for j in range(len(labels)):
+        chosen += [i for i, s in enumerate(corpus.samples)
+                   if s.label == labels.emotions[j].en][:per_label]
+    template = TEMPLATES[manifest["settings"]["language"]]
+    frames = []
+    for ckpt in tqdm(series.checkpoints, desc="localisation", unit="ckpt"):
+        folder = step_dir(out, ckpt.step)
+        if not (folder / "done.json").exists():
+            continue
+        vectors = ConceptVectors.load(folder)
+        audit = results.read_json(folder / "label_audit.json")
+        with _loaded(series, ckpt, _Context(out, corpus, labels, AnalysisConfig(), [],
+                                            {"device": device, "dtype": dtype}, {})) as model:
+            tokens = encode(model.tokenizer, render_prompts(
+                [corpus.samples[i].text for i in chosen], template, labels, model.tokenizer))
+            gold = [labels.index(corpus.samples[i].label) for i in chosen]
+            frame = window_sweep(model, tokens, gold, [e["first_token_id"]
+                                                       for e in audit["entries"]],
+                                 vectors, window, stride, mode, batch_size,
+                                 label_names=labels.names("en"), progress=False)
+        frames.append(frame.assign(step=ckpt.step))
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    results.write_csv(out / "localisation.csv", table)
+    return table

@@ -1780,3 +1780,20 @@ def layer_summary_figure(
         margin={"t": 90},
     )
     return fig
+
+
+def localisation_heatmap(localisation: pd.DataFrame, value: str = "gold_logit_drop"
+                         ) -> go.Figure:
+    """Window (first and last layer) x step heatmap of what removing the concept direction over
+    that window costs (``localisation.csv`` of :func:`emolens.pipeline.localise`)."""
+    require_columns(localisation, ["step", "start_layer", "end_layer", value], "localisation")
+    table = localisation.pivot_table(index=["start_layer", "end_layer"], columns="step",
+                                     values=value, aggfunc="mean").sort_index()
+    y = [f"layers {a}-{b}" for a, b in table.index]
+    x = [str(s) for s in table.columns]
+    hover = [[f"{row}, step {col}: {format_value(v)}" for col, v in zip(x, values)]
+             for row, values in zip(y, table.to_numpy())]
+    fig = go.Figure(_diverging_heatmap(table.to_numpy(), x, y, hover, value))
+    fig.update_layout(title=f"Localisation by intervention: {value} per layer window",
+                      xaxis_title="training step", yaxis_title="window")
+    return fig
