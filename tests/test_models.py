@@ -115,6 +115,7 @@ def test_hub_ids_pass_through_unchanged():
 @pytest.mark.slow
 def test_gemma_from_registry_package_through_the_gguf_path(tmp_path, monkeypatch):
     """Real pretrained weights: converted once, cached, labels audited, bridge == HF."""
+    monkeypatch.setenv("EMOLENS_CACHE", str(tmp_path / "fresh-cache"))  # really convert once
     t0 = time.perf_counter()
     model = load_model("gemma-3-270m", device="cpu")
     first = time.perf_counter() - t0

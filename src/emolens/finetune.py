@@ -708,12 +708,23 @@ def finetune(
         trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
         info["global_step"] = trainer.state.global_step
         del trainer, model
+    _leave_process_group()
     if args.should_save:
         info["status"] = "complete"
         write_json(run / RUN_INFO, info)
     if accuracy and args.should_save:
         write_accuracy(run, corpus, progress=progress)
     return run
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: wait for every rank, then close the process group, so that no rank
+    exits with the group's threads alive (an abort) while rank 0 still writes the results."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- accuracy
