@@ -319,6 +319,13 @@ def figure2(
     return fig
 
 
+def _setting_text(layer, alpha) -> str:
+    """``"layer L, α = A"`` for a figure title, leaving out what is None."""
+    parts = (f"layer {format_value(layer)}" if layer is not None else "",
+             f"α = {format_value(alpha)}" if alpha is not None else "")
+    return ", ".join(p for p in parts if p)
+
+
 def _diverging_heatmap(z, x, y, hover, colorbar: str) -> go.Heatmap:
     """Red for a rise, blue for a fall, white at zero (a colour range symmetric about 0)."""
     finite = np.asarray(z, dtype=float)
@@ -992,14 +999,7 @@ def attribution_figure(
     )
     frame, alpha = _select_one(attribution, "alpha", alpha)
     frame, layer = _select_one(frame, "layer", None)
-    setting = ", ".join(
-        s
-        for s in (
-            f"layer {format_value(layer)}" if layer is not None else "",
-            f"α = {format_value(alpha)}" if alpha is not None else "",
-        )
-        if s
-    )
+    setting = _setting_text(layer, alpha)
     return _stacked_parts_figure(
         frame,
         ATTRIBUTION_PARTS,
@@ -1127,14 +1127,7 @@ def transfer_heatmap(
         colorbar="logit change",
         active=active,
     )
-    setting = ", ".join(
-        s
-        for s in (
-            f"layer {format_value(layer)}" if layer is not None else "",
-            f"α = {format_value(alpha)}" if alpha is not None else "",
-        )
-        if s
-    )
+    setting = _setting_text(layer, alpha)
     fig.update_layout(
         title={
             "text": "Vector transfer: steer the model of one step with the vectors of "
@@ -1493,14 +1486,7 @@ def random_baseline_figure(
         for trace in traces:
             if trace is not None:
                 fig.add_trace(trace, row=row, col=col)
-    setting = ", ".join(
-        s
-        for s in (
-            f"layer {format_value(layer)}" if layer is not None else "",
-            f"α = {format_value(alpha)}" if alpha is not None else "",
-        )
-        if s
-    )
+    setting = _setting_text(layer, alpha)
     fig.update_layout(
         title={
             "text": "Concept vectors against random directions of the same norm"

@@ -1,0 +1,65 @@
+"""Wall time of ``emolens analyze --layers all`` over a three-checkpoint series, and the share of
+it spent in model forward passes and the answer readout (near 100% means nothing else is in
+the way). Issue 6.
+
+    python benchmarks/analyze_share.py RUN_DIR [--steps 0,8,16]
+
+RUN_DIR is a fine-tuning run folder (e.g. ``emolens-demo/run`` after ``emolens demo``).
+"""
+
+import argparse
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+
+import torch
+
+from emolens import activations, models, steering
+from emolens.data import load_corpus
+from emolens.pipeline import AnalysisConfig, analyze
+
+SPENT: dict[str, float] = defaultdict(float)
+
+
+def timed(name, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            SPENT[name] += time.perf_counter() - start
+    return wrapper
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="fine-tuning run folder")
+    parser.add_argument("--steps", default="0,8,16", help="three steps of the series")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    from transformer_lens.model_bridge import TransformerBridge
+
+    TransformerBridge.forward = timed("forward", TransformerBridge.forward)
+    for module in (activations, steering):
+        module.answer_readout = timed("readout", module.answer_readout)
+    models.load_model = timed("load", models.load_model)
+    out = tempfile.mkdtemp(prefix="emolens-share-")
+    config = AnalysisConfig(layers="all", steer_layers="-1", n_boot=200)
+    start = time.perf_counter()
+    analyze(args.run, load_corpus(None), out, config, device="cpu",
+            steps=[int(s) for s in args.steps.split(",")])
+    total = time.perf_counter() - start
+    shutil.rmtree(out)
+    inner = SPENT["forward"] + SPENT["readout"]
+    print(f"analyze --layers all, steps {args.steps}: {total:.1f} s wall")
+    print(f"  forward passes {SPENT['forward']:.1f} s, answer readout {SPENT['readout']:.1f} s: "
+          f"{100 * inner / total:.0f}% of the wall time")
+    rest = total - inner - SPENT["load"]
+    print(f"  model loading {SPENT['load']:.1f} s ({100 * SPENT['load'] / total:.0f}%); "
+          f"everything else (vectors, tables, bootstraps, I/O) {rest:.1f} s "
+          f"({100 * rest / total:.0f}%)")
+
+
+if __name__ == "__main__":
+    main()
