@@ -145,3 +145,20 @@ def test_a_model_too_large_for_the_device_is_a_clear_error(tiny_model_dir, monke
     monkeypatch.setattr(models, "available_memory", lambda device: need // 2)
     with pytest.raises(ModelLoadError, match=r"needs about .* GiB .*--device-map auto"):
         load_model(tiny_model_dir, device="cpu")
+
+
+@pytest.mark.slow
+def test_smollm2_llama_from_its_registry_package():
+    """A Llama-architecture model like Sarashina, from the package's .gguf; an English model,
+    so the Japanese labels share byte-level first tokens and the audit must say so."""
+    from emolens.labels import EN_TEMPLATE, LabelTokenError
+
+    model = load_model("smollm2-135m", device="cpu")
+    assert model.hf_model.config.architectures == ["LlamaForCausalLM"]
+    english = resolve_label_tokens(model.tokenizer, EN_TEMPLATE)
+    assert len(set(english.ids)) == 13 and english.entries[5].first_token == " joy"
+    with pytest.raises(LabelTokenError, match=r"disgust \(嫌悪\) shares first token"):
+        resolve_label_tokens(model.tokenizer)
+    ids = _ids(model, "Consider the following list of emotions.")
+    with torch.no_grad():
+        assert torch.allclose(model.bridge(ids), model.hf_model(ids).logits, atol=1e-4)

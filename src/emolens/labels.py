@@ -263,8 +263,8 @@ def resolve_label_tokens(tokenizer, template: PromptTemplate = JA_TEMPLATE,
     for e in entries:
         others = [o.en for o in entries if o is not e and o.first_token_id == e.first_token_id]
         if others:
-            shared.append(f"{e.en} ({e.ja}) shares first token {e.first_token!r} with "
-                          f"{', '.join(others)}")
+            shared.append(f"{e.en} ({e.ja}) shares first token {e.first_token!r} "
+                          f"(id {e.first_token_id}) with {', '.join(others)}")
         final.append(LabelToken(**{**asdict(e), "shares_first_token_with": others}))
     if shared and not allow_shared:
         raise LabelTokenError(
