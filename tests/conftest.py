@@ -20,6 +20,16 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test of many tiny tensor ops (thread hand-offs cost more than
+    the work on a busy 2-core machine); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from emolens.tiny import tiny_random_model

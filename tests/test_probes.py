@@ -14,14 +14,7 @@ from emolens.probes import (
     train_probe,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Probes here are tiny: one thread avoids thread hand-off costs on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensor ops: one thread
 
 
 def _clusters(n_per=60, n_classes=5, d=32, spread=1.0, seed=0):

@@ -13,14 +13,7 @@ from emolens.stats import (
     random_direction_like,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many tiny tensor ops: one thread avoids thread hand-off costs on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensor ops: one thread
 
 
 def test_interval_covers_the_true_mean_about_95_percent_of_the_time():

@@ -351,9 +351,9 @@ def _explain_step(ctx: _Context, model, ckpt: Checkpoint, acts: Activations,
 
 
 @contextmanager
-def _loaded(series: CheckpointSeries, ckpt: Checkpoint, ctx: _Context):
+def _loaded(series: CheckpointSeries, ckpt: Checkpoint, load_kwargs: dict):
     """One checkpoint in memory, released on exit."""
-    model = series.load(ckpt, **ctx.load_kwargs)
+    model = series.load(ckpt, **load_kwargs)
     try:
         yield model
     finally:
@@ -411,7 +411,7 @@ def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
         if _is_done(ctx, ckpt, key):
             continue
         try:
-            with _loaded(series, ckpt, ctx) as model:
+            with _loaded(series, ckpt, ctx.load_kwargs) as model:
                 acts, audit = _collect(ctx, model, ckpt)
                 if config.filter_mode == "all":
                     pending.append((ckpt, key))
@@ -426,7 +426,7 @@ def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
         masks = [Activations.load(step_dir(out, c.step)).correct for c in checkpoints
                  if (step_dir(out, c.step) / "activations.key").exists()]
         for ckpt, key in tqdm(pending, desc="steering (filter: all)", unit="ckpt"):
-            with _loaded(series, ckpt, ctx) as model:
+            with _loaded(series, ckpt, ctx.load_kwargs) as model:
                 acts, audit = _collect(ctx, model, ckpt)
                 keep = keep_mask("all", acts, all_steps=masks)
                 _vectors_and_sensitivity(ctx, model, ckpt, acts, keep, audit, key)
@@ -583,8 +583,7 @@ def localise(results_dir: str | Path, corpus: Corpus, *, window: int = 3, stride
             continue
         vectors = ConceptVectors.load(folder)
         audit = results.read_json(folder / "label_audit.json")
-        with _loaded(series, ckpt, _Context(out, corpus, labels, AnalysisConfig(), [],
-                                            {"device": device, "dtype": dtype}, {})) as model:
+        with _loaded(series, ckpt, {"device": device, "dtype": dtype}) as model:
             tokens = encode(model.tokenizer, render_prompts(
                 [corpus.samples[i].text for i in chosen], template, labels, model.tokenizer))
             gold = [labels.index(corpus.samples[i].label) for i in chosen]
