@@ -16,7 +16,12 @@ import pandas as pd
 
 from emolens import plots
 from emolens.data import load_corpus
-from emolens.pipeline import AnalysisConfig, add_analysis_options, analyze
+from emolens.pipeline import (
+    AnalysisConfig,
+    add_analysis_options,
+    analyze,
+    prompt_language,
+)
 from emolens.report import write_figure
 from emolens.results import read_json
 
@@ -25,6 +30,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="fine-tuning run folder (checkpoint series) or a model spec")
     parser.add_argument("--data", default="bundled", help="corpus file, or 'bundled'")
+    parser.add_argument("--language", choices=["ja", "en"], default=None,
+                        help="prompt language (when not given: the run's recorded prompt, else ja)")
     parser.add_argument("--out", type=Path, required=True, help="results folder")
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     parser.add_argument("--alpha", type=float, help="alpha shown (default: the largest)")
@@ -32,7 +39,9 @@ def main(argv=None) -> None:
     parser.set_defaults(layers="-1", steer_layers="-1", n_prompts=10, dla_per_label=0)
     args = parser.parse_args(argv)
     config = replace(AnalysisConfig.from_cli(args), causal_geometry=False)
-    out = analyze(args.run, load_corpus(args.data), args.out, config, device=args.device)
+    corpus = load_corpus(args.data, language=prompt_language(args.run, args.language))
+    out = analyze(args.run, corpus, args.out, config, device=args.device,
+                  override_prompt=args.override_prompt)
     manifest = read_json(out / "manifest.json")
     if not manifest["steps_done"]:
         raise SystemExit("no checkpoint analysed: " + manifest["failures"][0]["error"])

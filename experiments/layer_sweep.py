@@ -16,7 +16,12 @@ import pandas as pd
 
 from emolens import plots, sweeps
 from emolens.data import load_corpus
-from emolens.pipeline import AnalysisConfig, add_analysis_options, analyze
+from emolens.pipeline import (
+    AnalysisConfig,
+    add_analysis_options,
+    analyze,
+    prompt_language,
+)
 from emolens.report import write_figure
 from emolens.results import write_csv
 
@@ -26,6 +31,8 @@ def main(argv=None) -> None:
     parser.add_argument("out", type=Path, help="results folder (read, or written with --model)")
     parser.add_argument("--model", help="run folder or model spec to analyse first")
     parser.add_argument("--data", default="bundled", help="corpus file, or 'bundled'")
+    parser.add_argument("--language", choices=["ja", "en"], default=None,
+                        help="prompt language (when not given: the run's recorded prompt, else ja)")
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     parser.add_argument("--alpha", type=float, help="alpha summarised (default: the largest)")
     add_analysis_options(parser)
@@ -33,7 +40,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.model:
         config = AnalysisConfig.from_cli(args)
-        analyze(args.model, load_corpus(args.data), args.out, config, device=args.device)
+        corpus = load_corpus(args.data, language=prompt_language(args.model, args.language))
+        analyze(args.model, corpus, args.out, config, device=args.device,
+                override_prompt=args.override_prompt)
     sens = pd.read_csv(args.out / "sensitivity.csv")
     probes_csv = args.out / "probes.csv"
     probes = pd.read_csv(probes_csv) if probes_csv.is_file() else None

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from emolens import plots
 from emolens.data import load_corpus
-from emolens.pipeline import localise
+from emolens.pipeline import localise, manifest_prompt
 from emolens.report import write_figure
+from emolens.results import read_json
 
 
 def main(argv=None) -> None:
@@ -27,7 +28,11 @@ def main(argv=None) -> None:
     parser.add_argument("--per-label", type=int, default=8, help="samples per label")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    table = localise(args.results, load_corpus(args.data), window=args.window,
+    manifest = args.results / "manifest.json"
+    if not manifest.is_file():
+        parser.error(f"{manifest} not found: run emolens analyze first")
+    language = manifest_prompt(read_json(manifest)).language  # 'bundled' in the prompt's language
+    table = localise(args.results, load_corpus(args.data, language=language), window=args.window,
                      stride=args.stride, mode=args.mode, per_label=args.per_label,
                      device=args.device)
     fig = plots.localisation_heatmap(table)

@@ -24,33 +24,49 @@ def _model_options(p: argparse.ArgumentParser, default: str | None = DEFAULT_MOD
                    help="HF device_map (e.g. auto) for models larger than one GPU")
 
 
-def _data_options(p: argparse.ArgumentParser) -> None:
+def _training_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model to fine-tune: alias (" + ", ".join(ALIASES) + "), .gguf file, HF "
+                   "folder or hub id")
+    p.add_argument("--device", default="auto",
+                   help="train on cuda, mps, cpu or auto (several GPUs: accelerate launch or "
+                   "torchrun)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="training precision: float32, or bfloat16/float16 mixed precision "
+                   "(weights and optimizer stay float32; checkpoints are saved in the preset's "
+                   "save_dtype); None means bfloat16 on a CUDA GPU that supports it, else float32")
+
+
+def _data_options(p: argparse.ArgumentParser, language: str | None = "ja") -> None:
     p.add_argument("--data", default="bundled",
                    help="corpus file (crowd-enVENT TSV/CSV, generic CSV/TSV/JSONL) or 'bundled' "
                    "(the Japanese sample shipped with emolens; 'bundled:en' for English)")
     p.add_argument("--text-column", default=None, help="text column (guessed if not given)")
     p.add_argument("--label-column", default=None, help="label column (guessed if not given)")
-    p.add_argument("--language", default="ja", choices=["ja", "en"],
-                   help="prompt template language (ja is the paper's Figure 1 prompt)")
+    when_absent = ("; when not given, that of the prompt the run was fine-tuned with "
+                   "(RUN/prompt.json), ja for a plain model")
+    p.add_argument("--language", default=language, choices=["ja", "en"],
+                   help="prompt template language (ja is the paper's Figure 1 prompt) and the "
+                   "bundled corpus' language" + ("" if language else when_absent))
 
 
-def _load_corpus(args):
+def _load_corpus(args, language: str | None = None):
     from emolens.data import load_corpus, read_corpus
 
     if args.text_column or args.label_column:
         return read_corpus(args.data, text_column=args.text_column,
                            label_column=args.label_column)
-    return load_corpus(args.data, language=args.language)
+    return load_corpus(args.data, language=args.language or language or "ja")
 
 
 def _cmd_labels(args) -> int:
-    from emolens.labels import TEMPLATES, resolve_label_tokens
+    from emolens.labels import PromptSpec
     from emolens.models import load_tokenizer, resolve_model_dir
 
     source = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(source)
-    audit = resolve_label_tokens(tokenizer, TEMPLATES[args.language], chat=args.chat,
-                                 allow_shared=args.allow_shared_tokens)
+    prompt = PromptSpec.for_language(args.language, chat=args.chat)
+    audit = prompt.label_tokens(tokenizer, allow_shared=args.allow_shared_tokens)
     print(f"label audit of {args.model} ({args.language} prompt):")
     print(audit.format_table())
     if args.json:
@@ -80,8 +96,9 @@ def _cmd_finetune(args) -> int:
     overrides = {k: v for k, v in {"method": args.method, "max_steps": args.max_steps,
                                    "save_steps": args.save_steps, "seed": args.seed,
                                    "learning_rate": args.learning_rate}.items() if v is not None}
-    config = replace(config, **overrides)
-    run = finetune(args.model, _load_corpus(args), args.out, config)
+    config = replace(config, **overrides, language=args.language, chat=args.chat)
+    run = finetune(args.model, _load_corpus(args), args.out, config, device=args.device,
+                   dtype=args.dtype)
     print(f"run folder: {run}")
     return 0
 
@@ -93,7 +110,7 @@ def _analysis_config(args):
 
 
 def _cmd_analyze(args) -> int:
-    from emolens.pipeline import analyze
+    from emolens.pipeline import analyze, prompt_language
 
     shard = None
     if args.shard:
@@ -102,14 +119,15 @@ def _cmd_analyze(args) -> int:
         except ValueError:
             raise ValueError(f"cannot read --shard {args.shard!r}: write i/n, e.g. 0/4") from None
         shard = (i, n)
-    corpus = _load_corpus(args)
+    corpus = _load_corpus(args, prompt_language(args.model, args.language))
     if args.split != "all":
         from emolens.finetune import run_split
 
         corpus = run_split(args.model, corpus, args.split)
     result = analyze(args.model, corpus, args.out, _analysis_config(args),
                      base=args.base, device=args.device, dtype=args.dtype,
-                     device_map=args.device_map, shard=shard)
+                     device_map=args.device_map, shard=shard,
+                     override_prompt=args.override_prompt)
     print(f"results in {result}")
     return 0
 
@@ -158,8 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", formatter_class=_Formatter,
                        help="fine-tune on emotion classification into a checkpoint series")
-    _model_options(p)
+    _training_options(p)
     _data_options(p)
+    p.add_argument("--chat", action="store_true",
+                   help="train on the prompt wrapped in the tokenizer's chat template")
     p.add_argument("--out", required=True, help="run folder (checkpoint-N/ go there)")
     p.add_argument("--preset", default="demo", choices=["paper", "demo", "tiny"],
                    help="training schedule; 'paper' is 3 epochs, batch 16, 80/10/10 split")
@@ -174,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", formatter_class=_Formatter,
                        help="vectors and steering sensitivity over a checkpoint series or a model")
     _model_options(p, default=None)
-    _data_options(p)
+    _data_options(p, language=None)
     p.add_argument("--out", required=True, help="results folder (re-running resumes)")
     from emolens.pipeline import add_analysis_options
 

@@ -2,10 +2,11 @@
 
 The model learns to answer the Figure 1 prompt with the gold label, as next-token prediction:
 each training example is ``prompt + answer`` where the prompt is ``template.format(text)``
-(:func:`emolens.labels.render_prompts`, so ``chat`` is honoured) and the answer is the label's
-tokens *as they follow the prompt* (:func:`emolens.labels.resolve_label_tokens`), so the first
-answer token is exactly the token whose logit the analysis observes. Tokenization is
-:func:`emolens.tokens.encode`, the same call the analysis makes.
+rendered and encoded by the run's :class:`emolens.labels.PromptSpec` (template, labels, chat,
+special tokens), and the answer is the label's tokens *as they follow the prompt*
+(:meth:`PromptSpec.label_tokens`), so the first answer token is exactly the token whose logit
+the analysis observes. The spec is written to ``RUN/prompt.json``; ``analyze`` and
+``localise`` read it from there, so they encode exactly as fine-tuning did.
 
 The answer ends with the tokenizer's EOS token when it has one: the model then learns to stop
 after the label (as an SFT run would teach it), and the first-token logit the analysis reads is
@@ -46,11 +47,11 @@ from emolens import __version__
 from emolens.data import Corpus, Splits, split_corpus
 from emolens.labels import (
     STUDY_LABELS,
+    STUDY_PROMPT,
     TEMPLATES,
     LabelSet,
+    PromptSpec,
     PromptTemplate,
-    render_prompts,
-    resolve_label_tokens,
 )
 from emolens.models import (
     RUN_INFO,
@@ -62,13 +63,15 @@ from emolens.models import (
     resolve_model_dir,
 )
 from emolens.results import read_json, versions, write_csv, write_json
-from emolens.tokens import encode, pad, pad_id
+from emolens.tokens import pad, pad_id
 
 log = logging.getLogger(__name__)
 
 METHODS = ("full", "full-frozen-embeddings", "lora")
 IGNORE_INDEX = -100
 ACCURACY_CSV = "accuracy.csv"
+PROMPT_FILE = "prompt.json"  # the run's PromptSpec
+PRECISIONS = ("float32", "bfloat16", "float16")
 
 
 class FinetuneError(RuntimeError):
@@ -140,6 +143,10 @@ class FinetuneConfig:
     @property
     def template(self) -> PromptTemplate:
         return TEMPLATES[self.language]
+
+    def prompt(self, labels: LabelSet = STUDY_LABELS) -> PromptSpec:
+        """The prompt specification this configuration trains on."""
+        return PromptSpec(self.template, labels, self.chat)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -221,36 +228,26 @@ class TrainingExample:
 
 
 def answer_ids(
-    tokenizer,
-    labels: LabelSet = STUDY_LABELS,
-    template: PromptTemplate = TEMPLATES["ja"],
-    *,
-    chat: bool = False,
-    append_eos: bool = True,
+    tokenizer, prompt: PromptSpec = STUDY_PROMPT, *, append_eos: bool = True
 ) -> list[list[int]]:
     """The trained continuation of each label: its tokens after the prompt, then EOS (if the
     tokenizer has one and ``append_eos``)."""
-    tokens = resolve_label_tokens(tokenizer, template, labels, chat=chat)
+    tokens = prompt.label_tokens(tokenizer)
     eos = tokenizer.eos_token_id if append_eos else None
     return [list(ids) + ([int(eos)] if eos is not None else []) for ids in tokens.answer_token_ids]
 
 
 def build_examples(
-    corpus: Corpus,
-    tokenizer,
-    labels: LabelSet = STUDY_LABELS,
-    template: PromptTemplate = TEMPLATES["ja"],
-    *,
-    chat: bool = False,
-    append_eos: bool = True,
+    corpus: Corpus, tokenizer, prompt: PromptSpec = STUDY_PROMPT, *, append_eos: bool = True
 ) -> list[TrainingExample]:
     """``prompt + answer`` token ids of every sample, tokenized as the analysis does."""
-    answers = answer_ids(tokenizer, labels, template, chat=chat, append_eos=append_eos)
-    gold = corpus.label_indices(labels)
-    prompts = render_prompts(corpus.texts(), template, labels, tokenizer, chat)
+    answers = answer_ids(tokenizer, prompt, append_eos=append_eos)
+    gold = corpus.label_indices(prompt.labels)
     return [
         TrainingExample(s.id, tuple(p) + tuple(answers[g]), len(answers[g]))
-        for s, p, g in zip(corpus.samples, encode(tokenizer, prompts), gold, strict=True)
+        for s, p, g in zip(
+            corpus.samples, prompt.encode(tokenizer, corpus.texts()), gold, strict=True
+        )
     ]
 
 
@@ -432,10 +429,12 @@ def run_info(
     config: FinetuneConfig,
     corpus: Corpus,
     splits: Splits,
-    labels: LabelSet,
+    prompt: PromptSpec,
     answers: list[list[int]],
+    training: Mapping | None = None,
 ) -> dict:
-    """The run's manifest (``emolens_run.json``)."""
+    """The run's manifest (``emolens_run.json``); ``training`` is the device and precision."""
+    labels = prompt.labels
     return {
         "base_model": _base_spec(model_spec),
         "config": config.to_dict(),
@@ -443,7 +442,9 @@ def run_info(
         "data_sha256": corpus.sha256,
         "splits": {name: part.ids() for name, part in splits.as_dict().items()},
         "labels": labels.to_dict(),
-        "template": config.template.to_dict(),
+        "template": prompt.template.to_dict(),
+        "prompt": prompt.to_dict(),
+        "training": dict(training or {}),
         "answer_token_ids": {e.en: ids for e, ids in zip(labels, answers, strict=True)},
         "emolens_version": __version__,
         "versions": versions(),
@@ -454,7 +455,34 @@ def run_info(
 
 def _same_run(old: Mapping, new: Mapping) -> list[str]:
     keys = ("base_model", "config", "data_sha256", "splits", "labels", "template")
-    return [k for k in keys if old.get(k) != new.get(k)]
+    differ = [k for k in keys if old.get(k) != new.get(k)]
+    recorded = _recorded_prompt(old)
+    if recorded is not None and recorded.to_dict() != new.get("prompt"):
+        differ.append("prompt")
+    return differ
+
+
+def _recorded_prompt(info: Mapping) -> PromptSpec | None:
+    """The prompt of a run manifest; runs made before the spec was recorded rebuild it from
+    their template, labels and chat setting (their encoding always added special tokens)."""
+    if "prompt" in info:
+        return PromptSpec.from_dict(info["prompt"])
+    if "template" not in info:
+        return None
+    labels = LabelSet.from_dict(info["labels"]) if "labels" in info else STUDY_LABELS
+    chat = bool(info.get("config", {}).get("chat", False))
+    return PromptSpec(PromptTemplate(**info["template"]), labels, chat, add_special_tokens=True)
+
+
+def run_prompt(run_dir) -> PromptSpec | None:
+    """The prompt a run folder was fine-tuned with (``RUN/prompt.json``, else rebuilt from
+    ``emolens_run.json``), or None when the folder records none."""
+    run = Path(run_dir)
+    if (run / PROMPT_FILE).is_file():
+        return PromptSpec.from_dict(read_json(run / PROMPT_FILE))
+    if (run / RUN_INFO).is_file():
+        return _recorded_prompt(read_json(run / RUN_INFO))
+    return None
 
 
 def _resume_point(run: Path, info: dict, tidy: bool = True) -> Path | None:
@@ -551,6 +579,37 @@ def _callback_types() -> dict[str, type]:
     return {"ScheduleFastForward": ScheduleFastForward, "SaveDtype": SaveDtype}
 
 
+def training_device(device: str = "auto") -> str:
+    """The device a run trains on: cpu, cuda or mps (``auto`` picks as
+    :func:`emolens.models.resolve_device`). One device per process: for several GPUs use
+    ``accelerate launch`` or ``torchrun``, for one of them ``CUDA_VISIBLE_DEVICES``."""
+    dev = resolve_device(device)
+    if dev not in ("cpu", "cuda", "mps"):
+        raise FinetuneError(
+            f"fine-tuning runs on cpu, cuda or mps, not {device!r}; choose a GPU with "
+            "CUDA_VISIBLE_DEVICES, or several with accelerate launch / torchrun"
+        )
+    return dev
+
+
+def training_precision(dtype: str | None, device: str) -> str:
+    """The training precision: ``float32``, or ``bfloat16`` / ``float16`` mixed precision
+    (autocast; weights and optimizer stay float32). None: bfloat16 on a CUDA GPU that supports
+    it, else float32."""
+    if dtype in (None, "auto"):
+        bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+        return "bfloat16" if bf16 else "float32"
+    name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype)
+    if name not in PRECISIONS:
+        raise FinetuneError(f"unknown training dtype {dtype!r}; use {', '.join(PRECISIONS)}")
+    if name == "float16" and device != "cuda":
+        raise FinetuneError(
+            f"float16 mixed precision needs a CUDA GPU (training on {device}); "
+            "use --dtype bfloat16 or float32"
+        )
+    return name
+
+
 def training_arguments(
     config: FinetuneConfig,
     run: Path,
@@ -558,12 +617,16 @@ def training_arguments(
     progress: bool = True,
     evaluate: bool = True,
     eval_on_start: bool = True,
+    device: str = "auto",
+    dtype: str | None = None,
 ):
-    """The ``TrainingArguments`` of a run (float32 on CPU; bf16 mixed precision on a GPU)."""
+    """The ``TrainingArguments`` of a run on ``device`` (see :func:`training_device`) in the
+    precision ``dtype`` (see :func:`training_precision`: by default float32 on CPU, bf16
+    mixed precision on a GPU)."""
     from transformers import TrainingArguments
 
-    device = resolve_device("auto")
-    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    device = training_device(device)
+    precision = training_precision(dtype, device)
     return TrainingArguments(
         output_dir=str(run),
         per_device_train_batch_size=config.batch_size,
@@ -591,7 +654,8 @@ def training_arguments(
         dataloader_num_workers=0,
         dataloader_pin_memory=device == "cuda",
         use_cpu=device == "cpu",
-        bf16=bf16,
+        bf16=precision == "bfloat16",
+        fp16=precision == "float16",
         remove_unused_columns=False,
         label_names=["labels"],
         prediction_loss_only=True,
@@ -611,13 +675,18 @@ def finetune(
     *,
     labels: LabelSet = STUDY_LABELS,
     accuracy: bool = True,
+    device: str = "auto",
+    dtype: str | None = None,
 ) -> Path:
     """Fine-tune ``model_spec`` on ``corpus`` into the run folder ``out_dir``; return it.
 
-    Writes ``emolens_run.json`` before the first step, ``checkpoint-N/`` every
-    ``config.save_steps`` steps (and at the last step) with the validation loss in
-    ``trainer_state.json``, and, with ``accuracy``, ``accuracy.csv`` (test-split accuracy of
-    the base model and every checkpoint).
+    Trains on ``device`` (cpu, cuda, mps or auto) in the precision ``dtype`` (float32, or
+    bfloat16 / float16 mixed precision; default bfloat16 on a CUDA GPU, float32 elsewhere),
+    on the prompt ``config.prompt(labels)`` (``config.language``, ``config.chat``), which is
+    written to ``RUN/prompt.json``. Writes ``emolens_run.json`` before the first step,
+    ``checkpoint-N/`` every ``config.save_steps`` steps (and at the last step) with the
+    validation loss in ``trainer_state.json``, and, with ``accuracy``, ``accuracy.csv``
+    (test-split accuracy of the base model and every checkpoint).
 
     An existing run folder with complete checkpoints and the same settings is continued. With
     optimizer state (``save_optimizer=True``) the Trainer resumes exactly. Without it (the
@@ -631,21 +700,23 @@ def finetune(
     run = Path(out_dir)
     source = resolve_model_dir(model_spec)
     tokenizer = load_tokenizer(source)
-    template = config.template
+    prompt = config.prompt(labels)
     splits = split_corpus(corpus, config.split, seed=config.seed)
     if len(splits.train) == 0:
         raise FinetuneError(
             f"the training split of {len(corpus)} samples is empty; give more "
             "data or a larger train fraction"
         )
-    answers = answer_ids(
-        tokenizer, labels, template, chat=config.chat, append_eos=config.append_eos
-    )
-    info = run_info(model_spec, config, corpus, splits, labels, answers)
+    answers = answer_ids(tokenizer, prompt, append_eos=config.append_eos)
+    dev = training_device(device)
+    training = {"device": dev, "dtype": training_precision(dtype, dev)}
+    info = run_info(model_spec, config, corpus, splits, prompt, answers, training)
     evaluate = len(splits.validation) > 0
     if not evaluate:
         log.warning("the validation split is empty: no eval loss will be recorded")
-    args = training_arguments(config, run, progress=progress, evaluate=evaluate)
+    args = training_arguments(
+        config, run, progress=progress, evaluate=evaluate, device=dev, dtype=training["dtype"]
+    )
     resume = _resume_point(run, info, tidy=args.should_save) if run.exists() else None
     args.eval_on_start = evaluate and resume is None  # the base model's eval loss, once
     callbacks = []
@@ -681,6 +752,7 @@ def finetune(
         callbacks.append(_callback_types()["SaveDtype"](config.save_dtype))
     if args.should_save:
         run.mkdir(parents=True, exist_ok=True)
+        write_json(run / PROMPT_FILE, prompt.to_dict())
         write_json(run / RUN_INFO, info)
 
     if not finished:
@@ -688,9 +760,7 @@ def finetune(
         model = prepare_model(load_hf_model(source, dtype=torch.float32), config)
         info["trainable_parameters"] = trainable_parameters(model)
         examples = {
-            name: build_examples(
-                part, tokenizer, labels, template, chat=config.chat, append_eos=config.append_eos
-            )
+            name: build_examples(part, tokenizer, prompt, append_eos=config.append_eos)
             for name, part in (("train", splits.train), ("validation", splits.validation))
         }
         trainer = Trainer(
@@ -713,7 +783,7 @@ def finetune(
         info["status"] = "complete"
         write_json(run / RUN_INFO, info)
     if accuracy and args.should_save:
-        write_accuracy(run, corpus, progress=progress)
+        write_accuracy(run, corpus, progress=progress, device=dev)
     return run
 
 
@@ -745,10 +815,8 @@ def evaluate_accuracy(
     model_or_path,
     tokenizer,
     corpus: Corpus,
-    labels: LabelSet = STUDY_LABELS,
-    template: PromptTemplate = TEMPLATES["ja"],
+    prompt: PromptSpec = STUDY_PROMPT,
     *,
-    chat: bool = False,
     batch_size: int = 16,
     base: str | None = None,
     device: str = "auto",
@@ -761,10 +829,10 @@ def evaluate_accuracy(
     ``accuracy``, ``n``, ``correct``, the predicted label of each sample (``predictions``,
     English names) and ``per_label`` accuracy."""
     model = _as_hf_model(model_or_path, base, device)
-    label_ids = torch.tensor(resolve_label_tokens(tokenizer, template, labels, chat=chat).ids)
+    labels = prompt.labels
+    label_ids = torch.tensor(prompt.label_tokens(tokenizer).ids)
     gold = torch.tensor(corpus.label_indices(labels), dtype=torch.long)
-    prompts = render_prompts(corpus.texts(), template, labels, tokenizer, chat)
-    ids = encode(tokenizer, prompts)
+    ids = prompt.encode(tokenizer, corpus.texts())
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together
     predicted = torch.empty(len(ids), dtype=torch.long)
     dev = next(model.parameters()).device
@@ -837,10 +905,10 @@ def write_accuracy(
     info_path = run / RUN_INFO
     if not info_path.exists():
         raise FinetuneError(f"{run} has no {RUN_INFO}; accuracy needs the run's test split")
-    info = read_json(info_path)
-    config = FinetuneConfig.from_dict(info["config"])
-    labels = LabelSet.from_dict(info["labels"]) if "labels" in info else STUDY_LABELS
-    template = PromptTemplate(**info["template"]) if "template" in info else config.template
+    prompt = run_prompt(run)
+    if prompt is None:
+        config = FinetuneConfig.from_dict(read_json(info_path)["config"])
+        prompt = config.prompt()
     test = run_test_split(run, corpus)
     series = discover_series(run)
     out = run / ACCURACY_CSV
@@ -851,9 +919,7 @@ def write_accuracy(
     todo = [c for c in series.checkpoints if c.step not in rows]
     for ckpt in tqdm(todo, desc="test accuracy", disable=not progress or not todo):
         model = _as_hf_model(ckpt.spec, series.base if ckpt.kind == "lora" else None, device)
-        result = evaluate_accuracy(
-            model, tokenizer, test, labels, template, chat=config.chat, batch_size=batch_size
-        )
+        result = evaluate_accuracy(model, tokenizer, test, prompt, batch_size=batch_size)
         del model
         rows[ckpt.step] = {
             "step": ckpt.step,

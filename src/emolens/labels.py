@@ -234,19 +234,22 @@ _REFERENCE_TEXT = "今日は駅まで歩いた。"
 def resolve_label_tokens(tokenizer, template: PromptTemplate = JA_TEMPLATE,
                          labels: LabelSet = STUDY_LABELS, *, chat: bool = False,
                          allow_shared: bool = False,
-                         reference_text: str = _REFERENCE_TEXT) -> LabelTokens:
-    """Resolve each label's observed first token from the tokenization of prompt + answer.
+                         reference_text: str = _REFERENCE_TEXT,
+                         add_special_tokens: bool | None = None) -> LabelTokens:
+    """Resolve each label's observed first token from the tokenization of prompt + answer
+    (encoded as :meth:`PromptSpec.encode` does; ``add_special_tokens`` None: not with chat).
 
     Raises :class:`LabelTokenError` when the prompt's own tokens change once the label is
     appended (the label merges with the prompt's last token), and when two labels share a first
     token unless ``allow_shared`` (their logits could not be told apart).
     """
+    special = (not chat) if add_special_tokens is None else add_special_tokens
     prompt = render_prompts([reference_text], template, labels, tokenizer, chat)[0]
-    (prompt_ids,) = encode(tokenizer, [prompt])
+    (prompt_ids,) = encode(tokenizer, [prompt], special)
     entries = []
     for emotion in labels:
         answer = template.answer(emotion)
-        (full_ids,) = encode(tokenizer, [prompt + answer])
+        (full_ids,) = encode(tokenizer, [prompt + answer], special)
         if full_ids[: len(prompt_ids)] != prompt_ids or len(full_ids) == len(prompt_ids):
             raise LabelTokenError(
                 f"label {emotion.ja!r} ({emotion.en}) merges with the end of the prompt when "
@@ -273,3 +276,94 @@ def resolve_label_tokens(tokenizer, template: PromptTemplate = JA_TEMPLATE,
             + ". Drop one of them from the label set, or pass allow_shared=True "
             "(--allow-shared-tokens) to accept it knowingly.")
     return LabelTokens(labels, tuple(final))
+
+
+# --------------------------------------------------------------------------- prompt spec
+
+
+class PromptMismatchError(ValueError):
+    """The prompt asked for differs from the one a run was fine-tuned with."""
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """Everything that turns a text into the token ids a model sees: the template (and so the
+    language), the label set written into it, the chat wrapping and the special-token policy.
+
+    Fine-tuning, filtering, analysis and localisation all encode through :meth:`encode`, and
+    ``finetune`` records the spec in the run folder (``RUN/prompt.json``) for the others to
+    read. ``add_special_tokens`` None means the convention of HF's ``apply_chat_template``: the
+    tokenizer's special tokens (e.g. Gemma's BOS) are added to a plain prompt, and nothing is
+    added to a chat-rendered one, whose template already writes its own (a BOS added on top
+    would double it).
+    """
+
+    template: PromptTemplate = JA_TEMPLATE
+    labels: LabelSet = STUDY_LABELS
+    chat: bool = False
+    add_special_tokens: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.add_special_tokens is None:
+            object.__setattr__(self, "add_special_tokens", not self.chat)
+
+    @classmethod
+    def for_language(cls, language: str = "ja", labels: LabelSet = STUDY_LABELS,
+                     chat: bool = False) -> "PromptSpec":
+        """The bundled template of ``language`` ('ja' is the paper's Figure 1 prompt)."""
+        if language not in TEMPLATES:
+            raise ValueError(f"unknown prompt language {language!r}; use "
+                             f"{' or '.join(TEMPLATES)}")
+        return cls(TEMPLATES[language], labels, chat)
+
+    @property
+    def language(self) -> str:
+        return self.template.language
+
+    def with_options(self, *, language: str | None = None, chat: bool | None = None,
+                     labels: LabelSet | None = None) -> "PromptSpec":
+        """This spec with the given options changed (None keeps a field). A new language takes
+        its bundled template; a changed ``chat`` takes the default special-token policy."""
+        if language is not None and language not in TEMPLATES:
+            raise ValueError(f"unknown prompt language {language!r}; use "
+                             f"{' or '.join(TEMPLATES)}")
+        template = self.template if language in (None, self.language) else TEMPLATES[language]
+        new_chat = self.chat if chat is None else bool(chat)
+        special = self.add_special_tokens if new_chat == self.chat else None
+        return PromptSpec(template, self.labels if labels is None else labels, new_chat, special)
+
+    def render(self, tokenizer, texts: Sequence[str]) -> list[str]:
+        """Prompt strings of ``texts`` (``tokenizer`` is needed only with ``chat``)."""
+        return render_prompts(texts, self.template, self.labels, tokenizer, self.chat)
+
+    def encode(self, tokenizer, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of the prompts of ``texts``, exactly as fine-tuning feeds them."""
+        return encode(tokenizer, self.render(tokenizer, texts), self.add_special_tokens)
+
+    def label_tokens(self, tokenizer, *, allow_shared: bool = False) -> LabelTokens:
+        """Each label's observed first token after this prompt."""
+        return resolve_label_tokens(tokenizer, self.template, self.labels, chat=self.chat,
+                                    allow_shared=allow_shared,
+                                    add_special_tokens=self.add_special_tokens)
+
+    def describe(self) -> str:
+        """One line for messages: language, chat, special tokens, labels."""
+        return (f"language={self.language}, chat={'on' if self.chat else 'off'}, "
+                f"special tokens={'added' if self.add_special_tokens else 'none'}, "
+                f"labels={','.join(self.labels.names('en'))}")
+
+    def to_dict(self) -> dict:
+        return {"template": self.template.to_dict(), "labels": self.labels.to_dict(),
+                "chat": self.chat, "add_special_tokens": self.add_special_tokens}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PromptSpec":
+        return cls(PromptTemplate(**d["template"]), LabelSet.from_dict(d["labels"]),
+                   bool(d["chat"]), d.get("add_special_tokens"))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, indent=2)
+
+
+#: The study's prompt: the paper's Figure 1 template with its 13 labels, no chat wrapping.
+STUDY_PROMPT = PromptSpec()

@@ -43,7 +43,12 @@ from emolens.explain import (
     save_metric,
     transfer_frame,
 )
-from emolens.labels import STUDY_LABELS, TEMPLATES, LabelSet, render_prompts, resolve_label_tokens
+from emolens.labels import (
+    LabelSet,
+    PromptMismatchError,
+    PromptSpec,
+    PromptTemplate,
+)
 from emolens.models import Checkpoint, CheckpointSeries, discover_series, is_run_dir
 from emolens.steering import (
     SteeringEffect,
@@ -51,12 +56,9 @@ from emolens.steering import (
     layer_sensitivity,
     layer_sensitivity_cached,
 )
-from emolens.tokens import encode
-from emolens.vectors import concept_vectors, count_kept, keep_mask
+from emolens.vectors import FILTER_MODES, concept_vectors, count_kept, keep_mask
 
 log = logging.getLogger(__name__)
-
-FILTER_MODES = ("self", "base", "all", "none")  # none: keep every sample, no filtering
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,8 @@ class AnalysisConfig:
     filter_mode: str = "self"  # who decides a sample is correct: self, base, all (or none)
     min_count: int = 3  # a label with fewer kept samples drops out (with a warning)
     batch_size: int = 8
-    language: str = "ja"
-    chat: bool = False
+    language: str | None = None  # prompt language; None: the run's recorded prompt, else ja
+    chat: bool | None = None  # chat template; None: the run's recorded prompt, else off
     allow_shared_tokens: bool = False
     dla_per_label: int = 8  # samples per label for the direct logit attribution (0: none)
     transfer_alpha: float | None = None  # alpha of the transfer table (default: the largest)
@@ -136,9 +138,60 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
                    help="bootstrap replicates for confidence intervals")
     p.add_argument("--seed", type=int, default=d.seed,
                    help="seed of bootstraps, probe splits and random baseline directions")
-    p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap prompts in the chat template (when not given: as the run was "
+                   "fine-tuned, recorded in RUN/prompt.json; off for a plain model)")
     p.add_argument("--allow-shared-tokens", action="store_true",
                    help="accept labels that share a first token")
+    p.add_argument("--override-prompt", action="store_true",
+                   help="analyse with the --language/--chat prompt even where it differs from "
+                   "the one the run was fine-tuned with (recorded in the manifest)")
+
+
+# --------------------------------------------------------------------------- the prompt
+
+
+def recorded_prompt(model_spec) -> PromptSpec | None:
+    """The prompt a fine-tuning run folder (or series) records, or None (a plain model)."""
+    from emolens.finetune import run_prompt
+
+    run_dir = model_spec.run_dir if isinstance(model_spec, CheckpointSeries) else model_spec
+    if not run_dir or not is_run_dir(run_dir):
+        return None
+    return run_prompt(run_dir)
+
+
+def prompt_language(model_spec, language: str | None = None) -> str:
+    """``language`` when given, else the language of the run's recorded prompt, else ja (the
+    bundled corpus of that language is what ``--data bundled`` loads)."""
+    if language is not None:
+        return language
+    recorded = recorded_prompt(model_spec)
+    return recorded.language if recorded is not None else "ja"
+
+
+def resolve_prompt(recorded: PromptSpec | None, language: str | None = None,
+                   chat: bool | None = None, labels: LabelSet | None = None, *,
+                   override: bool = False, where: str = "the run") -> tuple[PromptSpec, dict]:
+    """The prompt to analyse with, and how it was chosen (for the manifest).
+
+    Options left None take the ``recorded`` prompt (the default prompt when there is none).
+    Options that ask for another prompt than the recorded one raise
+    :class:`PromptMismatchError`, unless ``override``."""
+    asked = (recorded or PromptSpec()).with_options(language=language, chat=chat, labels=labels)
+    explicit = any(o is not None for o in (language, chat, labels))
+    record = {"source": "run" if recorded is not None else
+              ("options" if explicit else "default"), "override": None}
+    if recorded is not None and asked != recorded:
+        if not override:
+            raise PromptMismatchError(
+                f"{where} was fine-tuned with the prompt [{recorded.describe()}] but the "
+                f"options ask for [{asked.describe()}]; leave out --language/--chat to use the "
+                "recorded prompt, or pass --override-prompt to analyse with the options' one")
+        log.warning("analysing %s with the prompt [%s], not the recorded [%s] "
+                    "(--override-prompt)", where, asked.describe(), recorded.describe())
+        record = {"source": "options", "override": {"recorded": recorded.to_dict()}}
+    return asked, record
 
 
 # --------------------------------------------------------------------------- helpers
@@ -184,11 +237,15 @@ def effect_frame(effect: SteeringEffect, *, step: int, alpha_unit: str) -> pd.Da
 class _Context:
     out: Path
     corpus: Corpus
-    labels: LabelSet
+    prompt: PromptSpec
     config: AnalysisConfig
     prompt_index: list[int]
     load_kwargs: dict
     base_key: dict
+
+    @property
+    def labels(self) -> LabelSet:
+        return self.prompt.labels
 
 
 def _series_of(model_spec, base: str | None) -> CheckpointSeries:
@@ -227,14 +284,10 @@ def _collect(ctx: _Context, model, ckpt: Checkpoint) -> tuple[Activations, dict]
     marker = folder / "activations.key"
     if marker.exists() and marker.read_text() == key:
         return Activations.load(folder), results.read_json(folder / "label_audit.json")
-    template = TEMPLATES[ctx.config.language]
-    audit = resolve_label_tokens(model.tokenizer, template, ctx.labels, chat=ctx.config.chat,
-                                 allow_shared=ctx.config.allow_shared_tokens)
-    prompts = render_prompts(ctx.corpus.texts(), template, ctx.labels, model.tokenizer,
-                             ctx.config.chat)
+    audit = ctx.prompt.label_tokens(model.tokenizer, allow_shared=ctx.config.allow_shared_tokens)
     layers = hooks.check_layers(ctx.config.layers, model.n_layers)
     acts = collect_activations(
-        model, encode(model.tokenizer, prompts), audit.ids, layers,
+        model, ctx.prompt.encode(model.tokenizer, ctx.corpus.texts()), audit.ids, layers,
         gold=ctx.corpus.label_indices(ctx.labels), sample_ids=ctx.corpus.ids(),
         label_names=tuple(ctx.labels.names("en")), batch_size=ctx.config.batch_size,
         meta={"step": ckpt.step})
@@ -256,10 +309,8 @@ def _vectors_and_sensitivity(ctx: _Context, model, ckpt: Checkpoint, acts: Activ
     results.save_tensors(folder / KEEP_FILE, {"keep": vec_keep.to(torch.uint8)})
     label_ids = [e["first_token_id"] for e in audit["entries"]]
     prompt_ids = [acts.sample_ids[i] for i in ctx.prompt_index]
-    template = TEMPLATES[cfg.language]
     prompt_texts = [ctx.corpus.samples[i].text for i in ctx.prompt_index]
-    prompt_tokens = encode(model.tokenizer, render_prompts(prompt_texts, template, ctx.labels,
-                                                           model.tokenizer, cfg.chat))
+    prompt_tokens = ctx.prompt.encode(model.tokenizer, prompt_texts)
     alphas = torch.tensor(cfg.alphas, dtype=torch.float32)
     frames = []
     last = model.n_layers - 1
@@ -318,8 +369,6 @@ def _base_activations(ctx: _Context, checkpoints: list[Checkpoint]) -> Activatio
 
 def _keep(ctx: _Context, acts: Activations, checkpoints: list[Checkpoint], is_base: bool):
     mode = ctx.config.filter_mode
-    if mode == "none":
-        return torch.ones(acts.n_samples, dtype=torch.bool)
     base_acts = acts if is_base else _base_activations(ctx, checkpoints)
     return keep_mask(mode, acts, base_acts)
 
@@ -341,10 +390,7 @@ def _explain_step(ctx: _Context, model, ckpt: Checkpoint, acts: Activations,
     chosen: list[int] = []
     for j in range(len(ctx.labels)):
         chosen += (acts.gold == j).nonzero().flatten().tolist()[: ctx.config.dla_per_label]
-    template = TEMPLATES[ctx.config.language]
-    texts = [ctx.corpus.samples[i].text for i in chosen]
-    tokens = encode(model.tokenizer, render_prompts(texts, template, ctx.labels, model.tokenizer,
-                                                    ctx.config.chat))
+    tokens = ctx.prompt.encode(model.tokenizer, [ctx.corpus.samples[i].text for i in chosen])
     frame = dla_frame(model, ckpt.step, tokens, acts.gold[chosen].tolist(), readout,
                       tuple(ctx.labels.names("en")), ctx.config.batch_size)
     results.write_csv(folder / "dla.csv", frame)
@@ -369,11 +415,16 @@ def _is_done(ctx: _Context, ckpt: Checkpoint, key: str) -> bool:
 
 
 def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
-            config: AnalysisConfig = AnalysisConfig(), *, labels: LabelSet = STUDY_LABELS,
+            config: AnalysisConfig = AnalysisConfig(), *, labels: LabelSet | None = None,
             base: str | None = None, device: str = "auto", dtype=None,
             device_map=None, steps: list[int] | None = None,
-            shard: tuple[int, int] | None = None) -> Path:
+            shard: tuple[int, int] | None = None, override_prompt: bool = False) -> Path:
     """Run the study over a checkpoint series (a run folder) or one model; returns ``out``.
+
+    The prompt is the one the run was fine-tuned with (``RUN/prompt.json``); ``config.language``,
+    ``config.chat`` and ``labels`` left None take it. Options that ask for another prompt stop
+    with :class:`emolens.labels.PromptMismatchError` unless ``override_prompt`` (the manifest
+    records the prompt used and the override).
 
     Re-running with the same inputs skips finished steps. A checkpoint that fails (to load, or
     with non-finite activations, ...) is recorded in the manifest's ``failures`` and the others
@@ -390,15 +441,20 @@ def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     series = _series_of(model_spec, base)
+    prompt, prompt_record = resolve_prompt(
+        recorded_prompt(series), config.language, config.chat, labels,
+        override=override_prompt, where=series.run_dir or str(model_spec))
+    labels = prompt.labels
+    config = replace(config, language=prompt.language, chat=prompt.chat)
     checkpoints = [c for c in series.checkpoints if steps is None or c.step in steps]
     if not checkpoints:
         raise ValueError(f"no checkpoints to analyse (asked for steps {steps}, "
                          f"found {series.steps})")
     prompt_index = choose_prompts(corpus, labels, config.n_prompts, config.prompt_seed)
     base_key = {"emolens": emolens.__version__, "data": corpus.sha256,
-                "labels": labels.to_dict(), "template": TEMPLATES[config.language].to_dict(),
-                "dtype": str(dtype)}
-    ctx = _Context(out, corpus, labels, config, prompt_index,
+                "labels": labels.to_dict(), "template": prompt.template.to_dict(),
+                "prompt": prompt.to_dict(), "dtype": str(dtype)}
+    ctx = _Context(out, corpus, prompt, config, prompt_index,
                    {"device": device, "dtype": dtype, "device_map": device_map}, base_key)
     started = time.time()
     manifest_path = out / "manifest.json"
@@ -443,7 +499,9 @@ def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
         series.run_dir, "run_dir": series.run_dir or None, "series": series.to_dict(),
         "data": {"source": corpus.source, "sha256": corpus.sha256, "n_samples": len(corpus),
                  "counts": corpus.counts()},
-        "labels": labels.to_dict(), "template": TEMPLATES[config.language].to_dict(),
+        "labels": labels.to_dict(), "template": prompt.template.to_dict(),
+        "prompt": prompt.to_dict(), "prompt_source": prompt_record["source"],
+        "prompt_override": prompt_record["override"],
         "settings": config.to_dict(),
         "load": {"device": device, "dtype": str(dtype), "device_map": device_map},
         "steered_prompts": [corpus.samples[i].id for i in prompt_index],
@@ -522,7 +580,7 @@ def merge(shard_dirs: list[str | Path], out_dir: str | Path) -> Path:
         if not (d / "manifest.json").exists():
             raise ValueError(f"{d} holds no manifest.json: is it an emolens analyze folder?")
         manifests.append(results.read_json(d / "manifest.json"))
-    same = ("data", "labels", "template", "settings", "steered_prompts")
+    same = ("data", "labels", "template", "prompt", "settings", "steered_prompts")
     for d, m in zip(shard_dirs[1:], manifests[1:]):
         differ = [k for k in same if m.get(k) != manifests[0].get(k)]
         if differ:
@@ -554,12 +612,13 @@ def merge(shard_dirs: list[str | Path], out_dir: str | Path) -> Path:
 
 
 def localise(results_dir: str | Path, corpus: Corpus, *, window: int = 3, stride: int = 1,
-             mode: str = "ablate", per_label: int = 8, labels: LabelSet = STUDY_LABELS,
-             device: str = "auto", dtype=None, batch_size: int = 8) -> pd.DataFrame:
+             mode: str = "ablate", per_label: int = 8, device: str = "auto", dtype=None,
+             batch_size: int = 8) -> pd.DataFrame:
     """Localisation by intervention for every finished step of an analysis: remove (or patch)
     each sample's own concept direction over sliding windows of layers and record the drop of
     its label logit and of the accuracy (:func:`emolens.localisation.window_sweep`), on up to
-    ``per_label`` samples of each label. Needs vectors at every layer (``--layers all``).
+    ``per_label`` samples of each label, encoded with the analysis' prompt (from its manifest:
+    template, labels, chat, special tokens). Needs vectors at every layer (``--layers all``).
     Writes and returns ``DIR/localisation.csv``."""
     from emolens.localisation import window_sweep
     from emolens.vectors import ConceptVectors
@@ -571,11 +630,12 @@ def localise(results_dir: str | Path, corpus: Corpus, *, window: int = 3, stride
                          f"{manifest['data']['sha256'][:12]}); pass the same corpus")
     series = CheckpointSeries(manifest["series"]["run_dir"], manifest["series"]["base"],
                               tuple(Checkpoint(**c) for c in manifest["series"]["checkpoints"]))
+    prompt = manifest_prompt(manifest)
+    labels = prompt.labels
     chosen = []
     for j in range(len(labels)):
         chosen += [i for i, s in enumerate(corpus.samples)
                    if s.label == labels.emotions[j].en][:per_label]
-    template = TEMPLATES[manifest["settings"]["language"]]
     frames = []
     for ckpt in tqdm(series.checkpoints, desc="localisation", unit="ckpt"):
         folder = step_dir(out, ckpt.step)
@@ -584,8 +644,7 @@ def localise(results_dir: str | Path, corpus: Corpus, *, window: int = 3, stride
         vectors = ConceptVectors.load(folder)
         audit = results.read_json(folder / "label_audit.json")
         with _loaded(series, ckpt, {"device": device, "dtype": dtype}) as model:
-            tokens = encode(model.tokenizer, render_prompts(
-                [corpus.samples[i].text for i in chosen], template, labels, model.tokenizer))
+            tokens = prompt.encode(model.tokenizer, [corpus.samples[i].text for i in chosen])
             gold = [labels.index(corpus.samples[i].label) for i in chosen]
             frame = window_sweep(model, tokens, gold, [e["first_token_id"]
                                                        for e in audit["entries"]],
@@ -595,3 +654,13 @@ def localise(results_dir: str | Path, corpus: Corpus, *, window: int = 3, stride
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     results.write_csv(out / "localisation.csv", table)
     return table
+
+
+def manifest_prompt(manifest: dict) -> PromptSpec:
+    """The prompt an analysis used, from its manifest (older manifests, written before the
+    spec was recorded, encoded with the tokenizer's special tokens added)."""
+    if "prompt" in manifest:
+        return PromptSpec.from_dict(manifest["prompt"])
+    return PromptSpec(PromptTemplate(**manifest["template"]),
+                      LabelSet.from_dict(manifest["labels"]),
+                      bool(manifest["settings"].get("chat", False)), add_special_tokens=True)

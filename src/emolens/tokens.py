@@ -1,8 +1,10 @@
 """Tokenization done once, in emolens, the same way for fine-tuning and analysis.
 
-Strings are encoded with the tokenizer's own special-token convention (``add_special_tokens``
-as the tokenizer defines it: Gemma adds a BOS, Sarashina adds none), and the bridge receives
-token ids, so it never prepends a BOS of its own.
+Plain prompts are encoded with the tokenizer's own special-token convention
+(``add_special_tokens`` as the tokenizer defines it: Gemma adds a BOS, Sarashina adds none);
+a chat-rendered prompt already holds the special tokens its template writes, so nothing is
+added on top (:class:`emolens.labels.PromptSpec` decides which). The bridge receives token
+ids, so it never prepends a BOS of its own.
 """
 
 from collections.abc import Sequence
@@ -12,9 +14,11 @@ from jaxtyping import Int
 from torch import Tensor
 
 
-def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each string, with the tokenizer's default special tokens."""
-    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+def encode(tokenizer, texts: Sequence[str], add_special_tokens: bool = True
+           ) -> list[list[int]]:
+    """Token ids of each string, with the tokenizer's default special tokens (or none)."""
+    return [list(ids) for ids in
+            tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]]
 
 
 def pad_id(tokenizer) -> int:

@@ -20,8 +20,9 @@ from emolens import hooks
 from emolens.activations import Activations, load_artifact, save_artifact
 from emolens.labels import LabelSet
 
-FilterMode = Literal["self", "base", "all"]
-FILTER_MODES: tuple[str, ...] = ("self", "base", "all")
+FilterMode = Literal["self", "base", "all", "none"]
+#: Who decides that a sample feeds the vectors; ``none`` keeps every sample (no filtering).
+FILTER_MODES: tuple[str, ...] = ("self", "base", "all", "none")
 
 
 class DroppedLabelWarning(UserWarning):
@@ -46,8 +47,11 @@ def keep_mask(mode: FilterMode | str, own: Activations, base: Activations | None
 
     ``"self"``: those ``own`` classifies correctly; ``"base"``: those the base model classifies
     correctly (``base`` needed); ``"all"``: those correct at every step (``all_steps``: each
-    step's :class:`Activations` or correctness mask, same samples in the same order).
+    step's :class:`Activations` or correctness mask, same samples in the same order);
+    ``"none"``: every sample.
     """
+    if mode == "none":
+        return torch.ones(own.n_samples, dtype=torch.bool)
     if mode == "self":
         return filter_correct(own)
     if mode == "base":
