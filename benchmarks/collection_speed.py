@@ -39,9 +39,9 @@ import torch
 
 from emolens.activations import collect_activations
 from emolens.data import load_corpus
-from emolens.labels import render_prompts, resolve_label_tokens
+from emolens.labels import STUDY_PROMPT
 from emolens.models import load_model
-from emolens.tokens import encode, pad, pad_id
+from emolens.tokens import pad, pad_id
 
 
 def proc_status(key: str) -> int:
@@ -55,7 +55,7 @@ def proc_status(key: str) -> int:
 
 def prompts_of(model, n: int, factor: int) -> list[list[int]]:
     corpus = load_corpus(None)
-    ids = encode(model.tokenizer, render_prompts(corpus.texts()[:n]))
+    ids = STUDY_PROMPT.encode(model.tokenizer, corpus.texts()[:n])
     if factor == 2:
         ids = [t + t[1:] for t in ids]
     return ids
@@ -81,7 +81,7 @@ def memory_child(what: str, factor: int, n: int, batch_size: int) -> None:
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")
     model = load_model("gemma-3-270m", device="cpu")
-    label_ids = resolve_label_tokens(model.tokenizer, allow_shared=True).ids
+    label_ids = STUDY_PROMPT.label_tokens(model.tokenizer, allow_shared=True).ids
     ids = prompts_of(model, n, factor)
     batches = batches_of(ids, batch_size, pad_id(model.tokenizer))
     gc.collect()  # load-time garbage freed now, not during the measured run
@@ -131,7 +131,7 @@ def main() -> None:
                                                    attn_implementation=impl).eval()
         for impl in ("eager", "sdpa")
     }
-    label_ids = resolve_label_tokens(model.tokenizer, allow_shared=True).ids
+    label_ids = STUDY_PROMPT.label_tokens(model.tokenizer, allow_shared=True).ids
     ids = prompts_of(model, args.n, 1)
     pid = pad_id(model.tokenizer)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))

@@ -31,7 +31,7 @@ import torch
 
 from emolens.activations import collect_activations
 from emolens.data import load_corpus
-from emolens.labels import STUDY_LABELS, render_prompts, resolve_label_tokens
+from emolens.labels import STUDY_LABELS, STUDY_PROMPT
 from emolens.models import load_model
 from emolens.pipeline import choose_prompts
 from emolens.steering import (
@@ -42,7 +42,6 @@ from emolens.steering import (
     layer_sensitivity_cached,
     naive_sensitivity,
 )
-from emolens.tokens import encode
 from emolens.vectors import concept_vectors
 
 QUANTITIES = ("logit_change", "logprob_change", "centered_change")
@@ -95,15 +94,14 @@ def main() -> None:
     model = load_model("gemma-3-270m", device="cpu")
     last, mid = model.n_layers - 1, model.n_layers // 2
     corpus = load_corpus(None)
-    label_ids = resolve_label_tokens(model.tokenizer, allow_shared=True).ids
+    label_ids = STUDY_PROMPT.label_tokens(model.tokenizer, allow_shared=True).ids
     prompt_index = choose_prompts(corpus, STUDY_LABELS, 10, seed=0)
-    prompts = encode(model.tokenizer,
-                     render_prompts([corpus.samples[i].text for i in prompt_index]))
+    prompts = STUDY_PROMPT.encode(model.tokenizer, [corpus.samples[i].text for i in prompt_index])
     vec_index = [i for name in STUDY_LABELS.names() for i in
                  [j for j, s in enumerate(corpus.samples)
                   if s.label == name and j not in prompt_index][:args.per_label]]
     vec_corpus = corpus.subset(vec_index)
-    acts = collect_activations(model, encode(model.tokenizer, render_prompts(vec_corpus.texts())),
+    acts = collect_activations(model, STUDY_PROMPT.encode(model.tokenizer, vec_corpus.texts()),
                                label_ids, [mid, last], gold=vec_corpus.label_indices(),
                                progress=False)
     vectors = concept_vectors(acts, torch.ones(acts.n_samples, dtype=torch.bool), STUDY_LABELS, 1)
