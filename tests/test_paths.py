@@ -35,35 +35,66 @@ ALPHAS = (0.0, 1.0, 3.0)
 EPS32 = torch.finfo(torch.float32).eps
 
 # factors: dtype, chat, language, alpha unit, positions, layers (0 = first level, 1 = second)
-LEVELS = (("float32", "bfloat16"), (False, True), ("ja", "en"), ("absolute", "norm"),
-          ("all", "answer"), ("all", "0,1"))
+LEVELS = (
+    ("float32", "bfloat16"),
+    (False, True),
+    ("ja", "en"),
+    ("absolute", "norm"),
+    ("all", "answer"),
+    ("all", "0,1"),
+)
 DESIGN = ("000000", "111111", "010001", "001000", "100010", "101101", "011110", "110111")
 
 
 def case_of(row: str) -> dict:
     dtype, chat, language, unit, positions, layers = (lv[int(c)] for lv, c in zip(LEVELS, row))
-    return {"dtype": dtype, "chat": chat, "language": language, "alpha_unit": unit,
-            "positions": positions, "layers": layers}
+    return {
+        "dtype": dtype,
+        "chat": chat,
+        "language": language,
+        "alpha_unit": unit,
+        "positions": positions,
+        "layers": layers,
+    }
 
 
 def case_id(row: str) -> str:
     c = case_of(row)
-    return "-".join([c["dtype"][:4], "chat" if c["chat"] else "plain", c["language"],
-                     c["alpha_unit"][:4], c["positions"], "L" + c["layers"].replace(",", "")])
+    return "-".join(
+        [
+            c["dtype"][:4],
+            "chat" if c["chat"] else "plain",
+            c["language"],
+            c["alpha_unit"][:4],
+            c["positions"],
+            "L" + c["layers"].replace(",", ""),
+        ]
+    )
 
 
 def config_of(case: dict, **over) -> AnalysisConfig:
-    values = dict(layers=case["layers"], steer_layers="1,-1", alphas=ALPHAS,
-                  alpha_unit=case["alpha_unit"], positions=case["positions"], n_prompts=3,
-                  min_count=1, batch_size=16, filter_mode="none", language=case["language"],
-                  chat=case["chat"], dla_per_label=2, n_boot=20)
+    values = dict(
+        layers=case["layers"],
+        steer_layers="1,-1",
+        alphas=ALPHAS,
+        alpha_unit=case["alpha_unit"],
+        positions=case["positions"],
+        n_prompts=3,
+        min_count=1,
+        batch_size=16,
+        filter_mode="none",
+        language=case["language"],
+        chat=case["chat"],
+        dla_per_label=2,
+        n_boot=20,
+    )
     values.update(over)
     return AnalysisConfig(**values)
 
 
 def readout_tol(scale: float) -> float:
     """Two float32 readouts (emolens' float32 modules, the float64 Readout) of one thing."""
-    return 16 * EPS32 * D_MODEL ** 0.5 * max(1.0, scale)
+    return 16 * EPS32 * D_MODEL**0.5 * max(1.0, scale)
 
 
 def forward_tol(dtype: str, scale: float) -> float:
@@ -74,8 +105,9 @@ def forward_tol(dtype: str, scale: float) -> float:
 
 @pytest.fixture(scope="module")
 def gains_model_dir(tmp_path_factory) -> Path:
-    return tiny_random_model(tmp_path_factory.mktemp("tiny-gains") / "model", random_norms=True,
-                             chat_template=True)
+    return tiny_random_model(
+        tmp_path_factory.mktemp("tiny-gains") / "model", random_norms=True, chat_template=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +124,14 @@ def runs(tmp_path_factory, gains_model_dir, corpora):
         if row not in done:
             case = case_of(row)
             out = tmp_path_factory.mktemp(f"run-{row}")
-            analyze(gains_model_dir, corpora[case["language"]], out, config_of(case),
-                    device="cpu", dtype=case["dtype"])
+            analyze(
+                gains_model_dir,
+                corpora[case["language"]],
+                out,
+                config_of(case),
+                device="cpu",
+                dtype=case["dtype"],
+            )
             done[row] = out
         return done[row]
 
@@ -103,8 +141,12 @@ def runs(tmp_path_factory, gains_model_dir, corpora):
 def prompt_tokens(model, corpus, manifest: dict, case: dict) -> list[list[int]]:
     ids = manifest["steered_prompts"]
     texts = [next(s.text for s in corpus.samples if s.id == i) for i in ids]
-    return encode(model.tokenizer, render_prompts(texts, TEMPLATES[case["language"]],
-                                                  STUDY_LABELS, model.tokenizer, case["chat"]))
+    return encode(
+        model.tokenizer,
+        render_prompts(
+            texts, TEMPLATES[case["language"]], STUDY_LABELS, model.tokenizer, case["chat"]
+        ),
+    )
 
 
 def steered(vectors: torch.Tensor, unit: str, resid: torch.Tensor) -> torch.Tensor:
@@ -119,8 +161,18 @@ def diagonal_mean(sens: pd.DataFrame, layer: int) -> pd.Series:
     return diag.groupby(["step", "steered_emotion", "alpha"]).logit_change.mean()
 
 
-PROMISED = ("sensitivity", "filtering", "steps", "dla", "attribution", "transfer",
-            "random_baseline", "geometry", "probes", "change_summary")
+PROMISED = (
+    "sensitivity",
+    "filtering",
+    "steps",
+    "dla",
+    "attribution",
+    "transfer",
+    "random_baseline",
+    "geometry",
+    "probes",
+    "change_summary",
+)
 
 
 def check_run(out: Path, model_dir: Path, corpus, case: dict, n_layers: int) -> None:
@@ -135,7 +187,12 @@ def check_run(out: Path, model_dir: Path, corpus, case: dict, n_layers: int) -> 
     # the manifest and the tables record the options
     s = manifest["settings"]
     assert (s["alpha_unit"], s["positions"], s["language"], s["chat"], s["layers"]) == (
-        case["alpha_unit"], case["positions"], case["language"], case["chat"], case["layers"])
+        case["alpha_unit"],
+        case["positions"],
+        case["language"],
+        case["chat"],
+        case["layers"],
+    )
     assert manifest["load"]["dtype"] == case["dtype"]
     assert manifest["template"] == TEMPLATES[case["language"]].to_dict()
     assert manifest["final_layer_tables"]["final_layer"] == last
@@ -168,37 +225,55 @@ def check_run(out: Path, model_dir: Path, corpus, case: dict, n_layers: int) -> 
     # the fast path (final layer) and the mid-layer path equal one hooked forward each
     model = load_model(model_dir, device="cpu", dtype=case["dtype"])
     tokens = prompt_tokens(model, corpus, manifest, case)
-    label_ids = [e["first_token_id"] for e in
-                 json.loads((folder / "label_audit.json").read_text())["entries"]]
+    label_ids = [
+        e["first_token_id"]
+        for e in json.loads((folder / "label_audit.json").read_text())["entries"]
+    ]
     vectors = ConceptVectors.load(folder)
     emotions = list(vectors.emotions[:2])
     for layer in (1, last):
         v = steered(vectors.layer(layer)[:2], case["alpha_unit"], acts.layer(layer))
-        naive = naive_sensitivity(model, tokens, layer, v, torch.tensor(ALPHAS), label_ids,
-                                  positions=case["positions"], emotions=emotions,
-                                  labels=STUDY_LABELS.names("en"),
-                                  prompt_ids=manifest["steered_prompts"]).to_frame(step=0)
+        naive = naive_sensitivity(
+            model,
+            tokens,
+            layer,
+            v,
+            torch.tensor(ALPHAS),
+            label_ids,
+            positions=case["positions"],
+            emotions=emotions,
+            labels=STUDY_LABELS.names("en"),
+            prompt_ids=manifest["steered_prompts"],
+        ).to_frame(step=0)
         got = sens[(sens.layer == layer) & sens.steered_emotion.isin(emotions)]
-        merged = naive.merge(got, left_on=["step", "layer", "emotion", "label", "alpha",
-                                           "prompt"],
-                             right_on=["step", "layer", "steered_emotion", "observed_label",
-                                       "alpha", "prompt_id"], suffixes=("_naive", ""))
+        merged = naive.merge(
+            got,
+            left_on=["step", "layer", "emotion", "label", "alpha", "prompt"],
+            right_on=["step", "layer", "steered_emotion", "observed_label", "alpha", "prompt_id"],
+            suffixes=("_naive", ""),
+        )
         assert len(merged) == len(naive) == len(got)
         gap = (merged.logit_change - merged.logit_change_naive).abs().max()
         assert gap <= forward_tol(case["dtype"], scale), (layer, gap)
 
 
 def test_the_design_covers_every_pair_of_option_levels():
-    pairs = {(i, j, a, b) for i, j in itertools.combinations(range(len(LEVELS)), 2)
-             for a in "01" for b in "01"}
-    covered = {(i, j, r[i], r[j]) for r in DESIGN
-               for i, j in itertools.combinations(range(len(LEVELS)), 2)}
+    pairs = {
+        (i, j, a, b)
+        for i, j in itertools.combinations(range(len(LEVELS)), 2)
+        for a in "01"
+        for b in "01"
+    }
+    covered = {
+        (i, j, r[i], r[j]) for r in DESIGN for i, j in itertools.combinations(range(len(LEVELS)), 2)
+    }
     assert covered == pairs and len(set(DESIGN)) == len(DESIGN) == 8
 
 
 @pytest.mark.parametrize("row", DESIGN, ids=[case_id(r) for r in DESIGN])
 def test_every_option_path_gives_the_promised_tables_and_consistent_numbers(
-        row, runs, gains_model_dir, corpora):
+    row, runs, gains_model_dir, corpora
+):
     case = case_of(row)
     check_run(runs(row), gains_model_dir, corpora[case["language"]], case, N_LAYERS)
 
@@ -221,8 +296,14 @@ def test_bf16_analysis_keeps_geometry_probes_and_explanations(runs):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["load"]["dtype"] == "bfloat16" and manifest["failures"] == []
     assert (out / "steps" / "step-000000" / "readout.safetensors").exists()
-    for name in ("geometry", "probes", "attribution", "change_summary", "transfer",
-                 "random_baseline"):
+    for name in (
+        "geometry",
+        "probes",
+        "attribution",
+        "change_summary",
+        "transfer",
+        "random_baseline",
+    ):
         assert len(pd.read_csv(out / f"{name}.csv")) > 0, name
 
 
@@ -241,8 +322,12 @@ def test_bf16_sensitivity_is_a_float32_readout_of_the_bf16_residuals(runs, gains
     h = acts.layer(last)[prompts]
     assert torch.equal(h, h.bfloat16().float())  # residuals of a bf16 model
     hf = AutoModelForCausalLM.from_pretrained(gains_model_dir, dtype=torch.bfloat16).float()
-    label_ids = torch.tensor([e["first_token_id"] for e in json.loads(
-        (folder / "label_audit.json").read_text())["entries"]])
+    label_ids = torch.tensor(
+        [
+            e["first_token_id"]
+            for e in json.loads((folder / "label_audit.json").read_text())["entries"]
+        ]
+    )
     v = vectors.layer(last)
     sens = pd.read_csv(out / "sensitivity.csv")
     sens = sens[sens.layer == last]
@@ -253,13 +338,16 @@ def test_bf16_sensitivity_is_a_float32_readout_of_the_bf16_residuals(runs, gains
             for alpha in ALPHAS[1:]:
                 x = h + alpha * v[i]
                 ref = hf.lm_head(hf.model.norm(x))[:, label_ids] - base  # [prompt, label]
-                rounded = (hf.lm_head(hf.model.norm(x.bfloat16().float()))[:, label_ids]
-                           .bfloat16().float() - base.bfloat16().float())
+                rounded = (
+                    hf.lm_head(hf.model.norm(x.bfloat16().float()))[:, label_ids].bfloat16().float()
+                    - base.bfloat16().float()
+                )
                 got = sens[(sens.steered_emotion == emotion) & (sens.alpha == alpha)]
-                got = torch.tensor(got.pivot(index="prompt_id", columns="observed_label",
-                                             values="logit_change")
-                                   .loc[manifest["steered_prompts"],
-                                        list(STUDY_LABELS.names("en"))].values).float()
+                got = torch.tensor(
+                    got.pivot(index="prompt_id", columns="observed_label", values="logit_change")
+                    .loc[manifest["steered_prompts"], list(STUDY_LABELS.names("en"))]
+                    .values
+                ).float()
                 scale = float(ref.abs().max() + base.abs().max())
                 assert (got - ref).abs().max() <= readout_tol(scale), (emotion, alpha)
                 worst_bf16 = max(worst_bf16, float((rounded - ref).abs().max()))
@@ -279,7 +367,8 @@ def test_answer_readout_does_not_round_to_the_model_dtype(gains_model_dir):
 
 
 def test_readout_check_failure_is_a_recorded_failure_and_geometry_survives(
-        tmp_path, gains_model_dir, corpora, monkeypatch):
+    tmp_path, gains_model_dir, corpora, monkeypatch
+):
     from emolens import attribution
 
     def fail(cls, model, token_ids, check_factor=attribution.CHECK_FACTOR):
@@ -324,7 +413,8 @@ def test_norm_unit_explanations_equal_sensitivity_not_raw_vectors(runs):
 
 
 def test_final_layer_tables_read_the_final_layer_when_it_is_not_requested(
-        tmp_path, gains_model_dir, corpora):
+    tmp_path, gains_model_dir, corpora
+):
     """--layers 1 --steer-layers 1: before the fix the "final-layer" tables read layer 1."""
     corpus = corpora["ja"]
     cfg = config_of(case_of("000000"), layers="1", steer_layers="1")
@@ -345,10 +435,19 @@ def test_final_layer_tables_read_the_final_layer_when_it_is_not_requested(
     tokens = prompt_tokens(model, corpus, manifest, case_of("000000"))
     label_ids = resolve_label_tokens(model.tokenizer).ids
     h = collect_activations(model, tokens, label_ids, [last], progress=False).layer(last)
-    effect = final_layer_sensitivity(model, h, vectors.layer(last), torch.tensor(ALPHAS),
-                                     label_ids, emotions=vectors.emotions,
-                                     labels=STUDY_LABELS.names("en"))
+    effect = final_layer_sensitivity(
+        model,
+        h,
+        vectors.layer(last),
+        torch.tensor(ALPHAS),
+        label_ids,
+        emotions=vectors.emotions,
+        labels=STUDY_LABELS.names("en"),
+    )
     want = effect.diagonal().mean(-1)  # [emotion, alpha]
-    got = torch.tensor(att.pivot(index="emotion", columns="alpha", values="logit_change")
-                       .loc[list(vectors.emotions), list(ALPHAS)].values).float()
+    got = torch.tensor(
+        att.pivot(index="emotion", columns="alpha", values="logit_change")
+        .loc[list(vectors.emotions), list(ALPHAS)]
+        .values
+    ).float()
     assert (got - want).abs().max() <= readout_tol(float(want.abs().max()) + 10)
