@@ -283,7 +283,7 @@ def test_layernorm_model_goes_through_every_table(tmp_path_factory, corpora):
     model_dir = tiny_random_gpt2(tmp_path_factory.mktemp("tiny-gpt2") / "model")
     case = case_of("000100")  # float32, plain, ja, norm units, all positions, all layers
     out = tmp_path_factory.mktemp("run-gpt2")
-    analyze(model_dir, corpora["ja"], out, config_of(case), device="cpu")
+    analyze(model_dir, corpora["ja"], out, config_of(case), device="cpu", dtype="float32")
     check_run(out, model_dir, corpora["ja"], case, n_layers=3)
 
 
@@ -394,7 +394,7 @@ def test_readout_check_failure_is_a_recorded_failure_and_geometry_survives(
 def test_norm_unit_explanations_equal_sensitivity_not_raw_vectors(runs):
     """Under --alpha-unit norm, attribution steers the rescaled vectors of sensitivity.csv
     (before the fix: the raw vectors, a gap of the size of the effect)."""
-    out = runs("001000")
+    out = runs("011110")  # float32, chat, en, norm units, answer positions, all layers
     assert json.loads((out / "manifest.json").read_text())["settings"]["alpha_unit"] == "norm"
     sens = pd.read_csv(out / "sensitivity.csv")
     att = pd.read_csv(out / "attribution.csv").set_index(["step", "emotion", "alpha"])
