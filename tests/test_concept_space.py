@@ -100,7 +100,13 @@ def _step(step, resid, gold, keep=None, readout=None, vectors=None):
         tuple(f"s{i}" for i in range(n)),
         gold.long(),
     )
-    return StepData(step, acts, vectors or _vectors(resid, gold, keep), readout or _readout())
+    return StepData(
+        step,
+        acts,
+        vectors or _vectors(resid, gold, keep),
+        readout or _readout(),
+        n_layers=max(LAYERS) + 1,
+    )
 
 
 def _rotated(centres, emotion="joy"):

@@ -10,6 +10,8 @@ computed with the model's own modules (:func:`answer_readout`), which reproduces
 forward pass (raw HF numerics unless the bridge is in compatibility mode).
 """
 
+import copy
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,9 +69,53 @@ def input_device(model) -> torch.device:
     return next(bridge_of(model).parameters()).device
 
 
-def _readout_dtype_device(bridge) -> tuple[torch.dtype, torch.device]:
-    p = next(bridge.unembed.parameters())
-    return p.dtype, p.device
+#: The dtype of every readout (``unembed(ln_final(h))`` on answer rows), whatever the model's.
+READOUT_DTYPE = torch.float32
+
+_READOUT_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _strip_hooks(module: torch.nn.Module) -> torch.nn.Module:
+    for m in module.modules():
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+    return module
+
+
+def readout_modules(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The bridge's ``ln_final`` and ``unembed`` in float32 (:data:`READOUT_DTYPE`).
+
+    For a float32 (or float64) model these are the bridge's own modules. For a bfloat16 or
+    float16 model they are float32 copies of them, made once (hooks left behind) and remade
+    only when those modules' parameters change (in place or replaced): the readout is a
+    ``[rows, d_model] x [d_model, vocab]`` product, cheap in float32, while reading out in
+    bfloat16 would round every logit to its spacing (0.06-0.125 at logits of 10-30) and
+    quantise steering effects with it.
+    """
+    bridge = bridge_of(model)
+    ln, un = bridge.ln_final, bridge.unembed
+    params = list(ln.parameters()) + list(un.parameters())
+    if all(p.dtype in (torch.float32, torch.float64) for p in params):
+        return ln, un
+    key = tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    cached = _READOUT_COPIES.get(bridge)
+    if cached is None or cached[0] != key:
+        copies = tuple(_strip_hooks(copy.deepcopy(m)).to(READOUT_DTYPE) for m in (ln, un))
+        for m in copies:
+            m.requires_grad_(False)
+        cached = (key, *copies)
+        _READOUT_COPIES[bridge] = cached
+    return cached[1], cached[2]
+
+
+def readout_dtype(model) -> torch.dtype:
+    """The dtype :func:`answer_readout` computes logits in (float32, or float64 for a float64
+    model)."""
+    return next(readout_modules(model)[1].parameters()).dtype
+
+
+def _readout_device(bridge) -> torch.device:
+    return next(bridge.unembed.parameters()).device
 
 
 def _softcap(bridge) -> float | None:
@@ -91,19 +137,23 @@ def answer_readout(model, h: Float[Tensor, "sample d_model"], label_token_ids: S
                               Float[Tensor, " sample"]]:
     """Label logits, logsumexp and mean logit over the vocabulary of final-block outputs ``h``.
 
-    The logits are ``unembed(ln_final(h))`` with the model's own modules (and the final logit
-    soft-capping of the HF config, if any), computed in chunks of ``chunk_rows`` rows so the
-    ``[rows, vocab]`` block stays small. Results are float32 on the CPU.
+    The logits are ``unembed(ln_final(h))`` with the model's own modules in float32 whatever
+    the model's dtype (:func:`readout_modules`; ``h`` is never cast down to a bfloat16 model's
+    dtype), plus the final logit soft-capping of the HF config, if any, computed in chunks of
+    ``chunk_rows`` rows so the ``[rows, vocab]`` block stays small. Results are float32 on the
+    CPU.
     """
     bridge = bridge_of(model)
-    dtype, device = _readout_dtype_device(bridge)
+    ln_final, unembed = readout_modules(bridge)
+    device = _readout_device(bridge)
+    dtype = next(unembed.parameters()).dtype
     chunk = chunk_rows or default_chunk_rows(bridge)
     cap = _softcap(bridge)
     label_idx = torch.as_tensor(list(label_token_ids), dtype=torch.long, device=device)
     outs: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
     for start in range(0, h.shape[0], chunk):
         x = h[start:start + chunk].to(device=device, dtype=dtype)[:, None, :]
-        logits = bridge.unembed(bridge.ln_final(x))[:, 0, :].float()
+        logits = unembed(ln_final(x))[:, 0, :].float()
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         outs[0].append(logits[:, label_idx].cpu())
@@ -312,7 +362,8 @@ def collect_activations(model, token_ids: Sequence[Sequence[int]],
     label_logits, lse, mean = answer_readout(bridge, final, label_token_ids)
     _check_finite(resid, torch.cat([label_logits, lse[:, None], mean[:, None]], 1), sample_ids)
     info = {"numerics": numerics_mode(bridge), "label_token_ids": [int(i) for i in label_token_ids],
-            "padding_side": padding_side, "readout": "unembed(ln_final(resid_post[-1]))"}
+            "padding_side": padding_side, "readout": "unembed(ln_final(resid_post[-1]))",
+            "readout_dtype": str(readout_dtype(bridge)).split(".")[-1], "n_layers": n_layers}
     for key in ("spec", "weights_hash", "dtype", "device"):
         if hasattr(model, key):
             info[key] = getattr(model, key)

@@ -88,6 +88,7 @@ RANDOM_COLUMNS = (
     "layer",
     "emotion",
     "alpha",
+    "alpha_unit",
     "logit_change_concept",
     "concept_ci_low",
     "concept_ci_high",
@@ -896,6 +897,7 @@ def random_baseline_frame(
     n_random: int = 8,
     n_boot: int = 1000,
     ci: float = 0.95,
+    alpha_unit: str = "absolute",
 ) -> pd.DataFrame:
     """Final-layer steering with each concept vector against random directions of its norm.
 
@@ -907,15 +909,19 @@ def random_baseline_frame(
     (:func:`emolens.stats.random_direction_like`, seeds ``seed .. seed + n_random - 1``, the
     same directions at every step), and ``share_random_at_least_concept``, the share of random
     directions whose change is at least the concept's.
+
+    The vectors are those ``sensitivity.csv`` steers with for ``alpha_unit``
+    (``StepData.steered_vectors``: under ``"norm"`` rescaled to the mean residual norm), and the
+    random directions get their norms. Steps without a readout are left out.
     """
     out = _Columns(RANDOM_COLUMNS)
     labels = list(labels)
     for s in steps:
+        if s.readout is None:
+            continue
         layer = s.final_layer
-        if layer not in s.vectors.layers:
-            raise ValueError(f"step {s.step} has no vectors at its final layer {layer}")
         h = s.prompt_resid(list(prompt_ids))
-        v = s.vectors.layer(layer)
+        v = s.steered_vectors(alpha_unit)
         emotions = list(s.vectors.emotions)
         diag = torch.tensor([labels.index(e) for e in emotions], dtype=torch.long)
         rows = torch.arange(len(emotions))
@@ -948,6 +954,7 @@ def random_baseline_frame(
                 layer=layer,
                 emotion=emotions,
                 alpha=float(alpha),
+                alpha_unit=alpha_unit,
                 logit_change_concept=_floats(concept),
                 concept_ci_low=lo,
                 concept_ci_high=hi,

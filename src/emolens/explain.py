@@ -22,7 +22,8 @@ from emolens.attribution import (
     transfer_effect,
 )
 from emolens.geometry import CausalInnerProduct
-from emolens.results import load_tensors, save_tensors
+from emolens.results import load_tensors, read_json, save_tensors
+from emolens.steering import steering_vectors
 from emolens.vectors import ConceptVectors
 
 READOUT_FILE = "readout.safetensors"
@@ -52,36 +53,72 @@ def causal_metric(model, gain: torch.Tensor) -> CausalInnerProduct:
 
 @dataclass(frozen=True)
 class StepData:
-    """What the offline tables need of one finished step."""
+    """What the offline tables need of one finished step.
+
+    ``readout`` is None where the step has none (its check failed, or the model's readout is
+    not linear): geometry and probes still use the step, the final-layer tables do not.
+    ``n_layers`` is the model's depth; the final-layer tables read layer ``n_layers - 1`` and
+    nothing else (it is always collected by ``analyze``).
+    """
 
     step: int
     acts: Activations
     vectors: ConceptVectors
-    readout: Readout
+    readout: Readout | None = None
     keep: torch.Tensor | None = None  # samples that built the vectors
     metric: CausalInnerProduct | None = None
+    n_layers: int | None = None
 
     @property
     def final_layer(self) -> int:
-        return max(self.acts.layers)
+        """The final block's index; raises if unknown or not collected (never a stand-in)."""
+        n = self.n_layers if self.n_layers is not None else self.acts.meta.get("n_layers")
+        if n is None:
+            raise ValueError(f"step {self.step}: the model's depth is unknown, so its final "
+                             "layer is too; give StepData(n_layers=...)")
+        final = int(n) - 1
+        if final not in self.acts.layers or final not in self.vectors.layers:
+            raise ValueError(f"step {self.step}: the final layer {final} was not collected "
+                             f"(layers {self.acts.layers}); re-run analyze, which always "
+                             "collects it")
+        return final
 
     def prompt_resid(self, prompt_ids: list[str]) -> torch.Tensor:
+        """``[prompt, d_model]`` final-layer residuals of the steered prompts."""
         index = [self.acts.sample_ids.index(p) for p in prompt_ids]
         return self.acts.layer(self.final_layer)[index]
 
+    def steered_vectors(self, alpha_unit: str, norm_of: "StepData | None" = None
+                        ) -> torch.Tensor:
+        """``[emotion, d_model]`` final-layer vectors as ``analyze`` steers them for
+        ``alpha_unit`` (:func:`emolens.steering.steering_vectors`), rescaled to the mean
+        residual norm of ``norm_of`` (the steered model; default this step)."""
+        layer = self.final_layer
+        target = norm_of if norm_of is not None else self
+        return steering_vectors(self.vectors.layer(layer), alpha_unit,
+                                target.acts.mean_norm(target.final_layer))
+
 
 def load_steps(step_dirs: list[Path]) -> list[StepData]:
+    """Every finished step folder, with its readout where it has one."""
     out = []
     for d in step_dirs:
-        if not (d / READOUT_FILE).exists():
-            continue
+        readout = Readout.load(d / READOUT_FILE) if (d / READOUT_FILE).exists() else None
         keep = load_tensors(d / KEEP_FILE)[0]["keep"].bool() if (d / KEEP_FILE).exists() \
             else None
         metric = load_metric(d / METRIC_FILE) if (d / METRIC_FILE).exists() else None
-        out.append(StepData(int(d.name.split("-")[-1]), Activations.load(d),
-                            ConceptVectors.load(d), Readout.load(d / READOUT_FILE), keep,
-                            metric))
+        acts = Activations.load(d)
+        n_layers = acts.meta.get("n_layers")
+        if n_layers is None and (d / "done.json").exists():
+            n_layers = read_json(d / "done.json").get("model", {}).get("n_layers")
+        out.append(StepData(int(d.name.split("-")[-1]), acts, ConceptVectors.load(d), readout,
+                            keep, metric, n_layers))
     return sorted(out, key=lambda s: s.step)
+
+
+def with_readout(steps: list[StepData]) -> list[StepData]:
+    """The steps the final-layer tables (attribution, transfer, random baseline) can use."""
+    return [s for s in steps if s.readout is not None]
 
 
 def _diag_rows(readout: Readout, labels: tuple[str, ...], emotions: tuple[str, ...]):
@@ -90,11 +127,17 @@ def _diag_rows(readout: Readout, labels: tuple[str, ...], emotions: tuple[str, .
 
 
 def attribution_frame(steps: list[StepData], prompt_ids: list[str], alphas: tuple[float, ...],
-                      labels: tuple[str, ...]) -> pd.DataFrame:
+                      labels: tuple[str, ...], alpha_unit: str = "absolute") -> pd.DataFrame:
     """Per step, emotion and alpha: the final-layer diagonal logit change (mean over prompts)
     split into ``direct`` + ``scale_change``, the cosine of v with the label's readout row, the
     norms, and the change of the per-unit direct push against the first step split into
-    ``push_vector`` + ``push_readout`` + ``push_scale`` (exact; see attribution.py)."""
+    ``push_vector`` + ``push_readout`` + ``push_scale`` (exact; see attribution.py).
+
+    The steered vectors are those of ``sensitivity.csv`` for ``alpha_unit``
+    (:meth:`StepData.steered_vectors`), so ``logit_change`` equals its final-layer diagonal;
+    ``vector_norm`` is the concept vector's own norm, ``steered_norm`` that of the vector alpha
+    multiplies. Steps without a readout are left out."""
+    steps = with_readout(steps)
     if not steps:
         return pd.DataFrame()
     ref = steps[0]
@@ -103,13 +146,14 @@ def attribution_frame(steps: list[StepData], prompt_ids: list[str], alphas: tupl
     for s in steps:
         layer = s.final_layer
         h = s.prompt_resid(prompt_ids)
-        v = s.vectors.layer(layer)
+        v = s.steered_vectors(alpha_unit)
+        raw_norm = s.vectors.layer(layer).norm(dim=-1)
         parts = decompose_steering(s.readout, h, v, a)
         common = [e for e in s.vectors.emotions if e in ref.vectors.emotions]
         w_t, _ = _diag_rows(s.readout, labels, tuple(common))
         w_0, _ = _diag_rows(ref.readout, labels, tuple(common))
         v_t = torch.stack([v[s.vectors.emotions.index(e)] for e in common]) if common else None
-        v_ref = ref.vectors.layer(ref.final_layer)
+        v_ref = ref.steered_vectors(alpha_unit)
         v_0 = torch.stack([v_ref[ref.vectors.emotions.index(e)] for e in common]) if common \
             else None
         r_t = float(parts.resid_scale.mean())
@@ -121,11 +165,13 @@ def attribution_frame(steps: list[StepData], prompt_ids: list[str], alphas: tupl
             for ai, alpha in enumerate(alphas):
                 rows.append({
                     "step": s.step, "layer": layer, "emotion": emotion, "alpha": alpha,
+                    "alpha_unit": alpha_unit,
                     "logit_change": float(parts.total[i, ai, :, j].mean()),
                     "direct": float(parts.direct[i, ai, :, j].mean()),
                     "scale_change": float(parts.scale[i, ai, :, j].mean()),
                     "cosine_v_readout": float(parts.cosine[i, j]),
-                    "vector_norm": float(parts.vector_norm[i]),
+                    "vector_norm": float(raw_norm[i]),
+                    "steered_norm": float(parts.vector_norm[i]),
                     "readout_norm": float(parts.row_norm[j]),
                     "resid_scale": r_t,
                     "push_change": float(push.total[k]) if k is not None else float("nan"),
@@ -137,18 +183,22 @@ def attribution_frame(steps: list[StepData], prompt_ids: list[str], alphas: tupl
 
 
 def transfer_frame(steps: list[StepData], prompt_ids: list[str], alpha: float,
-                   labels: tuple[str, ...]) -> pd.DataFrame:
+                   labels: tuple[str, ...], alpha_unit: str = "absolute") -> pd.DataFrame:
     """Steer the model of step t (its readout and its own prompt residuals) with the vectors
-    of step s, for every pair: mean diagonal logit change over prompts at the final layer."""
+    of step s, for every pair: mean diagonal logit change over prompts at the final layer.
+
+    Under ``alpha_unit="norm"`` the vectors of s are rescaled to t's mean residual norm (the
+    steered model's, as in ``sensitivity.csv``), so the pairs s = t equal its diagonal."""
     rows = []
+    steps = with_readout(steps)
     for t in steps:
         h = t.prompt_resid(prompt_ids)
         for s in steps:
-            v = s.vectors.layer(s.final_layer)
+            v = s.steered_vectors(alpha_unit, norm_of=t)
             change = transfer_effect(t.readout, h, v, alpha)  # [emotion, prompt, label]
             for i, emotion in enumerate(s.vectors.emotions):
                 rows.append({"step": t.step, "vector_step": s.step, "emotion": emotion,
-                             "alpha": alpha, "layer": t.final_layer,
+                             "alpha": alpha, "alpha_unit": alpha_unit, "layer": t.final_layer,
                              "logit_change": float(change[i, :, labels.index(emotion)].mean())})
     return pd.DataFrame(rows)
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 import emolens
 from emolens import hooks, results
 from emolens.activations import Activations, collect_activations
-from emolens.attribution import Readout, UnsupportedReadout
+from emolens.attribution import Readout, ReadoutCheckFailed, UnsupportedReadout
 from emolens.concept_space import (
     causal_geometry_frame,
     change_summary,
@@ -42,6 +42,7 @@ from emolens.explain import (
     load_steps,
     save_metric,
     transfer_frame,
+    with_readout,
 )
 from emolens.labels import (
     LabelSet,
@@ -55,6 +56,7 @@ from emolens.steering import (
     final_layer_sensitivity,
     layer_sensitivity,
     layer_sensitivity_cached,
+    steering_vectors,
 )
 from emolens.vectors import FILTER_MODES, concept_vectors, count_kept, keep_mask
 
@@ -65,7 +67,7 @@ log = logging.getLogger(__name__)
 class AnalysisConfig:
     """What ``analyze`` computes. Layers may be negative (from the end) or ``"all"``."""
 
-    layers: str = "all"  # layers whose residuals (and concept vectors) are kept
+    layers: str = "all"  # layers whose residuals (and concept vectors) are kept, + the final
     steer_layers: str = "-1"  # layers steered for sensitivity; -1 is the final block output
     alphas: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 6.0, 8.0)
     alpha_unit: str = "absolute"  # or "norm": alpha * mean residual norm along the unit vector
@@ -115,7 +117,8 @@ class AnalysisConfig:
 def add_analysis_options(p: argparse.ArgumentParser) -> None:
     d = AnalysisConfig()
     p.add_argument("--layers", default=d.layers,
-                   help="layers whose residuals and vectors are kept: 'all' or e.g. 6,12,-1")
+                   help="layers whose residuals and vectors are kept: 'all' or e.g. 6,12,-1 "
+                   "(the final layer is always kept too: the final-layer tables read it)")
     p.add_argument("--steer-layers", default=d.steer_layers,
                    help="layers to steer at (comma-separated; -1 = final block output)")
     p.add_argument("--alphas", default=",".join(f"{a:g}" for a in d.alphas),
@@ -277,6 +280,12 @@ def _step_key(ctx: _Context, ckpt: Checkpoint) -> str:
                                 "config": settings, "eval_loss": ckpt.eval_loss})
 
 
+def collected_layers(layers: str, n_layers: int) -> list[int]:
+    """The layers ``analyze`` collects: those asked for and always the final one, which the
+    final-layer tables (attribution, transfer, random baseline) read."""
+    return sorted(set(hooks.check_layers(layers, n_layers)) | {n_layers - 1})
+
+
 def _collect(ctx: _Context, model, ckpt: Checkpoint) -> tuple[Activations, dict]:
     """Activations of every corpus sample at the configured layers (cached per step)."""
     key = _activation_key(ctx, ckpt)
@@ -285,7 +294,7 @@ def _collect(ctx: _Context, model, ckpt: Checkpoint) -> tuple[Activations, dict]
     if marker.exists() and marker.read_text() == key:
         return Activations.load(folder), results.read_json(folder / "label_audit.json")
     audit = ctx.prompt.label_tokens(model.tokenizer, allow_shared=ctx.config.allow_shared_tokens)
-    layers = hooks.check_layers(ctx.config.layers, model.n_layers)
+    layers = collected_layers(ctx.config.layers, model.n_layers)
     acts = collect_activations(
         model, ctx.prompt.encode(model.tokenizer, ctx.corpus.texts()), audit.ids, layers,
         gold=ctx.corpus.label_indices(ctx.labels), sample_ids=ctx.corpus.ids(),
@@ -318,9 +327,7 @@ def _vectors_and_sensitivity(ctx: _Context, model, ckpt: Checkpoint, acts: Activ
         if layer not in acts.layers:
             raise ValueError(f"steer layer {layer} is not among the collected layers "
                              f"{acts.layers}; add it to --layers")
-        v = vectors.layer(layer)
-        if cfg.alpha_unit == "norm":
-            v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12) * acts.mean_norm(layer)
+        v = steering_vectors(vectors.layer(layer), cfg.alpha_unit, acts.mean_norm(layer))
         names = {"emotions": vectors.emotions, "labels": ctx.labels.names("en"),
                  "prompt_ids": prompt_ids}
         if layer == last:
@@ -338,7 +345,7 @@ def _vectors_and_sensitivity(ctx: _Context, model, ckpt: Checkpoint, acts: Activ
                                        progress=False, **names)
         frames.append(effect_frame(effect, step=ckpt.step, alpha_unit=cfg.alpha_unit))
     results.write_csv(folder / "sensitivity.csv", pd.concat(frames, ignore_index=True))
-    _explain_step(ctx, model, ckpt, acts, label_ids, folder)
+    readout_problem = _explain_step(ctx, model, ckpt, acts, label_ids, folder)
     counts = count_kept(acts.gold, vec_keep, len(ctx.labels))
     n_per_label = torch.bincount(acts.gold[acts.gold >= 0], minlength=len(ctx.labels))
     correct = count_kept(acts.gold, acts.correct, len(ctx.labels))
@@ -352,7 +359,8 @@ def _vectors_and_sensitivity(ctx: _Context, model, ckpt: Checkpoint, acts: Activ
         "key": key, "step": ckpt.step, "checkpoint": asdict(ckpt),
         "weights_hash": model.weights_hash, "model": model.describe(),
         "accuracy": float(acts.correct.float().mean()), "n_samples": acts.n_samples,
-        "dropped": list(vectors.dropped), "numerics": acts.meta.get("numerics")})
+        "dropped": list(vectors.dropped), "numerics": acts.meta.get("numerics"),
+        "readout_dtype": acts.meta.get("readout_dtype"), **readout_problem})
 
 
 def _base_activations(ctx: _Context, checkpoints: list[Checkpoint]) -> Activations | None:
@@ -374,19 +382,30 @@ def _keep(ctx: _Context, acts: Activations, checkpoints: list[Checkpoint], is_ba
 
 
 def _explain_step(ctx: _Context, model, ckpt: Checkpoint, acts: Activations,
-                  label_ids: list[int], folder: Path) -> None:
+                  label_ids: list[int], folder: Path) -> dict:
     """The readout (for offline attribution and transfer) and the DLA of the unsteered answer
-    on up to ``dla_per_label`` samples of each label."""
+    on up to ``dla_per_label`` samples of each label.
+
+    Returns what ``done.json`` records of a step without a readout: ``readout_error`` where
+    the readout check failed (a failure of the run: :func:`readout_failures`), or
+    ``readout_unavailable`` where the model's readout is not linear (soft-capping), by design.
+    The step's other results stand either way."""
+    for stale in (READOUT_FILE, METRIC_FILE, "dla.csv"):
+        (folder / stale).unlink(missing_ok=True)
     try:
         readout = Readout.from_model(model, label_ids)
+    except ReadoutCheckFailed as exc:
+        log.error("step %s: readout check failed, no attribution, transfer or random "
+                  "baseline: %s", ckpt.step, exc)
+        return {"readout_error": f"{type(exc).__name__}: {exc}"}
     except UnsupportedReadout as exc:
         log.warning("step %s: no attribution: %s", ckpt.step, exc)
-        return
+        return {"readout_unavailable": str(exc)}
     readout.save(folder / READOUT_FILE)
     if ctx.config.causal_geometry:
         save_metric(causal_metric(model, readout.gain), folder / METRIC_FILE)
     if ctx.config.dla_per_label <= 0:
-        return
+        return {}
     chosen: list[int] = []
     for j in range(len(ctx.labels)):
         chosen += (acts.gold == j).nonzero().flatten().tolist()[: ctx.config.dla_per_label]
@@ -394,6 +413,31 @@ def _explain_step(ctx: _Context, model, ckpt: Checkpoint, acts: Activations,
     frame = dla_frame(model, ckpt.step, tokens, acts.gold[chosen].tolist(), readout,
                       tuple(ctx.labels.names("en")), ctx.config.batch_size)
     results.write_csv(folder / "dla.csv", frame)
+    return {}
+
+
+def readout_failures(out: Path) -> list[dict]:
+    """One ``failures`` entry per finished step whose readout check failed (from its
+    ``done.json``, so a resumed run reports it again)."""
+    found = []
+    for marker in sorted((out / "steps").glob("step-*/done.json")):
+        info = results.read_json(marker)
+        if info.get("readout_error"):
+            found.append({"step": info["step"], "spec": info["checkpoint"]["spec"],
+                          "stage": "readout", "error": info["readout_error"]})
+    return found
+
+
+def final_layer_record(out: Path) -> dict | None:
+    """Which layer the final-layer tables read (and which were collected), for the manifest."""
+    marker = next(iter(sorted((out / "steps").glob("step-*/done.json"))), None)
+    if marker is None:
+        return None
+    acts_meta = results.read_json(marker.parent / "activations.json")
+    n_layers = results.read_json(marker)["model"]["n_layers"]
+    return {"final_layer": n_layers - 1, "hook": hooks.resid_post(n_layers - 1),
+            "collected_layers": acts_meta["layers"],
+            "tables": ["attribution", "transfer", "random_baseline", "dla"]}
 
 
 @contextmanager
@@ -453,7 +497,8 @@ def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
     prompt_index = choose_prompts(corpus, labels, config.n_prompts, config.prompt_seed)
     base_key = {"emolens": emolens.__version__, "data": corpus.sha256,
                 "labels": labels.to_dict(), "template": prompt.template.to_dict(),
-                "prompt": prompt.to_dict(), "dtype": str(dtype)}
+                "prompt": prompt.to_dict(), "dtype": str(dtype),
+                "readout": "float32; final layer always collected"}
     ctx = _Context(out, corpus, prompt, config, prompt_index,
                    {"device": device, "dtype": dtype, "device_map": device_map}, base_key)
     started = time.time()
@@ -488,6 +533,8 @@ def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
                 _vectors_and_sensitivity(ctx, model, ckpt, acts, keep, audit, key)
     tables = combine_steps(out, prompt_ids=[corpus.samples[i].id for i in prompt_index],
                            labels=tuple(labels.names("en")), config=config)
+    failed = {f["step"] for f in failures}
+    failures += [f for f in readout_failures(out) if f["step"] not in failed]
     first_audit = next(iter(sorted((out / "steps").glob("step-*/label_audit.json"))), None)
     if first_audit is not None:
         results.write_json(out / "label_audit.json", results.read_json(first_audit))
@@ -508,6 +555,8 @@ def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
         "hook_names": {"vectors": "blocks.{layer}.hook_resid_post (answer position)",
                        "steering": "blocks.{layer}.hook_resid_post"},
         "numerics": results.NUMERICS_MODE, "numerics_note": results.NUMERICS_NOTE,
+        "readout_dtype": "float32 (unembed(ln_final(h)) upcast whatever the model dtype)",
+        "final_layer_tables": final_layer_record(out),
         "seeds": {"prompt_seed": config.prompt_seed},
         "shard": list(shard) if shard else None,
         "steps_done": sorted(int(s) for s in tables["steps"]["step"]) if len(tables["steps"])
@@ -540,12 +589,13 @@ def combine_steps(out: Path, prompt_ids: list[str], labels: tuple[str, ...],
     tables["dla"] = pd.concat(dla, ignore_index=True) if dla else pd.DataFrame()
     steps = load_steps(done)
     if steps:
-        alphas = config.alphas
-        tables["attribution"] = attribution_frame(steps, prompt_ids, alphas, labels)
-        alpha = config.transfer_alpha if config.transfer_alpha is not None else max(alphas)
-        tables["transfer"] = transfer_frame(steps, prompt_ids, alpha, labels)
-        tables["random_baseline"] = random_baseline_frame(steps, prompt_ids, alphas, labels,
-                                                          seed=config.seed)
+        alphas, unit = config.alphas, config.alpha_unit
+        if with_readout(steps):
+            tables["attribution"] = attribution_frame(steps, prompt_ids, alphas, labels, unit)
+            alpha = config.transfer_alpha if config.transfer_alpha is not None else max(alphas)
+            tables["transfer"] = transfer_frame(steps, prompt_ids, alpha, labels, unit)
+            tables["random_baseline"] = random_baseline_frame(
+                steps, prompt_ids, alphas, labels, seed=config.seed, alpha_unit=unit)
         neutral = labels[-1] if "no-emotion" not in labels else "no-emotion"
         keep = {s.step: s.keep for s in steps if s.keep is not None}
         geometry = [geometry_frame(steps, labels, neutral, keep_masks=keep,
@@ -562,7 +612,15 @@ def combine_steps(out: Path, prompt_ids: list[str], labels: tuple[str, ...],
              change_summary(tables["probes"]).assign(table="probes")], ignore_index=True)
     for name, frame in tables.items():
         results.write_csv(out / f"{name}.csv", frame)
+    for name in CROSS_STEP_TABLES:  # none this time: a stale one would contradict the steps
+        if name not in tables:
+            (out / f"{name}.csv").unlink(missing_ok=True)
     return tables
+
+
+#: Tables :func:`combine_steps` writes only when some step can feed them.
+CROSS_STEP_TABLES = ("attribution", "transfer", "random_baseline", "geometry", "probes",
+                     "change_summary")
 
 
 
@@ -606,8 +664,9 @@ def merge(shard_dirs: list[str | Path], out_dir: str | Path) -> Path:
     results.write_json(out / "manifest.json", {
         **first, "shard": None, "merged_from": [str(d) for d in shard_dirs],
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps_done": done,
+        "final_layer_tables": final_layer_record(out),
         "failures": [f for m in manifests for f in m.get("failures", [])
-                     if f["step"] not in done]})
+                     if f["step"] not in done] + readout_failures(out)})
     return out
 
 

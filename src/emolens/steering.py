@@ -65,6 +65,28 @@ def alphas_from_norm_multiples(multiples: Float[Tensor, " alpha"] | Sequence[flo
     return torch.as_tensor(multiples, dtype=torch.float32) * float(resid_norm_mean)
 
 
+ALPHA_UNITS: tuple[str, ...] = ("absolute", "norm")
+
+
+def steering_vectors(vectors: Float[Tensor, "emotion d_model"], alpha_unit: str,
+                     resid_norm_mean: float) -> Float[Tensor, "emotion d_model"]:
+    """The vectors that ``alpha`` multiplies in ``h + alpha * vector``, for an alpha unit.
+
+    ``"absolute"``: the concept vectors themselves. ``"norm"``: each rescaled to the mean
+    residual norm at the steered layer (``v / |v| * resid_norm_mean``, e.g. from
+    :meth:`emolens.activations.Activations.mean_norm` of the steered model), so ``alpha`` is a
+    multiple of the typical residual norm. Every table that steers (sensitivity, attribution,
+    transfer, random baseline) takes its vectors from here.
+    """
+    if alpha_unit not in ALPHA_UNITS:
+        raise ValueError(f"alpha_unit must be one of {ALPHA_UNITS}, not {alpha_unit!r}")
+    if alpha_unit == "absolute":
+        return vectors
+    if not resid_norm_mean > 0:
+        raise ValueError(f"the mean residual norm must be positive, not {resid_norm_mean}")
+    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12) * resid_norm_mean
+
+
 def _check_positions(positions: str) -> None:
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, not {positions!r}")

@@ -1,6 +1,6 @@
 """Tiny random models for tests and quick runs: Llama-family shapes with GQA and an untied
-unembedding (like Sarashina), and a byte-level BPE tokenizer trained on the bundled corpus so
-that Japanese text, the prompt and every label tokenize offline."""
+unembedding (like Sarashina), a GPT-2 (LayerNorm), and a byte-level BPE tokenizer trained on
+the bundled corpus so that Japanese text, the prompt and every label tokenize offline."""
 
 import json
 import os
@@ -45,9 +45,22 @@ def train_tokenizer(vocab_size: int = 1024):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
 
 
+#: A minimal chat template (user turn, then the assistant's generation prompt), no BOS.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
 def tiny_random_model(out_dir: str | Path, shape: str = "llama", seed: int = 0,
-                      vocab_size: int = 1024) -> Path:
-    """Save a tiny random ``LlamaForCausalLM`` and its tokenizer to ``out_dir`` (once)."""
+                      vocab_size: int = 1024, *, random_norms: bool = False,
+                      chat_template: bool = False) -> Path:
+    """Save a tiny random ``LlamaForCausalLM`` and its tokenizer to ``out_dir`` (once).
+
+    ``random_norms`` draws every RMSNorm gain from ``U(0.5, 1.5)`` instead of leaving it at 1,
+    so that code handling norm gains (readout extraction, attribution) is exercised;
+    ``chat_template`` gives the tokenizer :data:`TINY_CHAT_TEMPLATE`.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
@@ -62,14 +75,54 @@ def tiny_random_model(out_dir: str | Path, shape: str = "llama", seed: int = 0,
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # larger weights than the default init, so logits differ visibly
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
+            elif random_norms and "norm" in name:
+                p.uniform_(0.5, 1.5)
+    if chat_template:
+        tokenizer.chat_template = TINY_CHAT_TEMPLATE
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "emolens_source.json").write_text(json.dumps({"tiny_random": shape, "seed": seed}))
+    (tmp / "emolens_source.json").write_text(json.dumps({"tiny_random": shape, "seed": seed,
+                                                          "random_norms": random_norms,
+                                                          "chat_template": chat_template}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def tiny_random_gpt2(out_dir: str | Path, seed: int = 0, vocab_size: int = 1024) -> Path:
+    """Save a tiny random ``GPT2LMHeadModel`` (LayerNorm with random gains and biases, tied
+    embeddings, learned positions) with the same tokenizer to ``out_dir`` (once): the
+    LayerNorm path next to the Llama models' RMSNorm."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = Path(out_dir)
+    if (out / "config.json").exists() and (out / "tokenizer_config.json").exists():
+        return out
+    tokenizer = train_tokenizer(vocab_size)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=64, n_layer=3,
+                        n_head=4, pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    config.architectures = ["GPT2LMHeadModel"]
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+            elif "ln" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            elif "ln" in name and name.endswith("bias"):
+                p.normal_(0, 0.1)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "emolens_source.json").write_text(json.dumps({"tiny_random": "gpt2", "seed": seed}))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
