@@ -53,9 +53,11 @@ sample ids shared by all steps; intervals by bootstrapping the held-out samples 
 (same resamples at every step).
 """
 
+import hashlib
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -63,7 +65,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from emolens import stats
+from emolens import change_tests, stats
 from emolens.attribution import transfer_effect
 from emolens.geometry import CausalInnerProduct, principal_angles
 from emolens.probes import per_label_recall, stratified_split, train_probe
@@ -99,7 +101,6 @@ RANDOM_COLUMNS = (
 #: Columns that are not part of a series' identity in :func:`change_summary`.
 NON_KEY_COLUMNS = ("step", "value", "ci_low", "ci_high", "train_step", "n")
 WITHIN_MEASURES = ("within_own", "within_other", "within_gap")
-RULES = ("disjoint", "outside")
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -134,21 +135,79 @@ def _interval(samples: Tensor, ci: float) -> tuple[Tensor, Tensor]:
     return lo_hi[0], lo_hi[1]
 
 
+@dataclass(frozen=True)
+class Replicates:
+    """Bootstrap replicates behind a long table's intervals, row-aligned with the table.
+
+    ``values[row, b]``: the row's statistic on resample ``b`` (NaN where the row has no
+    interval); ``sample_set[row]``: a key of the samples that were resampled (a hash of their
+    ids). Two rows whose keys agree were resampled with the same indices into the same samples
+    (same seed), so their replicates are paired; :func:`change_summary` tests those pairs with
+    the paired bootstrap. Concatenate tables and their replicates in the same order
+    (:meth:`concat`).
+    """
+
+    values: np.ndarray  # [row, n_boot]
+    sample_set: np.ndarray  # [row] str
+
+    def __len__(self) -> int:
+        return len(self.sample_set)
+
+    @staticmethod
+    def concat(parts: Sequence["Replicates"]) -> "Replicates":
+        width = max((p.values.shape[1] for p in parts), default=0)
+        values = [
+            np.pad(p.values, ((0, 0), (0, width - p.values.shape[1])), constant_values=np.nan)
+            for p in parts
+        ]
+        return Replicates(
+            np.concatenate(values) if values else np.zeros((0, 0)),
+            np.concatenate([p.sample_set for p in parts]) if parts else np.zeros(0, dtype=object),
+        )
+
+
+def _sample_key(ids: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
 class _Columns:
-    """Accumulates a long table column-wise (fast for many rows)."""
+    """Accumulates a long table column-wise (fast for many rows), with the rows' bootstrap
+    replicates where given."""
 
     def __init__(self, columns: Sequence[str]):
         self.data: dict[str, list] = {c: [] for c in columns}
+        self.boot: list[np.ndarray | int] = []  # [rows, n_boot] arrays, or a count of rows
+        self.keys: list[str] = []
+        self.sample_set = ""
 
-    def add(self, **cols) -> None:
-        """Append rows: list-valued entries give one row each, scalars repeat."""
+    def add(self, boot: Tensor | None = None, **cols) -> None:
+        """Append rows: list-valued entries give one row each, scalars repeat. ``boot``:
+        ``[n_boot, rows]`` (or ``[n_boot]`` for one row) replicates of the rows' values."""
         n = max((len(v) for v in cols.values() if isinstance(v, list)), default=1)
         for name in self.data:
             v = cols[name]
             self.data[name].extend(v if isinstance(v, list) else [v] * n)
+        if boot is None:
+            self.boot.append(n)
+        else:
+            b = boot.detach().to(torch.float64).reshape(boot.shape[0], -1).T.numpy()
+            if b.shape[0] != n:
+                raise ValueError(f"{b.shape[0]} replicate rows for {n} table rows")
+            self.boot.append(b)
+        self.keys.extend([self.sample_set] * n)
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.data)
+
+    def replicates(self) -> Replicates:
+        width = max((b.shape[1] for b in self.boot if isinstance(b, np.ndarray)), default=0)
+        parts = [b if isinstance(b, np.ndarray) else np.full((b, width), np.nan) for b in self.boot]
+        values = np.concatenate(parts) if parts else np.zeros((0, width))
+        return Replicates(values, np.asarray(self.keys, dtype=object))
+
+
+def _result(out: "_Columns", with_replicates: bool):
+    return (out.frame(), out.replicates()) if with_replicates else out.frame()
 
 
 def _floats(x: Tensor) -> list[float]:
@@ -347,6 +406,9 @@ def _geometry(
         first_full: dict[str, Tensor] = {}
         prev_full: dict[str, Tensor] = {}
         for t, (s, keep, rep) in enumerate(prepared):
+            out.sample_set = _sample_key(
+                [sid for sid, k in zip(s.acts.sample_ids, keep.tolist()) if k]
+            )
             inner = inners[s.step]
             h = s.acts.layer(layer)[keep].to(torch.float64)
             if inner is not None:
@@ -378,6 +440,7 @@ def _geometry(
                     v = val[:, w_idx]
                     lo, hi = _interval(v[1:], ci)
                     out.add(
+                        boot=v[1:],
                         **common,
                         measure=name + suffix,
                         emotion=w_names,
@@ -396,6 +459,7 @@ def _geometry(
             norms = torch.diagonal(k_v, dim1=1, dim2=2).clamp_min(0).sqrt()  # [R, E]
             lo, hi = _interval(norms[1:], ci)
             out.add(
+                boot=norms[1:],
                 **common,
                 measure="vector_norm",
                 emotion=emotions,
@@ -413,6 +477,7 @@ def _geometry(
             )
             lo, hi = _interval(orth[1:, None], ci)
             out.add(
+                boot=orth[1:, None],
                 **common,
                 measure="orthogonality",
                 emotion="all",
@@ -443,11 +508,15 @@ def _geometry(
                 dots = proj[:, idx, torch.arange(len(names))] - proj[:, u, :]  # [R, k]
                 cosv = (dots / (unit[:, sel] * r.norm(dim=-1)[None])).clamp(-1.0, 1.0)
                 lo, hi = _interval(cosv[1:], ci)
+                boot = cosv[1:]
+                if measure == "cosine_to_previous" and t == 0:
+                    boot = torch.full_like(boot, torch.nan)  # no previous step: nothing to test
                 if t == 0:
                     value = [1.0 if measure == "cosine_to_first" else float("nan")] * len(names)
                 else:
                     value = _floats(cosv[0])
                 out.add(
+                    boot=boot,
                     **common,
                     measure=measure,
                     emotion=names,
@@ -490,6 +559,7 @@ def _geometry(
                 ):
                     lo, hi = _interval(stat[1:, None], ci)
                     out.add(
+                        boot=stat[1:, None],
                         **common,
                         measure=measure,
                         emotion="all",
@@ -514,7 +584,8 @@ def geometry_frame(
     ci: float = 0.95,
     dual: bool = False,
     num_threads: int | None = 1,
-) -> pd.DataFrame:
+    return_replicates: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, Replicates]:
     """Geometry of the concept space per step and layer, long, with bootstrap intervals.
 
     ``steps`` in series order (the first is the reference); ``labels`` are the English label
@@ -528,11 +599,12 @@ def geometry_frame(
 
     Columns: ``step, layer, measure, emotion, inner, value, ci_low, ci_high``; the measures
     and the bootstrap are described in the module docstring. ``num_threads``: torch threads
-    while computing (restored after; ``None`` leaves them alone).
+    while computing (restored after; ``None`` leaves them alone). ``return_replicates``: also
+    return the rows' bootstrap :class:`Replicates` (for :func:`change_summary`).
     """
     out = _Columns(GEOMETRY_COLUMNS)
     if not steps:
-        return out.frame()
+        return _result(out, return_replicates)
     with _threads(num_threads):
         _geometry(
             steps,
@@ -562,7 +634,7 @@ def geometry_frame(
                 "causal",
                 out,
             )
-    return out.frame()
+    return _result(out, return_replicates)
 
 
 def causal_geometry_frame(
@@ -577,7 +649,8 @@ def causal_geometry_frame(
     ci: float = 0.95,
     dual: bool = False,
     num_threads: int | None = 1,
-) -> pd.DataFrame:
+    return_replicates: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, Replicates]:
     """:func:`geometry_frame` in the causal inner product only, with each step's own metric.
 
     ``W_U_effective_by_step[step]``: that step's ``[vocab, d_model]`` unembedding times its
@@ -587,7 +660,7 @@ def causal_geometry_frame(
     """
     out = _Columns(GEOMETRY_COLUMNS)
     if not steps:
-        return out.frame()
+        return _result(out, return_replicates)
     missing = [s.step for s in steps if s.step not in W_U_effective_by_step]
     if missing:
         raise ValueError(f"no unembedding for steps {missing}")
@@ -596,7 +669,7 @@ def causal_geometry_frame(
         _geometry(
             steps, labels, neutral, layers, keep_masks, n_boot, seed, ci, inners, "causal", out
         )
-    return out.frame()
+    return _result(out, return_replicates)
 
 
 # --------------------------------------------------------------------------- probes
@@ -636,7 +709,8 @@ def probes_frame(
     l2: float = 1e-3,
     max_iter: int = 300,
     num_threads: int | None = 1,
-) -> pd.DataFrame:
+    return_replicates: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, Replicates]:
     """Linear probes per step and layer, long, with bootstrap intervals.
 
     Samples: those of the first step with a known gold label that every step has (no
@@ -658,14 +732,14 @@ def probes_frame(
     resamples at every step and layer, so steps are paired); none for ``train_accuracy`` and
     ``chance``. ``n`` is the number of samples scored (per label for ``recall``). ``l2``,
     ``max_iter``: of :func:`emolens.probes.train_probe`; ``num_threads`` as in
-    :func:`geometry_frame`.
+    :func:`geometry_frame` (also ``return_replicates``).
     """
     out = _Columns(PROBE_COLUMNS)
     if not steps:
-        return out.frame()
+        return _result(out, return_replicates)
     with _threads(num_threads):
         _probes(steps, labels, layers, test_fraction, seed, n_boot, ci, l2, max_iter, out)
-    return out.frame()
+    return _result(out, return_replicates)
 
 
 def _probes(
@@ -685,6 +759,7 @@ def _probes(
     positions, y = _aligned_samples(steps, n_labels)
     layer_list = _common_layers(steps, layers, with_vectors=False)
     train_idx, test_idx = stratified_split(y, test_fraction, seed)
+    out.sample_set = _sample_key([steps[0].acts.sample_ids[int(i)] for i in positions[0][test_idx]])
     y_train, y_test = y[train_idx], y[test_idx]
     n_test = len(test_idx)
     counts = torch.zeros(max(n_boot, 0), n_test, dtype=torch.float64)
@@ -704,6 +779,7 @@ def _probes(
         boot = counts @ correct / max(n_test, 1)
         lo, hi = _interval(boot[:, None], ci)
         out.add(
+            boot=boot[:, None],
             step=step,
             layer=layer,
             measure=measure,
@@ -724,6 +800,7 @@ def _probes(
         )
         lo, hi = _interval(boot_r, ci)
         out.add(
+            boot=boot_r,
             step=step,
             layer=layer,
             measure="recall",
@@ -795,49 +872,92 @@ def _series_frame(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([df, *extra], ignore_index=True) if extra else df
 
 
-def change_summary(
-    frame: pd.DataFrame, measure_cols: Sequence[str] | None = None, rule: str = "disjoint"
-) -> pd.DataFrame:
-    """Per measure series over steps: does the change from the first step exceed its interval?
+#: Columns of :func:`change_summary` after the series keys.
+CHANGE_COLUMNS = (
+    "family",
+    "first_step",
+    "step",
+    "first_value",
+    "value",
+    "effect",
+    "effect_ci_low",
+    "effect_ci_high",
+    "p",
+    "q",
+    "fdr_change",
+    "test",
+    "paired",
+    "n_resamples",
+    "equivalence_margin",
+    "margin_rule",
+    "equivalence_p",
+    "equivalent_within_margin",
+)
 
-    A series is one combination of ``measure_cols`` (default: every column but ``step,
-    value, ci_low, ci_high, train_step, n``, i.e. ``layer, measure, emotion, inner`` for
-    :func:`geometry_frame` and ``layer, measure, label`` plus a ``probe`` column, ``"own"`` or
-    ``"step S"``, for :func:`probes_frame`). :func:`emolens.stats.change_exceeds_ci` is applied
-    against the first step of the frame: ``any_outside`` (some later estimate lies outside the
-    first step's interval) and ``any_disjoint`` (some later interval does not overlap it).
-    ``significant_change`` follows ``rule``: ``"disjoint"`` (default; robust where a measure's
-    first interval does not contain its value, as for ``cosine_to_first``, see the module
-    docstring) or ``"outside"``. ``max_abs_change`` is the largest ``|value(t) - value(first)|``
-    (NaN where the first value is NaN, as for ``cosine_to_previous``), ``step_of_max_change``
-    where it happens, ``significant_steps`` the steps flagged by ``rule``.
+
+def change_summary(
+    frame: pd.DataFrame,
+    replicates: Replicates,
+    measure_cols: Sequence[str] | None = None,
+    family: str | None = None,
+    ci: float = 0.95,
+    fdr_level: float = 0.05,
+    equivalence_margin: float = change_tests.DEFAULT_EQUIVALENCE_MARGIN,
+    equivalence_level: float = 0.05,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Per measure series and later step: a test of the change from the first step.
+
+    ``frame``: a :func:`geometry_frame` or :func:`probes_frame` table (or both concatenated
+    with their ``replicates`` in the same order, ``Replicates.concat``), ``replicates`` the
+    :class:`Replicates` they returned (``return_replicates=True``). A series is one combination
+    of ``measure_cols`` (default: every column but ``step, value, ci_low, ci_high, train_step,
+    n``, i.e. ``layer, measure, emotion, inner`` for geometry and ``layer, measure, label``
+    plus a ``probe`` column, ``"own"`` or ``"step S"``, for probes).
+
+    One row per series and step ``t`` after the frame's first step ``first_step``:
+
+    - ``effect = value(t) - value(first)``, its percentile interval
+      ``effect_ci_low/high`` (level ``ci``) and two-sided ``p`` from
+      :func:`emolens.change_tests.paired_bootstrap_test`. ``paired`` is True where both steps
+      resampled the same samples (same sample-set key: the bootstrap resamples the same sample
+      indices at both steps). Where the kept samples differ (self-filtering), the replicates
+      of step t are re-paired with a random permutation (``seed``), which makes the two
+      bootstraps independent: an unpaired test, conservative for overlapping sample sets.
+    - ``q``: Benjamini-Hochberg within ``family`` (default ``"probes"`` for a probes table,
+      ``"geometry"`` otherwise; a ``family`` column in ``frame`` overrides), over every tested
+      row of the family; ``fdr_change``: ``q < fdr_level``.
+    - ``equivalence_margin``: :func:`emolens.change_tests.equivalence_margin` of the series'
+      measure (``margin_rule`` says ``absolute`` or ``relative to |first value|``);
+      ``equivalence_p``: TOST (:func:`emolens.change_tests.tost_bootstrap`);
+      ``equivalent_within_margin``: ``equivalence_p < equivalence_level``.
+
+    Rows with no replicates (``train_accuracy``, ``chance``, ``cosine_to_previous``) or a NaN
+    first value get NaN p, q and equivalence p and are not counted in the FDR.
     """
-    if rule not in RULES:
-        raise ValueError(f"unknown rule {rule!r}; choose one of {RULES}")
-    df = _series_frame(frame)
+    if len(replicates) != len(frame):
+        raise ValueError(
+            f"{len(replicates)} replicate rows for {len(frame)} table rows: pass the "
+            "replicates returned with this table (return_replicates=True), in the same order"
+        )
+    if not 0.0 < fdr_level < 1.0 or not 0.0 < equivalence_level < 1.0:
+        raise ValueError("fdr_level and equivalence_level must lie strictly between 0 and 1")
+    base = frame.reset_index(drop=True).assign(_row=np.arange(len(frame)))
+    if family is None and "family" not in base.columns:
+        family = "probes" if "train_step" in base.columns else "geometry"
+    if family is not None:
+        base = base.assign(family=family)
+    df = _series_frame(base)
     if measure_cols is None:
-        keys = [c for c in df.columns if c not in NON_KEY_COLUMNS]
+        keys = [c for c in df.columns if c not in NON_KEY_COLUMNS + ("_row", "family")]
     else:
         keys = list(measure_cols)
         if "probe" in df.columns and "probe" not in keys:
             keys.append("probe")
-    out_cols = keys + [
-        "first_step",
-        "n_steps",
-        "first_value",
-        "first_ci_low",
-        "first_ci_high",
-        "last_value",
-        "max_abs_change",
-        "step_of_max_change",
-        "any_outside",
-        "any_disjoint",
-        "significant_change",
-        "significant_steps",
-    ]
+    out_cols = keys + list(CHANGE_COLUMNS)
     if df.empty:
         return pd.DataFrame(columns=out_cols)
-    missing = [c for c in keys + ["step", "value", "ci_low", "ci_high"] if c not in df.columns]
+    missing = [c for c in keys + ["step", "value"] if c not in df.columns]
     if missing:
         raise ValueError(f"frame lacks columns {missing}")
     if df.duplicated(keys + ["step"]).any():
@@ -845,42 +965,64 @@ def change_summary(
             f"rows are not unique per series and step with keys {keys}; pass "
             "measure_cols naming every column that tells series apart"
         )
-    wide = df.set_index(keys + ["step"])[["value", "ci_low", "ci_high"]].unstack("step")
-    steps = sorted(df.step.unique())
-    wide = wide.reindex(columns=pd.MultiIndex.from_product([["value", "ci_low", "ci_high"], steps]))
-
-    def arr(name: str) -> Tensor:
-        return torch.tensor(wide[name].to_numpy(dtype=np.float64)).T  # [step, series]
-
-    value, low, high = arr("value"), arr("ci_low"), arr("ci_high")
-    test = stats.change_exceeds_ci(value, low, high)
-    flagged = (test.disjoint if rule == "disjoint" else test.outside).numpy()  # [step, series]
-    vals = value.numpy()
-    step_arr = np.asarray(steps)
-    later = np.abs(vals[1:] - vals[:1])  # [step - 1, series]
-    finite = np.isfinite(later)
-    has = finite.any(0)
-    filled = np.where(finite, later, -np.inf)
-    if len(steps) > 1:
-        max_change = np.where(has, filled.max(0), np.nan)
-        step_max = np.where(has, step_arr[1:][filled.argmax(0)], np.nan)
-    else:
-        max_change = step_max = np.full(vals.shape[1], np.nan)
-    res = wide.index.to_frame(index=False)
-    res["first_step"] = steps[0]
-    res["n_steps"] = np.isfinite(vals).sum(0)
-    res["first_value"] = vals[0]
-    res["first_ci_low"] = low[0].numpy()
-    res["first_ci_high"] = high[0].numpy()
-    res["last_value"] = pd.DataFrame(vals.T).ffill(axis=1).iloc[:, -1].to_numpy()
-    res["max_abs_change"] = max_change
-    res["step_of_max_change"] = step_max
-    res["any_outside"] = test.any_outside.numpy()
-    res["any_disjoint"] = test.any_disjoint.numpy()
-    res["significant_change"] = flagged[1:].any(0)
-    res["significant_steps"] = [
-        ",".join(str(s) for s in step_arr[flagged[:, j]]) for j in range(flagged.shape[1])
+    first_step = df.step.min()
+    first = df[df.step == first_step].set_index(keys)
+    later = df[df.step != first_step]
+    ref = first[["_row", "value"]].rename(columns={"_row": "_row_first", "value": "value_first"})
+    later = later.join(ref, on=keys)
+    later = later[later["_row_first"].notna()].sort_values(keys + ["step"], kind="stable")
+    rows_t = later["_row"].to_numpy(dtype=np.int64)
+    rows_0 = later["_row_first"].to_numpy(dtype=np.int64)
+    boot = replicates.values
+    paired = replicates.sample_set[rows_t] == replicates.sample_set[rows_0]
+    boot_t = boot[rows_t].copy()
+    if (~paired).any() and boot.shape[1]:
+        perm = np.random.default_rng(seed).permutation(boot.shape[1])
+        boot_t[~paired] = boot_t[~paired][:, perm]
+    value_t = np.array(later["value"], dtype=np.float64)
+    value_0 = np.array(later["value_first"], dtype=np.float64)
+    test = change_tests.paired_bootstrap_test(
+        torch.from_numpy(value_t), torch.from_numpy(value_0),
+        torch.from_numpy(boot_t), torch.from_numpy(np.array(boot[rows_0])), ci=ci,
+    )  # fmt: skip
+    measures = later["measure"].astype(str).tolist() if "measure" in later else [""] * len(later)
+    margins = np.array(
+        [
+            change_tests.equivalence_margin(m, v, equivalence_margin) if np.isfinite(v) else np.nan
+            for m, v in zip(measures, value_0, strict=True)
+        ]
+    )
+    d_star = torch.from_numpy(boot_t - boot[rows_0])
+    eq = change_tests.tost_bootstrap(
+        test.effect, d_star, torch.from_numpy(margins), level=equivalence_level
+    )
+    fam = later["family"].astype(str).to_numpy()
+    p = test.p.numpy()
+    q = change_tests.fdr_by_family(p, fam)
+    res = later[keys].reset_index(drop=True)
+    res["family"] = fam
+    res["first_step"] = first_step
+    res["step"] = later["step"].to_numpy()
+    res["first_value"] = value_0
+    res["value"] = value_t
+    res["effect"] = test.effect.numpy()
+    res["effect_ci_low"] = test.low.numpy()
+    res["effect_ci_high"] = test.high.numpy()
+    res["p"] = p
+    res["q"] = q
+    res["fdr_change"] = np.where(np.isfinite(q), q < fdr_level, False)
+    res["test"] = np.where(paired, "paired bootstrap", "unpaired bootstrap (kept sets differ)")
+    res["paired"] = paired
+    res["n_resamples"] = np.isfinite(d_star.numpy()).sum(1)
+    res["equivalence_margin"] = margins
+    res["margin_rule"] = [
+        f"relative: {equivalence_margin:g} x |first value|"
+        if m in change_tests.RELATIVE_MEASURES
+        else f"absolute: {equivalence_margin:g}"
+        for m in measures
     ]
+    res["equivalence_p"] = eq.p.numpy()
+    res["equivalent_within_margin"] = eq.equivalent.numpy()
     return res[out_cols]
 
 
@@ -960,9 +1102,11 @@ def random_baseline_frame(
 
 
 __all__ = [
+    "CHANGE_COLUMNS",
     "GEOMETRY_COLUMNS",
     "PROBE_COLUMNS",
     "RANDOM_COLUMNS",
+    "Replicates",
     "causal_geometry_frame",
     "change_summary",
     "geometry_frame",
