@@ -443,3 +443,59 @@ def test_random_baseline_concept_along_readout_beats_random_directions():
     )
     assert inside.all()
     assert math.isfinite(row.logit_change_random_sd) and row.logit_change_random_sd > 0
+
+
+def test_figure2_frame_points_match_the_fast_path_and_bands_see_the_vector_noise(series):
+    from emolens.concept_space import FIGURE2_COLUMNS, TREND_COLUMNS, figure2_frame
+
+    neutral0 = N_PER * (len(LABELS) - 1)  # steered prompts are neutral samples, as in the study
+    prompts = [f"s{i}" for i in range(neutral0, neutral0 + N_PER, 3)]
+    bands, trends = figure2_frame(series, prompts, (4.0,), LABELS, NEUTRAL, n_boot=200)
+    assert tuple(bands.columns) == FIGURE2_COLUMNS and tuple(trends.columns) == TREND_COLUMNS
+    layer = series[0].final_layer
+    for s in series:
+        h = s.prompt_resid(prompts)
+        own = [LABELS.index(e) for e in EMOTIONS]
+        slow = transfer_effect(s.readout, h, s.vectors.layer(layer), 4.0)
+        slow = slow[torch.arange(len(EMOTIONS)), :, own].double().mean(-1)
+        got = _pick(bands, step=s.step).set_index("emotion").loc[list(EMOTIONS), "value"]
+        assert torch.allclose(torch.tensor(got.to_numpy()), slow, rtol=1e-5, atol=1e-5)
+    assert ((bands.ci_low <= bands.value + 1e-9) & (bands.value <= bands.ci_high + 1e-9)).all()
+    # with one prompt there is no prompt noise: the band is the noise of estimating v alone
+    one, _ = figure2_frame(series[:1], prompts[:1], (4.0,), LABELS, NEUTRAL, n_boot=60)
+    assert ((one.ci_high - one.ci_low) > 0.05).all()
+    fixed = random_baseline_frame(series[:1], prompts[:1], (4.0,), LABELS, n_random=0, n_boot=60)
+    assert ((fixed.concept_ci_high - fixed.concept_ci_low).abs() < 1e-9).all()
+    t = trends.set_index("emotion")
+    assert t.paired.all() and (t.first_step == 0).all() and (t.last_step == 20).all()
+    # steps 0 and 10 are identical and only joy moves at step 20
+    for e in ("anger", "sadness", "trust"):
+        assert abs(t.loc[e, "first_last_effect"]) < 1e-9 and t.loc[e, "first_last_p"] == 1.0
+    assert t.loc["joy", "first_last_q"] < 0.05
+
+
+def test_sensitivity_change_summary_pairs_prompts_and_flags_a_planted_fall():
+    import numpy as np
+    import pandas as pd
+
+    from emolens.concept_space import sensitivity_change_summary
+
+    gen = np.random.default_rng(1)
+    rows = []
+    prompt_effect = gen.normal(2.0, 1.0, 40)  # prompts differ a lot, steps pair them
+    for step in (0, 8, 16):
+        for e, fall in (("joy", 0.5), ("trust", 0.0)):
+            noise = gen.normal(0.0, 0.1, 40)
+            for i in range(40):
+                rows.append(
+                    dict(step=step, layer=17, steered_emotion=e, observed_label=e, alpha=4.0,
+                         prompt_id=f"p{i}", logit_change=prompt_effect[i] - fall * (step > 0)
+                         + noise[i])
+                )  # fmt: skip
+    sens = pd.DataFrame(rows)
+    out = sensitivity_change_summary(sens, n_perm=999).set_index(["emotion", "step"])
+    assert set(out.family) == {"sensitivity"} and len(out) == 4
+    assert out.loc[("joy", 16), "fdr_change"] and out.loc[("joy", 16), "effect"] < -0.4
+    assert not out.loc[("trust", 16), "fdr_change"]
+    assert out.loc[("trust", 16), "equivalent_within_margin"]  # 5% of ~2 = 0.1 > noise SE
+    assert not out.loc[("joy", 16), "equivalent_within_margin"]

@@ -1026,6 +1026,214 @@ def change_summary(
     return res[out_cols]
 
 
+def sensitivity_change_summary(
+    sensitivity: pd.DataFrame,
+    measure: str = "logit_change",
+    ci: float = 0.95,
+    fdr_level: float = 0.05,
+    equivalence_margin: float = change_tests.DEFAULT_EQUIVALENCE_MARGIN,
+    equivalence_level: float = 0.05,
+    n_perm: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The :func:`change_summary` rows of steering sensitivity (family ``"sensitivity"``).
+
+    ``sensitivity``: ``sensitivity.csv`` rows; the diagonal (``steered_emotion ==
+    observed_label``) is tested. A series is one ``layer, steered_emotion, alpha`` (and
+    ``alpha_unit``, ``positions`` where present); each step after the first is compared with
+    the first on the prompts both have, by the sign-flip permutation test of the per-prompt
+    differences of ``measure`` (:func:`emolens.change_tests.sign_flip_test`; the prompts are
+    the same at every step, so the differences are paired) and TOST by sign flips. This holds
+    each step's concept vector fixed: it is the prompt noise only (the two-level bootstrap of
+    :func:`figure2_frame` adds the noise of estimating ``v``). The margin is relative:
+    ``equivalence_margin x |first value|``. Columns: ``layer, measure, emotion, alpha`` and
+    :data:`CHANGE_COLUMNS`.
+    """
+    keys = [c for c in ("layer", "steered_emotion", "alpha", "alpha_unit", "positions")
+            if c in sensitivity.columns]  # fmt: skip
+    need = ["step", "steered_emotion", "observed_label", "prompt_id", measure]
+    missing = [c for c in need if c not in sensitivity.columns]
+    if missing:
+        raise ValueError(f"the sensitivity table lacks columns {missing}")
+    out_keys = ["layer", "measure", "emotion", "alpha"] + [
+        k for k in ("alpha_unit", "positions") if k in keys
+    ]
+    diag = sensitivity[sensitivity.steered_emotion == sensitivity.observed_label]
+    rows = []
+    if diag.empty:
+        return pd.DataFrame(columns=out_keys + list(CHANGE_COLUMNS))
+    first_step = diag.step.min()
+    for key, g in diag.groupby(keys, sort=True, dropna=False):
+        wide = g.pivot_table(index="prompt_id", columns="step", values=measure, aggfunc="mean")
+        if first_step not in wide.columns:
+            continue
+        key = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
+        for step in [s for s in wide.columns if s != first_step]:
+            pair = wide[[first_step, step]].dropna()
+            d = torch.tensor(pair[step].to_numpy() - pair[first_step].to_numpy())
+            first_value = float(pair[first_step].mean()) if len(pair) else float("nan")
+            test = change_tests.sign_flip_test(d[None], n_perm=n_perm, ci=ci, seed=seed)
+            margin = (
+                change_tests.equivalence_margin(measure, first_value, equivalence_margin)
+                if np.isfinite(first_value)
+                else float("nan")
+            )
+            eq = change_tests.tost_sign_flip(
+                d[None], margin, level=equivalence_level, n_perm=n_perm, seed=seed
+            )
+            rows.append(
+                {
+                    "layer": key.get("layer"),
+                    "measure": measure,
+                    "emotion": key["steered_emotion"],
+                    "alpha": key.get("alpha"),
+                    **{k: key[k] for k in ("alpha_unit", "positions") if k in key},
+                    "family": "sensitivity",
+                    "first_step": first_step,
+                    "step": step,
+                    "first_value": first_value,
+                    "value": float(pair[step].mean()) if len(pair) else float("nan"),
+                    "effect": float(test.effect[0]),
+                    "effect_ci_low": float(test.low[0]),
+                    "effect_ci_high": float(test.high[0]),
+                    "p": float(test.p[0]),
+                    "test": "sign-flip permutation over prompts (v fixed)",
+                    "paired": True,
+                    "n_resamples": n_perm,
+                    "equivalence_margin": margin,
+                    "margin_rule": f"relative: {equivalence_margin:g} x |first value|",
+                    "equivalence_p": float(eq.p[0]),
+                    "equivalent_within_margin": bool(eq.equivalent[0]),
+                    "n_prompts": len(pair),
+                }
+            )
+    res = pd.DataFrame(rows)
+    if res.empty:
+        return pd.DataFrame(columns=out_keys + list(CHANGE_COLUMNS))
+    res["q"] = change_tests.benjamini_hochberg(res["p"].to_numpy())
+    res["fdr_change"] = np.where(res["q"].notna(), res["q"] < fdr_level, False)
+    return res[out_keys + list(CHANGE_COLUMNS)]
+
+
+# --------------------------------------------------------------------------- Figure 2
+
+
+FIGURE2_COLUMNS = ("step", "layer", "emotion", "alpha", "value", "ci_low", "ci_high", "n_boot")
+TREND_COLUMNS = (
+    "emotion",
+    "alpha",
+    "layer",
+    "first_step",
+    "last_step",
+    "paired",
+    "first_last_effect",
+    "first_last_ci_low",
+    "first_last_ci_high",
+    "first_last_p",
+    "first_last_q",
+    "slope_per_step",
+    "slope_ci_low",
+    "slope_ci_high",
+    "slope_p",
+    "slope_q",
+)
+
+
+def figure2_frame(
+    steps: Sequence[StepData],
+    prompt_ids: Sequence[str],
+    alphas: Sequence[float | int],
+    labels: Sequence[str],
+    neutral: str,
+    keep_masks: Mapping[int, Tensor] | None = None,
+    n_boot: int = 200,
+    ci: float = 0.95,
+    seed: int = 0,
+    num_threads: int | None = 1,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Figure 2's points with two-level bootstrap bands, and per-emotion trend tests.
+
+    Per step (final layer, where steering needs no forward pass) and alpha:
+    :func:`emolens.change_tests.figure2_bootstrap` with the step's kept samples
+    (``keep_masks``, default all with a known gold label), the residuals of ``prompt_ids`` and
+    the step's :class:`~emolens.attribution.Readout`; emotions that have a vector at every
+    step. Returns ``(bands, trends)``: ``bands`` has :data:`FIGURE2_COLUMNS` (``value`` the
+    point, ``ci_low/high`` its interval from resampling both the samples that build ``v`` and
+    the prompts); ``trends`` has :data:`TREND_COLUMNS`, per emotion and alpha
+    (:func:`emolens.change_tests.trend_tests`, BH across emotions within each alpha).
+    ``paired`` says whether every step kept the same samples (then the same resamples pair
+    the steps); where not, each differing step's replicates are re-paired at random (seed
+    ``seed``), which treats the steps as independent samples (conservative when they overlap).
+    """
+    band = _Columns(FIGURE2_COLUMNS)
+    trends = _Columns(TREND_COLUMNS)
+    if not steps:
+        return band.frame(), trends.frame()
+    labels = list(labels)
+    n_labels = len(labels)
+    emotions = [e for e in steps[0].vectors.emotions if all(e in s.vectors.emotions for s in steps)]
+    e_lab = [labels.index(e) for e in emotions]
+    u = labels.index(neutral)
+    keys = []
+    with _threads(num_threads):
+        per_alpha: dict[float, list] = {float(a): [] for a in alphas}
+        for s in steps:
+            keep = _keep_of(s, keep_masks, n_labels)
+            keys.append(_sample_key([i for i, k in zip(s.acts.sample_ids, keep.tolist()) if k]))
+            layer = s.final_layer
+            h = s.acts.layer(layer)[keep]
+            y = s.acts.gold[keep].long()
+            prompts = s.prompt_resid(list(prompt_ids))
+            for a in per_alpha:
+                boot = change_tests.figure2_bootstrap(
+                    h, y, e_lab, u, prompts, s.readout.logits, e_lab, a, n_boot, ci, seed
+                )
+                per_alpha[a].append(boot)
+                band.add(
+                    step=s.step,
+                    layer=layer,
+                    emotion=list(emotions),
+                    alpha=a,
+                    value=_floats(boot.estimate),
+                    ci_low=_floats(boot.low),
+                    ci_high=_floats(boot.high),
+                    n_boot=n_boot,
+                )
+    paired = all(k == keys[0] for k in keys)
+    step_numbers = [s.step for s in steps]
+    if len(steps) < 2 or n_boot <= 0 or not emotions:
+        return band.frame(), trends.frame()
+    gen = torch.Generator().manual_seed(seed)
+    for a, boots in per_alpha.items():
+        est = torch.stack([b.estimate for b in boots])  # [step, emotion]
+        reps = []
+        for k, b in zip(keys, boots, strict=True):
+            r = b.samples
+            if k != keys[0]:
+                r = r[:, torch.randperm(r.shape[1], generator=gen)]
+            reps.append(r)
+        res = change_tests.trend_tests(step_numbers, est, torch.stack(reps), ci)
+        trends.add(
+            emotion=list(emotions),
+            alpha=a,
+            layer=steps[-1].final_layer,
+            first_step=step_numbers[0],
+            last_step=step_numbers[-1],
+            paired=paired,
+            first_last_effect=_floats(res.first_last.effect),
+            first_last_ci_low=_floats(res.first_last.low),
+            first_last_ci_high=_floats(res.first_last.high),
+            first_last_p=_floats(res.first_last.p),
+            first_last_q=[float(x) for x in res.q_first_last],
+            slope_per_step=_floats(res.slope.effect),
+            slope_ci_low=_floats(res.slope.low),
+            slope_ci_high=_floats(res.slope.high),
+            slope_p=_floats(res.slope.p),
+            slope_q=[float(x) for x in res.q_slope],
+        )
+    return band.frame(), trends.frame()
+
+
 # --------------------------------------------------------------------------- random baseline
 
 
@@ -1103,13 +1311,17 @@ def random_baseline_frame(
 
 __all__ = [
     "CHANGE_COLUMNS",
+    "FIGURE2_COLUMNS",
     "GEOMETRY_COLUMNS",
     "PROBE_COLUMNS",
     "RANDOM_COLUMNS",
+    "TREND_COLUMNS",
     "Replicates",
     "causal_geometry_frame",
     "change_summary",
+    "figure2_frame",
     "geometry_frame",
     "probes_frame",
     "random_baseline_frame",
+    "sensitivity_change_summary",
 ]
