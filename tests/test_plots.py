@@ -561,6 +561,47 @@ def make_change_summary() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def make_figure2_bands(steps=STEPS, layer=3, alpha=4.0) -> pd.DataFrame:
+    """figure2_bands.csv at the final layer and largest alpha: a band of +-0.5 around a value."""
+    rows = []
+    for step in steps:
+        for k, emotion in enumerate(STEERED):
+            value = 2.0 + k - 0.1 * step
+            rows.append(
+                {"step": step, "layer": layer, "emotion": emotion, "alpha": alpha,
+                 "value": value, "ci_low": value - 0.5, "ci_high": value + 0.5, "n_boot": 200}
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def make_sensitivity_trends(alpha=4.0) -> pd.DataFrame:
+    """sensitivity_trends.csv: joy fell (q .01), trust rose (q .02), sadness not shown."""
+    rows = []
+    for emotion, effect, q in (("joy", -1.0, 0.01), ("sadness", -0.1, 0.4), ("trust", 0.8, 0.02)):
+        rows.append(
+            {"emotion": emotion, "alpha": alpha, "layer": 3, "first_step": 0, "last_step": 4,
+             "paired": True, "first_last_effect": effect, "first_last_ci_low": effect - 0.3,
+             "first_last_ci_high": effect + 0.3, "first_last_p": q / 2, "first_last_q": q,
+             "slope_per_step": effect / 4, "slope_ci_low": effect / 4 - 0.1,
+             "slope_ci_high": effect / 4 + 0.1, "slope_p": q / 2, "slope_q": q}
+        )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_figure2_draws_the_two_level_bands_of_the_plotted_layer_and_alpha(sens):
+    bands = make_figure2_bands()
+    fig = plots.figure2(sens, bands=bands)
+    filled = [t for t in fig.data if t.fill == "toself"]
+    assert sorted(t.meta for t in filled) == sorted(STEERED)
+    joy = next(t for t in filled if t.meta == "joy")
+    rows = bands[bands.emotion == "joy"].sort_values("step")
+    assert list(joy.x) == rows.step.tolist() + rows.step.tolist()[::-1]
+    assert list(joy.y) == rows.ci_high.tolist() + rows.ci_low.tolist()[::-1]
+    # another layer or alpha has no band here
+    assert not [t for t in plots.figure2(sens, layer=1, bands=bands).data if t.fill == "toself"]
+    assert not [t for t in plots.figure2(sens, alpha=2.0, bands=bands).data if t.fill]
+
+
 def _of(fig, emotion, name=None):
     return [t for t in fig.data if t.meta == emotion and (name is None or t.name == name)]
 

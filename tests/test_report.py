@@ -9,6 +9,8 @@ import pytest
 from test_plots import (
     make_attribution,
     make_change_summary,
+    make_figure2_bands,
+    make_sensitivity_trends,
     make_dla,
     make_filtering,
     make_geometry,
@@ -82,6 +84,8 @@ TABLE_MAKERS = {
     "geometry": make_geometry,
     "probes": make_probes,
     "change_summary": make_change_summary,
+    "sensitivity_trends": make_sensitivity_trends,
+    "figure2_bands": make_figure2_bands,
 }
 
 
@@ -237,6 +241,18 @@ def test_change_summary_states_per_family_what_changed_what_is_equivalent_and_wh
     summary = _section_of(explained_report, "summary")
     assert "<h3>Geometry and probes across the series</h3>" in summary
     assert "3 of 8 geometry series" in summary
+
+
+def test_sensitivity_trends_say_which_emotions_fell_or_rose_from_q(explained_report):
+    section = _section_of(explained_report, "sensitivity-trends")
+    assert (
+        "α = 4: from step 0 to 4, 1 of 3 emotions fell (joy (喜び)) and 1 rose (trust (信頼)) at q &lt; "
+        "0.05; 2 have a slope over steps at q &lt; 0.05; 1 are not shown to have changed."
+        in section
+    )
+    assert "not evidence that it kept its sensitivity" in section
+    figure2 = _section_of(explained_report, "figure2")
+    assert "two-level bootstrap band" in figure2
 
 
 def test_no_flag_is_not_read_as_agreement_with_the_paper(tmp_path):

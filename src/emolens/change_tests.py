@@ -277,6 +277,7 @@ def figure2_bootstrap(
     n_boot: int = 200,
     ci: float = 0.95,
     seed: int = 0,
+    prompt_positions: Sequence[int] | None = None,
 ) -> Figure2Bootstrap:
     """Two-level bootstrap of Figure 2's points at the final layer.
 
@@ -291,6 +292,14 @@ def figure2_bootstrap(
     ``seed``), ``v`` rebuilt from them, then the prompts resampled (seed ``seed + 1``) and the
     mean change taken over the resampled prompts. The same seeds at every step give the same
     resamples, so steps with the same kept samples and prompts are paired.
+
+    ``prompt_positions[p]``: the row of prompt ``p`` in ``resid`` where the prompt is itself
+    one of the samples that build ``v`` (the study steers neutral corpus samples), ``-1``
+    where not. Such a prompt is not resampled independently: its weight in the prompt mean is
+    its multiplicity in the sample resample, so the noise it puts into ``v`` and into the
+    steered point stays coupled (resampling it twice independently, measured in
+    ``benchmarks/calibration.py``, made the test of a change reject 12-14% of true nulls at
+    the 5% level). The other prompts get bootstrap counts among themselves.
     """
     h = resid.to(torch.float64)
     y = gold.long().cpu()
@@ -319,13 +328,24 @@ def figure2_bootstrap(
     if n_boot <= 0:
         nan = torch.full_like(estimate, torch.nan)
         return Figure2Bootstrap(estimate, nan, nan.clone(), estimate.new_zeros(len(e_idx), 0), ci)
+    pos = torch.full((n_p,), -1, dtype=torch.long)
+    if prompt_positions is not None:
+        pos = torch.as_tensor(list(prompt_positions), dtype=torch.long)
+        if pos.shape != (n_p,) or bool((pos >= n).any()):
+            raise ValueError(f"prompt_positions must give {n_p} rows of resid (or -1)")
+    inside = pos >= 0
+    outside = torch.nonzero(~inside).flatten()
     sample_idx = stats.bootstrap_indices(n, n_boot, seed, strata=y)
-    prompt_idx = stats.bootstrap_indices(n_p, n_boot, seed + 1)
+    out_counts = torch.zeros(n_boot, n_p, dtype=torch.float64)
+    if len(outside):
+        draws = outside[stats.bootstrap_indices(len(outside), n_boot, seed + 1)]
+        out_counts.scatter_add_(1, draws, torch.ones(draws.shape, dtype=torch.float64))
     out = torch.empty(len(e_idx), n_boot, dtype=torch.float64)
     for b in range(n_boot):
         mult = torch.bincount(sample_idx[b], minlength=n).to(torch.float64)
         ch = changes(vectors_of(mult))  # [E, P]
-        out[:, b] = ch[:, prompt_idx[b]].mean(-1)
+        w = torch.where(inside, mult[pos.clamp_min(0)], out_counts[b])
+        out[:, b] = (ch @ w) / w.sum() if float(w.sum()) > 0 else torch.nan
     low, high = stats._percentiles(out, ci)
     return Figure2Bootstrap(estimate, low, high, out, ci)
 

@@ -1157,7 +1157,8 @@ def figure2_frame(
     :func:`emolens.change_tests.figure2_bootstrap` with the step's kept samples
     (``keep_masks``, default all with a known gold label), the residuals of ``prompt_ids`` and
     the step's :class:`~emolens.attribution.Readout`; emotions that have a vector at every
-    step. Returns ``(bands, trends)``: ``bands`` has :data:`FIGURE2_COLUMNS` (``value`` the
+    step. A prompt that is one of the kept samples is resampled with them (see
+    :func:`emolens.change_tests.figure2_bootstrap`). Returns ``(bands, trends)``: ``bands`` has :data:`FIGURE2_COLUMNS` (``value`` the
     point, ``ci_low/high`` its interval from resampling both the samples that build ``v`` and
     the prompts); ``trends`` has :data:`TREND_COLUMNS`, per emotion and alpha
     (:func:`emolens.change_tests.trend_tests`, BH across emotions within each alpha).
@@ -1184,10 +1185,13 @@ def figure2_frame(
             h = s.acts.layer(layer)[keep]
             y = s.acts.gold[keep].long()
             prompts = s.prompt_resid(list(prompt_ids))
+            kept = {sid: i for i, sid in enumerate(np.asarray(s.acts.sample_ids)[keep.numpy()])}
+            positions = [kept.get(p, -1) for p in prompt_ids]
             for a in per_alpha:
                 boot = change_tests.figure2_bootstrap(
-                    h, y, e_lab, u, prompts, s.readout.logits, e_lab, a, n_boot, ci, seed
-                )
+                    h, y, e_lab, u, prompts, s.readout.logits, e_lab, a, n_boot, ci, seed,
+                    prompt_positions=positions,
+                )  # fmt: skip
                 per_alpha[a].append(boot)
                 band.add(
                     step=s.step,

@@ -248,19 +248,45 @@ def figure2(
     alpha_unit: str | None = None,
     positions: str | None = None,
     ja: Mapping[str, str] | None = None,
+    bands: pd.DataFrame | None = None,
 ) -> go.Figure:
     """The paper's Figure 2: the mean (over prompts) change of the steered emotion's own label
     measure against training step, one line per emotion, with error bars of one standard error
     over prompts. Defaults: the final (largest) layer present and the largest alpha. When
     ``steps_table`` (``step``, ``eval_loss``) has eval losses they are drawn on a second y axis
-    (dashed, grey)."""
+    (dashed, grey). ``bands``: ``figure2_bands.csv``
+    (:func:`emolens.concept_space.figure2_frame`: ``step, layer, emotion, alpha, ci_low,
+    ci_high``), drawn as a shaded interval per emotion where its layer and alpha match the
+    plotted ones (the two-level bootstrap: the samples that build v, then the prompts)."""
     summary, sel = diagonal_summary(
         sensitivity, layer, alpha, measure, alpha_unit=alpha_unit, positions=positions
     )
+    band_rows = None
+    if bands is not None and measure == "logit_change" and (sel.alpha_unit or "absolute") == (
+        "absolute"
+    ):
+        require_columns(bands, ("step", "layer", "emotion", "alpha", "ci_low", "ci_high"),
+                        "the Figure 2 bands table")  # fmt: skip
+        band_rows = bands[(bands["alpha"] == sel.alpha)]
+        if sel.layer is not None:
+            band_rows = band_rows[band_rows["layer"] == sel.layer]
     fig = go.Figure()
     for emotion in label_order(summary["emotion"]):
         rows = summary[summary["emotion"] == emotion].sort_values("step")
         color = emotion_color(emotion)
+        if band_rows is not None:
+            b = band_rows[band_rows["emotion"] == emotion].sort_values("step")
+            band = _band(
+                b["step"].tolist(),
+                b["ci_low"].to_numpy(dtype=float),
+                b["ci_high"].to_numpy(dtype=float),
+                color,
+                name=f"{emotion} 95% band",
+                group=emotion,
+                meta=emotion,
+            )
+            if band is not None:
+                fig.add_trace(band)
         fig.add_trace(
             go.Scatter(
                 x=rows["step"].tolist(),

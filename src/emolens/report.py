@@ -32,7 +32,10 @@ OPTIONAL_TABLES: dict[str, str] = {
     "geometry": "Geometry",
     "probes": "Linear probes",
     "change_summary": "Change across the series",
+    "sensitivity_trends": "Sensitivity trends",
 }
+#: Tables the report reads for a figure, without a section of their own.
+FIGURE_TABLES = ("figure2_bands",)
 #: Geometry measures the report draws (every measure is in the change summary).
 GEOMETRY_KEY_MEASURES = ("cosine_to_first", "orthogonality", "within_gap")
 #: The level of the bootstrap intervals the pipeline writes (concept_space's default).
@@ -200,6 +203,10 @@ def load_report_inputs(results_dir: str | Path, run_dir: str | Path | None = Non
             break
     extra = {}
     for name in OPTIONAL_TABLES:
+        path = results_dir / f"{name}.csv"
+        if path.is_file():
+            extra[name] = _optional_csv(path, problems)
+    for name in FIGURE_TABLES:
         path = results_dir / f"{name}.csv"
         if path.is_file():
             extra[name] = _optional_csv(path, problems)
@@ -507,9 +514,20 @@ def _figure2_section(inputs: ReportInputs, ja: dict) -> str:
         "label logit at the answer position, at the final layer and the largest α, against "
         "training step (0 = base model). Error bars: one standard error over prompts."
         + (" Dashed grey: eval loss (right axis)." if eval_table is not None else "")
+        + (
+            " Shaded: 95% two-level bootstrap band (the samples that build v resampled, v "
+            "rebuilt, then the prompts resampled; <code>figure2_bands.csv</code>)."
+            if "figure2_bands" in inputs.extra_tables
+            else ""
+        )
         + "</p>",
         _safe_figure(
-            lambda: plots.figure2(sens, steps_table=eval_table, ja=ja), "Figure 2", height=560
+            lambda: plots.figure2(
+                sens, steps_table=eval_table, ja=ja,
+                bands=inputs.extra_tables.get("figure2_bands"),
+            ),
+            "Figure 2",
+            height=560,
         ),
     ]
     try:
@@ -1006,6 +1024,44 @@ def _change_summary_body(frame: pd.DataFrame, ja: dict) -> str:
     return "\n".join(body)
 
 
+def _trends_body(frame: pd.DataFrame, ja: dict) -> str:
+    """Per alpha: which emotions' Figure 2 points fell or rose from the first to the last step
+    (q < level, BH across emotions), and which have a slope; the rest are not shown to move."""
+    body = [
+        "<p>Per emotion, Figure 2's point at the last step against the first (paired "
+        "two-level bootstrap: the samples that build v, then the prompts) and the "
+        "least-squares slope over steps; q: Benjamini-Hochberg across emotions at each α. "
+        "An emotion with q ≥ 0.05 is not shown to have changed, which is not evidence that it "
+        "kept its sensitivity.</p>"
+    ]
+    sentences = []
+    for alpha, g in frame.groupby("alpha", sort=True):
+        q = pd.to_numeric(g["first_last_q"], errors="coerce")
+        eff = pd.to_numeric(g["first_last_effect"], errors="coerce")
+        fell = g[(q < FDR_LEVEL) & (eff < 0)]["emotion"].map(lambda e: plots.display_name(e, ja))
+        rose = g[(q < FDR_LEVEL) & (eff > 0)]["emotion"].map(lambda e: plots.display_name(e, ja))
+        slope_q = pd.to_numeric(g["slope_q"], errors="coerce")
+        trend = int((slope_q < FDR_LEVEL).sum())
+        first, last = int(g["first_step"].iloc[0]), int(g["last_step"].iloc[0])
+        sentences.append(
+            f"α = {plots.format_value(alpha)}: from step {first} to {last}, "
+            f"{len(fell)} of {len(g)} emotions fell ({', '.join(fell) or 'none'}) and "
+            f"{len(rose)} rose ({', '.join(rose) or 'none'}) at q < {FDR_LEVEL:g}; "
+            f"{trend} have a slope over steps at q < {FDR_LEVEL:g}; "
+            f"{len(g) - len(fell) - len(rose)} are not shown to have changed."
+        )
+    body.append("<ul>" + "".join(f"<li>{_e(s)}</li>" for s in sentences) + "</ul>")
+    if "paired" in frame and not frame["paired"].map(plots.as_bool).all():
+        body.append(
+            _note(
+                "The steps kept different samples (self-filtering): the steps' resamples are "
+                "independent, so these tests are unpaired."
+            )
+        )
+    body.append(_frame_table(frame))
+    return "\n".join(body)
+
+
 _SECTION_BODIES: dict[str, Callable[[pd.DataFrame, dict], str]] = {
     "attribution": _attribution_body,
     "transfer": _transfer_body,
@@ -1014,6 +1070,7 @@ _SECTION_BODIES: dict[str, Callable[[pd.DataFrame, dict], str]] = {
     "geometry": _geometry_body,
     "probes": _probes_body,
     "change_summary": _change_summary_body,
+    "sensitivity_trends": _trends_body,
 }
 
 
