@@ -9,14 +9,14 @@ import pytest
 from test_plots import (
     make_attribution,
     make_change_summary,
-    make_figure2_bands,
-    make_sensitivity_trends,
     make_dla,
+    make_figure2_bands,
     make_filtering,
     make_geometry,
     make_probes,
     make_random_baseline,
     make_sensitivity,
+    make_sensitivity_trends,
     make_steps,
     make_transfer,
 )
@@ -246,8 +246,9 @@ def test_change_summary_states_per_family_what_changed_what_is_equivalent_and_wh
 def test_sensitivity_trends_say_which_emotions_fell_or_rose_from_q(explained_report):
     section = _section_of(explained_report, "sensitivity-trends")
     assert (
-        "α = 4: from step 0 to 4, 1 of 3 emotions fell (joy (喜び)) and 1 rose (trust (信頼)) at q &lt; "
-        "0.05; 2 have a slope over steps at q &lt; 0.05; 1 are not shown to have changed."
+        "α = 4: from step 0 to 4, 1 of 3 emotions fell (joy (喜び)) and 1 rose "
+        "(trust (信頼)) at q &lt; 0.05; 2 have a slope over steps at q &lt; 0.05; "
+        "1 are not shown to have changed."
         in section
     )
     assert "not evidence that it kept its sensitivity" in section

@@ -1158,9 +1158,10 @@ def figure2_frame(
     (``keep_masks``, default all with a known gold label), the residuals of ``prompt_ids`` and
     the step's :class:`~emolens.attribution.Readout`; emotions that have a vector at every
     step. A prompt that is one of the kept samples is resampled with them (see
-    :func:`emolens.change_tests.figure2_bootstrap`). Returns ``(bands, trends)``: ``bands`` has :data:`FIGURE2_COLUMNS` (``value`` the
-    point, ``ci_low/high`` its interval from resampling both the samples that build ``v`` and
-    the prompts); ``trends`` has :data:`TREND_COLUMNS`, per emotion and alpha
+    :func:`emolens.change_tests.figure2_bootstrap`). Returns ``(bands, trends)``: ``bands``
+    has :data:`FIGURE2_COLUMNS` (``value`` the point, ``ci_low/high`` its interval from
+    resampling both the samples that build ``v`` and the prompts); ``trends`` has
+    :data:`TREND_COLUMNS`, per emotion and alpha
     (:func:`emolens.change_tests.trend_tests`, BH across emotions within each alpha).
     ``paired`` says whether every step kept the same samples (then the same resamples pair
     the steps); where not, each differing step's replicates are re-paired at random (seed
