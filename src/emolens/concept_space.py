@@ -1,9 +1,12 @@
 """Long tables of the emotion concept space across a checkpoint series, with bootstrap intervals.
 
 Built from finished steps (:class:`emolens.explain.StepData`) with no model in memory, for the
-pipeline to write as ``geometry.csv`` and ``probes.csv``, plus the test the report states per
-measure (:func:`change_summary`: does the change from the first step exceed its confidence
-interval?) and a random-direction steering baseline (:func:`random_baseline_frame`).
+pipeline to write as ``geometry.csv`` and ``probes.csv``, plus the tests the report states per
+measure (:func:`change_summary`: a paired test of each later step against the first from the
+bootstrap replicates, BH within the measure family, TOST against a stated margin; see
+:mod:`emolens.change_tests`), Figure 2's points with two-level bootstrap bands and trend tests
+(:func:`figure2_frame`) and a random-direction steering baseline
+(:func:`random_baseline_frame`).
 
 Geometry (:func:`geometry_frame`, :func:`causal_geometry_frame`), one row per ``step, layer,
 measure, emotion, inner``:
@@ -37,8 +40,9 @@ Cross-step measures compare replicate vectors of step t with the *full-sample* v
 reference step. At the first step the value is exact (cosine 1, angle 0, and NaN for
 ``cosine_to_previous``, which has no previous step) and the interval is the resampling noise
 ceiling: how far a resampled vector lies from the full-sample one. That interval therefore
-does not contain its value; a later step whose interval lies below it (:func:`change_summary`
-with the ``disjoint`` rule) moved more than sampling noise moves a vector.
+does not contain its value. :func:`change_summary` pairs replicate ``b`` of step t
+(``cos(v_t*, v_first)``) with replicate ``b`` of the first step (``cos(v_first*, v_first)``),
+so the noise ceiling is subtracted from both sides of the test.
 
 Inner products: ``inner == "plain"`` is the Euclidean one; ``"causal"`` whitens residuals with
 :class:`emolens.geometry.CausalInnerProduct` first (Park et al.; ``Cov^{-1/2}`` of the
@@ -1044,8 +1048,12 @@ def sensitivity_change_summary(
     the first on the prompts both have, by the sign-flip permutation test of the per-prompt
     differences of ``measure`` (:func:`emolens.change_tests.sign_flip_test`; the prompts are
     the same at every step, so the differences are paired) and TOST by sign flips. This holds
-    each step's concept vector fixed: it is the prompt noise only (the two-level bootstrap of
-    :func:`figure2_frame` adds the noise of estimating ``v``). The margin is relative:
+    each step's concept vector fixed: it is the prompt noise only, a test of "steering with
+    these vectors changed", not of "the model's sensitivity changed" (the two-level bootstrap
+    of :func:`figure2_frame` adds the noise of estimating ``v``). Measured in
+    ``benchmarks/calibration.py``: where ``v`` is re-estimated from fresh samples at each step
+    under no true change, this test rejects most series (false-positive rate about 0.6 at the
+    demo's sizes), so use it for the conditional claim only. The margin is relative:
     ``equivalence_margin x |first value|``. Columns: ``layer, measure, emotion, alpha`` and
     :data:`CHANGE_COLUMNS`.
     """
