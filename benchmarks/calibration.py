@@ -25,7 +25,24 @@ is the FDR), ``power`` (share of tests of the shifted measure with q < 0.05; geo
 Monte-Carlo standard errors, and ``n_sim``.
 
 Run: ``PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/calibration.py`` (``--help``; about
-ten minutes on one busy core with the defaults; ``--n-sim 40`` for a quick look).
+half an hour on one busy core with the defaults; ``--n-sim 40`` for a quick look).
+
+Measured (``--n-sim 100``, other options default: d 64, rho 0.9, centre_sd 0.3, n_boot 200;
+1105 s on a shared 2-core box)::
+
+    family       test                 FPR    FWER/FDR       power q<.05  power p<.05
+    geometry     paired bootstrap     0.057  0.000 ± 0.000  0.068        0.452
+    probes       paired bootstrap     0.015  0.000 ± 0.000  0.010        0.280
+    sensitivity  sign-flip, v fixed   0.557  0.930 ± 0.026  0.909        0.913
+    sensitivity  two-level bootstrap  0.074  0.030 ± 0.017  0.388        0.547
+
+Planted effect (mean) against the step-0 value: geometry vector_norm 0.225 of 3.934, probes own
+accuracy 0.062 of 0.535, sensitivity logit change 3.962 (step-0 mean -0.228).
+
+So: BH keeps the family-wise rate under the complete null below 5% for every family; the
+sign-flip test with v fixed is not a test of "sensitivity changed" (v is re-estimated at each
+step); the two-level bootstrap's per-test rate (0.074) is above nominal by about one MC error
+of these correlated tests; power at 0.25 SD with rho 0.9 is far below the 80% target.
 """
 
 import argparse
