@@ -192,7 +192,7 @@ def test_point_estimates_match_the_geometry_module(series, geometry):
 
 
 def test_identical_steps_have_unit_cosine_and_no_significant_change(series):
-    frame = geometry_frame(series[:2], LABELS, NEUTRAL, n_boot=100)
+    frame, reps = geometry_frame(series[:2], LABELS, NEUTRAL, n_boot=100, return_replicates=True)
     cos = _pick(frame, measure="cosine_to_first")
     assert (cos.value - 1.0).abs().max() < 1e-9
     # the first step's interval is the resampling noise ceiling: below 1, above chance
@@ -202,14 +202,18 @@ def test_identical_steps_have_unit_cosine_and_no_significant_change(series):
     same = _pick(frame, step=0).set_index(["layer", "measure", "emotion"])
     both = later.merge(same, left_index=True, right_index=True, suffixes=("", "_0"))
     assert ((both.ci_low - both.ci_low_0).abs() < 1e-9).all()  # same resamples, same data
-    summary = change_summary(frame)
-    assert not summary.significant_change.any()
-    assert not summary.any_disjoint.any()
-    stable = summary[summary.measure != "cosine_to_previous"]
-    assert (stable.max_abs_change.fillna(0) < 1e-9).all()
+    summary = change_summary(frame, reps)
+    tested = summary[summary.p.notna()]
+    assert len(tested) and not summary.fdr_change.any() and summary.paired.all()
+    assert (tested.p == 1.0).all() and (tested.effect.abs() < 1e-9).all()
+    assert set(summary.family) == {"geometry"}
+    # identical steps: every tested series is equivalent within its margin (TOST)
+    assert tested.equivalent_within_margin.all()
+    assert summary[summary.measure == "cosine_to_previous"].p.isna().all()
 
 
-def test_a_rotated_emotion_is_found_and_flagged_alone(geometry):
+def test_a_rotated_emotion_is_found_and_flagged_alone(series):
+    geometry, reps = geometry_frame(series, LABELS, NEUTRAL, n_boot=100, return_replicates=True)
     cos = _pick(geometry, measure="cosine_to_first", step=20).set_index(["layer", "emotion"])
     for layer in LAYERS:
         assert abs(cos.loc[(layer, "joy"), "value"]) < 0.2
@@ -217,15 +221,14 @@ def test_a_rotated_emotion_is_found_and_flagged_alone(geometry):
             assert cos.loc[(layer, e), "value"] == pytest.approx(1.0, abs=1e-9)
     prev = _pick(geometry, measure="cosine_to_previous", step=20).set_index(["layer", "emotion"])
     assert (prev.xs("joy", level="emotion").value < 0.2).all()
-    summary = change_summary(geometry)
-    flagged = summary[summary.significant_change]
+    summary = change_summary(geometry, reps)
+    flagged = summary[summary.fdr_change]
     cos_flags = flagged[flagged.measure == "cosine_to_first"]
     assert set(cos_flags.emotion) == {"joy"} and set(cos_flags.layer) == set(LAYERS)
-    assert (cos_flags.significant_steps == "20").all()
-    assert (cos_flags.step_of_max_change == 20).all()
-    angle = summary[summary.measure == "principal_angle_to_first_max"]
-    assert angle.significant_change.all()
-    assert (angle.max_abs_change > 0.5).all()
+    assert (cos_flags.step == 20).all()
+    angle = summary[(summary.measure == "principal_angle_to_first_max") & (summary.step == 20)]
+    assert angle.fdr_change.all() and (angle.effect > 0.5).all()
+    assert not angle.equivalent_within_margin.any()
     # only joy's own measures (and the shared ones) can change
     per_emotion = flagged[~flagged.emotion.isin(["all", "joy"])]
     assert not per_emotion.measure.isin(["cosine_to_first", "vector_norm"]).any()
@@ -317,9 +320,14 @@ def test_causal_inner_product_with_isotropic_unembedding_equals_plain(series):
         causal_geometry_frame(series, {0: inner}, LABELS, NEUTRAL)
 
 
-def test_change_summary_rules_and_probe_series():
+def test_change_summary_tests_each_later_step_with_fdr_and_tost():
+    import numpy as np
     import pandas as pd
 
+    from emolens.concept_space import Replicates
+
+    gen = np.random.default_rng(0)
+    base = gen.normal(1.0, 0.05, 400)  # resample b of the statistic, at step 0
     frame = pd.DataFrame(
         {
             "step": [0, 1, 2, 0, 1, 2],
@@ -327,19 +335,32 @@ def test_change_summary_rules_and_probe_series():
             "measure": "m",
             "emotion": ["a"] * 3 + ["b"] * 3,
             "inner": "plain",
-            "value": [1.0, 1.05, 1.3, 1.0, 1.2, 1.0],
-            "ci_low": [0.9, 0.95, 1.21, 0.9, 1.15, 0.9],
-            "ci_high": [1.1, 1.15, 1.4, 1.1, 1.25, 1.1],
+            "value": [1.0, 1.0, 1.3, 1.0, 1.0, 1.0],
+            "ci_low": 0.9,
+            "ci_high": 1.1,
         }
     )
-    out = change_summary(frame).set_index("emotion")
-    assert bool(out.loc["a", "significant_change"]) and out.loc["a", "significant_steps"] == "2"
-    assert out.loc["a", "max_abs_change"] == pytest.approx(0.3)
-    assert bool(out.loc["b", "significant_change"])  # step 1 interval lies above step 0's
-    loose = change_summary(frame.assign(ci_low=frame.ci_low - 0.1), rule="outside")
-    assert loose.set_index("emotion").loc["b", "significant_steps"] == "1"
-    with pytest.raises(ValueError, match="unknown rule"):
-        change_summary(frame, rule="p")
+    # paired: later steps' replicates move with step 0's (same resamples), plus a shift
+    noise = gen.normal(0.0, 0.01, (6, 400))
+    values = np.stack([base, base, base + 0.3, base, base, base]) + noise
+    reps = Replicates(values, np.array(["s"] * 6, dtype=object))
+    out = change_summary(frame, reps).set_index(["emotion", "step"])
+    assert len(out) == 4 and (out.first_step == 0).all()
+    assert bool(out.loc[("a", 2), "fdr_change"]) and out.loc[("a", 2), "p"] < 0.01
+    assert out.loc[("a", 2), "effect"] == pytest.approx(0.3)
+    assert out.loc[("a", 2), "effect_ci_low"] > 0.25
+    assert not out.loc[("a", 2), "equivalent_within_margin"]
+    for key in (("a", 1), ("b", 1), ("b", 2)):
+        assert not out.loc[key, "fdr_change"] and out.loc[key, "equivalent_within_margin"]
+    assert (out.q >= out.p - 1e-12).all() and (out.equivalence_margin == 0.05).all()
+    # the same values with the kept sets differing: unpaired, and the spread of two steps
+    unpaired = Replicates(values, np.array(["s", "t", "t", "s", "t", "t"], dtype=object))
+    loose = change_summary(frame, unpaired).set_index(["emotion", "step"])
+    assert not loose.paired.any() and loose.test.str.startswith("unpaired").all()
+    width = loose.effect_ci_high - loose.effect_ci_low
+    assert (width > 0.1).all()  # about 2 x 1.96 x sqrt(2) x 0.05
+    with pytest.raises(ValueError, match="replicate rows"):
+        change_summary(frame, Replicates(values[:3], reps.sample_set[:3]))
 
 
 def _clusters(n_per=30, seed=0):
@@ -354,7 +375,7 @@ def _clusters(n_per=30, seed=0):
 def test_probes_on_planted_clusters():
     resid, gold = _clusters()
     steps = [_step(0, resid, gold), _step(5, resid.clone(), gold)]
-    frame = probes_frame(steps, LABELS, n_boot=100, seed=0)
+    frame, reps = probes_frame(steps, LABELS, n_boot=100, seed=0, return_replicates=True)
     assert tuple(frame.columns) == PROBE_COLUMNS
     acc = _pick(frame, measure="accuracy")
     own = acc[acc.train_step == acc.step].set_index(["step", "layer"]).value
@@ -374,11 +395,11 @@ def test_probes_on_planted_clusters():
     scored = frame[frame.measure.isin(["accuracy", "recall", "shuffled_accuracy"])]
     inside = (scored.ci_low <= scored.value + 1e-12) & (scored.value <= scored.ci_high + 1e-12)
     assert inside.all()
-    summary = change_summary(frame)
-    assert set(summary.probe) == {"own", "step 0"}
-    assert not summary.significant_change.any()
+    summary = change_summary(frame, reps)
+    assert set(summary.probe) == {"own", "step 0"} and set(summary.family) == {"probes"}
+    assert not summary.fdr_change.any() and summary.paired.all()
     step0 = summary[summary.probe == "step 0"]
-    assert set(step0.measure) == {"accuracy", "recall"} and (step0.n_steps == 2).all()
+    assert set(step0.measure) == {"accuracy", "recall"} and (step0.step == 5).all()
 
 
 def test_probes_follow_sample_ids_across_steps():
@@ -428,3 +449,59 @@ def test_random_baseline_concept_along_readout_beats_random_directions():
     )
     assert inside.all()
     assert math.isfinite(row.logit_change_random_sd) and row.logit_change_random_sd > 0
+
+
+def test_figure2_frame_points_match_the_fast_path_and_bands_see_the_vector_noise(series):
+    from emolens.concept_space import FIGURE2_COLUMNS, TREND_COLUMNS, figure2_frame
+
+    neutral0 = N_PER * (len(LABELS) - 1)  # steered prompts are neutral samples, as in the study
+    prompts = [f"s{i}" for i in range(neutral0, neutral0 + N_PER, 3)]
+    bands, trends = figure2_frame(series, prompts, (4.0,), LABELS, NEUTRAL, n_boot=200)
+    assert tuple(bands.columns) == FIGURE2_COLUMNS and tuple(trends.columns) == TREND_COLUMNS
+    layer = series[0].final_layer
+    for s in series:
+        h = s.prompt_resid(prompts)
+        own = [LABELS.index(e) for e in EMOTIONS]
+        slow = transfer_effect(s.readout, h, s.vectors.layer(layer), 4.0)
+        slow = slow[torch.arange(len(EMOTIONS)), :, own].double().mean(-1)
+        got = _pick(bands, step=s.step).set_index("emotion").loc[list(EMOTIONS), "value"]
+        assert torch.allclose(torch.tensor(got.to_numpy()), slow, rtol=1e-5, atol=1e-5)
+    assert ((bands.ci_low <= bands.value + 1e-9) & (bands.value <= bands.ci_high + 1e-9)).all()
+    # with one prompt there is no prompt noise: the band is the noise of estimating v alone
+    one, _ = figure2_frame(series[:1], prompts[:1], (4.0,), LABELS, NEUTRAL, n_boot=60)
+    assert ((one.ci_high - one.ci_low) > 0.05).all()
+    fixed = random_baseline_frame(series[:1], prompts[:1], (4.0,), LABELS, n_random=0, n_boot=60)
+    assert ((fixed.concept_ci_high - fixed.concept_ci_low).abs() < 1e-9).all()
+    t = trends.set_index("emotion")
+    assert t.paired.all() and (t.first_step == 0).all() and (t.last_step == 20).all()
+    # steps 0 and 10 are identical and only joy moves at step 20
+    for e in ("anger", "sadness", "trust"):
+        assert abs(t.loc[e, "first_last_effect"]) < 1e-9 and t.loc[e, "first_last_p"] == 1.0
+    assert t.loc["joy", "first_last_q"] < 0.05
+
+
+def test_sensitivity_change_summary_pairs_prompts_and_flags_a_planted_fall():
+    import numpy as np
+    import pandas as pd
+
+    from emolens.concept_space import sensitivity_change_summary
+
+    gen = np.random.default_rng(1)
+    rows = []
+    prompt_effect = gen.normal(2.0, 1.0, 40)  # prompts differ a lot, steps pair them
+    for step in (0, 8, 16):
+        for e, fall in (("joy", 0.5), ("trust", 0.0)):
+            noise = gen.normal(0.0, 0.1, 40)
+            for i in range(40):
+                rows.append(
+                    dict(step=step, layer=17, steered_emotion=e, observed_label=e, alpha=4.0,
+                         prompt_id=f"p{i}", logit_change=prompt_effect[i] - fall * (step > 0)
+                         + noise[i])
+                )  # fmt: skip
+    sens = pd.DataFrame(rows)
+    out = sensitivity_change_summary(sens, n_perm=999).set_index(["emotion", "step"])
+    assert set(out.family) == {"sensitivity"} and len(out) == 4
+    assert out.loc[("joy", 16), "fdr_change"] and out.loc[("joy", 16), "effect"] < -0.4
+    assert not out.loc[("trust", 16), "fdr_change"]
+    assert out.loc[("trust", 16), "equivalent_within_margin"]  # 5% of ~2 = 0.1 > noise SE
+    assert not out.loc[("joy", 16), "equivalent_within_margin"]

@@ -154,7 +154,12 @@ def test_geometry_probes_and_baselines_cover_every_step_with_intervals(series_ou
     probes = pd.read_csv(series_out / "probes.csv")
     assert {"accuracy", "shuffled_accuracy", "recall"} <= set(probes.measure)
     summary = pd.read_csv(series_out / "change_summary.csv")
-    assert {"geometry", "probes"} == set(summary.table) and summary.significant_change.dtype == bool
+    assert {"geometry", "probes"} == set(summary.table) and summary.fdr_change.dtype == bool
+    assert {"p", "q", "effect", "equivalent_within_margin", "family"} <= set(summary.columns)
+    assert summary.p.notna().any() and (summary.q.dropna() >= summary.p.dropna() - 1e-12).all()
+    bands = pd.read_csv(series_out / "figure2_bands.csv")
+    assert len(bands) and (bands.ci_low <= bands.value + 1e-6).all()
+    assert {"first_last_p", "slope_q"} <= set(pd.read_csv(series_out / "sensitivity_trends.csv"))
     baseline = pd.read_csv(series_out / "random_baseline.csv")
     assert {"logit_change_concept", "logit_change_random_mean"} <= set(baseline.columns)
 

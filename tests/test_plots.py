@@ -491,32 +491,61 @@ def make_random_baseline(steps=STEPS, emotions=EMOTIONS, alphas=ALPHAS) -> pd.Da
     )
 
 
+def _test_row(flag: bool, equivalent: bool, tested: bool = True, step: int = 8) -> dict:
+    p = (0.001 if flag else 0.6) if tested else math.nan
+    return {
+        "family": "",
+        "first_step": 0,
+        "step": step,
+        "first_value": 0.9,
+        "value": 0.6 if flag else 0.89,
+        "effect": -0.3 if flag else -0.01,
+        "effect_ci_low": -0.35 if flag else -0.03,
+        "effect_ci_high": -0.25 if flag else 0.01,
+        "p": p,
+        "q": p * 2 if tested else math.nan,
+        "fdr_change": flag,
+        "test": "paired bootstrap",
+        "paired": True,
+        "n_resamples": 200,
+        "equivalence_margin": 0.05,
+        "margin_rule": "absolute: 0.05",
+        "equivalence_p": 0.01 if equivalent else 0.4,
+        "equivalent_within_margin": equivalent,
+    }
+
+
 def make_change_summary() -> pd.DataFrame:
-    """change_summary.csv: 3 of 4 cosine_to_first (plain) series flagged, none causal; probes:
-    one recall series of the step-0 probe flagged; train_accuracy has no interval."""
+    """change_summary.csv, two later steps per series: 3 of 4 cosine_to_first (plain) series
+    changed (q < .05) at step 16, the fourth equivalent; causal: 2 equivalent, 2 inconclusive;
+    probes: one recall series of the step-0 probe changed, one own recall inconclusive;
+    train_accuracy and chance have no test."""
     rows = []
-    for inner, flags in (("plain", (True, True, True, False)), ("causal", (False,) * 4)):
-        for (layer, emotion), flag in zip(
-            [(1, "joy"), (1, "trust"), (3, "joy"), (3, "trust")], flags, strict=True
+    geometry = (
+        ("plain", (True, True, True, False), (False, False, False, True)),
+        ("causal", (False,) * 4, (True, True, False, False)),
+    )
+    for inner, flags, equivalents in geometry:
+        for (layer, emotion), flag, eq in zip(
+            [(1, "joy"), (1, "trust"), (3, "joy"), (3, "trust")], flags, equivalents, strict=True
         ):
-            rows.append(
-                {
-                    "table": "geometry",
-                    "layer": layer,
-                    "measure": "cosine_to_first",
-                    "emotion": emotion,
-                    "inner": inner,
-                    "first_ci_low": 0.9,
-                    "first_ci_high": 0.99,
-                    "max_abs_change": 0.3 if flag else 0.01,
-                    "significant_change": flag,
-                }
-            )
-    for measure, probe, flag, ci in (
-        ("recall", "step 0", True, 0.1),
-        ("recall", "own", False, 0.1),
-        ("train_accuracy", "own", False, math.nan),
-        ("chance", "own", False, 0.3),
+            for step in (8, 16):
+                rows.append(
+                    {
+                        "table": "geometry",
+                        "layer": layer,
+                        "measure": "cosine_to_first",
+                        "emotion": emotion,
+                        "inner": inner,
+                        **_test_row(flag and step == 16, eq, step=step),
+                        "family": "geometry",
+                    }
+                )
+    for measure, probe, flag, tested in (
+        ("recall", "step 0", True, True),
+        ("recall", "own", False, True),
+        ("train_accuracy", "own", False, False),
+        ("chance", "own", False, False),
     ):
         rows.append(
             {
@@ -525,13 +554,52 @@ def make_change_summary() -> pd.DataFrame:
                 "measure": measure,
                 "label": "joy" if measure == "recall" else "all",
                 "probe": probe,
-                "first_ci_low": ci,
-                "first_ci_high": ci,
-                "max_abs_change": 0.5 if flag else 0.0,
-                "significant_change": flag,
+                **_test_row(flag, False, tested),
+                "family": "probes",
             }
         )
     return pd.DataFrame(rows)
+
+
+def make_figure2_bands(steps=STEPS, layer=3, alpha=4.0) -> pd.DataFrame:
+    """figure2_bands.csv at the final layer and largest alpha: a band of +-0.5 around a value."""
+    rows = []
+    for step in steps:
+        for k, emotion in enumerate(STEERED):
+            value = 2.0 + k - 0.1 * step
+            rows.append(
+                {"step": step, "layer": layer, "emotion": emotion, "alpha": alpha,
+                 "value": value, "ci_low": value - 0.5, "ci_high": value + 0.5, "n_boot": 200}
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def make_sensitivity_trends(alpha=4.0) -> pd.DataFrame:
+    """sensitivity_trends.csv: joy fell (q .01), trust rose (q .02), sadness not shown."""
+    rows = []
+    for emotion, effect, q in (("joy", -1.0, 0.01), ("sadness", -0.1, 0.4), ("trust", 0.8, 0.02)):
+        rows.append(
+            {"emotion": emotion, "alpha": alpha, "layer": 3, "first_step": 0, "last_step": 4,
+             "paired": True, "first_last_effect": effect, "first_last_ci_low": effect - 0.3,
+             "first_last_ci_high": effect + 0.3, "first_last_p": q / 2, "first_last_q": q,
+             "slope_per_step": effect / 4, "slope_ci_low": effect / 4 - 0.1,
+             "slope_ci_high": effect / 4 + 0.1, "slope_p": q / 2, "slope_q": q}
+        )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_figure2_draws_the_two_level_bands_of_the_plotted_layer_and_alpha(sens):
+    bands = make_figure2_bands()
+    fig = plots.figure2(sens, bands=bands)
+    filled = [t for t in fig.data if t.fill == "toself"]
+    assert sorted(t.meta for t in filled) == sorted(STEERED)
+    joy = next(t for t in filled if t.meta == "joy")
+    rows = bands[bands.emotion == "joy"].sort_values("step")
+    assert list(joy.x) == rows.step.tolist() + rows.step.tolist()[::-1]
+    assert list(joy.y) == rows.ci_high.tolist() + rows.ci_low.tolist()[::-1]
+    # another layer or alpha has no band here
+    assert not [t for t in plots.figure2(sens, layer=1, bands=bands).data if t.fill == "toself"]
+    assert not [t for t in plots.figure2(sens, alpha=2.0, bands=bands).data if t.fill]
 
 
 def _of(fig, emotion, name=None):
@@ -694,14 +762,18 @@ def test_change_summary_counts_per_family_and_table():
     counts = plots.change_summary_counts(make_change_summary())
     by = {(r.table, r.measure, r.variant): r for r in counts.itertuples()}
     plain = by[("geometry", "cosine_to_first", "plain")]
-    assert (plain.n_series, plain.n_tested, plain.n_significant) == (4, 4, 3)
-    assert plain.significant_layers == "1, 3"
-    assert plain.significant_series == "joy @ 1, trust @ 1, joy @ 3"
-    assert plain.max_abs_change == pytest.approx(0.3)
-    assert by[("geometry", "cosine_to_first", "causal")].n_significant == 0
-    assert by[("probes", "recall", "step 0")].n_significant == 1
+    assert (plain.n_series, plain.n_tested, plain.n_changed) == (4, 4, 3)
+    assert (plain.n_equivalent, plain.n_inconclusive) == (1, 0)
+    assert plain.changed_layers == "1, 3"
+    assert plain.changed_series == "joy @ 1, trust @ 1, joy @ 3"
+    assert plain.max_abs_effect == pytest.approx(0.3)
+    causal = by[("geometry", "cosine_to_first", "causal")]
+    assert (causal.n_changed, causal.n_equivalent, causal.n_inconclusive) == (0, 2, 2)
+    assert by[("probes", "recall", "step 0")].n_changed == 1
+    assert by[("probes", "recall", "own")].n_inconclusive == 1
     assert by[("probes", "train_accuracy", "own")].n_tested == 0
     assert by[("probes", "chance", "own")].n_tested == 0
+    assert plain.margin_rule == "absolute: 0.05"
     fig = plots.change_summary_table(make_change_summary())
     (table,) = fig.data
     assert list(table.cells.values[1]) == counts["measure"].tolist()
@@ -752,8 +824,14 @@ def test_layer_step_heatmaps_of_probes_and_geometry():
 def test_localisation_heatmap_has_one_cell_per_window_and_step():
     from emolens.plots import localisation_heatmap
 
-    table = pd.DataFrame({"step": [0, 0, 8, 8], "start_layer": [0, 1, 0, 1],
-                          "end_layer": [1, 2, 1, 2], "gold_logit_drop": [0.5, 1.5, 0.25, 2.0]})
+    table = pd.DataFrame(
+        {
+            "step": [0, 0, 8, 8],
+            "start_layer": [0, 1, 0, 1],
+            "end_layer": [1, 2, 1, 2],
+            "gold_logit_drop": [0.5, 1.5, 0.25, 2.0],
+        }
+    )
     fig = localisation_heatmap(table)
     z = fig.data[0].z
     assert list(fig.data[0].y) == ["layers 0-1", "layers 1-2"]

@@ -10,11 +10,13 @@ from test_plots import (
     make_attribution,
     make_change_summary,
     make_dla,
+    make_figure2_bands,
     make_filtering,
     make_geometry,
     make_probes,
     make_random_baseline,
     make_sensitivity,
+    make_sensitivity_trends,
     make_steps,
     make_transfer,
 )
@@ -82,6 +84,8 @@ TABLE_MAKERS = {
     "geometry": make_geometry,
     "probes": make_probes,
     "change_summary": make_change_summary,
+    "sensitivity_trends": make_sensitivity_trends,
+    "figure2_bands": make_figure2_bands,
 }
 
 
@@ -219,29 +223,57 @@ def test_every_explanation_table_gets_its_dedicated_section(explained_report):
     assert "Step 4, α = 4: 2 of 2 concept vectors raise their label more" in baseline
 
 
-def test_change_summary_states_per_family_whether_the_change_exceeds_the_interval(
+def test_change_summary_states_per_family_what_changed_what_is_equivalent_and_what_is_not_known(
     explained_report,
 ):
     section = _section_of(explained_report, "change-summary")
     assert (
-        "3 of 8 geometry series (measure × emotion × layer × inner product) change beyond "
-        "their 95% interval: cosine_to_first (plain) 3 of 4." in section
+        "3 of 8 geometry series (measure × emotion × layer × inner product) changed from the "
+        "first step at some later step (paired test, q &lt; 0.05 after Benjamini-Hochberg "
+        "within the geometry family): cosine_to_first (plain) 3 of 4." in section
     )
-    # train_accuracy (no interval) and chance (not an estimate) are not tested
+    assert "3 are equivalent to the first step within their margin at every step (TOST; " \
+        "margin absolute: 0.05); 2 are inconclusive" in section  # fmt: skip
+    # train_accuracy and chance have no test
     assert "1 of 2 probe series" in section and "recall (step 0) 1 of 1" in section
     assert "The paper found no significant change of the geometry" in section
+    assert "agrees with the paper" not in section
     summary = _section_of(explained_report, "summary")
     assert "<h3>Geometry and probes across the series</h3>" in summary
     assert "3 of 8 geometry series" in summary
 
 
-def test_change_summary_agrees_with_the_paper_when_nothing_moves(tmp_path):
+def test_sensitivity_trends_say_which_emotions_fell_or_rose_from_q(explained_report):
+    section = _section_of(explained_report, "sensitivity-trends")
+    assert (
+        "α = 4: from step 0 to 4, 1 of 3 emotions fell (joy (喜び)) and 1 rose "
+        "(trust (信頼)) at q &lt; 0.05; 2 have a slope over steps at q &lt; 0.05; "
+        "1 are not shown to have changed."
+        in section
+    )
+    assert "not evidence that it kept its sensitivity" in section
+    figure2 = _section_of(explained_report, "figure2")
+    assert "two-level bootstrap band" in figure2
+
+
+def test_no_flag_is_not_read_as_agreement_with_the_paper(tmp_path):
     folder = make_results(tmp_path / "r")
-    quiet = make_change_summary().assign(significant_change=False)
+    quiet = make_change_summary().assign(fdr_change=False)
     quiet.to_csv(folder / "change_summary.csv", index=False)
     section = _section_of(write_report(folder).read_text(encoding="utf-8"), "change-summary")
     assert "0 of 8 geometry series" in section
-    assert "This agrees with the paper, which found no significant change" in section
+    assert "agrees with the paper" not in section and "consistent with the paper" not in section
+    assert "No significant change is not evidence of no change" in section
+    assert "5 of 8 are not shown equivalent" in section
+
+
+def test_equivalence_everywhere_is_stated_as_consistent_with_the_paper_at_the_margin(tmp_path):
+    folder = make_results(tmp_path / "r")
+    quiet = make_change_summary().assign(fdr_change=False, equivalent_within_margin=True)
+    quiet.to_csv(folder / "change_summary.csv", index=False)
+    section = _section_of(write_report(folder).read_text(encoding="utf-8"), "change-summary")
+    assert "all 8 are equivalent to the first step within their margin (absolute: 0.05; " \
+        "TOST): consistent with the paper" in section  # fmt: skip
 
 
 def test_layer_summary_appears_only_with_several_steered_layers(explained_report, tmp_path):

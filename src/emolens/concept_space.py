@@ -1,9 +1,12 @@
 """Long tables of the emotion concept space across a checkpoint series, with bootstrap intervals.
 
 Built from finished steps (:class:`emolens.explain.StepData`) with no model in memory, for the
-pipeline to write as ``geometry.csv`` and ``probes.csv``, plus the test the report states per
-measure (:func:`change_summary`: does the change from the first step exceed its confidence
-interval?) and a random-direction steering baseline (:func:`random_baseline_frame`).
+pipeline to write as ``geometry.csv`` and ``probes.csv``, plus the tests the report states per
+measure (:func:`change_summary`: a paired test of each later step against the first from the
+bootstrap replicates, BH within the measure family, TOST against a stated margin; see
+:mod:`emolens.change_tests`), Figure 2's points with two-level bootstrap bands and trend tests
+(:func:`figure2_frame`) and a random-direction steering baseline
+(:func:`random_baseline_frame`).
 
 Geometry (:func:`geometry_frame`, :func:`causal_geometry_frame`), one row per ``step, layer,
 measure, emotion, inner``:
@@ -37,8 +40,9 @@ Cross-step measures compare replicate vectors of step t with the *full-sample* v
 reference step. At the first step the value is exact (cosine 1, angle 0, and NaN for
 ``cosine_to_previous``, which has no previous step) and the interval is the resampling noise
 ceiling: how far a resampled vector lies from the full-sample one. That interval therefore
-does not contain its value; a later step whose interval lies below it (:func:`change_summary`
-with the ``disjoint`` rule) moved more than sampling noise moves a vector.
+does not contain its value. :func:`change_summary` pairs replicate ``b`` of step t
+(``cos(v_t*, v_first)``) with replicate ``b`` of the first step (``cos(v_first*, v_first)``),
+so the noise ceiling is subtracted from both sides of the test.
 
 Inner products: ``inner == "plain"`` is the Euclidean one; ``"causal"`` whitens residuals with
 :class:`emolens.geometry.CausalInnerProduct` first (Park et al.; ``Cov^{-1/2}`` of the
@@ -53,9 +57,11 @@ sample ids shared by all steps; intervals by bootstrapping the held-out samples 
 (same resamples at every step).
 """
 
+import hashlib
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -63,7 +69,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from emolens import stats
+from emolens import change_tests, stats
 from emolens.attribution import transfer_effect
 from emolens.geometry import CausalInnerProduct, principal_angles
 from emolens.probes import per_label_recall, stratified_split, train_probe
@@ -100,7 +106,6 @@ RANDOM_COLUMNS = (
 #: Columns that are not part of a series' identity in :func:`change_summary`.
 NON_KEY_COLUMNS = ("step", "value", "ci_low", "ci_high", "train_step", "n")
 WITHIN_MEASURES = ("within_own", "within_other", "within_gap")
-RULES = ("disjoint", "outside")
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -135,21 +140,79 @@ def _interval(samples: Tensor, ci: float) -> tuple[Tensor, Tensor]:
     return lo_hi[0], lo_hi[1]
 
 
+@dataclass(frozen=True)
+class Replicates:
+    """Bootstrap replicates behind a long table's intervals, row-aligned with the table.
+
+    ``values[row, b]``: the row's statistic on resample ``b`` (NaN where the row has no
+    interval); ``sample_set[row]``: a key of the samples that were resampled (a hash of their
+    ids). Two rows whose keys agree were resampled with the same indices into the same samples
+    (same seed), so their replicates are paired; :func:`change_summary` tests those pairs with
+    the paired bootstrap. Concatenate tables and their replicates in the same order
+    (:meth:`concat`).
+    """
+
+    values: np.ndarray  # [row, n_boot]
+    sample_set: np.ndarray  # [row] str
+
+    def __len__(self) -> int:
+        return len(self.sample_set)
+
+    @staticmethod
+    def concat(parts: Sequence["Replicates"]) -> "Replicates":
+        width = max((p.values.shape[1] for p in parts), default=0)
+        values = [
+            np.pad(p.values, ((0, 0), (0, width - p.values.shape[1])), constant_values=np.nan)
+            for p in parts
+        ]
+        return Replicates(
+            np.concatenate(values) if values else np.zeros((0, 0)),
+            np.concatenate([p.sample_set for p in parts]) if parts else np.zeros(0, dtype=object),
+        )
+
+
+def _sample_key(ids: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
 class _Columns:
-    """Accumulates a long table column-wise (fast for many rows)."""
+    """Accumulates a long table column-wise (fast for many rows), with the rows' bootstrap
+    replicates where given."""
 
     def __init__(self, columns: Sequence[str]):
         self.data: dict[str, list] = {c: [] for c in columns}
+        self.boot: list[np.ndarray | int] = []  # [rows, n_boot] arrays, or a count of rows
+        self.keys: list[str] = []
+        self.sample_set = ""
 
-    def add(self, **cols) -> None:
-        """Append rows: list-valued entries give one row each, scalars repeat."""
+    def add(self, boot: Tensor | None = None, **cols) -> None:
+        """Append rows: list-valued entries give one row each, scalars repeat. ``boot``:
+        ``[n_boot, rows]`` (or ``[n_boot]`` for one row) replicates of the rows' values."""
         n = max((len(v) for v in cols.values() if isinstance(v, list)), default=1)
         for name in self.data:
             v = cols[name]
             self.data[name].extend(v if isinstance(v, list) else [v] * n)
+        if boot is None:
+            self.boot.append(n)
+        else:
+            b = boot.detach().to(torch.float64).reshape(boot.shape[0], -1).T.numpy()
+            if b.shape[0] != n:
+                raise ValueError(f"{b.shape[0]} replicate rows for {n} table rows")
+            self.boot.append(b)
+        self.keys.extend([self.sample_set] * n)
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.data)
+
+    def replicates(self) -> Replicates:
+        width = max((b.shape[1] for b in self.boot if isinstance(b, np.ndarray)), default=0)
+        parts = [b if isinstance(b, np.ndarray) else np.full((b, width), np.nan) for b in self.boot]
+        values = np.concatenate(parts) if parts else np.zeros((0, width))
+        return Replicates(values, np.asarray(self.keys, dtype=object))
+
+
+def _result(out: "_Columns", with_replicates: bool):
+    return (out.frame(), out.replicates()) if with_replicates else out.frame()
 
 
 def _floats(x: Tensor) -> list[float]:
@@ -348,6 +411,9 @@ def _geometry(
         first_full: dict[str, Tensor] = {}
         prev_full: dict[str, Tensor] = {}
         for t, (s, keep, rep) in enumerate(prepared):
+            out.sample_set = _sample_key(
+                [sid for sid, k in zip(s.acts.sample_ids, keep.tolist()) if k]
+            )
             inner = inners[s.step]
             h = s.acts.layer(layer)[keep].to(torch.float64)
             if inner is not None:
@@ -379,6 +445,7 @@ def _geometry(
                     v = val[:, w_idx]
                     lo, hi = _interval(v[1:], ci)
                     out.add(
+                        boot=v[1:],
                         **common,
                         measure=name + suffix,
                         emotion=w_names,
@@ -397,6 +464,7 @@ def _geometry(
             norms = torch.diagonal(k_v, dim1=1, dim2=2).clamp_min(0).sqrt()  # [R, E]
             lo, hi = _interval(norms[1:], ci)
             out.add(
+                boot=norms[1:],
                 **common,
                 measure="vector_norm",
                 emotion=emotions,
@@ -414,6 +482,7 @@ def _geometry(
             )
             lo, hi = _interval(orth[1:, None], ci)
             out.add(
+                boot=orth[1:, None],
                 **common,
                 measure="orthogonality",
                 emotion="all",
@@ -444,11 +513,15 @@ def _geometry(
                 dots = proj[:, idx, torch.arange(len(names))] - proj[:, u, :]  # [R, k]
                 cosv = (dots / (unit[:, sel] * r.norm(dim=-1)[None])).clamp(-1.0, 1.0)
                 lo, hi = _interval(cosv[1:], ci)
+                boot = cosv[1:]
+                if measure == "cosine_to_previous" and t == 0:
+                    boot = torch.full_like(boot, torch.nan)  # no previous step: nothing to test
                 if t == 0:
                     value = [1.0 if measure == "cosine_to_first" else float("nan")] * len(names)
                 else:
                     value = _floats(cosv[0])
                 out.add(
+                    boot=boot,
                     **common,
                     measure=measure,
                     emotion=names,
@@ -491,6 +564,7 @@ def _geometry(
                 ):
                     lo, hi = _interval(stat[1:, None], ci)
                     out.add(
+                        boot=stat[1:, None],
                         **common,
                         measure=measure,
                         emotion="all",
@@ -515,7 +589,8 @@ def geometry_frame(
     ci: float = 0.95,
     dual: bool = False,
     num_threads: int | None = 1,
-) -> pd.DataFrame:
+    return_replicates: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, Replicates]:
     """Geometry of the concept space per step and layer, long, with bootstrap intervals.
 
     ``steps`` in series order (the first is the reference); ``labels`` are the English label
@@ -529,11 +604,12 @@ def geometry_frame(
 
     Columns: ``step, layer, measure, emotion, inner, value, ci_low, ci_high``; the measures
     and the bootstrap are described in the module docstring. ``num_threads``: torch threads
-    while computing (restored after; ``None`` leaves them alone).
+    while computing (restored after; ``None`` leaves them alone). ``return_replicates``: also
+    return the rows' bootstrap :class:`Replicates` (for :func:`change_summary`).
     """
     out = _Columns(GEOMETRY_COLUMNS)
     if not steps:
-        return out.frame()
+        return _result(out, return_replicates)
     with _threads(num_threads):
         _geometry(
             steps,
@@ -563,7 +639,7 @@ def geometry_frame(
                 "causal",
                 out,
             )
-    return out.frame()
+    return _result(out, return_replicates)
 
 
 def causal_geometry_frame(
@@ -578,7 +654,8 @@ def causal_geometry_frame(
     ci: float = 0.95,
     dual: bool = False,
     num_threads: int | None = 1,
-) -> pd.DataFrame:
+    return_replicates: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, Replicates]:
     """:func:`geometry_frame` in the causal inner product only, with each step's own metric.
 
     ``W_U_effective_by_step[step]``: that step's ``[vocab, d_model]`` unembedding times its
@@ -588,7 +665,7 @@ def causal_geometry_frame(
     """
     out = _Columns(GEOMETRY_COLUMNS)
     if not steps:
-        return out.frame()
+        return _result(out, return_replicates)
     missing = [s.step for s in steps if s.step not in W_U_effective_by_step]
     if missing:
         raise ValueError(f"no unembedding for steps {missing}")
@@ -597,7 +674,7 @@ def causal_geometry_frame(
         _geometry(
             steps, labels, neutral, layers, keep_masks, n_boot, seed, ci, inners, "causal", out
         )
-    return out.frame()
+    return _result(out, return_replicates)
 
 
 # --------------------------------------------------------------------------- probes
@@ -637,7 +714,8 @@ def probes_frame(
     l2: float = 1e-3,
     max_iter: int = 300,
     num_threads: int | None = 1,
-) -> pd.DataFrame:
+    return_replicates: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, Replicates]:
     """Linear probes per step and layer, long, with bootstrap intervals.
 
     Samples: those of the first step with a known gold label that every step has (no
@@ -659,14 +737,14 @@ def probes_frame(
     resamples at every step and layer, so steps are paired); none for ``train_accuracy`` and
     ``chance``. ``n`` is the number of samples scored (per label for ``recall``). ``l2``,
     ``max_iter``: of :func:`emolens.probes.train_probe`; ``num_threads`` as in
-    :func:`geometry_frame`.
+    :func:`geometry_frame` (also ``return_replicates``).
     """
     out = _Columns(PROBE_COLUMNS)
     if not steps:
-        return out.frame()
+        return _result(out, return_replicates)
     with _threads(num_threads):
         _probes(steps, labels, layers, test_fraction, seed, n_boot, ci, l2, max_iter, out)
-    return out.frame()
+    return _result(out, return_replicates)
 
 
 def _probes(
@@ -686,6 +764,7 @@ def _probes(
     positions, y = _aligned_samples(steps, n_labels)
     layer_list = _common_layers(steps, layers, with_vectors=False)
     train_idx, test_idx = stratified_split(y, test_fraction, seed)
+    out.sample_set = _sample_key([steps[0].acts.sample_ids[int(i)] for i in positions[0][test_idx]])
     y_train, y_test = y[train_idx], y[test_idx]
     n_test = len(test_idx)
     counts = torch.zeros(max(n_boot, 0), n_test, dtype=torch.float64)
@@ -705,6 +784,7 @@ def _probes(
         boot = counts @ correct / max(n_test, 1)
         lo, hi = _interval(boot[:, None], ci)
         out.add(
+            boot=boot[:, None],
             step=step,
             layer=layer,
             measure=measure,
@@ -725,6 +805,7 @@ def _probes(
         )
         lo, hi = _interval(boot_r, ci)
         out.add(
+            boot=boot_r,
             step=step,
             layer=layer,
             measure="recall",
@@ -796,49 +877,92 @@ def _series_frame(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([df, *extra], ignore_index=True) if extra else df
 
 
-def change_summary(
-    frame: pd.DataFrame, measure_cols: Sequence[str] | None = None, rule: str = "disjoint"
-) -> pd.DataFrame:
-    """Per measure series over steps: does the change from the first step exceed its interval?
+#: Columns of :func:`change_summary` after the series keys.
+CHANGE_COLUMNS = (
+    "family",
+    "first_step",
+    "step",
+    "first_value",
+    "value",
+    "effect",
+    "effect_ci_low",
+    "effect_ci_high",
+    "p",
+    "q",
+    "fdr_change",
+    "test",
+    "paired",
+    "n_resamples",
+    "equivalence_margin",
+    "margin_rule",
+    "equivalence_p",
+    "equivalent_within_margin",
+)
 
-    A series is one combination of ``measure_cols`` (default: every column but ``step,
-    value, ci_low, ci_high, train_step, n``, i.e. ``layer, measure, emotion, inner`` for
-    :func:`geometry_frame` and ``layer, measure, label`` plus a ``probe`` column, ``"own"`` or
-    ``"step S"``, for :func:`probes_frame`). :func:`emolens.stats.change_exceeds_ci` is applied
-    against the first step of the frame: ``any_outside`` (some later estimate lies outside the
-    first step's interval) and ``any_disjoint`` (some later interval does not overlap it).
-    ``significant_change`` follows ``rule``: ``"disjoint"`` (default; robust where a measure's
-    first interval does not contain its value, as for ``cosine_to_first``, see the module
-    docstring) or ``"outside"``. ``max_abs_change`` is the largest ``|value(t) - value(first)|``
-    (NaN where the first value is NaN, as for ``cosine_to_previous``), ``step_of_max_change``
-    where it happens, ``significant_steps`` the steps flagged by ``rule``.
+
+def change_summary(
+    frame: pd.DataFrame,
+    replicates: Replicates,
+    measure_cols: Sequence[str] | None = None,
+    family: str | None = None,
+    ci: float = 0.95,
+    fdr_level: float = 0.05,
+    equivalence_margin: float = change_tests.DEFAULT_EQUIVALENCE_MARGIN,
+    equivalence_level: float = 0.05,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Per measure series and later step: a test of the change from the first step.
+
+    ``frame``: a :func:`geometry_frame` or :func:`probes_frame` table (or both concatenated
+    with their ``replicates`` in the same order, ``Replicates.concat``), ``replicates`` the
+    :class:`Replicates` they returned (``return_replicates=True``). A series is one combination
+    of ``measure_cols`` (default: every column but ``step, value, ci_low, ci_high, train_step,
+    n``, i.e. ``layer, measure, emotion, inner`` for geometry and ``layer, measure, label``
+    plus a ``probe`` column, ``"own"`` or ``"step S"``, for probes).
+
+    One row per series and step ``t`` after the frame's first step ``first_step``:
+
+    - ``effect = value(t) - value(first)``, its percentile interval
+      ``effect_ci_low/high`` (level ``ci``) and two-sided ``p`` from
+      :func:`emolens.change_tests.paired_bootstrap_test`. ``paired`` is True where both steps
+      resampled the same samples (same sample-set key: the bootstrap resamples the same sample
+      indices at both steps). Where the kept samples differ (self-filtering), the replicates
+      of step t are re-paired with a random permutation (``seed``), which makes the two
+      bootstraps independent: an unpaired test, conservative for overlapping sample sets.
+    - ``q``: Benjamini-Hochberg within ``family`` (default ``"probes"`` for a probes table,
+      ``"geometry"`` otherwise; a ``family`` column in ``frame`` overrides), over every tested
+      row of the family; ``fdr_change``: ``q < fdr_level``.
+    - ``equivalence_margin``: :func:`emolens.change_tests.equivalence_margin` of the series'
+      measure (``margin_rule`` says ``absolute`` or ``relative to |first value|``);
+      ``equivalence_p``: TOST (:func:`emolens.change_tests.tost_bootstrap`);
+      ``equivalent_within_margin``: ``equivalence_p < equivalence_level``.
+
+    Rows with no replicates (``train_accuracy``, ``chance``, ``cosine_to_previous``) or a NaN
+    first value get NaN p, q and equivalence p and are not counted in the FDR.
     """
-    if rule not in RULES:
-        raise ValueError(f"unknown rule {rule!r}; choose one of {RULES}")
-    df = _series_frame(frame)
+    if len(replicates) != len(frame):
+        raise ValueError(
+            f"{len(replicates)} replicate rows for {len(frame)} table rows: pass the "
+            "replicates returned with this table (return_replicates=True), in the same order"
+        )
+    if not 0.0 < fdr_level < 1.0 or not 0.0 < equivalence_level < 1.0:
+        raise ValueError("fdr_level and equivalence_level must lie strictly between 0 and 1")
+    base = frame.reset_index(drop=True).assign(_row=np.arange(len(frame)))
+    if family is None and "family" not in base.columns:
+        family = "probes" if "train_step" in base.columns else "geometry"
+    if family is not None:
+        base = base.assign(family=family)
+    df = _series_frame(base)
     if measure_cols is None:
-        keys = [c for c in df.columns if c not in NON_KEY_COLUMNS]
+        keys = [c for c in df.columns if c not in NON_KEY_COLUMNS + ("_row", "family")]
     else:
         keys = list(measure_cols)
         if "probe" in df.columns and "probe" not in keys:
             keys.append("probe")
-    out_cols = keys + [
-        "first_step",
-        "n_steps",
-        "first_value",
-        "first_ci_low",
-        "first_ci_high",
-        "last_value",
-        "max_abs_change",
-        "step_of_max_change",
-        "any_outside",
-        "any_disjoint",
-        "significant_change",
-        "significant_steps",
-    ]
+    out_cols = keys + list(CHANGE_COLUMNS)
     if df.empty:
         return pd.DataFrame(columns=out_cols)
-    missing = [c for c in keys + ["step", "value", "ci_low", "ci_high"] if c not in df.columns]
+    missing = [c for c in keys + ["step", "value"] if c not in df.columns]
     if missing:
         raise ValueError(f"frame lacks columns {missing}")
     if df.duplicated(keys + ["step"]).any():
@@ -846,43 +970,282 @@ def change_summary(
             f"rows are not unique per series and step with keys {keys}; pass "
             "measure_cols naming every column that tells series apart"
         )
-    wide = df.set_index(keys + ["step"])[["value", "ci_low", "ci_high"]].unstack("step")
-    steps = sorted(df.step.unique())
-    wide = wide.reindex(columns=pd.MultiIndex.from_product([["value", "ci_low", "ci_high"], steps]))
-
-    def arr(name: str) -> Tensor:
-        return torch.tensor(wide[name].to_numpy(dtype=np.float64)).T  # [step, series]
-
-    value, low, high = arr("value"), arr("ci_low"), arr("ci_high")
-    test = stats.change_exceeds_ci(value, low, high)
-    flagged = (test.disjoint if rule == "disjoint" else test.outside).numpy()  # [step, series]
-    vals = value.numpy()
-    step_arr = np.asarray(steps)
-    later = np.abs(vals[1:] - vals[:1])  # [step - 1, series]
-    finite = np.isfinite(later)
-    has = finite.any(0)
-    filled = np.where(finite, later, -np.inf)
-    if len(steps) > 1:
-        max_change = np.where(has, filled.max(0), np.nan)
-        step_max = np.where(has, step_arr[1:][filled.argmax(0)], np.nan)
-    else:
-        max_change = step_max = np.full(vals.shape[1], np.nan)
-    res = wide.index.to_frame(index=False)
-    res["first_step"] = steps[0]
-    res["n_steps"] = np.isfinite(vals).sum(0)
-    res["first_value"] = vals[0]
-    res["first_ci_low"] = low[0].numpy()
-    res["first_ci_high"] = high[0].numpy()
-    res["last_value"] = pd.DataFrame(vals.T).ffill(axis=1).iloc[:, -1].to_numpy()
-    res["max_abs_change"] = max_change
-    res["step_of_max_change"] = step_max
-    res["any_outside"] = test.any_outside.numpy()
-    res["any_disjoint"] = test.any_disjoint.numpy()
-    res["significant_change"] = flagged[1:].any(0)
-    res["significant_steps"] = [
-        ",".join(str(s) for s in step_arr[flagged[:, j]]) for j in range(flagged.shape[1])
+    first_step = df.step.min()
+    first = df[df.step == first_step].set_index(keys)
+    later = df[df.step != first_step]
+    ref = first[["_row", "value"]].rename(columns={"_row": "_row_first", "value": "value_first"})
+    later = later.join(ref, on=keys)
+    later = later[later["_row_first"].notna()].sort_values(keys + ["step"], kind="stable")
+    rows_t = later["_row"].to_numpy(dtype=np.int64)
+    rows_0 = later["_row_first"].to_numpy(dtype=np.int64)
+    boot = replicates.values
+    paired = replicates.sample_set[rows_t] == replicates.sample_set[rows_0]
+    boot_t = boot[rows_t].copy()
+    if (~paired).any() and boot.shape[1]:
+        perm = np.random.default_rng(seed).permutation(boot.shape[1])
+        boot_t[~paired] = boot_t[~paired][:, perm]
+    value_t = np.array(later["value"], dtype=np.float64)
+    value_0 = np.array(later["value_first"], dtype=np.float64)
+    test = change_tests.paired_bootstrap_test(
+        torch.from_numpy(value_t), torch.from_numpy(value_0),
+        torch.from_numpy(boot_t), torch.from_numpy(np.array(boot[rows_0])), ci=ci,
+    )  # fmt: skip
+    measures = later["measure"].astype(str).tolist() if "measure" in later else [""] * len(later)
+    margins = np.array(
+        [
+            change_tests.equivalence_margin(m, v, equivalence_margin) if np.isfinite(v) else np.nan
+            for m, v in zip(measures, value_0, strict=True)
+        ]
+    )
+    d_star = torch.from_numpy(boot_t - boot[rows_0])
+    eq = change_tests.tost_bootstrap(
+        test.effect, d_star, torch.from_numpy(margins), level=equivalence_level
+    )
+    fam = later["family"].astype(str).to_numpy()
+    p = test.p.numpy()
+    q = change_tests.fdr_by_family(p, fam)
+    res = later[keys].reset_index(drop=True)
+    res["family"] = fam
+    res["first_step"] = first_step
+    res["step"] = later["step"].to_numpy()
+    res["first_value"] = value_0
+    res["value"] = value_t
+    res["effect"] = test.effect.numpy()
+    res["effect_ci_low"] = test.low.numpy()
+    res["effect_ci_high"] = test.high.numpy()
+    res["p"] = p
+    res["q"] = q
+    res["fdr_change"] = np.where(np.isfinite(q), q < fdr_level, False)
+    res["test"] = np.where(paired, "paired bootstrap", "unpaired bootstrap (kept sets differ)")
+    res["paired"] = paired
+    res["n_resamples"] = np.isfinite(d_star.numpy()).sum(1)
+    res["equivalence_margin"] = margins
+    res["margin_rule"] = [
+        f"relative: {equivalence_margin:g} x |first value|"
+        if m in change_tests.RELATIVE_MEASURES
+        else f"absolute: {equivalence_margin:g}"
+        for m in measures
     ]
+    res["equivalence_p"] = eq.p.numpy()
+    res["equivalent_within_margin"] = eq.equivalent.numpy()
     return res[out_cols]
+
+
+def sensitivity_change_summary(
+    sensitivity: pd.DataFrame,
+    measure: str = "logit_change",
+    ci: float = 0.95,
+    fdr_level: float = 0.05,
+    equivalence_margin: float = change_tests.DEFAULT_EQUIVALENCE_MARGIN,
+    equivalence_level: float = 0.05,
+    n_perm: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The :func:`change_summary` rows of steering sensitivity (family ``"sensitivity"``).
+
+    ``sensitivity``: ``sensitivity.csv`` rows; the diagonal (``steered_emotion ==
+    observed_label``) is tested. A series is one ``layer, steered_emotion, alpha`` (and
+    ``alpha_unit``, ``positions`` where present); each step after the first is compared with
+    the first on the prompts both have, by the sign-flip permutation test of the per-prompt
+    differences of ``measure`` (:func:`emolens.change_tests.sign_flip_test`; the prompts are
+    the same at every step, so the differences are paired) and TOST by sign flips. This holds
+    each step's concept vector fixed: it is the prompt noise only, a test of "steering with
+    these vectors changed", not of "the model's sensitivity changed" (the two-level bootstrap
+    of :func:`figure2_frame` adds the noise of estimating ``v``). Measured in
+    ``benchmarks/calibration.py``: where ``v`` is re-estimated from fresh samples at each step
+    under no true change, this test rejects most series (false-positive rate about 0.6 at the
+    demo's sizes), so use it for the conditional claim only. The margin is relative:
+    ``equivalence_margin x |first value|``. Columns: ``layer, measure, emotion, alpha`` and
+    :data:`CHANGE_COLUMNS`.
+    """
+    keys = [c for c in ("layer", "steered_emotion", "alpha", "alpha_unit", "positions")
+            if c in sensitivity.columns]  # fmt: skip
+    need = ["step", "steered_emotion", "observed_label", "prompt_id", measure]
+    missing = [c for c in need if c not in sensitivity.columns]
+    if missing:
+        raise ValueError(f"the sensitivity table lacks columns {missing}")
+    out_keys = ["layer", "measure", "emotion", "alpha"] + [
+        k for k in ("alpha_unit", "positions") if k in keys
+    ]
+    diag = sensitivity[sensitivity.steered_emotion == sensitivity.observed_label]
+    rows = []
+    if diag.empty:
+        return pd.DataFrame(columns=out_keys + list(CHANGE_COLUMNS))
+    first_step = diag.step.min()
+    for key, g in diag.groupby(keys, sort=True, dropna=False):
+        wide = g.pivot_table(index="prompt_id", columns="step", values=measure, aggfunc="mean")
+        if first_step not in wide.columns:
+            continue
+        key = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
+        for step in [s for s in wide.columns if s != first_step]:
+            pair = wide[[first_step, step]].dropna()
+            d = torch.tensor(pair[step].to_numpy() - pair[first_step].to_numpy())
+            first_value = float(pair[first_step].mean()) if len(pair) else float("nan")
+            test = change_tests.sign_flip_test(d[None], n_perm=n_perm, ci=ci, seed=seed)
+            margin = (
+                change_tests.equivalence_margin(measure, first_value, equivalence_margin)
+                if np.isfinite(first_value)
+                else float("nan")
+            )
+            eq = change_tests.tost_sign_flip(
+                d[None], margin, level=equivalence_level, n_perm=n_perm, seed=seed
+            )
+            rows.append(
+                {
+                    "layer": key.get("layer"),
+                    "measure": measure,
+                    "emotion": key["steered_emotion"],
+                    "alpha": key.get("alpha"),
+                    **{k: key[k] for k in ("alpha_unit", "positions") if k in key},
+                    "family": "sensitivity",
+                    "first_step": first_step,
+                    "step": step,
+                    "first_value": first_value,
+                    "value": float(pair[step].mean()) if len(pair) else float("nan"),
+                    "effect": float(test.effect[0]),
+                    "effect_ci_low": float(test.low[0]),
+                    "effect_ci_high": float(test.high[0]),
+                    "p": float(test.p[0]),
+                    "test": "sign-flip permutation over prompts (v fixed)",
+                    "paired": True,
+                    "n_resamples": n_perm,
+                    "equivalence_margin": margin,
+                    "margin_rule": f"relative: {equivalence_margin:g} x |first value|",
+                    "equivalence_p": float(eq.p[0]),
+                    "equivalent_within_margin": bool(eq.equivalent[0]),
+                    "n_prompts": len(pair),
+                }
+            )
+    res = pd.DataFrame(rows)
+    if res.empty:
+        return pd.DataFrame(columns=out_keys + list(CHANGE_COLUMNS))
+    res["q"] = change_tests.benjamini_hochberg(res["p"].to_numpy())
+    res["fdr_change"] = np.where(res["q"].notna(), res["q"] < fdr_level, False)
+    return res[out_keys + list(CHANGE_COLUMNS)]
+
+
+# --------------------------------------------------------------------------- Figure 2
+
+
+FIGURE2_COLUMNS = ("step", "layer", "emotion", "alpha", "value", "ci_low", "ci_high", "n_boot")
+TREND_COLUMNS = (
+    "emotion",
+    "alpha",
+    "layer",
+    "first_step",
+    "last_step",
+    "paired",
+    "first_last_effect",
+    "first_last_ci_low",
+    "first_last_ci_high",
+    "first_last_p",
+    "first_last_q",
+    "slope_per_step",
+    "slope_ci_low",
+    "slope_ci_high",
+    "slope_p",
+    "slope_q",
+)
+
+
+def figure2_frame(
+    steps: Sequence[StepData],
+    prompt_ids: Sequence[str],
+    alphas: Sequence[float | int],
+    labels: Sequence[str],
+    neutral: str,
+    keep_masks: Mapping[int, Tensor] | None = None,
+    n_boot: int = 200,
+    ci: float = 0.95,
+    seed: int = 0,
+    num_threads: int | None = 1,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Figure 2's points with two-level bootstrap bands, and per-emotion trend tests.
+
+    Per step (final layer, where steering needs no forward pass) and alpha:
+    :func:`emolens.change_tests.figure2_bootstrap` with the step's kept samples
+    (``keep_masks``, default all with a known gold label), the residuals of ``prompt_ids`` and
+    the step's :class:`~emolens.attribution.Readout`; emotions that have a vector at every
+    step. A prompt that is one of the kept samples is resampled with them (see
+    :func:`emolens.change_tests.figure2_bootstrap`). Returns ``(bands, trends)``: ``bands``
+    has :data:`FIGURE2_COLUMNS` (``value`` the point, ``ci_low/high`` its interval from
+    resampling both the samples that build ``v`` and the prompts); ``trends`` has
+    :data:`TREND_COLUMNS`, per emotion and alpha
+    (:func:`emolens.change_tests.trend_tests`, BH across emotions within each alpha).
+    ``paired`` says whether every step kept the same samples (then the same resamples pair
+    the steps); where not, each differing step's replicates are re-paired at random (seed
+    ``seed``), which treats the steps as independent samples (conservative when they overlap).
+    """
+    band = _Columns(FIGURE2_COLUMNS)
+    trends = _Columns(TREND_COLUMNS)
+    if not steps:
+        return band.frame(), trends.frame()
+    labels = list(labels)
+    n_labels = len(labels)
+    emotions = [e for e in steps[0].vectors.emotions if all(e in s.vectors.emotions for s in steps)]
+    e_lab = [labels.index(e) for e in emotions]
+    u = labels.index(neutral)
+    keys = []
+    with _threads(num_threads):
+        per_alpha: dict[float, list] = {float(a): [] for a in alphas}
+        for s in steps:
+            keep = _keep_of(s, keep_masks, n_labels)
+            keys.append(_sample_key([i for i, k in zip(s.acts.sample_ids, keep.tolist()) if k]))
+            layer = s.final_layer
+            h = s.acts.layer(layer)[keep]
+            y = s.acts.gold[keep].long()
+            prompts = s.prompt_resid(list(prompt_ids))
+            kept = {sid: i for i, sid in enumerate(np.asarray(s.acts.sample_ids)[keep.numpy()])}
+            positions = [kept.get(p, -1) for p in prompt_ids]
+            for a in per_alpha:
+                boot = change_tests.figure2_bootstrap(
+                    h, y, e_lab, u, prompts, s.readout.logits, e_lab, a, n_boot, ci, seed,
+                    prompt_positions=positions,
+                )  # fmt: skip
+                per_alpha[a].append(boot)
+                band.add(
+                    step=s.step,
+                    layer=layer,
+                    emotion=list(emotions),
+                    alpha=a,
+                    value=_floats(boot.estimate),
+                    ci_low=_floats(boot.low),
+                    ci_high=_floats(boot.high),
+                    n_boot=n_boot,
+                )
+    paired = all(k == keys[0] for k in keys)
+    step_numbers = [s.step for s in steps]
+    if len(steps) < 2 or n_boot <= 0 or not emotions:
+        return band.frame(), trends.frame()
+    gen = torch.Generator().manual_seed(seed)
+    for a, boots in per_alpha.items():
+        est = torch.stack([b.estimate for b in boots])  # [step, emotion]
+        reps = []
+        for k, b in zip(keys, boots, strict=True):
+            r = b.samples
+            if k != keys[0]:
+                r = r[:, torch.randperm(r.shape[1], generator=gen)]
+            reps.append(r)
+        res = change_tests.trend_tests(step_numbers, est, torch.stack(reps), ci)
+        trends.add(
+            emotion=list(emotions),
+            alpha=a,
+            layer=steps[-1].final_layer,
+            first_step=step_numbers[0],
+            last_step=step_numbers[-1],
+            paired=paired,
+            first_last_effect=_floats(res.first_last.effect),
+            first_last_ci_low=_floats(res.first_last.low),
+            first_last_ci_high=_floats(res.first_last.high),
+            first_last_p=_floats(res.first_last.p),
+            first_last_q=[float(x) for x in res.q_first_last],
+            slope_per_step=_floats(res.slope.effect),
+            slope_ci_low=_floats(res.slope.low),
+            slope_ci_high=_floats(res.slope.high),
+            slope_p=_floats(res.slope.p),
+            slope_q=[float(x) for x in res.q_slope],
+        )
+    return band.frame(), trends.frame()
 
 
 # --------------------------------------------------------------------------- random baseline
@@ -967,12 +1330,18 @@ def random_baseline_frame(
 
 
 __all__ = [
+    "CHANGE_COLUMNS",
+    "FIGURE2_COLUMNS",
     "GEOMETRY_COLUMNS",
     "PROBE_COLUMNS",
     "RANDOM_COLUMNS",
+    "TREND_COLUMNS",
+    "Replicates",
     "causal_geometry_frame",
     "change_summary",
+    "figure2_frame",
     "geometry_frame",
     "probes_frame",
     "random_baseline_frame",
+    "sensitivity_change_summary",
 ]

@@ -25,8 +25,10 @@ from emolens import hooks, results
 from emolens.activations import Activations, collect_activations
 from emolens.attribution import Readout, ReadoutCheckFailed, UnsupportedReadout
 from emolens.concept_space import (
+    Replicates,
     causal_geometry_frame,
     change_summary,
+    figure2_frame,
     geometry_frame,
     probes_frame,
     random_baseline_frame,
@@ -599,17 +601,25 @@ def combine_steps(out: Path, prompt_ids: list[str], labels: tuple[str, ...],
         neutral = labels[-1] if "no-emotion" not in labels else "no-emotion"
         keep = {s.step: s.keep for s in steps if s.keep is not None}
         geometry = [geometry_frame(steps, labels, neutral, keep_masks=keep,
-                                   n_boot=config.n_boot, seed=config.seed)]
+                                   n_boot=config.n_boot, seed=config.seed,
+                                   return_replicates=True)]
         metrics = {s.step: s.metric for s in steps if s.metric is not None}
         if len(metrics) == len(steps):
             geometry.append(causal_geometry_frame(steps, metrics, labels, neutral,
                                                   keep_masks=keep, n_boot=config.n_boot,
-                                                  seed=config.seed))
-        tables["geometry"] = pd.concat(geometry, ignore_index=True)
-        tables["probes"] = probes_frame(steps, labels, seed=config.seed, n_boot=config.n_boot)
+                                                  seed=config.seed, return_replicates=True))
+        tables["geometry"] = pd.concat([g for g, _ in geometry], ignore_index=True)
+        geometry_reps = Replicates.concat([r for _, r in geometry])
+        tables["probes"], probe_reps = probes_frame(steps, labels, seed=config.seed,
+                                                    n_boot=config.n_boot, return_replicates=True)
         tables["change_summary"] = pd.concat(
-            [change_summary(tables["geometry"]).assign(table="geometry"),
-             change_summary(tables["probes"]).assign(table="probes")], ignore_index=True)
+            [change_summary(tables["geometry"], geometry_reps, seed=config.seed)
+             .assign(table="geometry"),
+             change_summary(tables["probes"], probe_reps, seed=config.seed)
+             .assign(table="probes")], ignore_index=True)
+        tables["figure2_bands"], tables["sensitivity_trends"] = figure2_frame(
+            steps, prompt_ids, alphas, labels, neutral, keep_masks=keep, n_boot=config.n_boot,
+            seed=config.seed)
     for name, frame in tables.items():
         results.write_csv(out / f"{name}.csv", frame)
     for name in CROSS_STEP_TABLES:  # none this time: a stale one would contradict the steps

@@ -248,19 +248,45 @@ def figure2(
     alpha_unit: str | None = None,
     positions: str | None = None,
     ja: Mapping[str, str] | None = None,
+    bands: pd.DataFrame | None = None,
 ) -> go.Figure:
     """The paper's Figure 2: the mean (over prompts) change of the steered emotion's own label
     measure against training step, one line per emotion, with error bars of one standard error
     over prompts. Defaults: the final (largest) layer present and the largest alpha. When
     ``steps_table`` (``step``, ``eval_loss``) has eval losses they are drawn on a second y axis
-    (dashed, grey)."""
+    (dashed, grey). ``bands``: ``figure2_bands.csv``
+    (:func:`emolens.concept_space.figure2_frame`: ``step, layer, emotion, alpha, ci_low,
+    ci_high``), drawn as a shaded interval per emotion where its layer and alpha match the
+    plotted ones (the two-level bootstrap: the samples that build v, then the prompts)."""
     summary, sel = diagonal_summary(
         sensitivity, layer, alpha, measure, alpha_unit=alpha_unit, positions=positions
     )
+    band_rows = None
+    if bands is not None and measure == "logit_change" and (sel.alpha_unit or "absolute") == (
+        "absolute"
+    ):
+        require_columns(bands, ("step", "layer", "emotion", "alpha", "ci_low", "ci_high"),
+                        "the Figure 2 bands table")  # fmt: skip
+        band_rows = bands[(bands["alpha"] == sel.alpha)]
+        if sel.layer is not None:
+            band_rows = band_rows[band_rows["layer"] == sel.layer]
     fig = go.Figure()
     for emotion in label_order(summary["emotion"]):
         rows = summary[summary["emotion"] == emotion].sort_values("step")
         color = emotion_color(emotion)
+        if band_rows is not None:
+            b = band_rows[band_rows["emotion"] == emotion].sort_values("step")
+            band = _band(
+                b["step"].tolist(),
+                b["ci_low"].to_numpy(dtype=float),
+                b["ci_high"].to_numpy(dtype=float),
+                color,
+                name=f"{emotion} 95% band",
+                group=emotion,
+                meta=emotion,
+            )
+            if band is not None:
+                fig.add_trace(band)
         fig.add_trace(
             go.Scatter(
                 x=rows["step"].tolist(),
@@ -1506,104 +1532,134 @@ CHANGE_COUNT_COLUMNS = (
     "variant",
     "n_series",
     "n_tested",
-    "n_significant",
-    "max_abs_change",
-    "significant_layers",
-    "significant_series",
+    "n_changed",
+    "n_equivalent",
+    "n_inconclusive",
+    "max_abs_effect",
+    "changed_layers",
+    "changed_series",
+    "margin_rule",
 )
 
-
-#: Measures that are properties of the data split, not estimates: never counted as tested.
-_UNTESTED_MEASURES = ("chance",)
+#: Result columns of a change summary row (everything else names the series).
+_RESULT_COLUMNS = (
+    "family", "first_step", "step", "first_value", "value", "effect", "effect_ci_low",
+    "effect_ci_high", "p", "q", "fdr_change", "test", "paired", "n_resamples",
+    "equivalence_margin", "margin_rule", "equivalence_p", "equivalent_within_margin",
+    "n_prompts", "table",
+)  # fmt: skip
 
 
 def change_summary_counts(change_summary: pd.DataFrame) -> pd.DataFrame:
     """Per measure family (``table``, ``measure`` and the inner product for geometry or the
-    probe for probes, as ``variant``): how many series there are, how many change beyond their
-    interval (``significant_change``), the largest ``|change|``, and which layers and series
-    (emotion or label, at a layer) are flagged. ``n_tested`` counts the series whose first
-    step has an interval (``train_accuracy``, for one, has none and cannot be flagged; ``chance``
-    is a property of the held-out split, not an estimate, and is never tested)."""
-    require_columns(change_summary, ("measure", "significant_change"), "the change summary table")
+    probe for probes, as ``variant``), counted over series (one emotion or label at one layer;
+    a series has one test per later step): ``n_tested`` series with at least one p-value,
+    ``n_changed`` with ``fdr_change`` (q below the level, BH within the family) at some step,
+    ``n_equivalent`` shown equivalent to the first step within the margin (TOST) at every
+    tested step, ``n_inconclusive`` the rest (neither a change nor equivalence shown), the
+    largest ``|effect|``, and which layers and series changed."""
+    require_columns(
+        change_summary,
+        ("measure", "p", "fdr_change", "equivalent_within_margin"),
+        "the change summary table",
+    )
     frame = change_summary.copy()
+    keys = [c for c in frame.columns if c not in _RESULT_COLUMNS]
     if "table" not in frame:
-        frame["table"] = "geometry" if "inner" in frame else "probes"
+        frame["table"] = frame["family"] if "family" in frame else "geometry"
     variant = pd.Series("", index=frame.index)
-    for col in ("inner", "probe"):
+    for col in ("inner", "probe", "alpha"):
         if col in frame:
-            variant = variant.where(frame[col].isna(), frame[col].astype(str))
+            text = frame[col].astype(str)
+            if col == "alpha":
+                text = "α = " + frame[col].map(format_value)
+            variant = variant.where(frame[col].isna(), text)
     frame["variant"] = variant
-    frame["sig"] = frame["significant_change"].map(as_bool)
+    frame["tested"] = pd.to_numeric(frame["p"], errors="coerce").notna()
+    frame["chg"] = frame["fdr_change"].map(as_bool) & frame["tested"]
+    frame["eqv"] = frame["equivalent_within_margin"].map(as_bool) | ~frame["tested"]
     who = pd.Series("", index=frame.index)
     for col in ("emotion", "label"):
         if col in frame:
             who = who.where(frame[col].isna() | (who != ""), frame[col].astype(str))
     frame["who"] = who
+    series_keys = [k for k in keys if k not in ("table", "measure")]
     rows = []
     for (table, measure, var), g in frame.groupby(["table", "measure", "variant"], sort=False):
-        sig = g[g["sig"]]
-        layers = sorted({int(v) for v in sig["layer"].dropna()}) if "layer" in g else []
+        per = (
+            g.groupby(series_keys, dropna=False, sort=False)
+            .agg(tested=("tested", "any"), chg=("chg", "any"), eqv=("eqv", "all"),
+                 who=("who", "first"),
+                 layer=("layer", "first") if "layer" in g else ("who", "first"))
+            .reset_index(drop=True)
+        )  # fmt: skip
+        per = per[per["tested"]]
+        changed = per[per["chg"]]
+        has_layer = "layer" in g
+        layers = sorted({int(v) for v in changed["layer"].dropna()}) if has_layer else []
         series = [
-            f"{w} @ {int(lay)}" if "layer" in g and pd.notna(lay) else str(w)
-            for w, lay in zip(
-                sig["who"], sig["layer"] if "layer" in g else [None] * len(sig), strict=True
-            )
+            f"{w} @ {int(lay)}" if has_layer and pd.notna(lay) else str(w)
+            for w, lay in zip(changed["who"], changed["layer"], strict=True)
         ]
-        tested = 0 if measure in _UNTESTED_MEASURES else len(g)
-        if tested and {"first_ci_low", "first_ci_high"} <= set(g.columns):
-            low = pd.to_numeric(g["first_ci_low"], errors="coerce")
-            high = pd.to_numeric(g["first_ci_high"], errors="coerce")
-            tested = int((low.notna() & high.notna()).sum())
-        change = pd.to_numeric(g.get("max_abs_change"), errors="coerce")
+        effect = pd.to_numeric(g["effect"], errors="coerce").abs() if "effect" in g else None
+        rules = sorted(set(g["margin_rule"].dropna().astype(str))) if "margin_rule" in g else []
+        n_eq = int((per["eqv"] & ~per["chg"]).sum())
         rows.append(
             {
                 "table": table,
                 "measure": measure,
                 "variant": var,
-                "n_series": len(g),
-                "n_tested": tested,
-                "n_significant": int(g["sig"].sum()),
-                "max_abs_change": float(change.max())
-                if change is not None and change.notna().any()
+                "n_series": int(g.groupby(series_keys, dropna=False).ngroups),
+                "n_tested": len(per),
+                "n_changed": len(changed),
+                "n_equivalent": n_eq,
+                "n_inconclusive": len(per) - len(changed) - n_eq,
+                "max_abs_effect": float(effect.max())
+                if effect is not None and effect.notna().any()
                 else float("nan"),
-                "significant_layers": ", ".join(map(str, layers)),
-                "significant_series": ", ".join(series),
+                "changed_layers": ", ".join(map(str, layers)),
+                "changed_series": ", ".join(series),
+                "margin_rule": "; ".join(rules),
             }
         )
     return pd.DataFrame(rows, columns=list(CHANGE_COUNT_COLUMNS))
 
 
 def change_summary_table(change_summary: pd.DataFrame) -> go.Figure:
-    """:func:`change_summary_counts` as a table figure, families with a flagged series in red."""
+    """:func:`change_summary_counts` as a table figure, families with a changed series in red."""
     counts = change_summary_counts(change_summary)
     headers = [
         "table",
         "measure",
         "inner / probe",
-        "series",
-        "beyond interval",
-        "largest |change|",
-        "layers flagged",
+        "series tested",
+        "changed (q < .05)",
+        "equivalent (TOST)",
+        "inconclusive",
+        "largest |effect|",
+        "layers changed",
     ]
     values = [
         counts["table"].tolist(),
         counts["measure"].tolist(),
         counts["variant"].tolist(),
-        counts["n_series"].tolist(),
-        counts["n_significant"].tolist(),
-        [format_value(round(v, 4)) if np.isfinite(v) else "" for v in counts["max_abs_change"]],
-        counts["significant_layers"].tolist(),
+        counts["n_tested"].tolist(),
+        counts["n_changed"].tolist(),
+        counts["n_equivalent"].tolist(),
+        counts["n_inconclusive"].tolist(),
+        [format_value(round(v, 4)) if np.isfinite(v) else "" for v in counts["max_abs_effect"]],
+        counts["changed_layers"].tolist(),
     ]
-    fill = ["#fdecea" if n else "#ffffff" for n in counts["n_significant"]]
+    fill = ["#fdecea" if n else "#ffffff" for n in counts["n_changed"]]
     fig = go.Figure(
         go.Table(
-            columnwidth=[1, 2.4, 0.9, 0.7, 0.9, 1, 1.2],
+            columnwidth=[1, 2.4, 0.9, 0.7, 0.9, 0.9, 0.9, 1, 1.2],
             header={"values": headers, "fill": {"color": "#f0f0f0"}, "align": "left"},
             cells={"values": values, "fill": {"color": [fill] * len(headers)}, "align": "left"},
         )
     )
     fig.update_layout(
-        title={"text": "Change across the series beyond the first step's interval"},
+        title={"text": "Change from the first step: paired tests, FDR within family, TOST"},
         height=min(900, 140 + 28 * max(len(counts), 1)),
         margin={"t": 60},
     )

@@ -32,7 +32,10 @@ OPTIONAL_TABLES: dict[str, str] = {
     "geometry": "Geometry",
     "probes": "Linear probes",
     "change_summary": "Change across the series",
+    "sensitivity_trends": "Sensitivity trends",
 }
+#: Tables the report reads for a figure, without a section of their own.
+FIGURE_TABLES = ("figure2_bands",)
 #: Geometry measures the report draws (every measure is in the change summary).
 GEOMETRY_KEY_MEASURES = ("cosine_to_first", "orthogonality", "within_gap")
 #: The level of the bootstrap intervals the pipeline writes (concept_space's default).
@@ -200,6 +203,10 @@ def load_report_inputs(results_dir: str | Path, run_dir: str | Path | None = Non
             break
     extra = {}
     for name in OPTIONAL_TABLES:
+        path = results_dir / f"{name}.csv"
+        if path.is_file():
+            extra[name] = _optional_csv(path, problems)
+    for name in FIGURE_TABLES:
         path = results_dir / f"{name}.csv"
         if path.is_file():
             extra[name] = _optional_csv(path, problems)
@@ -507,9 +514,20 @@ def _figure2_section(inputs: ReportInputs, ja: dict) -> str:
         "label logit at the answer position, at the final layer and the largest α, against "
         "training step (0 = base model). Error bars: one standard error over prompts."
         + (" Dashed grey: eval loss (right axis)." if eval_table is not None else "")
+        + (
+            " Shaded: 95% two-level bootstrap band (the samples that build v resampled, v "
+            "rebuilt, then the prompts resampled; <code>figure2_bands.csv</code>)."
+            if "figure2_bands" in inputs.extra_tables
+            else ""
+        )
         + "</p>",
         _safe_figure(
-            lambda: plots.figure2(sens, steps_table=eval_table, ja=ja), "Figure 2", height=560
+            lambda: plots.figure2(
+                sens, steps_table=eval_table, ja=ja,
+                bands=inputs.extra_tables.get("figure2_bands"),
+            ),
+            "Figure 2",
+            height=560,
         ),
     ]
     try:
@@ -877,81 +895,170 @@ def _probes_body(frame: pd.DataFrame, ja: dict) -> str:
     return "\n".join(body)
 
 
+#: The false discovery rate level of ``change_summary.csv``'s ``fdr_change``.
+FDR_LEVEL = 0.05
+
+
+def _margin_text(rules: pd.Series) -> str:
+    found = sorted({r for text in rules.dropna() for r in str(text).split("; ") if r})
+    return "; ".join(found) if found else "not stated"
+
+
 def _change_sentences(counts: pd.DataFrame, top: int | None = None) -> list[str]:
-    """One sentence per table (geometry, probes): how many series change beyond their
-    interval, with the families that do (only the ``top`` most flagged, by share, if given)."""
+    """One sentence per table (geometry, probes, sensitivity): how many series changed (q
+    below the level, BH within the family), how many are equivalent within the margin (TOST)
+    and how many neither, with the families that changed (only the ``top`` most changed, by
+    share, if given)."""
     out = []
     what = {
         "geometry": "geometry series (measure × emotion × layer × inner product)",
         "probes": "probe series (measure × label × layer × probe)",
+        "sensitivity": "sensitivity series (emotion × layer × alpha)",
     }
     for table, g in counts.groupby("table", sort=False):
         g = g[g["n_tested"] > 0]
-        n, m = int(g["n_significant"].sum()), int(g["n_tested"].sum())
-        hit = g[g["n_significant"] > 0]
+        m = int(g["n_tested"].sum())
+        if m == 0:
+            out.append(f"No {what.get(table, table + ' series')} could be tested.")
+            continue
+        n, k = int(g["n_changed"].sum()), int(g["n_equivalent"].sum())
+        rest = int(g["n_inconclusive"].sum())
+        hit = g[g["n_changed"] > 0]
         if top is not None:
-            share = hit["n_significant"] / hit["n_tested"]
+            share = hit["n_changed"] / hit["n_tested"]
             hit = hit.assign(_s=share).sort_values("_s", ascending=False, kind="stable")
-        flagged = [
-            f"{r.measure}{' (' + r.variant + ')' if r.variant else ''} {r.n_significant} of "
+        changed = [
+            f"{r.measure}{' (' + r.variant + ')' if r.variant else ''} {r.n_changed} of "
             f"{r.n_tested}"
             for r in hit.itertuples()
         ]
-        if top is not None and len(flagged) > top:
-            flagged = flagged[:top] + [f"{len(flagged) - top} more families"]
+        if top is not None and len(changed) > top:
+            changed = changed[:top] + [f"{len(changed) - top} more families"]
         sentence = (
-            f"{n} of {m} {what.get(table, table + ' series')} change beyond their "
-            f"{CI_LEVEL:.0%} interval"
+            f"{n} of {m} {what.get(table, table + ' series')} changed from the first step at "
+            f"some later step (paired test, q < {FDR_LEVEL:g} after Benjamini-Hochberg within "
+            f"the {table} family)"
         )
-        sentence += f": {'; '.join(flagged)}." if flagged else "."
+        sentence += f": {'; '.join(changed)}." if changed else "."
+        sentence += (
+            f" {k} are equivalent to the first step within their margin at every step (TOST; "
+            f"margin {_margin_text(g['margin_rule'])}); {rest} are inconclusive: neither a "
+            "change nor equivalence is shown."
+        )
         out.append(sentence)
     return out
 
 
 def _change_verdict(counts: pd.DataFrame) -> str:
+    """The paper found no significant change of the geometry: what the tests here say about
+    that claim. Agreement is stated only from TOST, never from the absence of a flag."""
     geo = counts[(counts["table"] == "geometry") & (counts["n_tested"] > 0)]
     if geo.empty:
         return ""
-    n = int(geo["n_significant"].sum())
-    if n == 0:
+    m = int(geo["n_tested"].sum())
+    n, k = int(geo["n_changed"].sum()), int(geo["n_equivalent"].sum())
+    margin = _margin_text(geo["margin_rule"])
+    if n:
         return (
-            "This agrees with the paper, which found no significant change of the "
-            "geometry after fine-tuning."
+            f"The paper found no significant change of the geometry after fine-tuning; here "
+            f"{n} of {m} geometry series changed (q < {FDR_LEVEL:g}; see the table)."
+        )
+    if k == m:
+        return (
+            f"No geometry series changed, and all {m} are equivalent to the first step within "
+            f"their margin ({margin}; TOST): consistent with the paper's finding of no "
+            "significant change of the geometry, at that margin."
         )
     return (
-        f"The paper found no significant change of the geometry after fine-tuning; here "
-        f"{n} geometry series do change beyond their interval (see the table)."
+        f"No geometry series changed significantly, but {m - k} of {m} are not shown "
+        f"equivalent within the margin ({margin}) either. No significant change is not "
+        "evidence of no change: this neither confirms nor contradicts the paper's finding "
+        "(more samples, or a wider margin stated in advance, would be needed)."
     )
 
 
 def _change_summary_body(frame: pd.DataFrame, ja: dict) -> str:
     counts = plots.change_summary_counts(frame)
     sentences = _change_sentences(counts)
+    tests = sorted(set(frame["test"].dropna().astype(str))) if "test" in frame else []
     body = [
-        "<p>Per measure series (one emotion or label, at one layer, in one inner product or for "
-        "one probe) over steps: a series counts as changed when some later step's "
-        f"{CI_LEVEL:.0%} bootstrap interval does not overlap the first step's (column "
-        "<code>significant_change</code>). Series whose first step has no interval "
-        "(train_accuracy) are not tested.</p>",
+        "<p>Per measure series (one emotion or label, at one layer, in one inner product, for "
+        "one probe, or at one alpha), each later step is compared with the first on the same "
+        "samples: the effect (value at the step minus the first value), its "
+        f"{CI_LEVEL:.0%} paired bootstrap interval and a p-value "
+        f"({_e(', '.join(tests)) or 'paired bootstrap'}; p = (1 + k) / (1 + n)). q is the "
+        "Benjamini-Hochberg adjusted p within the family (geometry, probes, sensitivity), "
+        f"and a series counts as changed when some step has q &lt; {FDR_LEVEL:g} (column "
+        "<code>fdr_change</code>). A series counts as equivalent only when the two one-sided "
+        "tests (TOST) show every step's effect within the margin stated in "
+        "<code>margin_rule</code> (column <code>equivalent_within_margin</code>); a series "
+        "with neither is inconclusive. Series with no resamples (train_accuracy, chance, "
+        "cosine_to_previous) are not tested.</p>",
         "<ul>" + "".join(f"<li>{_e(s)}</li>" for s in sentences) + "</ul>",
     ]
+    if "paired" in frame and not frame["paired"].map(plots.as_bool).all():
+        body.append(
+            _note(
+                "Some steps kept other samples than the first (self-filtering): those tests "
+                "are unpaired (independent resamples), which is conservative but tests the "
+                "kept set's change along with the model's."
+            )
+        )
     verdict = _change_verdict(counts)
     if verdict:
         body.append(f"<p>{_e(verdict)}</p>")
-    shown = counts.drop(columns="significant_series").rename(columns={"variant": "inner / probe"})
+    shown = counts.drop(columns="changed_series").rename(columns={"variant": "inner / probe"})
     body.append(_frame_table(shown))
-    flagged = counts[counts["n_significant"] > 0]
-    if len(flagged):
+    changed = counts[counts["n_changed"] > 0]
+    if len(changed):
         body.append(
-            "<details><summary>Series flagged, per family</summary>"
+            "<details><summary>Series changed, per family</summary>"
             + _table(
                 ["table", "measure", "inner / probe", "series (emotion or label @ layer)"],
-                flagged[["table", "measure", "variant", "significant_series"]].itertuples(
+                changed[["table", "measure", "variant", "changed_series"]].itertuples(
                     index=False, name=None
                 ),
             )
             + "</details>"
         )
+    return "\n".join(body)
+
+
+def _trends_body(frame: pd.DataFrame, ja: dict) -> str:
+    """Per alpha: which emotions' Figure 2 points fell or rose from the first to the last step
+    (q < level, BH across emotions), and which have a slope; the rest are not shown to move."""
+    body = [
+        "<p>Per emotion, Figure 2's point at the last step against the first (paired "
+        "two-level bootstrap: the samples that build v, then the prompts) and the "
+        "least-squares slope over steps; q: Benjamini-Hochberg across emotions at each α. "
+        "An emotion with q ≥ 0.05 is not shown to have changed, which is not evidence that it "
+        "kept its sensitivity.</p>"
+    ]
+    sentences = []
+    for alpha, g in frame.groupby("alpha", sort=True):
+        q = pd.to_numeric(g["first_last_q"], errors="coerce")
+        eff = pd.to_numeric(g["first_last_effect"], errors="coerce")
+        fell = g[(q < FDR_LEVEL) & (eff < 0)]["emotion"].map(lambda e: plots.display_name(e, ja))
+        rose = g[(q < FDR_LEVEL) & (eff > 0)]["emotion"].map(lambda e: plots.display_name(e, ja))
+        slope_q = pd.to_numeric(g["slope_q"], errors="coerce")
+        trend = int((slope_q < FDR_LEVEL).sum())
+        first, last = int(g["first_step"].iloc[0]), int(g["last_step"].iloc[0])
+        sentences.append(
+            f"α = {plots.format_value(alpha)}: from step {first} to {last}, "
+            f"{len(fell)} of {len(g)} emotions fell ({', '.join(fell) or 'none'}) and "
+            f"{len(rose)} rose ({', '.join(rose) or 'none'}) at q < {FDR_LEVEL:g}; "
+            f"{trend} have a slope over steps at q < {FDR_LEVEL:g}; "
+            f"{len(g) - len(fell) - len(rose)} are not shown to have changed."
+        )
+    body.append("<ul>" + "".join(f"<li>{_e(s)}</li>" for s in sentences) + "</ul>")
+    if "paired" in frame and not frame["paired"].map(plots.as_bool).all():
+        body.append(
+            _note(
+                "The steps kept different samples (self-filtering): the steps' resamples are "
+                "independent, so these tests are unpaired."
+            )
+        )
+    body.append(_frame_table(frame))
     return "\n".join(body)
 
 
@@ -963,6 +1070,7 @@ _SECTION_BODIES: dict[str, Callable[[pd.DataFrame, dict], str]] = {
     "geometry": _geometry_body,
     "probes": _probes_body,
     "change_summary": _change_summary_body,
+    "sensitivity_trends": _trends_body,
 }
 
 

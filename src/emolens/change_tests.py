@@ -1,0 +1,439 @@
+"""Tests of change between a training step and step 0, with error rates that are known.
+
+A claim that fine-tuning changed a measure compares step ``t`` with step 0 on the same samples
+(paired), gives an effect, its interval and a p-value, and is controlled for the false discovery
+rate within its measure family; a claim of *no* change needs an equivalence test with a margin
+stated up front, since the absence of a significant change is not evidence of no change.
+
+- :func:`paired_bootstrap_test`: from a statistic recomputed on the same resampled sample indices
+  at both steps (``boot_t[b]`` and ``boot_0[b]`` use resample ``b``), the effect
+  ``estimate_t - estimate_0``, its percentile interval and a two-sided p-value of the centred
+  (basic) bootstrap: ``p = (1 + #{|d*_b - d| >= |d|}) / (1 + B)``.
+- :func:`sign_flip_test`: per-sample paired differences ``x_i(t) - x_i(0)`` of a measure that is a
+  mean over samples; under "no change" the differences are symmetric about 0 and their signs
+  exchangeable, so flipping signs at random gives the exact null of their mean.
+- :func:`benjamini_hochberg`, :func:`fdr_by_family`: BH q-values, within each family.
+- :func:`tost_bootstrap`, :func:`tost_sign_flip`: two one-sided tests of ``|effect| < margin``;
+  the equivalence p is the larger of the two one-sided p-values.
+- :func:`equivalence_margin`: the margin rule (absolute for bounded measures, relative to the
+  step-0 value for unbounded ones).
+- :func:`figure2_bootstrap`, :func:`trend_tests`: Figure 2's two-level bootstrap (the samples
+  that build ``v``, then the steered prompts) through a readout function, and per-emotion
+  trend tests (first against last step, slope over steps) with FDR across emotions.
+
+Every p-value here uses the ``(1 + k) / (1 + n)`` convention (never exactly 0). Resamples come
+from seeded CPU generators, so a seed gives the same resamples for every measure and step.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from emolens import stats
+
+#: Measure families within which the false discovery rate is controlled.
+FAMILIES = ("geometry", "probes", "sensitivity", "attribution")
+
+#: Default equivalence margin: absolute for measures bounded by 1 (cosines, similarities,
+#: accuracies, recalls, angles in radians), relative to ``|step-0 value|`` for the others.
+DEFAULT_EQUIVALENCE_MARGIN = 0.05
+
+#: Measures whose margin is relative to the step-0 value (unbounded scales).
+RELATIVE_MEASURES = ("vector_norm", "logit_change", "logprob_change", "centered_change")
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """A test of ``statistic(t) - statistic(0)``: ``effect`` with its percentile interval
+    ``[low, high]`` (level ``ci``), two-sided ``p`` and the number of resamples behind it."""
+
+    effect: Float[Tensor, "*batch"]
+    low: Float[Tensor, "*batch"]
+    high: Float[Tensor, "*batch"]
+    p: Float[Tensor, "*batch"]
+    n_resamples: int
+    ci: float
+    method: str
+
+
+@dataclass(frozen=True)
+class Equivalence:
+    """TOST of ``|effect| < margin``: one-sided p-values against ``effect <= -margin``
+    (``p_lower``) and ``effect >= margin`` (``p_upper``); ``p = max`` of the two;
+    ``equivalent`` where ``p < level``."""
+
+    p_lower: Float[Tensor, "*batch"]
+    p_upper: Float[Tensor, "*batch"]
+    p: Float[Tensor, "*batch"]
+    margin: Float[Tensor, "*batch"]
+    equivalent: Tensor
+    level: float
+
+
+def _count_p(extreme: Tensor, n: int) -> Tensor:
+    """``(1 + k) / (1 + n)`` from a boolean ``[..., n]`` tensor of resamples at least as extreme."""
+    return (1.0 + extreme.to(torch.float64).sum(-1)) / (1.0 + n)
+
+
+def paired_bootstrap_test(
+    estimate_t: Float[Tensor, "*batch"],
+    estimate_0: Float[Tensor, "*batch"],
+    boot_t: Float[Tensor, "*batch n_boot"],
+    boot_0: Float[Tensor, "*batch n_boot"],
+    ci: float = 0.95,
+) -> PairedTest:
+    """Paired bootstrap test of the change from step 0 to step t.
+
+    ``boot_t[..., b]`` and ``boot_0[..., b]`` must be the statistic on the *same* resampled
+    sample indices (resample ``b``) at the two steps, so ``d*_b = boot_t - boot_0`` is a draw
+    of the paired difference. Effect ``d = estimate_t - estimate_0``; interval: percentiles of
+    ``d*``; p: the centred bootstrap ``(1 + #{|d*_b - d| >= |d|}) / (1 + B)`` (the spread of
+    ``d* - d`` stands in for the null distribution of ``d``). Replicates that are NaN at either
+    step are dropped per row; a row with none left has NaN interval and p.
+    """
+    est_t = torch.as_tensor(estimate_t, dtype=torch.float64)
+    est_0 = torch.as_tensor(estimate_0, dtype=torch.float64)
+    d_star = torch.as_tensor(boot_t, dtype=torch.float64) - torch.as_tensor(
+        boot_0, dtype=torch.float64
+    )
+    effect = est_t - est_0
+    n_boot = d_star.shape[-1]
+    if n_boot == 0:
+        nan = torch.full(effect.shape, torch.nan, dtype=torch.float64)
+        return PairedTest(effect, nan, nan.clone(), nan.clone(), 0, ci, "paired bootstrap")
+    ok = torch.isfinite(d_star)
+    low, high = stats._percentiles(torch.where(ok, d_star, torch.nan), ci)
+    extreme = ((d_star - effect[..., None]).abs() >= effect.abs()[..., None] - 1e-12) & ok
+    n_ok = ok.sum(-1).to(torch.float64)
+    p = (1.0 + extreme.to(torch.float64).sum(-1)) / (1.0 + n_ok)
+    p = torch.where((n_ok > 0) & torch.isfinite(effect), p.clamp(max=1.0), torch.nan)
+    return PairedTest(effect, low, high, p, n_boot, ci, "paired bootstrap")
+
+
+def _signs(n: int, n_perm: int, seed: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (n_perm, n), generator=gen).to(torch.float64) * 2 - 1
+
+
+def sign_flip_test(
+    differences: Float[Tensor, "*batch sample"],
+    n_perm: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
+    n_boot: int = 1000,
+) -> PairedTest:
+    """Paired sign-flip permutation test of ``mean(differences) == 0``.
+
+    ``differences[..., i] = x_i(t) - x_i(0)`` for one fixed set of samples (prompts, held-out
+    samples): under no change they are symmetric about 0, so each sign is exchangeable and
+    ``p = (1 + #{|mean(s * d)| >= |mean(d)|}) / (1 + n_perm)`` over random signs ``s`` (the same
+    signs for every row). The interval is the percentile bootstrap of the mean difference
+    (:func:`emolens.stats.bootstrap_ci`). A NaN in a row makes its p NaN.
+    """
+    d = torch.as_tensor(differences, dtype=torch.float64)
+    n = d.shape[-1]
+    effect = d.mean(-1)
+    signs = _signs(n, n_perm, seed)  # [perm, sample]
+    flipped = d @ signs.T / n  # [..., perm]
+    extreme = flipped.abs() >= effect.abs()[..., None] - 1e-12
+    p = torch.where(torch.isfinite(effect), _count_p(extreme, n_perm), torch.nan)
+    boot = stats.bootstrap_ci(d, n_boot=n_boot, ci=ci, seed=seed)
+    return PairedTest(effect, boot.low, boot.high, p, n_perm, ci, "sign-flip permutation")
+
+
+def benjamini_hochberg(p: Float[Tensor, " test"] | np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (q-values) of a 1-D array; NaN entries are left out
+    of the count and stay NaN. ``q_(i) = min_{j >= i} m p_(j) / j``, capped at 1."""
+    p = np.asarray(p, dtype=np.float64).reshape(-1)
+    q = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    m = int(ok.sum())
+    if m == 0:
+        return q
+    pv = p[ok]
+    order = np.argsort(pv, kind="stable")
+    ranked = pv[order] * m / np.arange(1, m + 1)
+    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.minimum(ranked, 1.0)
+    q[ok] = out
+    return q
+
+
+def fdr_by_family(p: np.ndarray, families: Sequence[str] | np.ndarray) -> np.ndarray:
+    """BH q-values computed separately within each family (``families[i]`` names test ``i``'s
+    family, e.g. one of :data:`FAMILIES`)."""
+    p = np.asarray(p, dtype=np.float64).reshape(-1)
+    fam = np.asarray(families, dtype=object).reshape(-1)
+    if fam.shape != p.shape:
+        raise ValueError(f"families has {fam.shape[0]} entries for {p.shape[0]} p-values")
+    q = np.full(p.shape, np.nan)
+    for f in dict.fromkeys(fam.tolist()):
+        sel = fam == f
+        q[sel] = benjamini_hochberg(p[sel])
+    return q
+
+
+def equivalence_margin(
+    measure: str, first_value: float, margin: float = DEFAULT_EQUIVALENCE_MARGIN
+) -> float:
+    """The equivalence margin of a measure: ``margin * |first_value|`` for the unbounded
+    :data:`RELATIVE_MEASURES` (norms, logit changes), ``margin`` in the measure's own units for
+    the others (cosines, similarities, accuracies, recalls, angles in radians)."""
+    if margin <= 0:
+        raise ValueError(f"the equivalence margin must be positive, got {margin}")
+    if measure in RELATIVE_MEASURES:
+        return float(margin * abs(first_value))
+    return float(margin)
+
+
+def _equivalence(p_lower: Tensor, p_upper: Tensor, margin: Tensor, level: float) -> Equivalence:
+    p = torch.maximum(p_lower, p_upper)
+    equivalent = torch.where(torch.isfinite(p), p < level, torch.zeros_like(p, dtype=torch.bool))
+    return Equivalence(p_lower, p_upper, p, margin, equivalent.bool(), level)
+
+
+def tost_bootstrap(
+    effect: Float[Tensor, "*batch"],
+    d_star: Float[Tensor, "*batch n_boot"],
+    margin: Float[Tensor, "*batch"] | float,
+    level: float = 0.05,
+) -> Equivalence:
+    """TOST from paired bootstrap differences (as in :func:`paired_bootstrap_test`): with the
+    centred bootstrap, ``p_lower = (1 + #{d*_b - d >= d + M}) / (1 + B)`` (against
+    ``effect <= -M``) and ``p_upper = (1 + #{d*_b - d <= d - M}) / (1 + B)`` (against
+    ``effect >= M``). NaN replicates are dropped per row; a zero or NaN margin gives NaN."""
+    eff = torch.as_tensor(effect, dtype=torch.float64)
+    ds = torch.as_tensor(d_star, dtype=torch.float64)
+    m = torch.as_tensor(margin, dtype=torch.float64).expand_as(eff)
+    if ds.shape[-1] == 0:
+        nan = torch.full(eff.shape, torch.nan, dtype=torch.float64)
+        return _equivalence(nan, nan.clone(), m, level)
+    ok = torch.isfinite(ds)
+    n_ok = ok.sum(-1).to(torch.float64)
+    centred = ds - eff[..., None]
+    lower = ((centred >= (eff + m)[..., None]) & ok).to(torch.float64).sum(-1)
+    upper = ((centred <= (eff - m)[..., None]) & ok).to(torch.float64).sum(-1)
+    good = (n_ok > 0) & torch.isfinite(eff) & (m > 0)
+    p_lower = torch.where(good, (1 + lower) / (1 + n_ok), torch.nan)
+    p_upper = torch.where(good, (1 + upper) / (1 + n_ok), torch.nan)
+    return _equivalence(p_lower, p_upper, m, level)
+
+
+def tost_sign_flip(
+    differences: Float[Tensor, "*batch sample"],
+    margin: Float[Tensor, "*batch"] | float,
+    level: float = 0.05,
+    n_perm: int = 2000,
+    seed: int = 0,
+) -> Equivalence:
+    """TOST from per-sample paired differences by sign flips: against ``effect <= -M`` the
+    shifted differences ``d + M`` are symmetric about 0 at the boundary, and ``p_lower`` is the
+    one-sided sign-flip p of their mean being as large as observed; ``p_upper`` the same for
+    ``d - M`` being as small."""
+    d = torch.as_tensor(differences, dtype=torch.float64)
+    n = d.shape[-1]
+    m = torch.as_tensor(margin, dtype=torch.float64).expand(d.shape[:-1])
+    signs = _signs(n, n_perm, seed)
+    up = d + m[..., None]
+    down = d - m[..., None]
+    p_lower = _count_p((up @ signs.T / n) >= up.mean(-1)[..., None] - 1e-12, n_perm)
+    p_upper = _count_p((down @ signs.T / n) <= down.mean(-1)[..., None] + 1e-12, n_perm)
+    good = torch.isfinite(d).all(-1) & (m > 0)
+    p_lower = torch.where(good, p_lower, torch.nan)
+    p_upper = torch.where(good, p_upper, torch.nan)
+    return _equivalence(p_lower, p_upper, m, level)
+
+
+# --------------------------------------------------------------------------- Figure 2
+
+
+@dataclass(frozen=True)
+class Figure2Bootstrap:
+    """Per emotion: the steered label's mean logit change over prompts (``estimate``, full
+    samples and prompts), with its two-level bootstrap replicates ``samples`` and percentile
+    interval ``[low, high]``."""
+
+    estimate: Float[Tensor, " emotion"]
+    low: Float[Tensor, " emotion"]
+    high: Float[Tensor, " emotion"]
+    samples: Float[Tensor, "emotion n_boot"]
+    ci: float
+
+
+def figure2_bootstrap(
+    resid: Float[Tensor, "sample d_model"],
+    gold: Int[Tensor, " sample"],
+    emotion_labels: Sequence[int],
+    neutral_label: int,
+    prompts: Float[Tensor, "prompt d_model"],
+    readout: Callable[[Tensor], Tensor],
+    observed: Sequence[int],
+    alpha: float,
+    n_boot: int = 200,
+    ci: float = 0.95,
+    seed: int = 0,
+    prompt_positions: Sequence[int] | None = None,
+) -> Figure2Bootstrap:
+    """Two-level bootstrap of Figure 2's points at the final layer.
+
+    ``resid``: the kept samples' final-block residuals with their ``gold`` labels, from which
+    ``v_e = mean(h | emotion_labels[e]) - mean(h | neutral_label)`` (eq. 2). ``prompts``: the
+    steered prompts' residuals. ``readout(h [..., d_model]) -> [..., label]`` maps residuals
+    to label logits (e.g. :meth:`emolens.attribution.Readout.logits`: ``unembed(ln_final(h))``
+    at the label tokens); ``observed[e]`` is the column of emotion ``e``'s own label.
+
+    Point: ``mean_p [readout(h_p + alpha v_e) - readout(h_p)][observed_e]``. Replicate ``b``:
+    the samples resampled within labels (:func:`emolens.stats.bootstrap_indices`, seed
+    ``seed``), ``v`` rebuilt from them, then the prompts resampled (seed ``seed + 1``) and the
+    mean change taken over the resampled prompts. The same seeds at every step give the same
+    resamples, so steps with the same kept samples and prompts are paired.
+
+    ``prompt_positions[p]``: the row of prompt ``p`` in ``resid`` where the prompt is itself
+    one of the samples that build ``v`` (the study steers neutral corpus samples), ``-1``
+    where not. Such a prompt is not resampled independently: its weight in the prompt mean is
+    its multiplicity in the sample resample, so the noise it puts into ``v`` and into the
+    steered point stays coupled (resampling it twice independently, measured in
+    ``benchmarks/calibration.py``, made the test of a change reject 12-14% of true nulls at
+    the 5% level). The other prompts get bootstrap counts among themselves.
+    """
+    h = resid.to(torch.float64)
+    y = gold.long().cpu()
+    prompts = prompts.to(torch.float64)
+    n, n_p = len(y), prompts.shape[0]
+    labels_used = list(emotion_labels) + [neutral_label]
+    for c in labels_used:
+        if int((y == c).sum()) == 0:
+            raise ValueError(f"no kept sample has label {c}: its concept vector is undefined")
+    obs = torch.as_tensor(list(observed), dtype=torch.long)
+    e_idx = torch.as_tensor(list(emotion_labels), dtype=torch.long)
+    rows = torch.arange(len(e_idx))
+    base = readout(prompts)[:, obs]  # [prompt, emotion]
+
+    def changes(vectors: Tensor) -> Tensor:  # [emotion, d] -> [emotion, prompt]
+        steered = readout(prompts[None] + alpha * vectors[:, None, :])  # [E, P, label]
+        return steered[rows, :, obs] - base.T
+
+    def vectors_of(mult: Tensor) -> Tensor:  # mult [n] sample multiplicities -> [E, d]
+        onehot = torch.nn.functional.one_hot(y, int(y.max()) + 1).to(torch.float64).T
+        w = onehot * mult[None]
+        means = (w @ h) / w.sum(1, keepdim=True).clamp_min(1e-300)
+        return means[e_idx] - means[neutral_label]
+
+    estimate = changes(vectors_of(torch.ones(n, dtype=torch.float64))).mean(-1)
+    if n_boot <= 0:
+        nan = torch.full_like(estimate, torch.nan)
+        return Figure2Bootstrap(estimate, nan, nan.clone(), estimate.new_zeros(len(e_idx), 0), ci)
+    pos = torch.full((n_p,), -1, dtype=torch.long)
+    if prompt_positions is not None:
+        pos = torch.as_tensor(list(prompt_positions), dtype=torch.long)
+        if pos.shape != (n_p,) or bool((pos >= n).any()):
+            raise ValueError(f"prompt_positions must give {n_p} rows of resid (or -1)")
+    inside = pos >= 0
+    outside = torch.nonzero(~inside).flatten()
+    sample_idx = stats.bootstrap_indices(n, n_boot, seed, strata=y)
+    out_counts = torch.zeros(n_boot, n_p, dtype=torch.float64)
+    if len(outside):
+        draws = outside[stats.bootstrap_indices(len(outside), n_boot, seed + 1)]
+        out_counts.scatter_add_(1, draws, torch.ones(draws.shape, dtype=torch.float64))
+    out = torch.empty(len(e_idx), n_boot, dtype=torch.float64)
+    for b in range(n_boot):
+        mult = torch.bincount(sample_idx[b], minlength=n).to(torch.float64)
+        ch = changes(vectors_of(mult))  # [E, P]
+        w = torch.where(inside, mult[pos.clamp_min(0)], out_counts[b])
+        out[:, b] = (ch @ w) / w.sum() if float(w.sum()) > 0 else torch.nan
+    low, high = stats._percentiles(out, ci)
+    return Figure2Bootstrap(estimate, low, high, out, ci)
+
+
+@dataclass(frozen=True)
+class TrendTests:
+    """Per emotion: first-against-last change (``first_last``) and least-squares slope of the
+    point over step numbers (``slope``, per step), each a :class:`PairedTest`, with BH q-values
+    across emotions (``q_first_last``, ``q_slope``)."""
+
+    first_last: PairedTest
+    slope: PairedTest
+    q_first_last: np.ndarray
+    q_slope: np.ndarray
+
+
+def _slope(steps: Tensor, y: Tensor) -> Tensor:
+    """Least-squares slope of ``y [step, ...]`` on ``steps [step]``, along the first axis."""
+    x = steps.to(torch.float64) - steps.to(torch.float64).mean()
+    shape = (-1,) + (1,) * (y.ndim - 1)
+    yc = y - y.mean(0, keepdim=True)
+    return (x.reshape(shape) * yc).sum(0) / (x * x).sum()
+
+
+def trend_tests(
+    steps: Sequence[int],
+    estimates: Float[Tensor, "step emotion"],
+    replicates: Float[Tensor, "step emotion n_boot"],
+    ci: float = 0.95,
+) -> TrendTests:
+    """Trend tests of Figure 2's points per emotion, with FDR across emotions.
+
+    ``replicates[t, e, b]`` must come from the same resamples ``b`` at every step
+    (:func:`figure2_bootstrap` with one seed over a fixed sample set and prompts). First
+    against last: :func:`paired_bootstrap_test` of step ``-1`` against step ``0``. Slope: the
+    least-squares slope over ``steps`` of the estimates, tested the same way (replicate slopes
+    from the replicate series, centred bootstrap p against slope 0).
+    """
+    est = torch.as_tensor(estimates, dtype=torch.float64)
+    rep = torch.as_tensor(replicates, dtype=torch.float64)
+    if est.shape[0] < 2:
+        raise ValueError("a trend needs at least two steps")
+    x = torch.as_tensor(list(steps), dtype=torch.float64)
+    first_last = paired_bootstrap_test(est[-1], est[0], rep[-1], rep[0], ci)
+    slope_est = _slope(x, est)
+    slope_rep = _slope(x, rep)
+    slope = paired_bootstrap_test(
+        slope_est, torch.zeros_like(slope_est), slope_rep, torch.zeros_like(slope_rep), ci
+    )
+    slope = PairedTest(
+        slope.effect, slope.low, slope.high, slope.p, slope.n_resamples, ci, "bootstrap slope"
+    )
+    return TrendTests(
+        first_last,
+        slope,
+        benjamini_hochberg(first_last.p),
+        benjamini_hochberg(slope.p),
+    )
+
+
+def family_of(table: str, mapping: Mapping[str, str] | None = None) -> str:
+    """The measure family of a table name (``geometry``, ``probes``, ``sensitivity``,
+    ``attribution``; ``mapping`` overrides), raising for an unknown one."""
+    if mapping and table in mapping:
+        return mapping[table]
+    if table in FAMILIES:
+        return table
+    if table in ("random_baseline", "transfer", "dla"):
+        return "sensitivity" if table == "random_baseline" else "attribution"
+    raise ValueError(f"no measure family for table {table!r}; families: {FAMILIES}")
+
+
+__all__ = [
+    "DEFAULT_EQUIVALENCE_MARGIN",
+    "FAMILIES",
+    "RELATIVE_MEASURES",
+    "Equivalence",
+    "Figure2Bootstrap",
+    "PairedTest",
+    "TrendTests",
+    "benjamini_hochberg",
+    "equivalence_margin",
+    "family_of",
+    "fdr_by_family",
+    "figure2_bootstrap",
+    "paired_bootstrap_test",
+    "sign_flip_test",
+    "tost_bootstrap",
+    "tost_sign_flip",
+    "trend_tests",
+]
