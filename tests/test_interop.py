@@ -21,18 +21,21 @@ def _missing(module: str) -> bool:
 
 needs_sv = pytest.mark.skipif(
     _missing("steering_vectors") or _missing("sklearn"),
-    reason="steering-vectors (and scikit-learn) not installed: pip install 'emolens[export]'")
+    reason=f"steering-vectors (and scikit-learn) not installed: {interop.INSTALL}",
+)
 needs_repeng = pytest.mark.skipif(
     _missing("repeng") or _missing("sklearn"),
-    reason="repeng (and scikit-learn) not installed: pip install 'emolens[export]'")
+    reason=f"repeng (and scikit-learn) not installed: {interop.INSTALL}",
+)
 
 
 @pytest.fixture
 def planted(tiny_model) -> ConceptVectors:
     torch.manual_seed(1)
     n, d = tiny_model.n_layers, tiny_model.d_model
-    return ConceptVectors(torch.randn(n, len(EMOTIONS), d), torch.tensor([5, 6, 7]), EMOTIONS,
-                          tuple(range(n)))
+    return ConceptVectors(
+        torch.randn(n, len(EMOTIONS), d), torch.tensor([5, 6, 7]), EMOTIONS, tuple(range(n))
+    )
 
 
 @pytest.fixture
@@ -87,7 +90,8 @@ def test_steering_vector_of_another_layer_type_is_refused(planted):
 
 @needs_repeng
 def test_control_vector_in_repeng_control_model_equals_emolens_steering(
-        tiny_model, tiny_model_dir, planted, ids):
+    tiny_model, tiny_model_dir, planted, ids
+):
     from transformers import AutoModelForCausalLM
 
     layer = 2
@@ -124,14 +128,16 @@ def test_control_vectors_round_trip_through_repeng_and_gguf(planted, tmp_path):
 
 
 def test_gguf_export_leaves_out_layer_zero_which_llama_cpp_never_applies(planted, tmp_path):
-    path = interop.write_control_vector_gguf(planted, "joy", tmp_path / "j.gguf", "llama",
-                                             scale=0.5)
+    path = interop.write_control_vector_gguf(
+        planted, "joy", tmp_path / "j.gguf", "llama", scale=0.5
+    )
     hint, dirs = interop.read_control_vector_gguf(path)
     assert hint == "llama" and sorted(dirs) == [1, 2, 3]
     np.testing.assert_array_equal(dirs[2], 0.5 * planted.vectors[2, 0].numpy())
     with pytest.raises(ValueError, match="layer 0"):
-        interop.write_control_vector_gguf(planted, "joy", tmp_path / "k.gguf", "llama",
-                                          layers=[0, 1])
+        interop.write_control_vector_gguf(
+            planted, "joy", tmp_path / "k.gguf", "llama", layers=[0, 1]
+        )
     assert not (tmp_path / "k.gguf").exists()
 
 

@@ -27,8 +27,12 @@ def test_demo_study_is_what_emolens_demo_runs():
     study = str(STUDIES / "demo.toml")
     ft = parse_args(["finetune", "--config", study])
     preset, analysis = demo_settings(DEFAULT_MODEL)
-    assert (ft.model, ft.preset, ft.data, ft.out) == (DEFAULT_MODEL, preset, "bundled",
-                                                       "emolens-demo/run")
+    assert (ft.model, ft.preset, ft.data, ft.out) == (
+        DEFAULT_MODEL,
+        preset,
+        "bundled",
+        "emolens-demo/run",
+    )
     assert (ft.method, ft.max_steps, ft.save_steps, ft.learning_rate, ft.seed) == (None,) * 5
     an = parse_args(["analyze", "--config", study])
     assert (an.model, an.out, an.split) == ("emolens-demo/run", "emolens-demo/results", "all")
@@ -53,26 +57,35 @@ def test_paper_study_is_the_papers_protocol():
 
 
 def test_flags_override_the_study_file(tmp_path):
-    study = str(write(tmp_path, 'out = "o"\nmodel = "m"\n[analyze]\nn_prompts = 4\n'
-                      'alphas = [0, 2.5]\nchat = true\n'))
+    study = str(
+        write(
+            tmp_path,
+            'out = "o"\nmodel = "m"\n[analyze]\nn_prompts = 4\nalphas = [0, 2.5]\nchat = true\n',
+        )
+    )
     args = parse_args(["analyze", "--config", study])
     assert (args.n_prompts, args.alphas, args.chat, args.model) == (4, "0,2.5", True, "m")
-    args = parse_args(["analyze", "--config", study, "--n-prompts", "7", "--model", "x",
-                       "--alphas", "1"])
+    args = parse_args(
+        ["analyze", "--config", study, "--n-prompts", "7", "--model", "x", "--alphas", "1"]
+    )
     assert (args.n_prompts, args.model, args.alphas) == (7, "x", "1")
 
 
-@pytest.mark.parametrize("text, names", [
-    ('[analyze]\nn_promts = 3\n', ["n_promts", "n_prompts"]),
-    ('modle = "x"\n', ["modle", "model"]),
-    ('[analyse]\n', ["analyse", "[analyze]"]),
-    ('[analyze]\nfilter_mode = "bogus"\n', ["filter_mode", "self"]),
-    ('[analyze]\nn_prompts = "many"\n', ["n_prompts", "many"]),
-    ('[analyze]\nchat = "yes"\n', ["chat", "true or false"]),
-    ('[finetune\n', ["not valid TOML"]),
-])
+@pytest.mark.parametrize(
+    "text, names",
+    [
+        ("[analyze]\nn_promts = 3\n", ["n_promts", "n_prompts"]),
+        ('modle = "x"\n', ["modle", "model"]),
+        ("[analyse]\n", ["analyse", "[analyze]"]),
+        ('[analyze]\nfilter_mode = "bogus"\n', ["filter_mode", "self"]),
+        ('[analyze]\nn_prompts = "many"\n', ["n_prompts", "many"]),
+        ('[analyze]\nchat = "yes"\n', ["chat", "true or false"]),
+        ("[finetune\n", ["not valid TOML"]),
+    ],
+)
 def test_a_bad_study_file_is_one_line_naming_the_key_and_the_valid_ones(
-        tmp_path, capsys, text, names):
+    tmp_path, capsys, text, names
+):
     study = str(write(tmp_path, text))
     assert main(["analyze", "--config", study]) == 2
     err = capsys.readouterr().err.strip()
@@ -90,7 +103,9 @@ def test_run_does_finetune_analyze_report_on_the_tiny_model(tmp_path):
     import emolens
 
     out = tmp_path / "study"
-    study = write(tmp_path, f'''
+    study = write(
+        tmp_path,
+        f'''
 out = "{out}"
 model = "tiny-random"
 device = "cpu"
@@ -106,7 +121,8 @@ min_count = 1
 batch_size = 32
 n_boot = 20
 [report]
-''')
+''',
+    )
     assert main(["run", str(study)]) == 0
     assert (out / "run" / "checkpoint-4").is_dir()
     assert (out / "results" / "report.html").is_file()
@@ -118,8 +134,7 @@ n_boot = 20
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
 def test_importing_the_cli_and_its_help_import_no_torch():
@@ -132,14 +147,17 @@ def test_importing_the_cli_and_its_help_import_no_torch():
         "heavy = [m for m in ('torch', 'transformers', 'pandas') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "emolens.Results  # the lazy names resolve\n"
-        "print('ok')\n")
+        "print('ok')\n"
+    )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
 @pytest.mark.parametrize("flags, level", [([], 30), (["-v"], 20), (["-vv"], 10)])
 def test_verbose_sets_the_logging_level(flags, level):
-    done = _python("import logging\nfrom emolens.cli import main\n"
-                   f"assert main({flags!r} + ['data', 'inspect']) == 0\n"
-                   "print(logging.getLogger().level)\n")
+    done = _python(
+        "import logging\nfrom emolens.cli import main\n"
+        f"assert main({flags!r} + ['data', 'inspect']) == 0\n"
+        "print(logging.getLogger().level)\n"
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == str(level)

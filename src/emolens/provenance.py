@@ -13,8 +13,9 @@ import emolens
 
 def _git(repo: Path, *args: str) -> str | None:
     try:
-        done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                              timeout=10, check=False)
+        done = subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
@@ -51,9 +52,13 @@ def accelerator() -> dict:
         info["cudnn"] = torch.backends.cudnn.version()
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
-            info["gpus"].append({"name": props.name,
-                                 "memory_gib": round(props.total_memory / 2**30, 1),
-                                 "capability": f"{props.major}.{props.minor}"})
+            info["gpus"].append(
+                {
+                    "name": props.name,
+                    "memory_gib": round(props.total_memory / 2**30, 1),
+                    "capability": f"{props.major}.{props.minor}",
+                }
+            )
     mps = getattr(torch.backends, "mps", None)
     info["mps"] = bool(mps is not None and mps.is_available())
     return info

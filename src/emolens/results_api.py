@@ -17,12 +17,32 @@ from pathlib import Path
 import pandas as pd
 
 #: Tables an analysis may write (``NAME.csv`` in the results folder); each is an attribute.
-TABLES = ("sensitivity", "filtering", "steps", "geometry", "probes", "attribution", "transfer",
-          "dla", "random_baseline", "change_summary", "localisation", "accuracy")
+TABLES = (
+    "sensitivity",
+    "filtering",
+    "steps",
+    "geometry",
+    "probes",
+    "attribution",
+    "transfer",
+    "dla",
+    "random_baseline",
+    "change_summary",
+    "localisation",
+    "accuracy",
+)
 
 #: The key columns of ``sensitivity.csv``: the dimensions of :meth:`Results.effects`.
-EFFECT_DIMS = ("step", "layer", "alpha_unit", "positions", "steered_emotion", "observed_label",
-               "alpha", "prompt_id")
+EFFECT_DIMS = (
+    "step",
+    "layer",
+    "alpha_unit",
+    "positions",
+    "steered_emotion",
+    "observed_label",
+    "alpha",
+    "prompt_id",
+)
 
 
 class ResultsError(FileNotFoundError):
@@ -43,13 +63,16 @@ class Results:
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
         if not self.path.is_dir():
-            raise ResultsError(f"results folder {self.path} not found; make it with `emolens "
-                               f"analyze --out {self.path} ...` or `emolens demo`")
+            raise ResultsError(
+                f"results folder {self.path} not found; make it with `emolens "
+                f"analyze --out {self.path} ...` or `emolens demo`"
+            )
         self._tables: dict[str, pd.DataFrame] = {}
 
     def __repr__(self) -> str:
-        return (f"Results({str(self.path)!r}: steps {self.steps_done}, "
-                f"tables {', '.join(self.tables)})")
+        return (
+            f"Results({str(self.path)!r}: steps {self.steps_done}, tables {', '.join(self.tables)})"
+        )
 
     # ---------------------------------------------------------------- tables and metadata
 
@@ -66,7 +89,8 @@ class Results:
             if not file.is_file():
                 raise ResultsError(
                     f"{file} not found; this folder has the tables {', '.join(self.tables)}"
-                    + ("" if name in TABLES else f" ({name!r} is not an emolens table)"))
+                    + ("" if name in TABLES else f" ({name!r} is not an emolens table)")
+                )
             if name == "sensitivity":
                 from emolens.report import read_sensitivity
 
@@ -80,8 +104,9 @@ class Results:
 
         file = self.path / name
         if not file.is_file():
-            raise ResultsError(f"{file} not found: is {self.path} a folder written by "
-                               "`emolens analyze`?")
+            raise ResultsError(
+                f"{file} not found: is {self.path} a folder written by `emolens analyze`?"
+            )
         return read_json(file)
 
     @cached_property
@@ -97,8 +122,9 @@ class Results:
     @property
     def steps_done(self) -> list[int]:
         """The training steps whose analysis finished (``steps/step-N/done.json``)."""
-        return sorted(int(p.parent.name.split("-")[1])
-                      for p in self.path.glob("steps/step-*/done.json"))
+        return sorted(
+            int(p.parent.name.split("-")[1]) for p in self.path.glob("steps/step-*/done.json")
+        )
 
     @cached_property
     def ja(self) -> dict[str, str]:
@@ -115,8 +141,10 @@ class Results:
         """The folder of one finished step; an error lists the finished steps."""
         folder = self.path / "steps" / f"step-{int(step):06d}"
         if not (folder / "done.json").is_file():
-            raise ResultsError(f"step {step} has no finished analysis in {folder}; finished "
-                               f"steps: {self.steps_done}")
+            raise ResultsError(
+                f"step {step} has no finished analysis in {folder}; finished "
+                f"steps: {self.steps_done}"
+            )
         return folder
 
     def vectors(self, step: int):
@@ -138,17 +166,29 @@ class Results:
     def _steps_or_none(self) -> pd.DataFrame | None:
         return self.steps if "steps" in self.tables else None
 
-    def figure2(self, layer: int | None = None, alpha: float | None = None,
-                measure: str = "logit_change", **kwargs):
+    def figure2(
+        self,
+        layer: int | None = None,
+        alpha: float | None = None,
+        measure: str = "logit_change",
+        **kwargs,
+    ):
         """The paper's Figure 2 (see :func:`emolens.plots.figure2`; defaults: final layer,
         largest alpha), with the eval loss when ``steps.csv`` has it."""
         from emolens import plots
 
-        return plots.figure2(self.sensitivity, layer, alpha, measure,
-                             steps_table=self._steps_or_none(), ja=self.ja, **kwargs)
+        return plots.figure2(
+            self.sensitivity,
+            layer,
+            alpha,
+            measure,
+            steps_table=self._steps_or_none(),
+            ja=self.ja,
+            **kwargs,
+        )
 
     def selectivity(self, step: int | None = None, **kwargs):
-        """Steered emotion x observed label heatmap at one step (:func:`plots.selectivity_heatmap`)."""
+        """Steered emotion x observed label heatmap at one step (``selectivity_heatmap``)."""
         from emolens import plots
 
         return plots.selectivity_heatmap(self.sensitivity, step, ja=self.ja, **kwargs)
@@ -219,21 +259,29 @@ class Results:
         try:
             import xarray
         except ImportError:
-            raise ImportError("Results.effects needs xarray: pip install 'emolens[xarray]'"
-                              ) from None
+            raise ImportError(
+                "Results.effects needs xarray: pip install 'emolens[xarray]'"
+            ) from None
         frame = self.sensitivity
         if measure not in frame.columns:
             measures = [c for c in frame.columns if c not in EFFECT_DIMS]
             raise ValueError(f"sensitivity.csv has no measure {measure!r}; it has {measures}")
         series = frame.set_index(list(EFFECT_DIMS))[measure]
         if series.index.has_duplicates:
-            raise ValueError("sensitivity.csv has duplicate rows for one setting; rerun "
-                             f"`emolens report {self.path}` after `emolens analyze` rewrites it")
+            raise ValueError(
+                "sensitivity.csv has duplicate rows for one setting; rerun "
+                f"`emolens report {self.path}` after `emolens analyze` rewrites it"
+            )
         array = xarray.DataArray.from_series(series)
         array.name = measure
-        array.attrs.update({"source": str(self.path / "sensitivity.csv"),
-                            "numerics": self.manifest.get("numerics", "unknown")
-                            if (self.path / "manifest.json").is_file() else "unknown"})
+        array.attrs.update(
+            {
+                "source": str(self.path / "sensitivity.csv"),
+                "numerics": self.manifest.get("numerics", "unknown")
+                if (self.path / "manifest.json").is_file()
+                else "unknown",
+            }
+        )
         return array
 
 

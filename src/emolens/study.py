@@ -36,8 +36,18 @@ STAGES = ("finetune", "analyze", "report")
 #: Tables a study file may have: the stages, and other subcommands' ``--config`` values.
 TABLES = (*STAGES, "demo", "merge", "labels")
 #: Top-level keys: shared by the stages (each stage takes the ones it has a flag for).
-COMMON_KEYS = ("out", "model", "base", "data", "text_column", "label_column", "language",
-               "device", "dtype", "device_map")
+COMMON_KEYS = (
+    "out",
+    "model",
+    "base",
+    "data",
+    "text_column",
+    "label_column",
+    "language",
+    "device",
+    "dtype",
+    "device_map",
+)
 
 
 class StudyError(ValueError):
@@ -59,9 +69,11 @@ def read_study(path: str | Path) -> dict:
             if not isinstance(value, dict):
                 raise StudyError(f"{path}: {key!r} must be a table ([{key}])")
         elif key not in COMMON_KEYS:
-            raise StudyError(f"{path}: unknown key {key!r}; valid top-level keys: "
-                             f"{', '.join(COMMON_KEYS)}, and the tables "
-                             f"{', '.join(f'[{s}]' for s in TABLES)}")
+            raise StudyError(
+                f"{path}: unknown key {key!r}; valid top-level keys: "
+                f"{', '.join(COMMON_KEYS)}, and the tables "
+                f"{', '.join(f'[{s}]' for s in TABLES)}"
+            )
     return data
 
 
@@ -72,10 +84,14 @@ def stage_values(study: dict, command: str, accepted: set[str] | None = None) ->
     values = {k: study[k] for k in COMMON_KEYS if k in study and k != "out"}
     if "out" in study:
         out = Path(study["out"])
-        values.update({"finetune": {"out": str(out / "run")},
-                       "analyze": {"out": str(out / "results")},
-                       "report": {"dir": str(out / "results")},
-                       "demo": {"out": str(out)}}.get(command, {}))
+        values.update(
+            {
+                "finetune": {"out": str(out / "run")},
+                "analyze": {"out": str(out / "results")},
+                "report": {"dir": str(out / "results")},
+                "demo": {"out": str(out)},
+            }.get(command, {})
+        )
         if command == "analyze" and "finetune" in study:
             values["model"] = str(out / "run")
     if accepted is not None:
@@ -99,26 +115,33 @@ def _option_text(value, action: argparse.Action, where: str):
         try:
             value = action.type(str(value)) if not isinstance(value, str) else action.type(value)
         except (TypeError, ValueError):
-            raise StudyError(f"{where}: {action.dest} = {value!r} is not valid for {name}"
-                             ) from None
+            raise StudyError(
+                f"{where}: {action.dest} = {value!r} is not valid for {name}"
+            ) from None
     elif not isinstance(value, str):
         value = str(value)
     if action.choices is not None and value not in action.choices:
-        raise StudyError(f"{where}: {action.dest} = {value!r}; choose one of "
-                         f"{', '.join(map(str, action.choices))}")
+        raise StudyError(
+            f"{where}: {action.dest} = {value!r}; choose one of "
+            f"{', '.join(map(str, action.choices))}"
+        )
     return value
 
 
 def apply_defaults(parser: argparse.ArgumentParser, values: dict, where: str) -> None:
     """Make ``values`` the defaults of ``parser``'s options (and positionals): required ones
     given here are no longer required; an unknown key is a :class:`StudyError`."""
-    actions = {a.dest: a for a in parser._actions
-               if a.dest not in ("help", "config", "version", argparse.SUPPRESS)}
+    actions = {
+        a.dest: a
+        for a in parser._actions
+        if a.dest not in ("help", "config", "version", argparse.SUPPRESS)
+    }
     for key, value in values.items():
         action = actions.get(key)
         if action is None:
-            raise StudyError(f"{where}: unknown key {key!r}; valid keys: "
-                             f"{', '.join(sorted(actions))}")
+            raise StudyError(
+                f"{where}: unknown key {key!r}; valid keys: {', '.join(sorted(actions))}"
+            )
         action.default = _option_text(value, action, where)
         action.required = False
         if not action.option_strings:
