@@ -1,17 +1,22 @@
-"""The ``emolens`` command: demo, finetune, analyze, report, labels, data inspect."""
+"""The ``emolens`` command: demo, finetune, analyze, report, labels, data inspect, run.
+
+Importing this module imports no torch: each subcommand's options are built (and its modules
+imported) only when that subcommand is used, so ``emolens --help`` answers at once.
+"""
 
 import argparse
 import logging
 import sys
-
-from emolens.models import ALIASES, DEFAULT_MODEL
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
 
 
-def _model_options(p: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL) -> None:
+def _model_options(p: argparse.ArgumentParser, default: str | None = "default") -> None:
+    from emolens.models import ALIASES, DEFAULT_MODEL
+
+    default = DEFAULT_MODEL if default == "default" else default
     p.add_argument("--model", default=default, required=default is None,
                    help="model spec: alias (" + ", ".join(ALIASES) + "), .gguf file, HF folder, "
                    "hub id, or a fine-tuning run folder (checkpoint series)")
@@ -25,6 +30,8 @@ def _model_options(p: argparse.ArgumentParser, default: str | None = DEFAULT_MOD
 
 
 def _training_options(p: argparse.ArgumentParser) -> None:
+    from emolens.models import ALIASES, DEFAULT_MODEL
+
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="model to fine-tune: alias (" + ", ".join(ALIASES) + "), .gguf file, HF "
                    "folder or hub id")
@@ -155,27 +162,22 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from emolens import __version__
+def _run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study", help="study file (TOML): see studies/paper.toml and the README")
+    p.set_defaults(func=_cmd_run)
 
-    parser = argparse.ArgumentParser(
-        prog="emolens", formatter_class=_Formatter,
-        description="Emotion concept vectors, steering sensitivity and their fate under "
-        "fine-tuning, on TransformerLens.")
-    parser.add_argument("--version", action="version", version=f"emolens {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", formatter_class=_Formatter,
-                       help="the whole study on the embedded default model, ending in a report")
+def _demo_options(p: argparse.ArgumentParser) -> None:
+    from emolens.models import DEFAULT_MODEL
+
     p.add_argument("--out", default="emolens-demo", help="output folder")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="gemma-3-270m (default) or tiny-random (a one-minute run)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("finetune", formatter_class=_Formatter,
-                       help="fine-tune on emotion classification into a checkpoint series")
+
+def _finetune_options(p: argparse.ArgumentParser) -> None:
     _training_options(p)
     _data_options(p)
     p.add_argument("--chat", action="store_true",
@@ -191,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="override the preset's seed")
     p.set_defaults(func=_cmd_finetune)
 
-    p = sub.add_parser("analyze", formatter_class=_Formatter,
-                       help="vectors and steering sensitivity over a checkpoint series or a model")
+
+def _analyze_options(p: argparse.ArgumentParser) -> None:
     _model_options(p, default=None)
     _data_options(p, language=None)
     p.add_argument("--out", required=True, help="results folder (re-running resumes)")
@@ -206,19 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "'emolens merge')")
     p.set_defaults(func=_cmd_analyze)
 
-    p = sub.add_parser("merge", formatter_class=_Formatter,
-                       help="combine the result folders of sharded analyze runs")
+
+def _merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("shards", nargs="+", help="result folders of analyze --shard i/n")
     p.add_argument("--out", required=True, help="merged results folder")
     p.set_defaults(func=_cmd_merge)
 
-    p = sub.add_parser("report", formatter_class=_Formatter,
-                       help="rebuild report.html from a results folder")
+
+def _report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="results folder written by analyze or demo")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("labels", formatter_class=_Formatter,
-                       help="audit how each label tokenizes after the prompt")
+
+def _labels_options(p: argparse.ArgumentParser) -> None:
     _model_options(p)
     p.add_argument("--language", default="ja", choices=["ja", "en"], help="prompt language")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
@@ -227,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the audit to this JSON file")
     p.set_defaults(func=_cmd_labels)
 
-    p = sub.add_parser("data", formatter_class=_Formatter, help="corpus tools")
+
+def _data_command_options(p: argparse.ArgumentParser) -> None:
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     q = data_sub.add_parser("inspect", formatter_class=_Formatter,
                             help="rows per label and per split")
@@ -237,14 +240,107 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--language", default="ja", choices=["ja", "en"], help="bundled language")
     q.add_argument("--seed", type=int, default=0, help="split seed")
     q.set_defaults(func=_cmd_data_inspect)
+
+
+#: Subcommands: name -> (help, option builder). Options are built only for the command used.
+COMMANDS = {
+    "demo": ("the whole study on the embedded default model, ending in a report",
+             _demo_options),
+    "run": ("a study file (TOML): finetune -> analyze -> report", _run_options),
+    "finetune": ("fine-tune on emotion classification into a checkpoint series",
+                 _finetune_options),
+    "analyze": ("vectors and steering sensitivity over a checkpoint series or a model",
+                _analyze_options),
+    "merge": ("combine the result folders of sharded analyze runs", _merge_options),
+    "report": ("rebuild report.html from a results folder", _report_options),
+    "labels": ("audit how each label tokenizes after the prompt", _labels_options),
+    "data": ("corpus tools", _data_command_options),
+}
+#: Subcommands that take --config FILE (a study file's values become their defaults).
+CONFIG_COMMANDS = ("demo", "finetune", "analyze", "merge", "report", "labels")
+
+
+def build_parser(command: str | None = None, *, lazy: bool = False
+                 ) -> argparse.ArgumentParser:
+    """The ``emolens`` parser. With ``lazy``, only ``command``'s options are built (the others
+    are listed with their help): what :func:`main` does, so that nothing heavy is imported
+    for a command not run."""
+    from emolens import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="emolens", formatter_class=_Formatter,
+        description="Emotion concept vectors, steering sensitivity and their fate under "
+        "fine-tuning, on TransformerLens.")
+    parser.add_argument("--version", action="version", version=f"emolens {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="progress logging: -v for INFO, -vv for DEBUG")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.subcommands = {}
+    for name, (help_text, add_options) in COMMANDS.items():
+        p = sub.add_parser(name, formatter_class=_Formatter, help=help_text)
+        parser.subcommands[name] = p
+        if name in CONFIG_COMMANDS:
+            p.add_argument("--config", default=None, metavar="FILE",
+                           help="study file (TOML) whose values become this command's "
+                           "defaults; flags still override")
+        if not lazy or name == command:
+            add_options(p)
     return parser
 
 
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv`` as :func:`main` does: only the named command's options are built, and its
+    ``--config FILE`` values become the defaults."""
+    command = _command_of(argv)
+    parser = build_parser(command, lazy=True)
+    sub = parser.subcommands.get(command)
+    if sub is not None and command in CONFIG_COMMANDS:
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--config", default=None)
+        config = pre.parse_known_args(argv[argv.index(command) + 1:])[0].config
+        if config:
+            from emolens.study import apply_defaults, read_study, stage_values
+
+            values = stage_values(read_study(config), command,
+                                  accepted={a.dest for a in sub._actions})
+            apply_defaults(sub, values, f"{config} [{command}]")
+    return parser.parse_args(argv)
+
+
+def _cmd_run(args) -> int:
+    from emolens.study import STAGES, StudyError, read_study
+
+    study = read_study(args.study)
+    stages = [s for s in STAGES if s in study]
+    if not stages:
+        raise StudyError(f"{args.study} has none of the tables "
+                         f"{', '.join(f'[{s}]' for s in STAGES)}: nothing to run")
+    for stage in stages:
+        logging.getLogger(__name__).warning("emolens run: %s", stage)
+        stage_args = parse_args([stage, "--config", args.study])
+        code = stage_args.func(stage_args)
+        if code:
+            return code
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING,
-                        format="emolens: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parse_args(argv)
+    except ValueError as exc:  # a study file that cannot be used
+        print(f"emolens: error: {exc}", file=sys.stderr)
+        return 2
+    level = {0: logging.INFO if args.debug else logging.WARNING, 1: logging.INFO}
+    logging.basicConfig(level=level.get(args.verbose, logging.DEBUG),
+                        format="emolens: %(message)s" if args.verbose < 2 else
+                        "emolens: %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except KeyboardInterrupt:

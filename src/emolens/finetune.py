@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from emolens import __version__
+from emolens import __version__, _callable_module
 from emolens.data import Corpus, Splits, split_corpus
 from emolens.labels import (
     STUDY_LABELS,
@@ -946,3 +946,6 @@ def read_accuracy(run_dir) -> dict[int, float]:
     if not path.exists():
         return {}
     return {int(r["step"]): float(r["accuracy"]) for r in pd.read_csv(path).to_dict("records")}
+
+
+_callable_module(__name__, "finetune")  # emolens.finetune(...) calls finetune(...)

@@ -42,8 +42,10 @@ class ModelLoadError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Where converted models live: ``$EMOLENS_CACHE`` or ``~/.cache/emolens``."""
-    path = Path(os.environ.get("EMOLENS_CACHE", Path.home() / ".cache" / "emolens"))
+    """Where converted models live: ``$EMOLENS_CACHE``, else ``$XDG_CACHE_HOME/emolens``, else
+    ``~/.cache/emolens``."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    path = Path(os.environ.get("EMOLENS_CACHE") or Path(xdg) / "emolens").expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
