@@ -3,6 +3,7 @@
 import argparse
 import logging
 import sys
+import warnings
 
 from emolens.models import ALIASES, DEFAULT_MODEL
 
@@ -38,6 +39,12 @@ def _load_corpus(args):
     from emolens.data import load_corpus, read_corpus
 
     if args.text_column or args.label_column:
+        if args.data is None or str(args.data).split(":")[0] == "bundled":
+            flags = " and ".join(f for f, v in (("--text-column", args.text_column),
+                                                ("--label-column", args.label_column)) if v)
+            raise ValueError(f"{flags} name columns of a corpus file, but --data is "
+                             f"{args.data!r} (the bundled corpus, whose columns are fixed); "
+                             "drop them or give --data FILE")
         return read_corpus(args.data, text_column=args.text_column,
                            label_column=args.label_column)
     return load_corpus(args.data, language=args.language)
@@ -109,9 +116,21 @@ def _cmd_analyze(args) -> int:
         corpus = run_split(args.model, corpus, args.split)
     result = analyze(args.model, corpus, args.out, _analysis_config(args),
                      base=args.base, device=args.device, dtype=args.dtype,
-                     device_map=args.device_map, shard=shard)
-    print(f"results in {result}")
-    return 0
+                     device_map=args.device_map, shard=shard, overwrite=args.overwrite)
+    return _finish(result, f"results in {result}")
+
+
+def _finish(results_dir, message: str) -> int:
+    """Print where the results are; exit 1 with one line if steps of the run failed."""
+    from emolens.pipeline import failure_summary
+
+    summary = failure_summary(results_dir)
+    if summary is None:
+        print(message)
+        return 0
+    print(f"{message} (incomplete)")
+    print(f"emolens: error: {summary}", file=sys.stderr)
+    return 1
 
 
 def _cmd_merge(args) -> int:
@@ -133,8 +152,7 @@ def _cmd_demo(args) -> int:
     from emolens.demo import run_demo
 
     path = run_demo(args.out, model=args.model, device=args.device)
-    print(f"report: {path}")
-    return 0
+    return _finish(path.parent, f"report: {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default=None,
                    help="i/n: analyse every n-th checkpoint from the i-th (merge with "
                    "'emolens merge')")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace results in --out that another model, data or settings made "
+                   "(without it such a re-run is refused)")
     p.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser("merge", formatter_class=_Formatter,
@@ -220,11 +241,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """emolens' own warnings as one ``emolens: warning:`` line (no source line)."""
+    if category.__module__.split(".")[0] == "emolens":
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"emolens: warning: {message}", file=sys.stderr)  # above any progress bar
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING,
                         format="emolens: %(message)s")
+    if not args.debug:
+        warnings.showwarning = _show_warning
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -234,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one readable line unless --debug
         if args.debug:
             raise
-        print(f"emolens: error: {exc}", file=sys.stderr)
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"emolens: error: {text}", file=sys.stderr)
         return 1
 
 
