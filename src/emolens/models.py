@@ -505,7 +505,12 @@ def read_eval_losses(run_dir: Path) -> dict[int, float]:
 
 def _base_of_run(run_dir: Path, checkpoint_dirs: list[Path]) -> str | None:
     if (run_dir / RUN_INFO).exists():
-        return json.loads((run_dir / RUN_INFO).read_text()).get("base_model")
+        try:
+            info = json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"{run_dir / RUN_INFO} is not valid JSON ({exc}); fix it or "
+                                 "pass the base model with --base") from None
+        return info.get("base_model") if isinstance(info, dict) else None
     for ckpt in checkpoint_dirs:
         if (ckpt / "adapter_config.json").exists():
             return json.loads((ckpt / "adapter_config.json").read_text()).get(

@@ -297,6 +297,11 @@ def _series_of(model_spec, base: str | None) -> CheckpointSeries:
         return model_spec
     if is_run_dir(model_spec):
         return discover_series(model_spec, base=base)
+    if (Path(str(model_spec)).expanduser() / "adapter_config.json").exists() and not (
+            Path(str(model_spec)).expanduser() / "config.json").exists():
+        # one LoRA adapter: loaded over --base (or the base its adapter_config records)
+        return CheckpointSeries(run_dir="", base=base or "",
+                                checkpoints=(Checkpoint(0, str(model_spec), "lora"),))
     return CheckpointSeries(run_dir="", base=str(model_spec),
                             checkpoints=(Checkpoint(0, str(model_spec), "base"),))
 
@@ -594,7 +599,17 @@ def validate_inputs(series: CheckpointSeries, corpus: Corpus, labels: LabelSet,
     dev = "cpu" if device_map is not None else resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, "cuda" if device_map is not None else dev)
     first = series.checkpoints[0]
+    if series.run_dir and series.problems and not any(c.step > 0 for c in series.checkpoints):
+        problems = "; ".join(series.problems)
+        raise ValueError(f"no checkpoint of {series.run_dir} is usable ({problems}); only the "
+                         "base model would be analysed: finish or re-save them")
+    if base is not None and not series.run_dir and first.kind != "lora":
+        raise ValueError(f"--base applies to a run folder or a LoRA adapter, but "
+                         f"{first.spec} is a full model; drop --base")
     depth = check_model_source(first.spec, base=series.base if first.kind == "lora" else base)
+    for flag, value in (("--layers", config.layers), ("--steer-layers", config.steer_layers)):
+        if not str(value).replace(",", "").strip():
+            raise ValueError(f"{flag} {value!r} names no layer; give 'all' or e.g. 6,12,-1")
     if depth is not None:
         layers = hooks.check_layers(config.layers, depth)
         steer = hooks.check_layers(config.steer_layers, depth)
@@ -605,6 +620,11 @@ def validate_inputs(series: CheckpointSeries, corpus: Corpus, labels: LabelSet,
                              "--layers")
     gold = corpus.label_indices(labels)
     counts = np.bincount([g for g in gold if g >= 0], minlength=len(labels))
+    n_neutral = int(counts[labels.neutral_index])
+    if n_neutral < config.n_prompts:
+        raise ValueError(f"the corpus has {n_neutral} neutral ({labels.neutral.en}) samples, "
+                         f"fewer than the --n-prompts {config.n_prompts} prompts to steer; "
+                         "lower --n-prompts or use a corpus with more neutral samples")
     counts[labels.neutral_index] -= config.n_prompts  # the steered prompts feed no vector
     if counts[labels.neutral_index] < config.min_count:
         raise ValueError(f"the corpus has {counts[labels.neutral_index]} neutral samples besides "
