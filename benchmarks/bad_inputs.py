@@ -37,13 +37,35 @@ from emolens.results import load_tensors
 try:
     from emolens.results import folder_lock
 except ImportError:  # an emolens without the lock (to measure it): nothing to hold
+
     def folder_lock(folder, command="analyze"):
         return contextlib.nullcontext()
+
+
 from emolens.tiny import tiny_random_model
 
-FAST = ["--layers", "1,-1", "--steer-layers", "-1", "--alphas", "0,2", "--n-prompts", "2",
-        "--min-count", "1", "--batch-size", "32", "--filter-mode", "none", "--dla-per-label",
-        "1", "--n-boot", "10", "--device", "cpu"]
+FAST = [
+    "--layers",
+    "1,-1",
+    "--steer-layers",
+    "-1",
+    "--alphas",
+    "0,2",
+    "--n-prompts",
+    "2",
+    "--min-count",
+    "1",
+    "--batch-size",
+    "32",
+    "--filter-mode",
+    "none",
+    "--dla-per-label",
+    "1",
+    "--n-boot",
+    "10",
+    "--device",
+    "cpu",
+]
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|\r")
 
 
@@ -86,16 +108,21 @@ def build_inputs(root: Path) -> dict:
     }.items():
         shutil.copytree(model, root / name)
         mutate(next((root / name).glob("*.safetensors")))
-    for name, text in {"config-not-json": "{not json", "config-list": "[1, 2]",
-                       "config-no-type": '{"hello": 1}', "config-empty": "",
-                       "config-no-depth": '{"model_type": "llama"}'}.items():
+    for name, text in {
+        "config-not-json": "{not json",
+        "config-list": "[1, 2]",
+        "config-no-type": '{"hello": 1}',
+        "config-empty": "",
+        "config-no-depth": '{"model_type": "llama"}',
+    }.items():
         shutil.copytree(model, root / name)
         (root / name / "config.json").write_text(text)
-    for name, cfg, weights in (("adapter-no-base", '{"peft_type": "LORA"}', True),
-                               ("adapter-no-weights", '{"base_model_name_or_path": "x"}', False),
-                               ("adapter-missing-base",
-                                '{"base_model_name_or_path": "/nope/base"}', True),
-                               ("adapter-bad-json", "{", True)):
+    for name, cfg, weights in (
+        ("adapter-no-base", '{"peft_type": "LORA"}', True),
+        ("adapter-no-weights", '{"base_model_name_or_path": "x"}', False),
+        ("adapter-missing-base", '{"base_model_name_or_path": "/nope/base"}', True),
+        ("adapter-bad-json", "{", True),
+    ):
         (root / name).mkdir()
         (root / name / "adapter_config.json").write_text(cfg)
         if weights:
@@ -133,28 +160,52 @@ def build_inputs(root: Path) -> dict:
         "bad-jsonl": (d / "bad.jsonl", '{"text": "a", "label": "joy"}\n{oops\n'),
         "jsonl-not-objects": (d / "list.jsonl", "[1, 2]\n[3, 4]\n"),
         "directory": d,
-        "empty-texts": (d / "emptytexts.jsonl", "".join(
-            json.dumps({"id": str(i), "text": "", "label": r["label"]}) + "\n"
-            for i, r in enumerate(rows))),
-        "no-neutral": (d / "noneutral.jsonl", "".join(
-            json.dumps(r, ensure_ascii=False) + "\n" for r in rows
-            if r["label"] != "no-emotion")),
-        "one-neutral": (d / "oneneutral.jsonl", "".join(
-            json.dumps(r, ensure_ascii=False) + "\n" for i, r in enumerate(rows)
-            if r["label"] != "no-emotion" or r["id"] == next(
-                q["id"] for q in rows if q["label"] == "no-emotion"))),
-        "only-neutral": (d / "onlyneutral.jsonl", "".join(
-            json.dumps(r, ensure_ascii=False) + "\n" for r in rows
-            if r["label"] == "no-emotion")),
-        "duplicate-ids": (d / "dups.jsonl", "".join(
-            json.dumps({**r, "id": "same"}, ensure_ascii=False) + "\n" for r in rows)),
-        "too-long-text": (d / "long.jsonl", "".join(
-            json.dumps({**r, "text": r["text"] * (1 if i else 400)}, ensure_ascii=False)
-            + "\n" for i, r in enumerate(rows))),
+        "empty-texts": (
+            d / "emptytexts.jsonl",
+            "".join(
+                json.dumps({"id": str(i), "text": "", "label": r["label"]}) + "\n"
+                for i, r in enumerate(rows)
+            ),
+        ),
+        "no-neutral": (
+            d / "noneutral.jsonl",
+            "".join(
+                json.dumps(r, ensure_ascii=False) + "\n" for r in rows if r["label"] != "no-emotion"
+            ),
+        ),
+        "one-neutral": (
+            d / "oneneutral.jsonl",
+            "".join(
+                json.dumps(r, ensure_ascii=False) + "\n"
+                for i, r in enumerate(rows)
+                if r["label"] != "no-emotion"
+                or r["id"] == next(q["id"] for q in rows if q["label"] == "no-emotion")
+            ),
+        ),
+        "only-neutral": (
+            d / "onlyneutral.jsonl",
+            "".join(
+                json.dumps(r, ensure_ascii=False) + "\n" for r in rows if r["label"] == "no-emotion"
+            ),
+        ),
+        "duplicate-ids": (
+            d / "dups.jsonl",
+            "".join(json.dumps({**r, "id": "same"}, ensure_ascii=False) + "\n" for r in rows),
+        ),
+        "too-long-text": (
+            d / "long.jsonl",
+            "".join(
+                json.dumps({**r, "text": r["text"] * (1 if i else 400)}, ensure_ascii=False) + "\n"
+                for i, r in enumerate(rows)
+            ),
+        ),
         "latin1-bytes": (d / "latin1.tsv", None),
-        "missing-label-values": (d / "nolabels.jsonl", "".join(
-            json.dumps({"id": r["id"], "text": r["text"], "label": None}) + "\n"
-            for r in rows)),
+        "missing-label-values": (
+            d / "nolabels.jsonl",
+            "".join(
+                json.dumps({"id": r["id"], "text": r["text"], "label": None}) + "\n" for r in rows
+            ),
+        ),
     }
     for key, value in list(x["data_bad"].items()):
         if isinstance(value, tuple):
@@ -170,67 +221,121 @@ def build_inputs(root: Path) -> dict:
 
 
 def analyze(x, *extra, model=None, data=None) -> list[str]:
-    return ["analyze", "--model", str(model or x["model"]), "--data", str(data or x["data"]),
-            "--out", "{out}", *FAST, *extra]
+    return [
+        "analyze",
+        "--model",
+        str(model or x["model"]),
+        "--data",
+        str(data or x["data"]),
+        "--out",
+        "{out}",
+        *FAST,
+        *extra,
+    ]
 
 
 def cases(x) -> list[Case]:
     root = x["root"]
     out = []
-    models = ["nope", "empty", "no-weights", "truncated", "garbage-weights", "empty-weights",
-              "one-byte-short", "config-not-json", "config-list", "config-no-type",
-              "config-empty", "config-no-depth", "adapter-no-base", "adapter-no-weights",
-              "adapter-missing-base", "adapter-bad-json", "a-file", "run-no-base",
-              "run-missing-base", "run-all-half-written", "run-corrupt-ckpt",
-              "run-bad-base-json"]
+    models = [
+        "nope",
+        "empty",
+        "no-weights",
+        "truncated",
+        "garbage-weights",
+        "empty-weights",
+        "one-byte-short",
+        "config-not-json",
+        "config-list",
+        "config-no-type",
+        "config-empty",
+        "config-no-depth",
+        "adapter-no-base",
+        "adapter-no-weights",
+        "adapter-missing-base",
+        "adapter-bad-json",
+        "a-file",
+        "run-no-base",
+        "run-missing-base",
+        "run-all-half-written",
+        "run-corrupt-ckpt",
+        "run-bad-base-json",
+    ]
     for name in models:
         out.append(Case(f"model: {name}", analyze(x, model=root / name)))
     for name, model, extra, data in (
-            ("run-all-half-written", root / "run-all-half-written", [], None),
-            ("run-corrupt-ckpt (step fails)", root / "run-corrupt-ckpt", [], None),
-            ("hub id not in cache", "org/model-not-in-cache", [], None),
-            ("--device-map bogus", None, ["--device-map", "bogus"], None),
-            ("--filter-mode self (0 neutral right)", None, ["--filter-mode", "self"], None),
-            ("text longer than the context", None, [], x["data_bad"]["too-long-text"])):
-        out.append(Case(f"fresh out, {name}", analyze(x, *extra, model=model, data=data),
-                        fresh=True))
-    for spec in ("no-such-alias", "a b c", "./relative/nope", "~/nope-model", "x.gguf",
-                 "org/model-not-in-cache"):
+        ("run-all-half-written", root / "run-all-half-written", [], None),
+        ("run-corrupt-ckpt (step fails)", root / "run-corrupt-ckpt", [], None),
+        ("hub id not in cache", "org/model-not-in-cache", [], None),
+        ("--device-map bogus", None, ["--device-map", "bogus"], None),
+        ("--filter-mode self (0 neutral right)", None, ["--filter-mode", "self"], None),
+        ("text longer than the context", None, [], x["data_bad"]["too-long-text"]),
+    ):
+        out.append(
+            Case(f"fresh out, {name}", analyze(x, *extra, model=model, data=data), fresh=True)
+        )
+    for spec in (
+        "no-such-alias",
+        "a b c",
+        "./relative/nope",
+        "~/nope-model",
+        "x.gguf",
+        "org/model-not-in-cache",
+    ):
         out.append(Case(f"model spec: {spec}", analyze(x, model=spec)))
     bad_options = {
-        "--layers 99": ["--layers", "99"], "--layers -99": ["--layers", "-99"],
-        "--layers a": ["--layers", "a"], "--layers empty": ["--layers", ""],
-        "--layers 1,1": ["--layers", "1,1"], "--layers mid,x": ["--layers", "mid,x"],
+        "--layers 99": ["--layers", "99"],
+        "--layers -99": ["--layers", "-99"],
+        "--layers a": ["--layers", "a"],
+        "--layers empty": ["--layers", ""],
+        "--layers 1,1": ["--layers", "1,1"],
+        "--layers mid,x": ["--layers", "mid,x"],
         "--steer-layers 99": ["--steer-layers", "99"],
         "--steer-layers not collected": ["--layers", "-1", "--steer-layers", "1"],
         "--steer-layers x": ["--steer-layers", "x"],
-        "--alphas empty": ["--alphas", ""], "--alphas a": ["--alphas", "a"],
-        "--alphas nan": ["--alphas", "0,nan"], "--alphas inf": ["--alphas", "inf"],
+        "--alphas empty": ["--alphas", ""],
+        "--alphas a": ["--alphas", "a"],
+        "--alphas nan": ["--alphas", "0,nan"],
+        "--alphas inf": ["--alphas", "inf"],
         "--alphas 1,,2": ["--alphas", "1,,2"],
-        "--n-prompts 0": ["--n-prompts", "0"], "--n-prompts -1": ["--n-prompts", "-1"],
-        "--n-prompts 1000": ["--n-prompts", "1000"], "--n-prompts x": ["--n-prompts", "x"],
-        "--min-count 0": ["--min-count", "0"], "--min-count 1000": ["--min-count", "1000"],
+        "--n-prompts 0": ["--n-prompts", "0"],
+        "--n-prompts -1": ["--n-prompts", "-1"],
+        "--n-prompts 1000": ["--n-prompts", "1000"],
+        "--n-prompts x": ["--n-prompts", "x"],
+        "--min-count 0": ["--min-count", "0"],
+        "--min-count 1000": ["--min-count", "1000"],
         "--min-count 4 (neutral short)": ["--min-count", "4"],
-        "--batch-size 0": ["--batch-size", "0"], "--n-boot 0": ["--n-boot", "0"],
-        "--n-boot -5": ["--n-boot", "-5"], "--dla-per-label -1": ["--dla-per-label", "-1"],
-        "--prompt-seed x": ["--prompt-seed", "x"], "--seed 1.5": ["--seed", "1.5"],
+        "--batch-size 0": ["--batch-size", "0"],
+        "--n-boot 0": ["--n-boot", "0"],
+        "--n-boot -5": ["--n-boot", "-5"],
+        "--dla-per-label -1": ["--dla-per-label", "-1"],
+        "--prompt-seed x": ["--prompt-seed", "x"],
+        "--seed 1.5": ["--seed", "1.5"],
         "--filter-mode bogus": ["--filter-mode", "bogus"],
         "--filter-mode self (0 neutral right)": ["--filter-mode", "self"],
         "--alpha-unit bogus": ["--alpha-unit", "bogus"],
         "--positions bogus": ["--positions", "bogus"],
-        "--shard 1": ["--shard", "1"], "--shard 2/2": ["--shard", "2/2"],
-        "--shard a/b": ["--shard", "a/b"], "--shard -1/2": ["--shard", "-1/2"],
+        "--shard 1": ["--shard", "1"],
+        "--shard 2/2": ["--shard", "2/2"],
+        "--shard a/b": ["--shard", "a/b"],
+        "--shard -1/2": ["--shard", "-1/2"],
         "--shard 0/0": ["--shard", "0/0"],
         "--shard with --filter-mode base": ["--shard", "0/2", "--filter-mode", "base"],
-        "--split bogus": ["--split", "bogus"], "--split test of a plain model": ["--split",
-                                                                               "test"],
-        "--dtype bogus": ["--dtype", "bogus"], "--dtype float64": ["--dtype", "float64"],
-        "--dtype int8": ["--dtype", "int8"], "--device tpu": ["--device", "tpu"],
-        "--device gpu": ["--device", "gpu"], "--device cuda:x": ["--device", "cuda:x"],
-        "--device mps": ["--device", "mps"], "--device-map bogus": ["--device-map", "bogus"],
-        "--language xx": ["--language", "xx"], "--base missing": ["--base", "/nope/base"],
-        "unknown option": ["--no-such-option"], "--alphas changed (other settings)":
-        ["--alphas", "0,1"], "--n-boot changed (cross-step setting)": ["--n-boot", "11"],
+        "--split bogus": ["--split", "bogus"],
+        "--split test of a plain model": ["--split", "test"],
+        "--dtype bogus": ["--dtype", "bogus"],
+        "--dtype float64": ["--dtype", "float64"],
+        "--dtype int8": ["--dtype", "int8"],
+        "--device tpu": ["--device", "tpu"],
+        "--device gpu": ["--device", "gpu"],
+        "--device cuda:x": ["--device", "cuda:x"],
+        "--device mps": ["--device", "mps"],
+        "--device-map bogus": ["--device-map", "bogus"],
+        "--language xx": ["--language", "xx"],
+        "--base missing": ["--base", "/nope/base"],
+        "unknown option": ["--no-such-option"],
+        "--alphas changed (other settings)": ["--alphas", "0,1"],
+        "--n-boot changed (cross-step setting)": ["--n-boot", "11"],
         "--text-column missing": ["--text-column", "nope"],
         "--label-column missing": ["--label-column", "nope"],
     }
@@ -242,83 +347,220 @@ def cases(x) -> list[Case]:
     for name, path in x["data_bad"].items():
         out.append(Case(f"data: {name}", analyze(x, data=path)))
     out.append(Case("data: bundled:xx", analyze(x, data="bundled:xx")))
-    out.append(Case("data: bundled with --text-column",
-                    analyze(x, "--text-column", "text", data="bundled")))
-    out.append(Case("data: other corpus than the folder's",
-                    analyze(x, data=x["data_bad"]["no-neutral"].with_name("other.jsonl"),
-                            ),
-                    setup=lambda o, p=x["data"]: _other_corpus(p)))
+    out.append(
+        Case(
+            "data: bundled with --text-column", analyze(x, "--text-column", "text", data="bundled")
+        )
+    )
+    out.append(
+        Case(
+            "data: other corpus than the folder's",
+            analyze(
+                x,
+                data=x["data_bad"]["no-neutral"].with_name("other.jsonl"),
+            ),
+            setup=lambda o, p=x["data"]: _other_corpus(p),
+        )
+    )
     # the results folder
-    out.append(Case("out: is a file", ["analyze", "--model", str(x["model"]), "--data",
-                                       str(x["data"]), "--out", str(root / "a-file"), *FAST],
-                    uses_out=False))
-    out.append(Case("out: corrupt manifest.json", analyze(x),
-                    setup=lambda o: (o / "manifest.json").write_text("{oops")))
+    out.append(
+        Case(
+            "out: is a file",
+            [
+                "analyze",
+                "--model",
+                str(x["model"]),
+                "--data",
+                str(x["data"]),
+                "--out",
+                str(root / "a-file"),
+                *FAST,
+            ],
+            uses_out=False,
+        )
+    )
+    out.append(
+        Case(
+            "out: corrupt manifest.json",
+            analyze(x),
+            setup=lambda o: (o / "manifest.json").write_text("{oops"),
+        )
+    )
     out.append(Case("out: held by another process", analyze(x), hold_lock=True))
     out.append(Case("out: other model", analyze(x, model=x["model_copy"])))
-    for damage in ("done.json", "sensitivity.csv", "filtering.csv", "activations.safetensors",
-                   "vectors.safetensors", "readout.safetensors", "label_audit.json"):
-        out.append(Case(f"out: emptied step file {damage}", analyze(x), expect="ok",
-                        setup=lambda o, d=damage: _empty_step_file(o, d)))
-    out.append(Case("out: truncated activations", analyze(x), expect="ok",
-                    setup=lambda o: _truncate(o / "steps/step-000000/activations.safetensors")))
-    out.append(Case("out: stale lock of a dead process", analyze(x), expect="ok",
-                    setup=_stale_lock))
-    out.append(Case("out: leftover staging folder", analyze(x), expect="ok",
-                    setup=lambda o: (o / "steps/.step-000000.staging").mkdir()))
-    out.append(Case("out: half-swapped step (killed between renames)", analyze(x),
-                    expect="ok", setup=lambda o: (o / "steps/step-000000").rename(
-                        o / "steps/.step-000000.old")))
-    out.append(Case("model: run with a half-written checkpoint", [
-        a.replace("{out}", str(root / "half-out")) for a in analyze(x, model=root / "run-half")],
-        expect="ok", uses_out=False,
-        setup=lambda o: _half_run(root, x["model"])))
+    for damage in (
+        "done.json",
+        "sensitivity.csv",
+        "filtering.csv",
+        "activations.safetensors",
+        "vectors.safetensors",
+        "readout.safetensors",
+        "label_audit.json",
+    ):
+        out.append(
+            Case(
+                f"out: emptied step file {damage}",
+                analyze(x),
+                expect="ok",
+                setup=lambda o, d=damage: _empty_step_file(o, d),
+            )
+        )
+    out.append(
+        Case(
+            "out: truncated activations",
+            analyze(x),
+            expect="ok",
+            setup=lambda o: _truncate(o / "steps/step-000000/activations.safetensors"),
+        )
+    )
+    out.append(
+        Case("out: stale lock of a dead process", analyze(x), expect="ok", setup=_stale_lock)
+    )
+    out.append(
+        Case(
+            "out: leftover staging folder",
+            analyze(x),
+            expect="ok",
+            setup=lambda o: (o / "steps/.step-000000.staging").mkdir(),
+        )
+    )
+    out.append(
+        Case(
+            "out: half-swapped step (killed between renames)",
+            analyze(x),
+            expect="ok",
+            setup=lambda o: (o / "steps/step-000000").rename(o / "steps/.step-000000.old"),
+        )
+    )
+    out.append(
+        Case(
+            "model: run with a half-written checkpoint",
+            [
+                a.replace("{out}", str(root / "half-out"))
+                for a in analyze(x, model=root / "run-half")
+            ],
+            expect="ok",
+            uses_out=False,
+            setup=lambda o: _half_run(root, x["model"]),
+        )
+    )
     # merge
-    out.append(Case("merge: other settings", ["merge", "{out}", str(root / "merge-other"),
-                                              "--out", str(root / "merged-1")],
-                    setup=lambda o: _edited_copy(o, root / "merge-other", "settings")))
-    out.append(Case("merge: other model", ["merge", "{out}", str(root / "merge-model"),
-                                           "--out", str(root / "merged-2")],
-                    setup=lambda o: _edited_copy(o, root / "merge-model", "model")))
-    out.append(Case("merge: other data", ["merge", "{out}", str(root / "merge-data"),
-                                          "--out", str(root / "merged-3")],
-                    setup=lambda o: _edited_copy(o, root / "merge-data", "data")))
-    out.append(Case("merge: into a non-empty folder", ["merge", "{out}", "--out",
-                                                       str(root / "model")]))
+    out.append(
+        Case(
+            "merge: other settings",
+            ["merge", "{out}", str(root / "merge-other"), "--out", str(root / "merged-1")],
+            setup=lambda o: _edited_copy(o, root / "merge-other", "settings"),
+        )
+    )
+    out.append(
+        Case(
+            "merge: other model",
+            ["merge", "{out}", str(root / "merge-model"), "--out", str(root / "merged-2")],
+            setup=lambda o: _edited_copy(o, root / "merge-model", "model"),
+        )
+    )
+    out.append(
+        Case(
+            "merge: other data",
+            ["merge", "{out}", str(root / "merge-data"), "--out", str(root / "merged-3")],
+            setup=lambda o: _edited_copy(o, root / "merge-data", "data"),
+        )
+    )
+    out.append(
+        Case("merge: into a non-empty folder", ["merge", "{out}", "--out", str(root / "model")])
+    )
     out.append(Case("merge: into itself", ["merge", "{out}", "--out", "{out}"]))
-    out.append(Case("merge: missing manifest", ["merge", str(root / "empty"), "--out",
-                                                str(root / "merged-4")]))
-    out.append(Case("merge: corrupt manifest", ["merge", "{out}", "--out",
-                                                str(root / "merged-5")],
-                    setup=lambda o: (o / "manifest.json").write_text("{oops")))
-    out.append(Case("merge: same shard twice", ["merge", "{out}", "{out}", "--out",
-                                                str(root / "merged-6")]))
-    out.append(Case("merge: missing folder", ["merge", str(root / "nope"), "--out",
-                                              str(root / "merged-7")]))
+    out.append(
+        Case(
+            "merge: missing manifest",
+            ["merge", str(root / "empty"), "--out", str(root / "merged-4")],
+        )
+    )
+    out.append(
+        Case(
+            "merge: corrupt manifest",
+            ["merge", "{out}", "--out", str(root / "merged-5")],
+            setup=lambda o: (o / "manifest.json").write_text("{oops"),
+        )
+    )
+    out.append(
+        Case(
+            "merge: same shard twice", ["merge", "{out}", "{out}", "--out", str(root / "merged-6")]
+        )
+    )
+    out.append(
+        Case(
+            "merge: missing folder", ["merge", str(root / "nope"), "--out", str(root / "merged-7")]
+        )
+    )
     # other commands
     out.append(Case("report: missing folder", ["report", str(root / "nope")]))
     out.append(Case("report: folder without results", ["report", str(root / "empty")]))
-    out.append(Case("report: corrupt sensitivity.csv", ["report", "{out}"],
-                    setup=lambda o: (o / "sensitivity.csv").write_text("a,b\n1\n2,3,4\n")))
-    out.append(Case("report: emptied sensitivity.csv", ["report", "{out}"],
-                    setup=lambda o: (o / "sensitivity.csv").write_text("")))
+    out.append(
+        Case(
+            "report: corrupt sensitivity.csv",
+            ["report", "{out}"],
+            setup=lambda o: (o / "sensitivity.csv").write_text("a,b\n1\n2,3,4\n"),
+        )
+    )
+    out.append(
+        Case(
+            "report: emptied sensitivity.csv",
+            ["report", "{out}"],
+            setup=lambda o: (o / "sensitivity.csv").write_text(""),
+        )
+    )
     out.append(Case("labels: missing model", ["labels", "--model", str(root / "nope")]))
     out.append(Case("labels: empty folder", ["labels", "--model", str(root / "empty")]))
-    out.append(Case("labels: bad language", ["labels", "--model", str(x["model"]),
-                                             "--language", "xx"]))
+    out.append(
+        Case("labels: bad language", ["labels", "--model", str(x["model"]), "--language", "xx"])
+    )
     out.append(Case("data inspect: missing file", ["data", "inspect", str(root / "nope.tsv")]))
-    out.append(Case("data inspect: binary file", ["data", "inspect",
-                                                  str(x["data_bad"]["binary"])]))
-    out.append(Case("data inspect: bundled with --label-column",
-                    ["data", "inspect", "bundled", "--label-column", "x"]))
-    out.append(Case("finetune: missing model", ["finetune", "--model", str(root / "nope"),
-                                                "--data", str(x["data"]), "--out",
-                                                str(root / "ft-1"), "--preset", "tiny"]))
-    out.append(Case("finetune: missing data", ["finetune", "--model", str(x["model"]),
-                                               "--data", str(root / "nope.tsv"), "--out",
-                                               str(root / "ft-2"), "--preset", "tiny"]))
-    out.append(Case("finetune: bogus preset", ["finetune", "--model", str(x["model"]),
-                                               "--out", str(root / "ft-3"), "--preset", "x"]))
+    out.append(Case("data inspect: binary file", ["data", "inspect", str(x["data_bad"]["binary"])]))
+    out.append(
+        Case(
+            "data inspect: bundled with --label-column",
+            ["data", "inspect", "bundled", "--label-column", "x"],
+        )
+    )
+    out.append(
+        Case(
+            "finetune: missing model",
+            [
+                "finetune",
+                "--model",
+                str(root / "nope"),
+                "--data",
+                str(x["data"]),
+                "--out",
+                str(root / "ft-1"),
+                "--preset",
+                "tiny",
+            ],
+        )
+    )
+    out.append(
+        Case(
+            "finetune: missing data",
+            [
+                "finetune",
+                "--model",
+                str(x["model"]),
+                "--data",
+                str(root / "nope.tsv"),
+                "--out",
+                str(root / "ft-2"),
+                "--preset",
+                "tiny",
+            ],
+        )
+    )
+    out.append(
+        Case(
+            "finetune: bogus preset",
+            ["finetune", "--model", str(x["model"]), "--out", str(root / "ft-3"), "--preset", "x"],
+        )
+    )
     out.append(Case("no command", []))
     out.append(Case("unknown command", ["frobnicate"]))
     return out
@@ -341,8 +583,7 @@ def _truncate(path: Path) -> None:
 def _stale_lock(out: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (out / ".emolens.lock").write_text(json.dumps({"pid": dead.pid,
-                                                   "host": socket.gethostname()}))
+    (out / ".emolens.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
 
 
 def _half_run(root: Path, model: Path) -> None:
@@ -373,9 +614,18 @@ def content(path: Path):
     if path.suffix == ".safetensors":
         try:
             tensors, meta = load_tensors(path)
-            return (sorted((k, tuple(v.shape), str(v.dtype), v.contiguous().view(-1).view(
-                torch.uint8).numpy().tobytes()) for k, v in tensors.items()),
-                    sorted(meta.items(), key=str))
+            return (
+                sorted(
+                    (
+                        k,
+                        tuple(v.shape),
+                        str(v.dtype),
+                        v.contiguous().view(-1).view(torch.uint8).numpy().tobytes(),
+                    )
+                    for k, v in tensors.items()
+                ),
+                sorted(meta.items(), key=str),
+            )
         except Exception:  # noqa: BLE001 - damaged: compare the bytes
             pass
     return path.read_bytes()
@@ -386,12 +636,14 @@ def snapshot(folder: Path) -> dict:
     snap = {}
     for p in sorted(folder.rglob("*")):
         rel = str(p.relative_to(folder))
-        if p.is_file() and (rel.startswith("steps/step-") or (
-                "/" not in rel and p.suffix == ".csv")):
+        if p.is_file() and (
+            rel.startswith("steps/step-") or ("/" not in rel and p.suffix == ".csv")
+        ):
             snap[rel] = content(p)
     try:
         snap["manifest identity"] = json.dumps(
-            json.loads((folder / "manifest.json").read_text())["identity"], sort_keys=True)
+            json.loads((folder / "manifest.json").read_text())["identity"], sort_keys=True
+        )
     except (OSError, ValueError, KeyError):
         snap["manifest identity"] = None
     return snap
@@ -410,9 +662,18 @@ def run_case(case: Case, pristine: Path, work: Path, verbose: bool) -> dict:
         try:
             case.setup(out)
         except Exception as exc:  # noqa: BLE001 - e.g. an older emolens's manifest
-            return {"case": case.name, "expect": "n/a", "exit": None, "traceback": False,
-                    "damaged": False, "clear": False, "wrong_exit_0": False,
-                    "ok_passed": False, "line": f"setup failed: {exc!r}", "n_error_lines": 0}
+            return {
+                "case": case.name,
+                "expect": "n/a",
+                "exit": None,
+                "traceback": False,
+                "damaged": False,
+                "clear": False,
+                "wrong_exit_0": False,
+                "ok_passed": False,
+                "line": f"setup failed: {exc!r}",
+                "n_error_lines": 0,
+            }
     damaged_before = snapshot(out)  # what the case's own setup damaged is not the CLI's doing
     argv = [a.replace("{out}", str(out)) for a in case.argv]
     stderr, stdout = io.StringIO(), io.StringIO()
@@ -430,8 +691,15 @@ def run_case(case: Case, pristine: Path, work: Path, verbose: bool) -> dict:
             code = None
     err = ANSI.sub("\n", stderr.getvalue())
     lines = [line.strip() for line in err.splitlines() if line.strip()]
-    errors = [line for line in lines if re.match(r"(emolens|emolens \w+|emolens data \w+): "
-                                                  r"error:", line)]
+    errors = [
+        line
+        for line in lines
+        if re.match(
+            r"(emolens|emolens \w+|emolens data \w+): "
+            r"error:",
+            line,
+        )
+    ]
     traceback_seen = escaped is not None or "Traceback (most recent call last)" in err
     after = snapshot(out) if case.uses_out and not case.fresh else reference
     if case.fresh:
@@ -440,16 +708,27 @@ def run_case(case: Case, pristine: Path, work: Path, verbose: bool) -> dict:
         damaged = any(after.get(k) != v for k, v in reference.items())
     else:
         damaged = any(after.get(k) != damaged_before.get(k) for k in damaged_before)
-    row = {"case": case.name, "expect": case.expect, "exit": code, "seconds":
-           round(time.time() - started, 1), "traceback": traceback_seen, "damaged": damaged,
-           "line": errors[-1] if errors else (lines[-1] if lines else ""),
-           "n_error_lines": len(errors)}
-    row["clear"] = (code not in (0, None) and len(errors) == 1 and not traceback_seen)
+    row = {
+        "case": case.name,
+        "expect": case.expect,
+        "exit": code,
+        "seconds": round(time.time() - started, 1),
+        "traceback": traceback_seen,
+        "damaged": damaged,
+        "line": errors[-1] if errors else (lines[-1] if lines else ""),
+        "n_error_lines": len(errors),
+    }
+    row["clear"] = code not in (0, None) and len(errors) == 1 and not traceback_seen
     row["wrong_exit_0"] = case.expect == "error" and code == 0
     row["ok_passed"] = case.expect == "ok" and code == 0 and not damaged and not traceback_seen
-    if verbose or traceback_seen or row["wrong_exit_0"] or damaged or (
-            case.expect == "error" and not row["clear"]) or (case.expect == "ok" and
-                                                             not row["ok_passed"]):
+    if (
+        verbose
+        or traceback_seen
+        or row["wrong_exit_0"]
+        or damaged
+        or (case.expect == "error" and not row["clear"])
+        or (case.expect == "ok" and not row["ok_passed"])
+    ):
         print(f"  [{case.name}] exit {code}: {row['line'][:200]}", file=sys.__stderr__)
         if escaped:
             print(escaped, file=sys.__stderr__)
@@ -459,9 +738,13 @@ def run_case(case: Case, pristine: Path, work: Path, verbose: bool) -> dict:
 def main_(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", default=None, help="run cases whose name has this text")
-    parser.add_argument("--skip", default=None, help="leave out cases whose name has one of these comma-separated texts "
-                        "(e.g. 'long': on an emolens that runs a 15k-token text, it needs "
-                        "tens of GB)")
+    parser.add_argument(
+        "--skip",
+        default=None,
+        help="leave out cases whose name has one of these comma-separated texts "
+        "(e.g. 'long': on an emolens that runs a 15k-token text, it needs "
+        "tens of GB)",
+    )
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--json", default=None, help="write every row to this file")
     args = parser.parse_args(argv)
@@ -476,8 +759,12 @@ def main_(argv=None) -> int:
         code = main([a.replace("{out}", str(pristine)) for a in analyze(x)])
     assert code == 0, "the reference analysis failed"
     print(f"reference analysis in {time.time() - started:.1f} s", file=sys.stderr)
-    all_cases = [c for c in cases(x) if (args.only is None or args.only in c.name)
-                 and not any(part and part in c.name for part in (args.skip or "").split(","))]
+    all_cases = [
+        c
+        for c in cases(x)
+        if (args.only is None or args.only in c.name)
+        and not any(part and part in c.name for part in (args.skip or "").split(","))
+    ]
     rows = []
     for i, case in enumerate(all_cases):
         if args.verbose:
@@ -490,8 +777,9 @@ def main_(argv=None) -> int:
     skipped = len(rows) - len(errors) - len(oks)
     rows = [r for r in rows if r["expect"] != "n/a"]
     table = [
-        ("bad-input kinds tested", len(rows)) if not skipped else
-        ("bad-input kinds tested", f"{len(rows)} (+{skipped} whose setup failed)"),
+        ("bad-input kinds tested", len(rows))
+        if not skipped
+        else ("bad-input kinds tested", f"{len(rows)} (+{skipped} whose setup failed)"),
         ("  expected to fail", len(errors)),
         ("  one clear line and exit non-zero", sum(r["clear"] for r in errors)),
         ("  tracebacks", sum(r["traceback"] for r in rows)),
@@ -505,8 +793,11 @@ def main_(argv=None) -> int:
     print(f"({time.time() - started:.0f} s; inputs in {root})")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, ensure_ascii=False))
-    bad = sum(r["traceback"] or r["wrong_exit_0"] or r["damaged"] for r in rows) + sum(
-        not r["clear"] for r in errors) + sum(not r["ok_passed"] for r in oks)
+    bad = (
+        sum(r["traceback"] or r["wrong_exit_0"] or r["damaged"] for r in rows)
+        + sum(not r["clear"] for r in errors)
+        + sum(not r["ok_passed"] for r in oks)
+    )
     return 1 if bad else 0
 
 

@@ -19,12 +19,39 @@ from emolens.models import ModelLoadError, resolve_device, resolve_dtype
 from emolens.pipeline import AnalysisConfig, IdentityMismatch, analyze, merge
 from emolens.results import FolderInUse, folder_lock
 
-CONFIG = AnalysisConfig(layers="1,-1", steer_layers="-1", alphas=(0.0, 2.0), n_prompts=2,
-                        min_count=1, batch_size=16, filter_mode="none", dla_per_label=1,
-                        n_boot=20)
-FAST = ["--layers", "1,-1", "--steer-layers", "-1", "--alphas", "0,2", "--n-prompts", "2",
-        "--min-count", "1", "--batch-size", "16", "--filter-mode", "none", "--dla-per-label",
-        "1", "--n-boot", "20", "--device", "cpu"]
+CONFIG = AnalysisConfig(
+    layers="1,-1",
+    steer_layers="-1",
+    alphas=(0.0, 2.0),
+    n_prompts=2,
+    min_count=1,
+    batch_size=16,
+    filter_mode="none",
+    dla_per_label=1,
+    n_boot=20,
+)
+FAST = [
+    "--layers",
+    "1,-1",
+    "--steer-layers",
+    "-1",
+    "--alphas",
+    "0,2",
+    "--n-prompts",
+    "2",
+    "--min-count",
+    "1",
+    "--batch-size",
+    "16",
+    "--filter-mode",
+    "none",
+    "--dla-per-label",
+    "1",
+    "--n-boot",
+    "20",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +62,10 @@ def corpus():
 def _write_jsonl(path: Path, samples) -> Path:
     with path.open("w", encoding="utf-8") as f:
         for s in samples:
-            f.write(json.dumps({"id": s.id, "text": s.text, "label": s.label},
-                               ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps({"id": s.id, "text": s.text, "label": s.label}, ensure_ascii=False)
+                + "\n"
+            )
     return path
 
 
@@ -47,8 +76,11 @@ def small_data(corpus, tmp_path_factory) -> Path:
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != ".emolens.lock"}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".emolens.lock"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +118,14 @@ def _bad_models(tiny_model_dir: Path, root: Path) -> dict[str, Path]:
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     (adapter / "adapter_model.safetensors").write_bytes(b"x")
-    return {"missing": root / "nope", "empty": empty, "no-weights": no_weights,
-            "truncated": truncated, "wrong": wrong, "adapter": adapter}
+    return {
+        "missing": root / "nope",
+        "empty": empty,
+        "no-weights": no_weights,
+        "truncated": truncated,
+        "wrong": wrong,
+        "adapter": adapter,
+    }
 
 
 BAD_OPTIONS = {
@@ -101,19 +139,30 @@ BAD_OPTIONS = {
 }
 
 
-def test_bad_inputs_fail_at_once_with_one_line_and_touch_nothing(tiny_model_dir, small_data,
-                                                                 tmp_path, capsys):
-    cases = {name: (["--model", str(path)], name.split("-")[0])
-             for name, path in _bad_models(tiny_model_dir, tmp_path).items()}
-    cases = {**cases, **{name: (["--model", str(tiny_model_dir), *opts], needle)
-                         for name, (opts, needle) in BAD_OPTIONS.items()}}
+def test_bad_inputs_fail_at_once_with_one_line_and_touch_nothing(
+    tiny_model_dir, small_data, tmp_path, capsys
+):
+    cases = {
+        name: (["--model", str(path)], name.split("-")[0])
+        for name, path in _bad_models(tiny_model_dir, tmp_path).items()
+    }
+    cases = {
+        **cases,
+        **{
+            name: (["--model", str(tiny_model_dir), *opts], needle)
+            for name, (opts, needle) in BAD_OPTIONS.items()
+        },
+    }
     if not torch.cuda.is_available():
-        cases["cuda without CUDA"] = (["--model", str(tiny_model_dir), "--device", "cuda"],
-                                      "CUDA")
+        cases["cuda without CUDA"] = (["--model", str(tiny_model_dir), "--device", "cuda"], "CUDA")
     messages = {
-        "missing": "does not exist", "empty": "neither config.json", "no-weights": "no model "
-        "weights", "truncated": "truncated", "wrong": "not a transformers model config",
-        "adapter": "--base"}
+        "missing": "does not exist",
+        "empty": "neither config.json",
+        "no-weights": "no model weights",
+        "truncated": "truncated",
+        "wrong": "not a transformers model config",
+        "adapter": "--base",
+    }
     for name, (argv, _) in cases.items():
         out = tmp_path / f"out-{name.replace(' ', '_')}"
         code = main(["analyze", "--data", str(small_data), "--out", str(out), *FAST, *argv])
@@ -124,12 +173,25 @@ def test_bad_inputs_fail_at_once_with_one_line_and_touch_nothing(tiny_model_dir,
         assert not (out / "steps").exists(), f"{name}: a step ran before the input was checked"
 
 
-def test_a_run_whose_step_fails_exits_one_and_keeps_what_explains_it(tiny_model_dir, small_data,
-                                                                      tmp_path, capsys):
+def test_a_run_whose_step_fails_exits_one_and_keeps_what_explains_it(
+    tiny_model_dir, small_data, tmp_path, capsys
+):
     out = tmp_path / "out"
     # the random model answers no neutral sample correctly: filtering keeps none
-    code = main(["analyze", "--model", str(tiny_model_dir), "--data", str(small_data), "--out",
-                 str(out), *FAST, "--filter-mode", "self"])
+    code = main(
+        [
+            "analyze",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(small_data),
+            "--out",
+            str(out),
+            *FAST,
+            "--filter-mode",
+            "self",
+        ]
+    )
     line = _one_error_line(capsys)
     assert code == 1 and "1 step(s) failed (step 0)" in line and "neutral" in line
     assert str(out / "last_run.json") in line
@@ -144,8 +206,9 @@ def test_a_run_whose_step_fails_exits_one_and_keeps_what_explains_it(tiny_model_
 # ------------------------------------------------------------------ 2-3. failed re-runs
 
 
-def test_a_failed_rerun_leaves_the_finished_folder_byte_identical(finished, tiny_model_dir,
-                                                                   corpus, tmp_path):
+def test_a_failed_rerun_leaves_the_finished_folder_byte_identical(
+    finished, tiny_model_dir, corpus, tmp_path
+):
     src, _ = finished
     out, model = tmp_path / "out", tmp_path / "model"
     shutil.copytree(src, out)
@@ -160,8 +223,9 @@ def test_a_failed_rerun_leaves_the_finished_folder_byte_identical(finished, tiny
     assert _files(out) == reference
 
 
-def test_a_failing_step_of_a_series_never_damages_its_finished_folder(fake_run_dir, corpus,
-                                                                      tmp_path):
+def test_a_failing_step_of_a_series_never_damages_its_finished_folder(
+    fake_run_dir, corpus, tmp_path
+):
     run, out = tmp_path / "run", tmp_path / "out"
     shutil.copytree(fake_run_dir, run)
     analyze(run, corpus, out, CONFIG, device="cpu")
@@ -181,14 +245,16 @@ def test_a_failing_step_of_a_series_never_damages_its_finished_folder(fake_run_d
 
 
 @pytest.mark.parametrize("damage", ["done.json", "sensitivity.csv", "activations.safetensors"])
-def test_a_damaged_step_file_is_named_and_the_step_recomputed(damage, finished, tiny_model_dir,
-                                                              corpus, tmp_path, caplog):
+def test_a_damaged_step_file_is_named_and_the_step_recomputed(
+    damage, finished, tiny_model_dir, corpus, tmp_path, caplog
+):
     src, before = finished
     out = tmp_path / "out"
     shutil.copytree(src, out)
     path = out / "steps" / "step-000000" / damage
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3] if damage.endswith(
-        "safetensors") else b"")
+    path.write_bytes(
+        path.read_bytes()[: path.stat().st_size // 3] if damage.endswith("safetensors") else b""
+    )
     analyze(tiny_model_dir, corpus, out, CONFIG, device="cpu")
     assert str(path) in caplog.text and "recomput" in caplog.text
     after = _files(out)
@@ -198,7 +264,8 @@ def test_a_damaged_step_file_is_named_and_the_step_recomputed(damage, finished, 
 
 
 def test_a_different_run_is_refused_and_overwrite_replaces_without_mixing(
-        finished, tiny_model_dir, corpus, tmp_path):
+    finished, tiny_model_dir, corpus, tmp_path
+):
     src, before = finished
     out = tmp_path / "out"
     shutil.copytree(src, out)
@@ -216,31 +283,44 @@ def test_a_different_run_is_refused_and_overwrite_replaces_without_mixing(
     assert manifest["settings"]["alphas"] == [0.0, 1.0]
 
 
-def test_a_relative_model_path_reuses_the_cache_of_the_absolute_one(finished, tiny_model_dir,
-                                                                     corpus, tmp_path,
-                                                                     monkeypatch):
+def test_a_relative_model_path_reuses_the_cache_of_the_absolute_one(
+    finished, tiny_model_dir, corpus, tmp_path, monkeypatch
+):
     src, before = finished
     out = tmp_path / "out"
     shutil.copytree(src, out)
     monkeypatch.chdir(tiny_model_dir.parent)
     analyze(Path(tiny_model_dir.name), corpus, out, CONFIG, device="cpu")
     after = _files(out)
-    assert after["steps/step-000000/sensitivity.csv"] == before[
-        "steps/step-000000/sensitivity.csv"]
-    assert (out / "steps/step-000000/done.json").stat().st_mtime_ns == \
-        (src / "steps/step-000000/done.json").stat().st_mtime_ns  # not recomputed
+    assert after["steps/step-000000/sensitivity.csv"] == before["steps/step-000000/sensitivity.csv"]
+    assert (out / "steps/step-000000/done.json").stat().st_mtime_ns == (
+        src / "steps/step-000000/done.json"
+    ).stat().st_mtime_ns  # not recomputed
     assert json.loads(after["steps/step-000000/done.json"]) == json.loads(
-        before["steps/step-000000/done.json"])
+        before["steps/step-000000/done.json"]
+    )
 
 
 # ------------------------------------------------------------------ 4. the lock
 
 
-def test_a_second_process_on_a_folder_in_use_gets_a_clear_error(tiny_model_dir, small_data,
-                                                                tmp_path):
+def test_a_second_process_on_a_folder_in_use_gets_a_clear_error(
+    tiny_model_dir, small_data, tmp_path
+):
     out, data = tmp_path / "out", small_data
-    cmd = [sys.executable, "-m", "emolens.cli", "analyze", "--model", str(tiny_model_dir),
-           "--data", str(data), "--out", str(out), *FAST]
+    cmd = [
+        sys.executable,
+        "-m",
+        "emolens.cli",
+        "analyze",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *FAST,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     lock = out / ".emolens.lock"
@@ -260,8 +340,9 @@ def test_a_second_process_on_a_folder_in_use_gets_a_clear_error(tiny_model_dir, 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (tmp_path / ".emolens.lock").write_text(json.dumps({"pid": dead.pid,
-                                                        "host": os.uname().nodename}))
+    (tmp_path / ".emolens.lock").write_text(
+        json.dumps({"pid": dead.pid, "host": os.uname().nodename})
+    )
     with folder_lock(tmp_path):
         assert str(dead.pid) in caplog.text and "stale" in caplog.text
         with pytest.raises(FolderInUse):  # a second holder (another open file) is refused
@@ -282,8 +363,9 @@ def test_merge_refuses_other_analyses_and_a_non_empty_out(finished, tmp_path):
     (b / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"not a shard.*model\.base"):
         merge([a, b], tmp_path / "merged")
-    manifest["identity"]["model"] = json.loads((a / "manifest.json").read_text())[
-        "identity"]["model"]
+    manifest["identity"]["model"] = json.loads((a / "manifest.json").read_text())["identity"][
+        "model"
+    ]
     manifest["identity"]["settings"]["n_boot"] = 7
     (b / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"settings\.n_boot"):
@@ -317,8 +399,7 @@ def test_bundled_data_with_a_text_column_says_so(capsys):
     assert "--text-column" in line and "bundled" in line and "--data FILE" in line
 
 
-def test_texts_longer_than_the_context_are_refused_naming_them(tiny_model_dir, tmp_path,
-                                                              capsys):
+def test_texts_longer_than_the_context_are_refused_naming_them(tiny_model_dir, tmp_path, capsys):
     from emolens.data import Corpus, Sample
 
     base = load_corpus(None).head_per_label(3)
@@ -336,11 +417,23 @@ def test_a_dropped_label_is_one_emolens_line(tiny_model_dir, tmp_path, capsys):
     anger = [s for s in samples if s.label == "anger"][1:]  # one anger sample is left
     data = _write_jsonl(tmp_path / "corpus.jsonl", [s for s in samples if s not in anger])
     at = FAST.index("--min-count") + 1
-    args = [*FAST[:at], "2", *FAST[at + 1:]]
-    main(["analyze", "--model", str(tiny_model_dir), "--data", str(data), "--out",
-          str(tmp_path / "out"), *args])
+    args = [*FAST[:at], "2", *FAST[at + 1 :]]
+    main(
+        [
+            "analyze",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "out"),
+            *args,
+        ]
+    )
     err = capsys.readouterr().err
     dropped = [line for line in err.splitlines() if "drops out" in line]
-    assert dropped and all(line.split("\x1b[A")[-1].strip().startswith(
-        "emolens: warning: label 'anger'") for line in dropped)
+    assert dropped and all(
+        line.split("\x1b[A")[-1].strip().startswith("emolens: warning: label 'anger'")
+        for line in dropped
+    )
     assert "warnings.warn" not in err and "DroppedLabelWarning" not in err
