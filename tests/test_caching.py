@@ -65,7 +65,7 @@ def test_changing_an_input_of_the_activations_recomputes_them(change, first_run,
         config = AnalysisConfig(**{**CONFIG.to_dict(), "layers": "0,1,-1"})
     elif change == "version":
         monkeypatch.setattr(emolens, "__version__", emolens.__version__ + ".post1")
-    analyze(model_copy, data, out, config, device="cpu", **kwargs)
+    analyze(model_copy, data, out, config, device="cpu", overwrite=True, **kwargs)
     assert _recomputed(out, before) == (True, True)
 
 
@@ -88,12 +88,12 @@ def test_changing_an_analysis_setting_reuses_activations_and_recomputes_the_step
         setting, first_run, model_copy, corpus):
     out, before = first_run
     config = AnalysisConfig(**{**CONFIG.to_dict(), setting[0]: setting[1]})
-    analyze(model_copy, corpus, out, config, device="cpu")
+    analyze(model_copy, corpus, out, config, device="cpu", overwrite=True)
     assert _recomputed(out, before) == (False, True)
 
 
 def test_changing_a_cross_step_setting_reuses_every_step(first_run, model_copy, corpus):
     out, before = first_run
     config = AnalysisConfig(**{**CONFIG.to_dict(), "n_boot": 50, "seed": 3})
-    analyze(model_copy, corpus, out, config, device="cpu")
+    analyze(model_copy, corpus, out, config, device="cpu", overwrite=True)
     assert _recomputed(out, before) == (False, False)

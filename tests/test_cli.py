@@ -93,9 +93,14 @@ def uninterrupted(fake_run_dir, tmp_path_factory):
     """The corpus file and the results of an uninterrupted run."""
     folder = tmp_path_factory.mktemp("uninterrupted")
     data = _write_corpus(folder / "corpus.tsv")
+    started = time.time()
     subprocess.run(_analyze_cmd(fake_run_dir, data, folder / "out"), check=True, env=ENV,
                    capture_output=True)
+    _DURATION["uninterrupted"] = time.time() - started
     return data, folder / "out"
+
+
+_DURATION: dict[str, float] = {}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
@@ -122,3 +127,34 @@ def test_a_killed_analysis_resumes_to_identical_results(sig, fake_run_dir, unint
     for name in ("sensitivity", "filtering", "steps", "attribution", "transfer", "dla"):
         assert (out / f"{name}.csv").read_bytes() == (reference / f"{name}.csv").read_bytes()
     assert sorted(pd.read_csv(out / "steps.csv").step) == [0, 2, 4]
+
+
+def test_three_kills_at_random_moments_resume_to_identical_csv_files(fake_run_dir, uninterrupted,
+                                                                     tmp_path):
+    """SIGKILL at three random moments of a run (each resumed from the last), then finish:
+    every CSV equals the uninterrupted run's, and no staging or lock is left behind."""
+    import random
+
+    data, reference = uninterrupted
+    out = tmp_path / "killed"
+    seed = int(time.time())
+    rng = random.Random(seed)
+    moments = []
+    for _ in range(3):
+        moment = rng.uniform(0.15, 0.85) * _DURATION["uninterrupted"]
+        proc = subprocess.Popen(_analyze_cmd(fake_run_dir, data, out), env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            proc.wait(timeout=moment)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        moments.append((round(moment, 2), proc.returncode))
+    done = subprocess.run(_analyze_cmd(fake_run_dir, data, out), env=ENV, capture_output=True)
+    assert done.returncode == 0, (seed, moments, done.stderr[-2000:])
+    assert any(code == -signal.SIGKILL for _, code in moments), (seed, moments)
+    for csv_file in sorted(reference.glob("*.csv")):
+        assert (out / csv_file.name).read_bytes() == csv_file.read_bytes(), (seed, moments,
+                                                                             csv_file.name)
+    assert not list(out.glob("steps/.*")) and not (out / "failed").exists()
+    assert not (out / ".emolens.lock").read_text().strip()

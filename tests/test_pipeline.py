@@ -59,7 +59,7 @@ def test_changed_settings_recompute(series_out, fake_run_dir, corpus, tmp_path):
     shutil.copytree(series_out, out)
     analyze(fake_run_dir, corpus, out, AnalysisConfig(**{**CONFIG.to_dict(),
                                                          "alphas": (0.0, 1.0)}),
-            device="cpu")
+            device="cpu", overwrite=True)
     sens = pd.read_csv(out / "sensitivity.csv")
     assert sorted(sens.alpha.unique()) == [0.0, 1.0]
 
@@ -208,7 +208,7 @@ def test_localisation_sweeps_windows_for_every_step(series_out, corpus, tmp_path
     out = tmp_path / "all-layers"
     shutil.copytree(series_out, out)
     analyze(json.loads((series_out / "manifest.json").read_text())["run_dir"], corpus, out,
-            config, device="cpu")
+            config, device="cpu", overwrite=True)
     table = localise(out, corpus, window=2, per_label=2, device="cpu")
     assert sorted(table.step.unique()) == [0, 2, 4]
     assert sorted(table.start_layer.unique()) == [0, 1, 2]

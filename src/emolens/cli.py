@@ -7,6 +7,7 @@ imported) only when that subcommand is used, so ``emolens --help`` answers at on
 import argparse
 import logging
 import sys
+import warnings
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -61,6 +62,12 @@ def _load_corpus(args, language: str | None = None):
     from emolens.data import load_corpus, read_corpus
 
     if args.text_column or args.label_column:
+        if args.data is None or str(args.data).split(":")[0] == "bundled":
+            flags = " and ".join(f for f, v in (("--text-column", args.text_column),
+                                                ("--label-column", args.label_column)) if v)
+            raise ValueError(f"{flags} name columns of a corpus file, but --data is "
+                             f"{args.data!r} (the bundled corpus, whose columns are fixed); "
+                             "drop them or give --data FILE")
         return read_corpus(args.data, text_column=args.text_column,
                            label_column=args.label_column)
     return load_corpus(args.data, language=args.language or language or "ja")
@@ -134,9 +141,21 @@ def _cmd_analyze(args) -> int:
     result = analyze(args.model, corpus, args.out, _analysis_config(args),
                      base=args.base, device=args.device, dtype=args.dtype,
                      device_map=args.device_map, shard=shard,
-                     override_prompt=args.override_prompt)
-    print(f"results in {result}")
-    return 0
+                     override_prompt=args.override_prompt, overwrite=args.overwrite)
+    return _finish(result, f"results in {result}")
+
+
+def _finish(results_dir, message: str) -> int:
+    """Print where the results are; exit 1 with one line if steps of the run failed."""
+    from emolens.pipeline import failure_summary
+
+    summary = failure_summary(results_dir)
+    if summary is None:
+        print(message)
+        return 0
+    print(f"{message} (incomplete)")
+    print(f"emolens: error: {summary}", file=sys.stderr)
+    return 1
 
 
 def _cmd_merge(args) -> int:
@@ -158,8 +177,7 @@ def _cmd_demo(args) -> int:
     from emolens.demo import run_demo
 
     path = run_demo(args.out, model=args.model, device=args.device)
-    print(f"report: {path}")
-    return 0
+    return _finish(path.parent, f"report: {path}")
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
@@ -206,6 +224,9 @@ def _analyze_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard", default=None,
                    help="i/n: analyse every n-th checkpoint from the i-th (merge with "
                    "'emolens merge')")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace results in --out that another model, data or settings made "
+                   "(without it such a re-run is refused)")
     p.set_defaults(func=_cmd_analyze)
 
 
@@ -289,6 +310,19 @@ def build_parser(command: str | None = None, *, lazy: bool = False
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """emolens' own warnings as one ``emolens: warning:`` line (no source line)."""
+    if category.__module__.split(".")[0] == "emolens":
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"emolens: warning: {message}", file=sys.stderr)  # above any progress bar
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
 def _command_of(argv: list[str]) -> str | None:
     """The subcommand named in ``argv`` (the first word that is not an option)."""
     return next((a for a in argv if not a.startswith("-")), None)
@@ -341,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level.get(args.verbose, logging.DEBUG),
                         format="emolens: %(message)s" if args.verbose < 2 else
                         "emolens: %(levelname)s %(name)s: %(message)s")
+    if not args.debug:
+        warnings.showwarning = _show_warning
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -350,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one readable line unless --debug
         if args.debug:
             raise
-        print(f"emolens: error: {exc}", file=sys.stderr)
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"emolens: error: {text}", file=sys.stderr)
         return 1
 
 

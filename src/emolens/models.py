@@ -51,28 +51,45 @@ def cache_dir() -> Path:
 
 
 def resolve_device(device: str = "auto") -> str:
-    """``auto`` picks cuda, then mps, then cpu."""
-    if device == "auto":
+    """``auto`` picks cuda, then mps, then cpu. Spelling is normalised (``CPU`` -> ``cpu``,
+    ``CUDA:1`` -> ``cuda:1``); an unknown device or one this machine lacks is an error."""
+    name = str(device).strip().lower()
+    if name == "auto":
         if torch.cuda.is_available():
             return "cuda"
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return "mps"
         return "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} asked for but CUDA is not available; "
+    match = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", name)
+    if match is None:
+        raise ModelLoadError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    kind, index = match.group(1), match.group(2)
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r} asked for but CUDA is not available; "
+                                 "use --device cpu or auto")
+        if index is not None and int(index) >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {device!r} does not exist: this machine has "
+                                 f"{torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None)
+                              and torch.backends.mps.is_available()):
+        raise ModelLoadError(f"device {device!r} asked for but MPS is not available; "
                              "use --device cpu or auto")
-    return device
+    if kind == "cpu":
+        return "cpu"
+    return name
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    """Default float32 on CPU and bfloat16 on GPU."""
+    """Default float32 on CPU and bfloat16 on GPU (``device`` is a resolved device)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype in (None, "auto"):
-        return torch.float32 if device == "cpu" else torch.bfloat16
+    name = None if dtype is None else str(dtype).strip().lower()
+    if name in (None, "auto"):
+        return torch.float32 if str(device).lower().startswith("cpu") else torch.bfloat16
     try:
         return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
     except KeyError:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
 
@@ -176,6 +193,77 @@ def resolve_model_dir(spec: str | Path) -> str:
         return spec  # a hub id
     raise ModelLoadError(f"cannot read model spec {spec!r}: give an alias "
                          f"({', '.join(ALIASES)}), a .gguf file, a local HF folder or a hub id")
+
+
+def model_depth(source: str) -> int | None:
+    """Number of blocks from a local folder's ``config.json`` (None if not known here)."""
+    config = Path(source) / "config.json"
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text(encoding="utf-8"))
+    for holder in (data, data.get("text_config") or {}):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(holder.get(key), int):
+                return int(holder[key])
+    return None
+
+
+def check_model_source(spec: str | Path, base: str | None = None) -> int | None:
+    """Check, without loading weights, that ``spec`` is a loadable model; return its depth.
+
+    Raises :class:`ModelLoadError` naming the problem: a missing or empty folder, an unreadable
+    ``config.json``, missing or truncated weight files, a LoRA adapter without a base model.
+    """
+    from safetensors import safe_open
+
+    source = resolve_model_dir(spec)
+    path = Path(source)
+    if not path.is_dir():
+        return None  # a hub id: checked when loaded
+    if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        try:
+            adapter = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"{path / 'adapter_config.json'} is not valid JSON ({exc}); "
+                                 "the adapter folder is damaged") from None
+        if not list(path.glob("adapter_model.*")):
+            raise ModelLoadError(f"{path} is a LoRA adapter without adapter_model weights; "
+                                 "is it half-written?")
+        base_spec = base or adapter.get("base_model_name_or_path")
+        if not base_spec:
+            raise ModelLoadError(f"{path} is a LoRA adapter with no base model recorded; "
+                                 "pass the base model (--base)")
+        return check_model_source(base_spec)
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path / 'config.json'} is not valid JSON ({exc}); point at a "
+                             "complete model folder") from None
+    if not isinstance(config, dict) or not (config.get("model_type") or
+                                            config.get("architectures")):
+        raise ModelLoadError(f"{path / 'config.json'} names no model_type or architectures: "
+                             "it is not a transformers model config")
+    weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model*.bin"))
+    if not weights:
+        raise ModelLoadError(f"{path} holds config.json but no model weights (*.safetensors or "
+                             "pytorch_model*.bin); is it half-written?")
+    for file in weights:
+        if file.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(file), "pt") as f:
+                keys = list(f.keys())
+                if keys:
+                    f.get_slice(keys[-1])
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelLoadError(f"weight file {file} cannot be read ({exc}); it is "
+                                 "truncated or not a safetensors file: re-copy the model"
+                                 ) from None
+    depth = model_depth(source)
+    if depth is None:
+        raise ModelLoadError(f"{path / 'config.json'} gives no number of layers "
+                             "(num_hidden_layers); is it a causal language model?")
+    return depth
 
 
 # --------------------------------------------------------------------------- loading
@@ -419,7 +507,12 @@ def read_eval_losses(run_dir: Path) -> dict[int, float]:
 
 def _base_of_run(run_dir: Path, checkpoint_dirs: list[Path]) -> str | None:
     if (run_dir / RUN_INFO).exists():
-        return json.loads((run_dir / RUN_INFO).read_text()).get("base_model")
+        try:
+            info = json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"{run_dir / RUN_INFO} is not valid JSON ({exc}); fix it or "
+                                 "pass the base model with --base") from None
+        return info.get("base_model") if isinstance(info, dict) else None
     for ckpt in checkpoint_dirs:
         if (ckpt / "adapter_config.json").exists():
             return json.loads((ckpt / "adapter_config.json").read_text()).get(

@@ -9,7 +9,10 @@ step folders at the end of every run.
 
 import argparse
 import gc
+import json
 import logging
+import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
@@ -52,7 +55,15 @@ from emolens.labels import (
     PromptSpec,
     PromptTemplate,
 )
-from emolens.models import Checkpoint, CheckpointSeries, discover_series, is_run_dir
+from emolens.models import (
+    Checkpoint,
+    CheckpointSeries,
+    check_model_source,
+    discover_series,
+    is_run_dir,
+    resolve_device,
+    resolve_dtype,
+)
 from emolens.steering import (
     SteeringEffect,
     final_layer_sensitivity,
@@ -100,6 +111,11 @@ class AnalysisConfig:
                              "finite numbers")
         if self.n_prompts < 1 or self.batch_size < 1 or self.min_count < 1:
             raise ValueError("n_prompts, batch_size and min_count must be at least 1")
+        if self.n_boot < 1:
+            raise ValueError(f"--n-boot {self.n_boot} would leave every confidence interval "
+                             "empty; give at least 1 (200 is the default)")
+        if self.dla_per_label < 0:
+            raise ValueError("--dla-per-label must be 0 (no attribution) or more")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,6 +222,91 @@ def step_dir(out: Path, step: int) -> Path:
     return out / "steps" / f"step-{step:06d}"
 
 
+def _staging_dir(out: Path, step: int) -> Path:
+    """Where a step's new files are written; swapped onto :func:`step_dir` only on success."""
+    return out / "steps" / f".step-{step:06d}.staging"
+
+
+def failed_dir(out: Path, step: int) -> Path:
+    """What a failed step left: its error, filtering counts and activations (reused later)."""
+    return out / "failed" / f"step-{step:06d}"
+
+
+ACTIVATION_FILES = ("activations.safetensors", "activations.json", "label_audit.json",
+                    "activations.key")
+LAST_RUN_FILE = "last_run.json"
+
+
+def _recover_steps(out: Path) -> None:
+    """Undo what an interrupted run left (called with the folder's lock held): staging folders
+    are dropped, a swap cut between its two renames is completed or rolled back."""
+    steps = out / "steps"
+    if not steps.is_dir():
+        return
+    for stage in steps.glob(".step-*.staging"):
+        shutil.rmtree(stage, ignore_errors=True)
+    for old in steps.glob(".step-*.old"):
+        final = steps / old.name[1:-len(".old")]
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(final)
+
+
+def _commit_step(stage: Path, final: Path) -> None:
+    """Swap a finished staging folder onto the step folder (two renames, then clean up)."""
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    stage.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)  # files are replaced by rename, never written in place
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _resolved(spec: str) -> str:
+    """A local path made absolute (so ``./run`` and ``/abs/run`` are one cache key)."""
+    path = Path(str(spec)).expanduser()
+    return str(path.resolve()) if path.exists() else str(spec)
+
+
+def _step_problem(folder: Path, key: str) -> str | None:
+    """Why the step in ``folder`` cannot be reused (None: finished with ``key`` and intact).
+
+    A problem that means damage (an unreadable ``done.json``, a missing or resized file) is
+    logged as a warning naming the file; the step is then recomputed."""
+    marker = folder / "done.json"
+    if not marker.exists():
+        return "not finished"
+    try:
+        info = results.read_json(marker)
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, OSError) as exc:
+        log.warning("%s is unreadable (%s); recomputing step %s", marker, exc,
+                    folder.name.split("-")[-1])
+        return f"unreadable {marker}"
+    if info.get("key") != key:
+        return "made with other inputs"
+    for name, size in (info.get("files") or {}).items():
+        path = folder / name
+        actual = path.stat().st_size if path.exists() else None
+        if actual != size:
+            found = "is missing" if actual is None else f"has {actual} bytes, not {size}"
+            log.warning("%s %s (damaged after it was written); recomputing step %s", path,
+                        found, info.get("step"))
+            return f"{path} {found}"
+    return None
+
+
 def choose_prompts(corpus: Corpus, labels: LabelSet, n: int, seed: int) -> list[int]:
     """Indices of ``n`` neutral samples drawn once with ``seed`` (the steered prompts)."""
     neutral = [i for i, s in enumerate(corpus.samples) if s.label == labels.neutral.en]
@@ -258,6 +359,11 @@ def _series_of(model_spec, base: str | None) -> CheckpointSeries:
         return model_spec
     if is_run_dir(model_spec):
         return discover_series(model_spec, base=base)
+    if (Path(str(model_spec)).expanduser() / "adapter_config.json").exists() and not (
+            Path(str(model_spec)).expanduser() / "config.json").exists():
+        # one LoRA adapter: loaded over --base (or the base its adapter_config records)
+        return CheckpointSeries(run_dir="", base=base or "",
+                                checkpoints=(Checkpoint(0, str(model_spec), "lora"),))
     return CheckpointSeries(run_dir="", base=str(model_spec),
                             checkpoints=(Checkpoint(0, str(model_spec), "base"),))
 
@@ -265,7 +371,8 @@ def _series_of(model_spec, base: str | None) -> CheckpointSeries:
 def _activation_key(ctx: _Context, ckpt: Checkpoint) -> str:
     """What the activations depend on: weights, data, prompt, labels, layers, code version."""
     c = ctx.config
-    return results.stable_hash({**ctx.base_key, "checkpoint": [ckpt.step, ckpt.spec, ckpt.kind],
+    return results.stable_hash({**ctx.base_key,
+                                "checkpoint": [ckpt.step, _resolved(ckpt.spec), ckpt.kind],
                                 "weights": _fingerprint(ckpt.spec), "layers": c.layers,
                                 "chat": c.chat, "allow_shared": c.allow_shared_tokens,
                                 "language": c.language})
@@ -288,33 +395,93 @@ def collected_layers(layers: str, n_layers: int) -> list[int]:
     return sorted(set(hooks.check_layers(layers, n_layers)) | {n_layers - 1})
 
 
-def _collect(ctx: _Context, model, ckpt: Checkpoint) -> tuple[Activations, dict]:
-    """Activations of every corpus sample at the configured layers (cached per step)."""
+def _cached_activations(ctx: _Context, ckpt: Checkpoint, key: str, stage: Path):
+    """Activations with ``key`` from the step folder or a failed attempt's folder, linked into
+    ``stage``; None if there are none or they do not load (then with a warning)."""
+    for folder in (step_dir(ctx.out, ckpt.step), failed_dir(ctx.out, ckpt.step)):
+        marker = folder / "activations.key"
+        try:
+            if not marker.exists() or marker.read_text() != key:
+                continue
+            acts = Activations.load(folder)
+            audit = results.read_json(folder / "label_audit.json")
+        except Exception as exc:  # any damage: recompute
+            log.warning("cached activations in %s do not load (%s: %s); recomputing them",
+                        folder, type(exc).__name__, exc)
+            continue
+        stage.mkdir(parents=True, exist_ok=True)
+        for name in ACTIVATION_FILES:
+            if not (stage / name).exists():
+                _link_or_copy(folder / name, stage / name)
+        return acts, audit
+    return None
+
+
+def _check_context(model, ids: list[list[int]], sample_ids) -> None:
+    """Refuse prompts longer than the model's context (positions past it are meaningless)."""
+    config = model.hf_model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(
+        getattr(config, "text_config", None), "max_position_embeddings", None)
+    if not limit:
+        return
+    long = [i for i, row in enumerate(ids) if len(row) > limit]
+    if long:
+        longest = max(len(ids[i]) for i in long)
+        shown = ", ".join(str(sample_ids[i]) for i in long[:10]) + (
+            f" and {len(long) - 10} more" if len(long) > 10 else "")
+        raise ValueError(f"{len(long)} prompt(s) are longer than the model's context of {limit} "
+                         f"tokens (longest {longest}): samples {shown}; shorten or remove "
+                         "those texts from the corpus")
+
+
+def _collect(ctx: _Context, model, ckpt: Checkpoint, stage: Path) -> tuple[Activations, dict]:
+    """Activations of every corpus sample at the configured layers, written into ``stage``
+    (reused from an earlier run when their key matches)."""
     key = _activation_key(ctx, ckpt)
-    folder = step_dir(ctx.out, ckpt.step)
-    marker = folder / "activations.key"
-    if marker.exists() and marker.read_text() == key:
-        return Activations.load(folder), results.read_json(folder / "label_audit.json")
+    cached = _cached_activations(ctx, ckpt, key, stage)
+    if cached is not None:
+        return cached
     audit = ctx.prompt.label_tokens(model.tokenizer, allow_shared=ctx.config.allow_shared_tokens)
     layers = collected_layers(ctx.config.layers, model.n_layers)
+    ids = ctx.prompt.encode(model.tokenizer, ctx.corpus.texts())
+    _check_context(model, ids, ctx.corpus.ids())
     acts = collect_activations(
-        model, ctx.prompt.encode(model.tokenizer, ctx.corpus.texts()), audit.ids, layers,
+        model, ids, audit.ids, layers,
         gold=ctx.corpus.label_indices(ctx.labels), sample_ids=ctx.corpus.ids(),
         label_names=tuple(ctx.labels.names("en")), batch_size=ctx.config.batch_size,
         meta={"step": ckpt.step})
-    acts.save(folder)
-    results.write_json(folder / "label_audit.json", audit.to_dict())
-    results.write_text(marker, key)
+    acts.save(stage)
+    results.write_json(stage / "label_audit.json", audit.to_dict())
+    results.write_text(stage / "activations.key", key)
     return acts, audit.to_dict()
 
 
+def _filtering_frame(ctx: _Context, ckpt: Checkpoint, acts: Activations, vec_keep,
+                     dropped) -> pd.DataFrame:
+    """Samples, correct answers and kept samples per label: written first, so that a step
+    that fails (e.g. no neutral sample kept) still says why."""
+    counts = count_kept(acts.gold, vec_keep, len(ctx.labels))
+    n_per_label = torch.bincount(acts.gold[acts.gold >= 0], minlength=len(ctx.labels))
+    correct = count_kept(acts.gold, acts.correct, len(ctx.labels))
+    return pd.DataFrame({
+        "step": ckpt.step, "label": ctx.labels.names("en"), "label_ja": ctx.labels.names("ja"),
+        "n_samples": n_per_label.numpy(), "n_correct": correct.numpy(), "n_kept": counts.numpy(),
+        "dropped": [n in dropped for n in ctx.labels.names("en")],
+        "filter_mode": ctx.config.filter_mode})
+
+
 def _vectors_and_sensitivity(ctx: _Context, model, ckpt: Checkpoint, acts: Activations,
-                             keep: torch.Tensor, audit: dict, key: str) -> None:
-    """Filter, build vectors, steer the neutral prompts at each steer layer, write the step."""
-    cfg, folder = ctx.config, step_dir(ctx.out, ckpt.step)
+                             keep: torch.Tensor, audit: dict, key: str, folder: Path) -> None:
+    """Filter, build vectors, steer the neutral prompts at each steer layer, write the step
+    into ``folder`` (its staging folder), ``done.json`` last."""
+    cfg = ctx.config
     is_prompt = torch.zeros(acts.n_samples, dtype=torch.bool)
     is_prompt[ctx.prompt_index] = True
     vec_keep = keep & ~is_prompt  # the steered prompts never feed the vectors
+    counts = count_kept(acts.gold, vec_keep, len(ctx.labels))
+    too_few = [e.en for j, e in enumerate(ctx.labels) if int(counts[j]) < cfg.min_count]
+    results.write_csv(folder / "filtering.csv", _filtering_frame(ctx, ckpt, acts, vec_keep,
+                                                                 too_few))
     vectors = concept_vectors(acts, vec_keep, ctx.labels, cfg.min_count)
     vectors.save(folder)
     results.save_tensors(folder / KEEP_FILE, {"keep": vec_keep.to(torch.uint8)})
@@ -348,21 +515,16 @@ def _vectors_and_sensitivity(ctx: _Context, model, ckpt: Checkpoint, acts: Activ
         frames.append(effect_frame(effect, step=ckpt.step, alpha_unit=cfg.alpha_unit))
     results.write_csv(folder / "sensitivity.csv", pd.concat(frames, ignore_index=True))
     readout_problem = _explain_step(ctx, model, ckpt, acts, label_ids, folder)
-    counts = count_kept(acts.gold, vec_keep, len(ctx.labels))
-    n_per_label = torch.bincount(acts.gold[acts.gold >= 0], minlength=len(ctx.labels))
-    correct = count_kept(acts.gold, acts.correct, len(ctx.labels))
-    filtering = pd.DataFrame({
-        "step": ckpt.step, "label": ctx.labels.names("en"), "label_ja": ctx.labels.names("ja"),
-        "n_samples": n_per_label.numpy(), "n_correct": correct.numpy(), "n_kept": counts.numpy(),
-        "dropped": [n in vectors.dropped for n in ctx.labels.names("en")],
-        "filter_mode": cfg.filter_mode})
-    results.write_csv(folder / "filtering.csv", filtering)
+    results.write_csv(folder / "filtering.csv", _filtering_frame(ctx, ckpt, acts, vec_keep,
+                                                                 vectors.dropped))
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir())
+             if p.is_file() and not p.name.startswith(".") and p.name != "done.json"}
     results.write_json(folder / "done.json", {
         "key": key, "step": ckpt.step, "checkpoint": asdict(ckpt),
         "weights_hash": model.weights_hash, "model": model.describe(),
         "accuracy": float(acts.correct.float().mean()), "n_samples": acts.n_samples,
         "dropped": list(vectors.dropped), "numerics": acts.meta.get("numerics"),
-        "readout_dtype": acts.meta.get("readout_dtype"), **readout_problem})
+        "readout_dtype": acts.meta.get("readout_dtype"), "files": files, **readout_problem})
 
 
 def _base_activations(ctx: _Context, checkpoints: list[Checkpoint]) -> Activations | None:
@@ -455,16 +617,143 @@ def _loaded(series: CheckpointSeries, ckpt: Checkpoint, load_kwargs: dict):
             torch.cuda.empty_cache()
 
 
-def _is_done(ctx: _Context, ckpt: Checkpoint, key: str) -> bool:
-    marker = step_dir(ctx.out, ckpt.step) / "done.json"
-    return marker.exists() and results.read_json(marker).get("key") == key
+class IdentityMismatch(ValueError):
+    """A results folder holds an analysis of another model, data or settings."""
+
+
+def _identity(series: CheckpointSeries, corpus: Corpus, prompt: PromptSpec,
+              config: AnalysisConfig, dtype, shard, steps) -> dict:
+    """What a results folder holds results of: a re-run into it must agree on all of it."""
+    return {"model": {"run_dir": _resolved(series.run_dir) if series.run_dir else None,
+                      "base": _resolved(series.base),
+                      "checkpoints": [[c.step, _resolved(c.spec), c.kind]
+                                      for c in series.checkpoints]},
+            "data": corpus.sha256, "labels": prompt.labels.to_dict(),
+            "template": prompt.template.to_dict(), "prompt": prompt.to_dict(),
+            "settings": json.loads(json.dumps(config.to_dict())), "dtype": str(dtype),
+            "shard": list(shard) if shard else None,
+            "steps": sorted(steps) if steps is not None else None}
+
+
+def _short(value, width: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def identity_differences(old: dict, new: dict) -> list[str]:
+    """Readable differences between two identities, e.g. ``settings.alphas [0, 2] -> [0, 1]``."""
+    out = []
+    for key in new:
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict) and key in ("settings", "model"):
+            out += [f"{key}.{k} {_short(a.get(k))} -> {_short(b.get(k))}"
+                    for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif key == "data":
+            out.append(f"data sha256 {str(a)[:12]} -> {str(b)[:12]}")
+        else:
+            out.append(f"{key} {_short(a)} -> {_short(b)}")
+    return out
+
+
+def _check_identity(out: Path, identity: dict, overwrite: bool) -> dict:
+    """The folder's earlier manifest ({} if none); refuse a different analysis unless
+    ``overwrite``."""
+    manifest_path = out / "manifest.json"
+    if not manifest_path.exists():
+        return {}
+    try:
+        previous = results.read_json(manifest_path)
+    except (ValueError, OSError) as exc:
+        if not overwrite:
+            raise IdentityMismatch(f"{manifest_path} is unreadable ({exc}), so what {out} "
+                                   "holds is unknown; use another --out, or --overwrite to "
+                                   "replace it") from None
+        return {}
+    old = previous.get("identity")
+    if old == identity or overwrite:
+        return previous
+    differences = (identity_differences(old, identity) if isinstance(old, dict)
+                   else ["it records no identity (an older emolens wrote it)"])
+    shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more"
+                                          if len(differences) > 4 else "")
+    raise IdentityMismatch(f"{out} holds results of another analysis ({shown}); use another "
+                           "--out, or --overwrite to replace those results")
+
+
+def validate_inputs(series: CheckpointSeries, corpus: Corpus, labels: LabelSet,
+                    config: AnalysisConfig, *, device: str, dtype, device_map,
+                    base: str | None) -> tuple[str, "torch.dtype"]:
+    """Check everything that can be checked before a step runs; return the resolved device
+    and dtype. Raises with one line naming the problem and the fix."""
+    dev = "cpu" if device_map is not None else resolve_device(device)
+    resolved_dtype = resolve_dtype(dtype, "cuda" if device_map is not None else dev)
+    first = series.checkpoints[0]
+    if series.run_dir and series.problems and not any(c.step > 0 for c in series.checkpoints):
+        problems = "; ".join(series.problems)
+        raise ValueError(f"no checkpoint of {series.run_dir} is usable ({problems}); only the "
+                         "base model would be analysed: finish or re-save them")
+    if base is not None and not series.run_dir and first.kind != "lora":
+        raise ValueError(f"--base applies to a run folder or a LoRA adapter, but "
+                         f"{first.spec} is a full model; drop --base")
+    depth = check_model_source(first.spec, base=series.base if first.kind == "lora" else base)
+    for flag, value in (("--layers", config.layers), ("--steer-layers", config.steer_layers)):
+        if not str(value).replace(",", "").strip():
+            raise ValueError(f"{flag} {value!r} names no layer; give 'all' or e.g. 6,12,-1")
+    if depth is not None:
+        layers = hooks.check_layers(config.layers, depth)
+        steer = hooks.check_layers(config.steer_layers, depth)
+        missing = [s for s in steer if s not in layers]
+        if missing:
+            raise ValueError(f"--steer-layers {config.steer_layers} names layer(s) {missing} "
+                             f"that --layers {config.layers} does not collect; add them to "
+                             "--layers")
+    gold = corpus.label_indices(labels)
+    counts = np.bincount([g for g in gold if g >= 0], minlength=len(labels))
+    n_neutral = int(counts[labels.neutral_index])
+    if n_neutral < config.n_prompts:
+        raise ValueError(f"the corpus has {n_neutral} neutral ({labels.neutral.en}) samples, "
+                         f"fewer than the --n-prompts {config.n_prompts} prompts to steer; "
+                         "lower --n-prompts or use a corpus with more neutral samples")
+    counts[labels.neutral_index] -= config.n_prompts  # the steered prompts feed no vector
+    if counts[labels.neutral_index] < config.min_count:
+        raise ValueError(f"the corpus has {counts[labels.neutral_index]} neutral samples besides "
+                         f"the {config.n_prompts} steered prompts, fewer than --min-count "
+                         f"{config.min_count}: no concept vector can be formed; lower "
+                         "--min-count or --n-prompts, or use a corpus with more neutral samples")
+    emotions = [j for j in range(len(labels)) if j != labels.neutral_index]
+    if not any(counts[j] >= config.min_count for j in emotions):
+        raise ValueError(f"no emotion label has --min-count {config.min_count} samples in the "
+                         f"corpus (largest {max(counts[j] for j in emotions)}): every label "
+                         "would drop out; lower --min-count")
+    return dev, resolved_dtype
+
+
+def failure_summary(out: str | Path) -> str | None:
+    """One line on the steps that failed in the latest run on ``out`` (None if none)."""
+    path = Path(out) / LAST_RUN_FILE
+    if not path.exists():
+        return None
+    failures = results.read_json(path).get("failures") or []
+    if not failures:
+        return None
+    first = failures[0]
+    error = " ".join(str(first["error"]).split())
+    if len(error) > 200:
+        error = error[:197] + "..."
+    steps = ", ".join(str(f["step"]) for f in failures)
+    return (f"{len(failures)} step(s) failed (step {steps}); step {first['step']}: {error}. "
+            f"Finished steps are kept; details in {Path(out) / LAST_RUN_FILE} and "
+            f"{Path(out) / 'failed'}/")
 
 
 def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
             config: AnalysisConfig = AnalysisConfig(), *, labels: LabelSet | None = None,
             base: str | None = None, device: str = "auto", dtype=None,
             device_map=None, steps: list[int] | None = None,
-            shard: tuple[int, int] | None = None, override_prompt: bool = False) -> Path:
+            shard: tuple[int, int] | None = None, override_prompt: bool = False,
+            overwrite: bool = False) -> Path:
     """Run the study over a checkpoint series (a run folder) or one model; returns ``out``.
 
     The prompt is the one the run was fine-tuned with (``RUN/prompt.json``); ``config.language``,
@@ -472,10 +761,15 @@ def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
     with :class:`emolens.labels.PromptMismatchError` unless ``override_prompt`` (the manifest
     records the prompt used and the override).
 
-    Re-running with the same inputs skips finished steps. A checkpoint that fails (to load, or
-    with non-finite activations, ...) is recorded in the manifest's ``failures`` and the others
-    still run. ``shard=(i, n)`` analyses every n-th checkpoint from the i-th, for splitting a
-    series between processes; :func:`merge` combines the shards' folders.
+    Inputs are validated before any step runs (model, layers, dtype, device, label counts).
+    Re-running with the same inputs skips finished steps; a results folder that holds another
+    analysis (model, data, settings) is refused unless ``overwrite``. A checkpoint that fails
+    (to load, or with non-finite activations, ...) is recorded in ``OUT/last_run.json`` (and
+    the manifest) with what explains it under ``OUT/failed/step-N/``, and the others still
+    run: see :func:`failure_summary`. Each step is written to a staging folder and swapped in
+    only when finished, so a failed or killed run never damages a finished step. One process
+    at a time holds ``OUT`` (a lock file). ``shard=(i, n)`` analyses every n-th checkpoint
+    from the i-th, for splitting a series between processes; :func:`merge` combines them.
     """
     if shard is not None:
         i, n = shard
@@ -485,7 +779,8 @@ def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
             raise ValueError(f"filter mode {config.filter_mode!r} needs other checkpoints' "
                              "results, so it cannot be sharded; use --filter-mode self")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; give a folder")
     series = _series_of(model_spec, base)
     prompt, prompt_record = resolve_prompt(
         recorded_prompt(series), config.language, config.chat, labels,
@@ -496,7 +791,25 @@ def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
     if not checkpoints:
         raise ValueError(f"no checkpoints to analyse (asked for steps {steps}, "
                          f"found {series.steps})")
+    for problem in series.problems:
+        log.warning("checkpoint left out: %s", problem)
+    device, dtype = validate_inputs(series, corpus, labels, config, device=device, dtype=dtype,
+                                    device_map=device_map, base=base)
     prompt_index = choose_prompts(corpus, labels, config.n_prompts, config.prompt_seed)
+    identity = _identity(series, corpus, prompt, config, dtype, shard, steps)
+    with results.folder_lock(out, "analyze"):
+        previous = _check_identity(out, identity, overwrite)
+        _recover_steps(out)
+        return _analyze_locked(out, series, checkpoints, corpus, prompt, prompt_record, config,
+                               prompt_index, identity, previous, overwrite=overwrite,
+                               model_spec=model_spec,
+                               device=device, dtype=dtype, device_map=device_map, shard=shard)
+
+
+def _analyze_locked(out, series, checkpoints, corpus, prompt, prompt_record, config,
+                    prompt_index, identity, previous, *, overwrite, model_spec, device, dtype,
+                    device_map, shard):
+    labels = prompt.labels
     base_key = {"emolens": emolens.__version__, "data": corpus.sha256,
                 "labels": labels.to_dict(), "template": prompt.template.to_dict(),
                 "prompt": prompt.to_dict(), "dtype": str(dtype),
@@ -504,43 +817,86 @@ def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
     ctx = _Context(out, corpus, prompt, config, prompt_index,
                    {"device": device, "dtype": dtype, "device_map": device_map}, base_key)
     started = time.time()
-    manifest_path = out / "manifest.json"
-    previous = results.read_json(manifest_path) if manifest_path.exists() else {}
-    failures: list[dict] = []
-    pending: list[tuple[Checkpoint, str]] = []
     mine = checkpoints if shard is None else checkpoints[shard[0]::shard[1]]
+    if overwrite:  # steps of another series must not linger beside this one's
+        keep_names = {step_dir(out, c.step).name for c in mine}
+        for folder in (out / "steps").glob("step-*"):
+            if folder.name not in keep_names:
+                shutil.rmtree(folder)
+    failures: list[dict] = []
+    pending: list[tuple[Checkpoint, str, Path]] = []
+
+    def fail(ckpt: Checkpoint, exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        log.warning("step %s (%s) failed: %s", ckpt.step, ckpt.spec, " ".join(error.split()))
+        failures.append({"step": ckpt.step, "spec": ckpt.spec, "error": error})
+        stage, target = _staging_dir(out, ckpt.step), failed_dir(out, ckpt.step)
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if stage.exists():
+            stage.rename(target)
+        results.write_json(target / "error.json", failures[-1])
+
+    keys = {c.step: _step_key(ctx, c) for c in mine}
     for ckpt in tqdm(mine, desc="checkpoints", unit="ckpt"):
-        key = _step_key(ctx, ckpt)
-        if _is_done(ctx, ckpt, key):
+        key = keys[ckpt.step]
+        if _step_problem(step_dir(out, ckpt.step), key) is None:
             continue
+        stage = _staging_dir(out, ckpt.step)
+        if stage.exists():
+            shutil.rmtree(stage)
+        stage.mkdir(parents=True)
         try:
             with _loaded(series, ckpt, ctx.load_kwargs) as model:
-                acts, audit = _collect(ctx, model, ckpt)
+                acts, audit = _collect(ctx, model, ckpt, stage)
                 if config.filter_mode == "all":
-                    pending.append((ckpt, key))
+                    pending.append((ckpt, key, stage))
                     continue
                 keep = _keep(ctx, acts, checkpoints, is_base=ckpt is checkpoints[0])
-                _vectors_and_sensitivity(ctx, model, ckpt, acts, keep, audit, key)
+                _vectors_and_sensitivity(ctx, model, ckpt, acts, keep, audit, key, stage)
+            _commit_step(stage, step_dir(out, ckpt.step))
+            shutil.rmtree(failed_dir(out, ckpt.step), ignore_errors=True)
         except Exception as exc:  # one broken checkpoint must not stop the series
-            log.warning("step %s (%s) failed: %s", ckpt.step, ckpt.spec, exc)
-            failures.append({"step": ckpt.step, "spec": ckpt.spec,
-                             "error": f"{type(exc).__name__}: {exc}"})
+            fail(ckpt, exc)
     if pending:  # filter mode "all": correctness of every step is known only now
-        masks = [Activations.load(step_dir(out, c.step)).correct for c in checkpoints
-                 if (step_dir(out, c.step) / "activations.key").exists()]
-        for ckpt, key in tqdm(pending, desc="steering (filter: all)", unit="ckpt"):
-            with _loaded(series, ckpt, ctx.load_kwargs) as model:
-                acts, audit = _collect(ctx, model, ckpt)
-                keep = keep_mask("all", acts, all_steps=masks)
-                _vectors_and_sensitivity(ctx, model, ckpt, acts, keep, audit, key)
+        staged = {c.step: stage for c, _, stage in pending}
+        masks = []
+        for c in checkpoints:
+            folder = staged.get(c.step, step_dir(out, c.step))
+            marker = folder / "activations.key"
+            if marker.exists() and marker.read_text() == _activation_key(ctx, c):
+                masks.append(Activations.load(folder).correct)
+        for ckpt, key, stage in tqdm(pending, desc="steering (filter: all)", unit="ckpt"):
+            try:
+                with _loaded(series, ckpt, ctx.load_kwargs) as model:
+                    acts, audit = _collect(ctx, model, ckpt, stage)
+                    keep = keep_mask("all", acts, all_steps=masks)
+                    _vectors_and_sensitivity(ctx, model, ckpt, acts, keep, audit, key, stage)
+                _commit_step(stage, step_dir(out, ckpt.step))
+                shutil.rmtree(failed_dir(out, ckpt.step), ignore_errors=True)
+            except Exception as exc:
+                fail(ckpt, exc)
+    finished = [step_dir(out, c.step) for c in mine
+                if _step_problem(step_dir(out, c.step), keys[c.step]) is None]
+    steps_done = [c.step for c in mine if step_dir(out, c.step) in finished]
+    results.write_json(out / LAST_RUN_FILE, {
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps_done": steps_done,
+        "failures": failures, "series_problems": list(series.problems),
+        "identity": identity, "seconds": round(time.time() - started, 1)})
+    if failures and previous and not overwrite:
+        # the folder's tables and manifest describe its finished results: a failed re-run
+        # leaves them as they are (its failures are in last_run.json)
+        return out
     tables = combine_steps(out, prompt_ids=[corpus.samples[i].id for i in prompt_index],
-                           labels=tuple(labels.names("en")), config=config)
+                           labels=tuple(labels.names("en")), config=config, folders=finished)
+    first_audit = next((d / "label_audit.json" for d in finished
+                        if (d / "label_audit.json").exists()), None)
     failed = {f["step"] for f in failures}
     failures += [f for f in readout_failures(out) if f["step"] not in failed]
-    first_audit = next(iter(sorted((out / "steps").glob("step-*/label_audit.json"))), None)
     if first_audit is not None:
         results.write_json(out / "label_audit.json", results.read_json(first_audit))
-    results.write_json(manifest_path, {
+    results.write_json(out / "manifest.json", {
         "emolens": emolens.__version__, "versions": results.versions(),
         "created": previous.get("created", time.strftime("%Y-%m-%dT%H:%M:%S")),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -553,6 +909,7 @@ def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
         "prompt_override": prompt_record["override"],
         "settings": config.to_dict(),
         "load": {"device": device, "dtype": str(dtype), "device_map": device_map},
+        "identity": identity,
         "steered_prompts": [corpus.samples[i].id for i in prompt_index],
         "hook_names": {"vectors": "blocks.{layer}.hook_resid_post (answer position)",
                        "steering": "blocks.{layer}.hook_resid_post"},
@@ -570,10 +927,13 @@ def analyze(model_spec, corpus: Corpus, out_dir: str | Path,
 
 
 def combine_steps(out: Path, prompt_ids: list[str], labels: tuple[str, ...],
-                  config: AnalysisConfig) -> dict[str, pd.DataFrame]:
-    """Rebuild the top-level tables from the finished step folders (the cross-step ones,
-    attribution, transfer, geometry, probes, random baseline, need only what is on disk)."""
-    done = sorted(p.parent for p in (out / "steps").glob("step-*/done.json"))
+                  config: AnalysisConfig, folders: list[Path] | None = None
+                  ) -> dict[str, pd.DataFrame]:
+    """Rebuild the top-level tables from the finished step folders (``folders``, default every
+    one with a ``done.json``; the cross-step ones, attribution, transfer, geometry, probes,
+    random baseline, need only what is on disk)."""
+    done = sorted(folders) if folders is not None else sorted(
+        p.parent for p in (out / "steps").glob("step-*/done.json"))
     sens = [pd.read_csv(d / "sensitivity.csv") for d in done]
     filt = [pd.read_csv(d / "filtering.csv") for d in done]
     rows = []
@@ -637,46 +997,63 @@ CROSS_STEP_TABLES = ("attribution", "transfer", "random_baseline", "geometry", "
 def merge(shard_dirs: list[str | Path], out_dir: str | Path) -> Path:
     """Combine the result folders of ``analyze(..., shard=(i, n))`` runs into ``out_dir``.
 
-    The shards must agree on data, labels, prompt and settings; the merged tables equal those
-    of a single run over the whole series.
+    The shards must agree on model, data, labels, prompt, dtype and settings, and ``out_dir``
+    must be new or empty; the merged tables equal those of a single run over the whole series.
     """
-    import shutil
-
     out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not empty; merge into a new folder")
     manifests = []
     for d in map(Path, shard_dirs):
-        if not (d / "manifest.json").exists():
-            raise ValueError(f"{d} holds no manifest.json: is it an emolens analyze folder?")
-        manifests.append(results.read_json(d / "manifest.json"))
-    same = ("data", "labels", "template", "prompt", "settings", "steered_prompts")
+        try:
+            manifests.append(results.read_json(d / "manifest.json"))
+        except FileNotFoundError:
+            raise ValueError(f"{d} holds no manifest.json: is it an emolens analyze "
+                             "folder?") from None
+        except ValueError as exc:
+            raise ValueError(f"{d / 'manifest.json'} is unreadable ({exc})") from None
+    if len({str(Path(d).resolve()) for d in shard_dirs}) != len(shard_dirs):
+        raise ValueError("a shard folder is named twice; give each once")
+    for d, m in zip(shard_dirs, manifests):
+        if not isinstance(m.get("identity"), dict):
+            raise ValueError(f"{d}/manifest.json records no identity (an older emolens wrote "
+                             "it); re-run that shard with this version")
+    ref = {k: v for k, v in manifests[0]["identity"].items() if k != "shard"}
     for d, m in zip(shard_dirs[1:], manifests[1:]):
-        differ = [k for k in same if m.get(k) != manifests[0].get(k)]
+        other = {k: v for k, v in m["identity"].items() if k != "shard"}
+        differ = identity_differences(ref, other)
+        if m.get("steered_prompts") != manifests[0].get("steered_prompts"):
+            differ.append("steered prompts")
         if differ:
-            raise ValueError(f"{d} was run with other {', '.join(differ)} than {shard_dirs[0]}; "
-                             "only shards of one analysis can be merged")
-    for d in map(Path, shard_dirs):
-        for step in sorted((d / "steps").glob("step-*")):
-            target = out / "steps" / step.name
-            if step.resolve() == target.resolve() or not (step / "done.json").exists():
-                continue
-            if target.exists():
-                shutil.rmtree(target)
-            shutil.copytree(step, target)
-    first = manifests[0]
-    settings = {**first["settings"], "alphas": tuple(first["settings"]["alphas"])}
-    tables = combine_steps(out, prompt_ids=first["steered_prompts"],
-                           labels=tuple(e["en"] for e in first["labels"]["emotions"]),
-                           config=AnalysisConfig(**settings))
-    audit = next(iter(sorted((out / "steps").glob("step-*/label_audit.json"))), None)
-    if audit is not None:
-        results.write_json(out / "label_audit.json", results.read_json(audit))
-    done = sorted(int(x) for x in tables["steps"]["step"]) if len(tables["steps"]) else []
-    results.write_json(out / "manifest.json", {
-        **first, "shard": None, "merged_from": [str(d) for d in shard_dirs],
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps_done": done,
-        "final_layer_tables": final_layer_record(out),
-        "failures": [f for m in manifests for f in m.get("failures", [])
-                     if f["step"] not in done] + readout_failures(out)})
+            raise ValueError(f"{d} is not a shard of the analysis in {shard_dirs[0]} "
+                             f"({'; '.join(differ[:4])}); only shards of one analysis merge")
+    with results.folder_lock(out, "merge"):
+        for d in map(Path, shard_dirs):
+            for step in sorted((d / "steps").glob("step-*")):
+                if not (step / "done.json").exists():
+                    continue
+                target = out / "steps" / step.name
+                if target.exists():
+                    raise ValueError(f"step {step.name} is in more than one shard "
+                                     f"({step.parent.parent} and another); merge shards of "
+                                     "one --shard i/n split")
+                shutil.copytree(step, target)
+        first = manifests[0]
+        settings = {**first["settings"], "alphas": tuple(first["settings"]["alphas"])}
+        tables = combine_steps(out, prompt_ids=first["steered_prompts"],
+                               labels=tuple(e["en"] for e in first["labels"]["emotions"]),
+                               config=AnalysisConfig(**settings))
+        audit = next(iter(sorted((out / "steps").glob("step-*/label_audit.json"))), None)
+        if audit is not None:
+            results.write_json(out / "label_audit.json", results.read_json(audit))
+        done = sorted(int(x) for x in tables["steps"]["step"]) if len(tables["steps"]) else []
+        results.write_json(out / "manifest.json", {
+            **first, "shard": None, "merged_from": [str(d) for d in shard_dirs],
+            "identity": {**ref, "shard": None},
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps_done": done,
+            "final_layer_tables": final_layer_record(out),
+            "failures": [f for m in manifests for f in m.get("failures", [])
+                         if f["step"] not in done] + readout_failures(out)})
     return out
 
 

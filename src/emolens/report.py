@@ -68,6 +68,7 @@ class ReportInputs:
     problems: dict = field(default_factory=dict)
     results_dir: str = ""
     run_dir: str | None = None
+    last_run: dict | None = None  # last_run.json: the latest analyze run's failures
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,6 +223,7 @@ def load_report_inputs(results_dir: str | Path, run_dir: str | Path | None = Non
         problems=problems,
         results_dir=str(results_dir),
         run_dir=str(run) if run is not None else None,
+        last_run=_optional_json(results_dir / "last_run.json", problems),
     )
 
 
@@ -1190,9 +1192,17 @@ def _failures_section(inputs: ReportInputs) -> str:
         ]
     else:
         body.append("<p>No checkpoint failed.</p>")
+    latest = (inputs.last_run or {}).get("failures") or []
+    if latest and latest != failures:
+        body += [
+            f"<p>The latest run ({_e(str(inputs.last_run.get('finished', '?')))}) failed at "
+            f"{len(latest)} step(s); the tables above keep the earlier finished results:</p>",
+            _table(["step", "spec", "error"],
+                   [[f.get("step", ""), f.get("spec", ""), f.get("error", "")] for f in latest]),
+        ]
     if problems:
         body.append(
-            "<p>Problems found in the checkpoint series:</p><ul>"
+            "<p>Checkpoints left out of the series (half-written or without weights):</p><ul>"
             + "".join(f"<li>{_e(_short(p))}</li>" for p in problems)
             + "</ul>"
         )

@@ -4,10 +4,15 @@ Every file is written to a temporary name in the same folder and renamed into pl
 interrupted run never leaves a half-written file under a final name.
 """
 
+import errno
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import platform
+import socket
+import time
 from collections.abc import Mapping
 from contextlib import contextmanager
 from importlib import metadata
@@ -16,6 +21,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
 
 NUMERICS_MODE = "raw-hf"
 NUMERICS_NOTE = ("TransformerBridge default numerics: raw HF weights, no folded norms, no "
@@ -88,3 +95,84 @@ def stable_hash(data) -> str:
     """A short sha256 of JSON-serialisable data (sorted keys): the key of a cached result."""
     text = json.dumps(data, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+LOCK_FILE = ".emolens.lock"
+
+
+class FolderInUse(RuntimeError):
+    """Another emolens process holds the lock of a results folder."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_holder(path: Path) -> dict:
+    for _ in range(20):  # the holder writes its line right after taking the lock
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except OSError:
+            text = ""
+        if text:
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError:
+                pass
+        time.sleep(0.05)
+    return {}
+
+
+@contextmanager
+def folder_lock(folder: str | Path, command: str = "analyze"):
+    """Hold ``folder/.emolens.lock`` for the duration: a second process gets
+    :class:`FolderInUse` naming the holder's pid and host.
+
+    The lock is an ``flock`` on the file, so the kernel releases it when its holder dies; the
+    file keeps the holder's pid and host, and a file left by a dead holder (a stale lock) is
+    taken over with a warning.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = _read_holder(path)
+            raise FolderInUse(
+                f"{folder} is in use by another emolens process (pid {holder.get('pid', '?')} "
+                f"on {holder.get('host', '?')}, {holder.get('command', '?')} since "
+                f"{holder.get('since', '?')}); wait for it to finish or use another --out"
+            ) from None
+        previous = os.read(fd, 4096).decode("utf-8", "replace").strip()
+        if previous:
+            try:
+                old = json.loads(previous)
+            except json.JSONDecodeError:
+                old = {}
+            same_host = old.get("host") == socket.gethostname()
+            alive = same_host and isinstance(old.get("pid"), int) and _pid_alive(old["pid"])
+            if not alive:
+                log.warning("taking over the stale lock %s of pid %s on %s (no longer "
+                            "running)", path, old.get("pid", "?"), old.get("host", "?"))
+        mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                           "command": command, "since": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (mine + "\n").encode(), 0)
+        os.fsync(fd)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)  # an empty lock file: released cleanly
+    finally:
+        os.close(fd)  # closing releases the flock
