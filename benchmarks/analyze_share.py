@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from emolens import activations, models, steering
-from emolens.data import load_corpus
-from emolens.pipeline import AnalysisConfig, analyze
+from emolens.data.corpus import load_corpus
+from emolens.measure import activations, steering
+from emolens.model import loading
+from emolens.run.pipeline import AnalysisConfig, analyze
 
 SPENT: dict[str, float] = defaultdict(float)
 
@@ -29,6 +30,7 @@ DEPTH: dict[str, int] = defaultdict(int)
 
 def timed(name, fn):
     """Count the time of the outermost calls of ``fn`` only (forward calls can nest)."""
+
     def wrapper(*args, **kwargs):
         DEPTH[name] += 1
         start = time.perf_counter()
@@ -38,6 +40,7 @@ def timed(name, fn):
             DEPTH[name] -= 1
             if DEPTH[name] == 0:
                 SPENT[name] += time.perf_counter() - start
+
     return wrapper
 
 
@@ -52,17 +55,23 @@ def main(argv=None) -> None:
     TransformerBridge.forward = timed("forward", TransformerBridge.forward)
     for module in (activations, steering):
         module.answer_readout = timed("readout", module.answer_readout)
-    models.load_model = timed("load", models.load_model)
+    loading.load_model = timed("load", loading.load_model)
     out = tempfile.mkdtemp(prefix="emolens-share-")
     # the demo's settings (vectors from every sample: the 270M base model answers too few
     # neutral samples correctly for the paper's filter), steering at the final layer
     config = AnalysisConfig(layers="all", steer_layers="-1", filter_mode="none", n_boot=200)
-    from emolens import pipeline
+    from emolens.run import pipeline
 
     pipeline.combine_steps = timed("tables", pipeline.combine_steps)
     start = time.perf_counter()
-    analyze(args.run, load_corpus(None), out, config, device="cpu",
-            steps=[int(s) for s in args.steps.split(",")])
+    analyze(
+        args.run,
+        load_corpus(None),
+        out,
+        config,
+        device="cpu",
+        steps=[int(s) for s in args.steps.split(",")],
+    )
     total = time.perf_counter() - start
     failures = json.loads((Path(out) / "manifest.json").read_text())["failures"]
     shutil.rmtree(out)
@@ -70,13 +79,17 @@ def main(argv=None) -> None:
         raise SystemExit(f"steps failed, the timing is not of a full analysis: {failures}")
     inner = SPENT["forward"] + SPENT["readout"]
     print(f"analyze --layers all, steps {args.steps}: {total:.1f} s wall")
-    print(f"  forward passes {SPENT['forward']:.1f} s, answer readout {SPENT['readout']:.1f} s: "
-          f"{100 * inner / total:.0f}% of the wall time")
+    print(
+        f"  forward passes {SPENT['forward']:.1f} s, answer readout {SPENT['readout']:.1f} s: "
+        f"{100 * inner / total:.0f}% of the wall time"
+    )
     rest = total - inner - SPENT["load"] - SPENT["tables"]
-    print(f"  model loading {SPENT['load']:.1f} s ({100 * SPENT['load'] / total:.0f}%); "
-          f"cross-step tables with bootstraps {SPENT['tables']:.1f} s "
-          f"({100 * SPENT['tables'] / total:.0f}%); everything else (vectors, DLA bookkeeping, "
-          f"causal metric, I/O) {rest:.1f} s ({100 * rest / total:.0f}%)")
+    print(
+        f"  model loading {SPENT['load']:.1f} s ({100 * SPENT['load'] / total:.0f}%); "
+        f"cross-step tables with bootstraps {SPENT['tables']:.1f} s "
+        f"({100 * SPENT['tables'] / total:.0f}%); everything else (vectors, DLA bookkeeping, "
+        f"causal metric, I/O) {rest:.1f} s ({100 * rest / total:.0f}%)"
+    )
 
 
 if __name__ == "__main__":

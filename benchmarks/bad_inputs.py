@@ -31,18 +31,18 @@ from pathlib import Path
 import torch
 
 from emolens.cli import main
-from emolens.data import load_corpus
-from emolens.results import load_tensors
+from emolens.data.corpus import load_corpus
+from emolens.store.files import load_tensors
 
 try:
-    from emolens.results import folder_lock
+    from emolens.store.files import folder_lock
 except ImportError:  # an emolens without the lock (to measure it): nothing to hold
 
     def folder_lock(folder, command="analyze"):
         return contextlib.nullcontext()
 
 
-from emolens.tiny import tiny_random_model
+from emolens.testing.tiny import tiny_random_model
 
 FAST = [
     "--layers",

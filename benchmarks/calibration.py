@@ -4,7 +4,7 @@ planted paired shift of 0.25 SD, per measure family, at the demo's sample sizes 
 Every simulated series goes through the project's own code paths: geometry through
 ``concept_space.geometry_frame`` + ``change_summary``, probes through ``probes_frame`` +
 ``change_summary``, sensitivity through the final-layer readout math of
-``emolens.attribution.Readout`` (``sensitivity_change_summary`` for the sign-flip test over
+``emolens.measure.attribution.Readout`` (``sensitivity_change_summary`` for the sign-flip test over
 prompts with ``v`` fixed, ``figure2_frame`` for the two-level bootstrap first-vs-last test).
 
 Data (demo sizes: 13 labels x 32 samples = 416, 10 neutral steered prompts): residuals
@@ -54,17 +54,17 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from emolens.activations import Activations
-from emolens.attribution import Readout
-from emolens.concept_space import (
+from emolens.analysis.concept_space import (
     change_summary,
     figure2_frame,
     geometry_frame,
     probes_frame,
     sensitivity_change_summary,
 )
-from emolens.explain import StepData
-from emolens.vectors import ConceptVectors
+from emolens.analysis.steps import StepData
+from emolens.measure.activations import Activations
+from emolens.measure.attribution import Readout
+from emolens.measure.vectors import ConceptVectors
 
 LABELS = tuple(f"l{i}" for i in range(12)) + ("no-emotion",)
 NEUTRAL = "no-emotion"

@@ -37,11 +37,11 @@ import warnings
 
 import torch
 
-from emolens.activations import collect_activations
-from emolens.data import load_corpus
-from emolens.labels import STUDY_PROMPT
-from emolens.models import load_model
-from emolens.tokens import pad, pad_id
+from emolens.data.corpus import load_corpus
+from emolens.data.labels import STUDY_PROMPT
+from emolens.data.tokens import pad, pad_id
+from emolens.measure.activations import collect_activations
+from emolens.model.loading import load_model
 
 
 def proc_status(key: str) -> int:
@@ -64,15 +64,18 @@ def prompts_of(model, n: int, factor: int) -> list[list[int]]:
 def batches_of(ids: list[list[int]], batch_size: int, pid: int):
     """The batches ``collect_activations`` forms: sorted by length, right-padded."""
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    return [pad([ids[i] for i in order[s:s + batch_size]], pid, "right")
-            for s in range(0, len(ids), batch_size)]
+    return [
+        pad([ids[i] for i in order[s : s + batch_size]], pid, "right")
+        for s in range(0, len(ids), batch_size)
+    ]
 
 
 @torch.no_grad()
 def hf_forward(hf_model, batches) -> None:
     for input_ids, mask in batches:
-        out = hf_model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True,
-                       logits_to_keep=1)
+        out = hf_model(
+            input_ids=input_ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1
+        )
         assert len(out.hidden_states) == hf_model.config.num_hidden_layers + 1
 
 
@@ -91,22 +94,42 @@ def memory_child(what: str, factor: int, n: int, batch_size: int) -> None:
     rss = proc_status("VmRSS")
     with torch.no_grad():
         if what == "collect":
-            collect_activations(model, ids, label_ids, "all", batch_size=batch_size,
-                                progress=False)
+            collect_activations(model, ids, label_ids, "all", batch_size=batch_size, progress=False)
         else:  # a forward computing logits at every position
             for input_ids, mask in batches:
                 model.bridge(input_ids, attention_mask=mask)
-    print(json.dumps({"extra_peak": proc_status("VmHWM") - rss, "rss": rss,
-                      "mean_len": sum(map(len, ids)) / len(ids)}))
+    print(
+        json.dumps(
+            {
+                "extra_peak": proc_status("VmHWM") - rss,
+                "rss": rss,
+                "mean_len": sum(map(len, ids)) / len(ids),
+            }
+        )
+    )
 
 
 def measure_memory(what: str, factor: int, n: int, batch_size: int) -> dict:
     # large allocations straight from mmap, so freed memory leaves the resident set at once
     # and the peak RSS follows the peak of live allocations (glibc keeps freed heap memory)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, __file__, "--memory-child", what, str(factor),
-                          "--n", str(n), "--batch-size", str(batch_size)],
-                         capture_output=True, text=True, check=True, env=env)
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            what,
+            str(factor),
+            "--n",
+            str(n),
+            "--batch-size",
+            str(batch_size),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -115,8 +138,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=24, help="prompts (corpus samples)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--memory-child", nargs=2, metavar=("WHAT", "FACTOR"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-child", nargs=2, metavar=("WHAT", "FACTOR"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child[0], int(args.memory_child[1]), args.n, args.batch_size)
@@ -127,21 +151,25 @@ def main() -> None:
 
     model = load_model("gemma-3-270m", device="cpu")
     references = {
-        impl: AutoModelForCausalLM.from_pretrained(model.source, dtype=torch.float32,
-                                                   attn_implementation=impl).eval()
+        impl: AutoModelForCausalLM.from_pretrained(
+            model.source, dtype=torch.float32, attn_implementation=impl
+        ).eval()
         for impl in ("eager", "sdpa")
     }
     label_ids = STUDY_PROMPT.label_tokens(model.tokenizer, allow_shared=True).ids
     ids = prompts_of(model, args.n, 1)
     pid = pad_id(model.tokenizer)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    groups = [[ids[i] for i in order[s:s + args.batch_size]]
-              for s in range(0, len(ids), args.batch_size)]
+    groups = [
+        [ids[i] for i in order[s : s + args.batch_size]]
+        for s in range(0, len(ids), args.batch_size)
+    ]
     # one unit of work = one batch: collect_activations on its prompts (one forward pass) or
     # the bare HF forward on the same padded batch
     runs = {
-        "collect": lambda g: collect_activations(model, g, label_ids, "all",
-                                                 batch_size=args.batch_size, progress=False),
+        "collect": lambda g: collect_activations(
+            model, g, label_ids, "all", batch_size=args.batch_size, progress=False
+        ),
         "hf-eager": lambda g: hf_forward(references["eager"], batches_of(g, len(g), pid)),
         "hf-sdpa": lambda g: hf_forward(references["sdpa"], batches_of(g, len(g), pid)),
     }
@@ -155,39 +183,58 @@ def main() -> None:
                 start = time.perf_counter()
                 runs[name](g)
                 seconds[name].append(time.perf_counter() - start)
-    paired = {name: statistics.median(a / b for a, b in zip(seconds["collect"], seconds[name]))
-              for name in ("hf-eager", "hf-sdpa")}
+    paired = {
+        name: statistics.median(a / b for a, b in zip(seconds["collect"], seconds[name]))
+        for name in ("hf-eager", "hf-sdpa")
+    }
     n_units = len(seconds["collect"])
-    print(f"setup | gemma-3-270m, {torch.get_num_threads()} threads, {len(ids)} prompts of "
-          f"{min(map(len, ids))}-{max(map(len, ids))} tokens in {len(groups)} batches of "
-          f"{args.batch_size}, every layer ({model.n_layers}); each batch run by all three "
-          f"back to back, {args.repeats} rounds after a warm-up ({n_units} timings each)")
+    print(
+        f"setup | gemma-3-270m, {torch.get_num_threads()} threads, {len(ids)} prompts of "
+        f"{min(map(len, ids))}-{max(map(len, ids))} tokens in {len(groups)} batches of "
+        f"{args.batch_size}, every layer ({model.n_layers}); each batch run by all three "
+        f"back to back, {args.repeats} rounds after a warm-up ({n_units} timings each)"
+    )
     for name in runs:
         total = sum(seconds[name]) / args.repeats
-        print(f"collection speed | {name}: {statistics.median(seconds[name]):.2f} s median per "
-              f"batch, {total:.2f} s per pass over the {len(ids)} prompts (mean of rounds)")
+        print(
+            f"collection speed | {name}: {statistics.median(seconds[name]):.2f} s median per "
+            f"batch, {total:.2f} s per pass over the {len(ids)} prompts (mean of rounds)"
+        )
     ratio = paired["hf-eager"]
-    print(f"collection speed | ratio collect_activations / bare HF forward (eager, "
-          f"output_hidden_states, logits_to_keep=1): {ratio:.3f} (median of {n_units} paired "
-          f"per-batch ratios); floor <= 1.15: {'PASS' if ratio <= 1.15 else 'FAIL'}")
-    print(f"collection speed | ratio collect_activations / bare HF forward (sdpa, for "
-          f"information): {paired['hf-sdpa']:.3f}")
+    print(
+        f"collection speed | ratio collect_activations / bare HF forward (eager, "
+        f"output_hidden_states, logits_to_keep=1): {ratio:.3f} (median of {n_units} paired "
+        f"per-batch ratios); floor <= 1.15: {'PASS' if ratio <= 1.15 else 'FAIL'}"
+    )
+    print(
+        f"collection speed | ratio collect_activations / bare HF forward (sdpa, for "
+        f"information): {paired['hf-sdpa']:.3f}"
+    )
     references.clear()  # free the copies before the memory runs
 
-    mem = {(what, f): measure_memory(what, f, args.n, args.batch_size)
-           for what in ("collect", "full-logits") for f in (1, 2)}
+    mem = {
+        (what, f): measure_memory(what, f, args.n, args.batch_size)
+        for what in ("collect", "full-logits")
+        for f in (1, 2)
+    }
     mib = 2**20
     for what in ("collect", "full-logits"):
         one, two = mem[(what, 1)], mem[(what, 2)]
-        label = ("collect_activations" if what == "collect"
-                 else "bridge forward with logits at every position (contrast)")
-        print(f"peak memory | {label}: +{one['extra_peak'] / mib:.0f} MiB at "
-              f"{one['mean_len']:.0f} tokens, +{two['extra_peak'] / mib:.0f} MiB at "
-              f"{two['mean_len']:.0f} tokens (2x): extra ratio "
-              f"{two['extra_peak'] / max(one['extra_peak'], 1):.2f}; whole-process peak "
-              f"{(one['rss'] + one['extra_peak']) / mib:.0f} -> "
-              f"{(two['rss'] + two['extra_peak']) / mib:.0f} MiB, ratio "
-              f"{(two['rss'] + two['extra_peak']) / (one['rss'] + one['extra_peak']):.2f}")
+        label = (
+            "collect_activations"
+            if what == "collect"
+            else "bridge forward with logits at every position (contrast)"
+        )
+        print(
+            f"peak memory | {label}: +{one['extra_peak'] / mib:.0f} MiB at "
+            f"{one['mean_len']:.0f} tokens, +{two['extra_peak'] / mib:.0f} MiB at "
+            f"{two['mean_len']:.0f} tokens (2x): extra ratio "
+            f"{two['extra_peak'] / max(one['extra_peak'], 1):.2f}; whole-process peak "
+            f"{(one['rss'] + one['extra_peak']) / mib:.0f} -> "
+            f"{(two['rss'] + two['extra_peak']) / mib:.0f} MiB, ratio "
+            f"{(two['rss'] + two['extra_peak']) / (one['rss'] + one['extra_peak']):.2f}"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -104,7 +104,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     env = dict(os.environ)
 
-    from emolens.models import cache_dir, resolve_model_dir
+    from emolens.model.loading import cache_dir, resolve_model_dir
 
     t0 = time.perf_counter()
     source = Path(resolve_model_dir(args.model))  # warm the cache; not part of the budget

@@ -49,19 +49,19 @@ import warnings
 
 import torch
 
-from emolens.activations import collect_activations
-from emolens.data import load_corpus
-from emolens.labels import STUDY_LABELS, render_prompts, resolve_label_tokens
-from emolens.models import load_model
-from emolens.pipeline import choose_prompts
-from emolens.steering import (
+from emolens.data.corpus import load_corpus
+from emolens.data.labels import STUDY_LABELS, render_prompts, resolve_label_tokens
+from emolens.data.tokens import encode
+from emolens.measure.activations import collect_activations
+from emolens.measure.steering import (
     DEFAULT_ALPHAS,
     SteeringEffect,
     final_layer_sensitivity,
     layer_sensitivity_cached,
 )
-from emolens.tokens import encode
-from emolens.vectors import concept_vectors
+from emolens.measure.vectors import concept_vectors
+from emolens.model.loading import load_model
+from emolens.run.pipeline import choose_prompts
 
 QUANTITIES = ("logit_change", "logprob_change", "centered_change")
 

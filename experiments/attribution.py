@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from emolens import plots
-from emolens.report import write_figure
+from emolens.report import figures
+from emolens.report.page import write_figure
 
 
 def main(argv=None) -> None:
@@ -26,15 +26,15 @@ def main(argv=None) -> None:
     if not (args.results / "attribution.csv").is_file():
         parser.error(f"{args.results / 'attribution.csv'} not found: run emolens analyze first")
     attr = pd.read_csv(args.results / "attribution.csv")
-    figures = {
-        "attribution": plots.attribution_figure(attr, alpha=args.alpha),
-        "push_change": plots.push_change_figure(attr),
+    figs = {
+        "attribution": figures.attribution_figure(attr, alpha=args.alpha),
+        "push_change": figures.push_change_figure(attr),
     }
     if (args.results / "dla.csv").is_file():
         dla = pd.read_csv(args.results / "dla.csv")
-        figures["dla"] = plots.dla_figure(dla)
-        figures["dla_margin"] = plots.dla_figure(dla, value="margin")
-    for name, fig in figures.items():
+        figs["dla"] = figures.dla_figure(dla)
+        figures["dla_margin"] = figures.dla_figure(dla, value="margin")
+    for name, fig in figs.items():
         print(write_figure(fig, args.results / "figures" / f"{name}.html"))
 
 

@@ -1,6 +1,6 @@
 """Reproduce the paper's Figure 2: steering sensitivity of each emotion over fine-tuning steps.
 
-Runs :func:`emolens.pipeline.analyze` over a fine-tuning run folder (or one model) with the
+Runs :func:`emolens.run.pipeline.analyze` over a fine-tuning run folder (or one model) with the
 paper's settings (final block output, 10 neutral prompts, filtering by the model's own
 answers; no DLA, no causal geometry), then writes ``OUT/figures/figure2.html``. Every
 ``emolens analyze`` option can override them::
@@ -14,24 +14,28 @@ from pathlib import Path
 
 import pandas as pd
 
-from emolens import plots
-from emolens.data import load_corpus
-from emolens.pipeline import (
+from emolens.data.corpus import load_corpus
+from emolens.report import figures
+from emolens.report.page import write_figure
+from emolens.run.pipeline import (
     AnalysisConfig,
     add_analysis_options,
     analyze,
     prompt_language,
 )
-from emolens.report import write_figure
-from emolens.results import read_json
+from emolens.store.files import read_json
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="fine-tuning run folder (checkpoint series) or a model spec")
     parser.add_argument("--data", default="bundled", help="corpus file, or 'bundled'")
-    parser.add_argument("--language", choices=["ja", "en"], default=None,
-                        help="prompt language (when not given: the run's recorded prompt, else ja)")
+    parser.add_argument(
+        "--language",
+        choices=["ja", "en"],
+        default=None,
+        help="prompt language (when not given: the run's recorded prompt, else ja)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="results folder")
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     parser.add_argument("--alpha", type=float, help="alpha shown (default: the largest)")
@@ -40,13 +44,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     config = replace(AnalysisConfig.from_cli(args), causal_geometry=False)
     corpus = load_corpus(args.data, language=prompt_language(args.run, args.language))
-    out = analyze(args.run, corpus, args.out, config, device=args.device,
-                  override_prompt=args.override_prompt)
+    out = analyze(
+        args.run, corpus, args.out, config, device=args.device, override_prompt=args.override_prompt
+    )
     manifest = read_json(out / "manifest.json")
     if not manifest["steps_done"]:
         raise SystemExit("no checkpoint analysed: " + manifest["failures"][0]["error"])
     steps = pd.read_csv(out / "steps.csv")
-    fig = plots.figure2(pd.read_csv(out / "sensitivity.csv"), alpha=args.alpha, steps_table=steps)
+    fig = figures.figure2(pd.read_csv(out / "sensitivity.csv"), alpha=args.alpha, steps_table=steps)
     print(write_figure(fig, out / "figures" / "figure2.html"))
 
 

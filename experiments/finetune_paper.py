@@ -15,9 +15,9 @@ import argparse
 import logging
 from dataclasses import replace
 
-from emolens.data import load_corpus
-from emolens.finetune import METHODS, PRESETS, finetune
-from emolens.models import SARASHINA_1B
+from emolens.data.corpus import load_corpus
+from emolens.model.loading import SARASHINA_1B
+from emolens.run.finetune import METHODS, PRESETS, finetune
 
 
 def main(argv=None) -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from emolens import plots
-from emolens.report import GEOMETRY_KEY_MEASURES, write_figure
+from emolens.report import figures
+from emolens.report.page import GEOMETRY_KEY_MEASURES, write_figure
 
 
 def main(argv=None) -> None:
@@ -35,12 +35,12 @@ def main(argv=None) -> None:
     out = args.results / "figures"
     for measure in args.measures.split(","):
         for inner in sorted(geo.loc[geo["measure"] == measure, "inner"].unique()):
-            fig = plots.geometry_figure(geo, measure, inner=inner, layer=args.layer)
+            fig = figures.geometry_figure(geo, measure, inner=inner, layer=args.layer)
             print(write_figure(fig, out / f"geometry_{measure}_{inner}.html"))
-            fig = plots.geometry_layer_heatmap(geo, measure, inner=inner)
+            fig = figures.geometry_layer_heatmap(geo, measure, inner=inner)
             print(write_figure(fig, out / f"geometry_{measure}_{inner}_layers.html"))
     if (args.results / "change_summary.csv").is_file():
-        fig = plots.change_summary_table(pd.read_csv(args.results / "change_summary.csv"))
+        fig = figures.change_summary_table(pd.read_csv(args.results / "change_summary.csv"))
         print(write_figure(fig, out / "change_summary.html"))
 
 

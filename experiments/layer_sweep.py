@@ -1,6 +1,6 @@
 """Mid-layer localisation (the paper's future work, issue 6): steer and probe at every layer.
 
-With ``--model`` runs :func:`emolens.pipeline.analyze` with ``--layers all --steer-layers all``
+With ``--model`` runs :func:`emolens.run.pipeline.analyze` with ``--layers all --steer-layers all``
 (other ``emolens analyze`` options apply) into OUT first; then, from OUT, writes
 ``OUT/layer_summary.csv`` (per step and emotion, the most steerable and the most decodable
 layer) and to ``OUT/figures/``: ``layer_summary.html`` and one layer x step heatmap of the
@@ -14,16 +14,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from emolens import plots, sweeps
-from emolens.data import load_corpus
-from emolens.pipeline import (
+from emolens.analysis import sweeps
+from emolens.data.corpus import load_corpus
+from emolens.report import figures
+from emolens.report.page import write_figure
+from emolens.run.pipeline import (
     AnalysisConfig,
     add_analysis_options,
     analyze,
     prompt_language,
 )
-from emolens.report import write_figure
-from emolens.results import write_csv
+from emolens.store.files import write_csv
 
 
 def main(argv=None) -> None:
@@ -31,8 +32,12 @@ def main(argv=None) -> None:
     parser.add_argument("out", type=Path, help="results folder (read, or written with --model)")
     parser.add_argument("--model", help="run folder or model spec to analyse first")
     parser.add_argument("--data", default="bundled", help="corpus file, or 'bundled'")
-    parser.add_argument("--language", choices=["ja", "en"], default=None,
-                        help="prompt language (when not given: the run's recorded prompt, else ja)")
+    parser.add_argument(
+        "--language",
+        choices=["ja", "en"],
+        default=None,
+        help="prompt language (when not given: the run's recorded prompt, else ja)",
+    )
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     parser.add_argument("--alpha", type=float, help="alpha summarised (default: the largest)")
     add_analysis_options(parser)
@@ -41,18 +46,24 @@ def main(argv=None) -> None:
     if args.model:
         config = AnalysisConfig.from_cli(args)
         corpus = load_corpus(args.data, language=prompt_language(args.model, args.language))
-        analyze(args.model, corpus, args.out, config, device=args.device,
-                override_prompt=args.override_prompt)
+        analyze(
+            args.model,
+            corpus,
+            args.out,
+            config,
+            device=args.device,
+            override_prompt=args.override_prompt,
+        )
     sens = pd.read_csv(args.out / "sensitivity.csv")
     probes_csv = args.out / "probes.csv"
     probes = pd.read_csv(probes_csv) if probes_csv.is_file() else None
     summary = sweeps.layer_summary(sens, probes, alpha=args.alpha)
     print(write_csv(args.out / "layer_summary.csv", summary))
-    figures = args.out / "figures"
-    print(write_figure(plots.layer_summary_figure(summary), figures / "layer_summary.html"))
-    for emotion in plots.label_order(sens["steered_emotion"].unique()):
-        fig = plots.layer_step_heatmap(sens, emotion, alpha=args.alpha)
-        print(write_figure(fig, figures / f"layer_sweep_{emotion}.html"))
+    fig_dir = args.out / "figures"
+    print(write_figure(figures.layer_summary_figure(summary), fig_dir / "layer_summary.html"))
+    for emotion in figures.label_order(sens["steered_emotion"].unique()):
+        fig = figures.layer_step_heatmap(sens, emotion, alpha=args.alpha)
+        print(write_figure(fig, fig_dir / f"layer_sweep_{emotion}.html"))
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ and record how its label logit and the classification accuracy drop; writes
 import argparse
 from pathlib import Path
 
-from emolens import plots
-from emolens.data import load_corpus
-from emolens.pipeline import localise, manifest_prompt
-from emolens.report import write_figure
-from emolens.results import read_json
+from emolens.data.corpus import load_corpus
+from emolens.report import figures
+from emolens.report.page import write_figure
+from emolens.run.pipeline import localise, manifest_prompt
+from emolens.store.files import read_json
 
 
 def main(argv=None) -> None:
@@ -32,10 +32,16 @@ def main(argv=None) -> None:
     if not manifest.is_file():
         parser.error(f"{manifest} not found: run emolens analyze first")
     language = manifest_prompt(read_json(manifest)).language  # 'bundled' in the prompt's language
-    table = localise(args.results, load_corpus(args.data, language=language), window=args.window,
-                     stride=args.stride, mode=args.mode, per_label=args.per_label,
-                     device=args.device)
-    fig = plots.localisation_heatmap(table)
+    table = localise(
+        args.results,
+        load_corpus(args.data, language=language),
+        window=args.window,
+        stride=args.stride,
+        mode=args.mode,
+        per_label=args.per_label,
+        device=args.device,
+    )
+    fig = figures.localisation_heatmap(table)
     print(write_figure(fig, args.results / "figures" / "localisation.html"))
 
 

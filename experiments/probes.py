@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from emolens import plots
-from emolens.report import write_figure
+from emolens.report import figures
+from emolens.report.page import write_figure
 
 
 def main(argv=None) -> None:
@@ -27,8 +27,8 @@ def main(argv=None) -> None:
         parser.error(f"{path} not found: run emolens analyze first")
     probes = pd.read_csv(path)
     out = args.results / "figures"
-    print(write_figure(plots.probes_figure(probes, layer=args.layer), out / "probes.html"))
-    print(write_figure(plots.probes_layer_heatmap(probes), out / "probes_layers.html"))
+    print(write_figure(figures.probes_figure(probes, layer=args.layer), out / "probes.html"))
+    print(write_figure(figures.probes_layer_heatmap(probes), out / "probes_layers.html"))
 
 
 if __name__ == "__main__":

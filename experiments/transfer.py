@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from emolens import plots
-from emolens.report import write_figure
+from emolens.report import figures
+from emolens.report.page import write_figure
 
 
 def main(argv=None) -> None:
@@ -25,7 +25,7 @@ def main(argv=None) -> None:
     path = args.results / "transfer.csv"
     if not path.is_file():
         parser.error(f"{path} not found: run emolens analyze first")
-    fig = plots.transfer_heatmap(pd.read_csv(path), emotion=args.emotion)
+    fig = figures.transfer_heatmap(pd.read_csv(path), emotion=args.emotion)
     print(write_figure(fig, args.results / "figures" / "transfer.html"))
 
 

@@ -32,14 +32,14 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from emolens.tiny import tiny_random_model
+    from emolens.testing.tiny import tiny_random_model
 
     return tiny_random_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
-    from emolens.models import load_model
+    from emolens.model.loading import load_model
 
     return load_model(tiny_model_dir, device="cpu")
 
@@ -74,6 +74,6 @@ def fake_run_dir(tmp_path_factory, tiny_model_dir) -> Path:
 @pytest.fixture(scope="session")
 def gemma_model():
     """The real Gemma 3 270M from its registry package (converted once into EMOLENS_CACHE)."""
-    from emolens.models import load_model
+    from emolens.model.loading import load_model
 
     return load_model("gemma-3-270m", device="cpu")

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from emolens import hooks
-from emolens.activations import Activations, answer_readout, collect_activations
-from emolens.labels import STUDY_LABELS, render_prompts, resolve_label_tokens
-from emolens.tokens import encode
+from emolens.data.labels import STUDY_LABELS, render_prompts, resolve_label_tokens
+from emolens.data.tokens import encode
+from emolens.measure.activations import Activations, answer_readout, collect_activations
+from emolens.model import hooks
 
 TEXTS = [
     "今日は駅まで歩いた。",

@@ -1,17 +1,17 @@
 import pytest
 import torch
 
-from emolens.activations import collect_activations
-from emolens.attribution import (
+from emolens.data.labels import render_prompts, resolve_label_tokens
+from emolens.data.tokens import encode
+from emolens.measure.activations import collect_activations
+from emolens.measure.attribution import (
     Readout,
     component_attribution,
     decompose_steering,
     direct_push_change,
     transfer_effect,
 )
-from emolens.labels import render_prompts, resolve_label_tokens
-from emolens.steering import final_layer_sensitivity
-from emolens.tokens import encode
+from emolens.measure.steering import final_layer_sensitivity
 
 TEXTS = ["駅まで歩いた。", "友達と昼ご飯を食べた。", "雨の中、傘を忘れて帰った。"]
 
@@ -74,7 +74,8 @@ def test_push_change_parts_sum_and_isolate_what_moved():
     assert torch.allclose(change.vector + change.readout + change.scale, change.total, atol=1e-5)
     grown = direct_push_change(w0, v0, 2.0, w0, v0, 4.0)  # residual scale doubled
     assert torch.allclose(grown.total, grown.scale) and torch.allclose(
-        grown.total, -0.5 * (w0 * v0).sum(-1) / 2.0, atol=1e-6)
+        grown.total, -0.5 * (w0 * v0).sum(-1) / 2.0, atol=1e-6
+    )
 
 
 def test_transfer_with_own_vectors_equals_the_steering_effect(tiny_model, setup):
@@ -82,8 +83,9 @@ def test_transfer_with_own_vectors_equals_the_steering_effect(tiny_model, setup)
     vectors = torch.randn(2, tiny_model.d_model)
     readout = Readout.from_model(tiny_model, label_ids)
     measured = final_layer_sensitivity(tiny_model, h, vectors, torch.tensor([2.0]), label_ids)
-    assert torch.allclose(transfer_effect(readout, h, vectors, 2.0),
-                          measured.logit_change[:, 0], atol=1e-4)
+    assert torch.allclose(
+        transfer_effect(readout, h, vectors, 2.0), measured.logit_change[:, 0], atol=1e-4
+    )
 
 
 def test_component_attribution_sums_to_the_label_logits(tiny_model, setup):

@@ -5,12 +5,20 @@ import shutil
 import pytest
 
 import emolens
-from emolens.data import load_corpus
-from emolens.labels import STUDY_LABELS
-from emolens.pipeline import AnalysisConfig, analyze
+from emolens.data.corpus import load_corpus
+from emolens.data.labels import STUDY_LABELS
+from emolens.run.pipeline import AnalysisConfig, analyze
 
-CONFIG = AnalysisConfig(layers="1,-1", steer_layers="-1", alphas=(0.0, 2.0), n_prompts=2,
-                        min_count=1, batch_size=16, filter_mode="none", dla_per_label=1)
+CONFIG = AnalysisConfig(
+    layers="1,-1",
+    steer_layers="-1",
+    alphas=(0.0, 2.0),
+    n_prompts=2,
+    min_count=1,
+    batch_size=16,
+    filter_mode="none",
+    dla_per_label=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +35,10 @@ def corpus():
 
 def _stamps(out):
     step = out / "steps" / "step-000000"
-    return ((step / "activations.safetensors").stat().st_mtime_ns,
-            (step / "sensitivity.csv").stat().st_mtime_ns)
+    return (
+        (step / "activations.safetensors").stat().st_mtime_ns,
+        (step / "sensitivity.csv").stat().st_mtime_ns,
+    )
 
 
 @pytest.fixture
@@ -50,8 +60,9 @@ def test_changing_nothing_reuses_everything(first_run, model_copy, corpus):
 
 
 @pytest.mark.parametrize("change", ["data", "template", "labels", "layers", "version"])
-def test_changing_an_input_of_the_activations_recomputes_them(change, first_run, model_copy,
-                                                               corpus, monkeypatch):
+def test_changing_an_input_of_the_activations_recomputes_them(
+    change, first_run, model_copy, corpus, monkeypatch
+):
     out, before = first_run
     kwargs, config, data = {}, CONFIG, corpus
     if change == "data":
@@ -82,10 +93,12 @@ def test_changed_weights_recompute(first_run, model_copy, corpus):
     assert _recomputed(out, before) == (True, True)
 
 
-@pytest.mark.parametrize("setting", [("alphas", (0.0, 3.0)), ("n_prompts", 1),
-                                     ("alpha_unit", "norm"), ("min_count", 2)])
+@pytest.mark.parametrize(
+    "setting", [("alphas", (0.0, 3.0)), ("n_prompts", 1), ("alpha_unit", "norm"), ("min_count", 2)]
+)
 def test_changing_an_analysis_setting_reuses_activations_and_recomputes_the_step(
-        setting, first_run, model_copy, corpus):
+    setting, first_run, model_copy, corpus
+):
     out, before = first_run
     config = AnalysisConfig(**{**CONFIG.to_dict(), setting[0]: setting[1]})
     analyze(model_copy, corpus, out, config, device="cpu", overwrite=True)

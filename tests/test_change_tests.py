@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_concept_space import LABELS, NEUTRAL, _step
 
-from emolens import change_tests as ct
-from emolens.concept_space import change_summary, geometry_frame
+from emolens.analysis import change_tests as ct
+from emolens.analysis.concept_space import change_summary, geometry_frame
 
 LEVEL = 0.05
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from emolens.cli import build_parser, main
-from emolens.data import load_corpus
+from emolens.data.corpus import load_corpus
 
 COMMANDS = ["demo", "finetune", "analyze", "report", "labels", "merge"]
 
@@ -39,7 +39,7 @@ def test_errors_are_one_readable_line_and_exit_non_zero(capsys, tmp_path):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    from emolens.models import ModelLoadError
+    from emolens.model.loading import ModelLoadError
 
     with pytest.raises(ModelLoadError):
         main(["--debug", "labels", "--model", str(tmp_path / "missing-model")])
@@ -68,10 +68,34 @@ def _write_corpus(path: Path) -> Path:
 
 
 def _analyze_cmd(run: Path, data: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "emolens.cli", "analyze", "--model", str(run), "--data",
-            str(data), "--out", str(out), "--layers", "1,-1", "--steer-layers", "1,-1",
-            "--alphas", "0,2,4", "--n-prompts", "3", "--min-count", "1", "--batch-size", "16",
-            "--filter-mode", "none", "--device", "cpu"]
+    return [
+        sys.executable,
+        "-m",
+        "emolens.cli",
+        "analyze",
+        "--model",
+        str(run),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--layers",
+        "1,-1",
+        "--steer-layers",
+        "1,-1",
+        "--alphas",
+        "0,2,4",
+        "--n-prompts",
+        "3",
+        "--min-count",
+        "1",
+        "--batch-size",
+        "16",
+        "--filter-mode",
+        "none",
+        "--device",
+        "cpu",
+    ]
 
 
 def _wait_for(path_glob: Path, pattern: str, proc: subprocess.Popen, timeout: float = 600):
@@ -94,8 +118,9 @@ def uninterrupted(fake_run_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("uninterrupted")
     data = _write_corpus(folder / "corpus.tsv")
     started = time.time()
-    subprocess.run(_analyze_cmd(fake_run_dir, data, folder / "out"), check=True, env=ENV,
-                   capture_output=True)
+    subprocess.run(
+        _analyze_cmd(fake_run_dir, data, folder / "out"), check=True, env=ENV, capture_output=True
+    )
     _DURATION["uninterrupted"] = time.time() - started
     return data, folder / "out"
 
@@ -104,13 +129,16 @@ _DURATION: dict[str, float] = {}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_a_killed_analysis_resumes_to_identical_results(sig, fake_run_dir, uninterrupted,
-                                                        tmp_path):
+def test_a_killed_analysis_resumes_to_identical_results(sig, fake_run_dir, uninterrupted, tmp_path):
     data, reference = uninterrupted
     env = ENV
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen(_analyze_cmd(fake_run_dir, data, out), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _analyze_cmd(fake_run_dir, data, out),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     _wait_for(out, "steps/step-*/done.json", proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
@@ -120,8 +148,7 @@ def test_a_killed_analysis_resumes_to_identical_results(sig, fake_run_dir, unint
         assert proc.returncode == -signal.SIGKILL
     finished = {p: p.stat().st_mtime_ns for p in out.glob("steps/*/sensitivity.csv")}
     assert finished and not list(out.glob("**/.*.tmp*"))
-    subprocess.run(_analyze_cmd(fake_run_dir, data, out), check=True, env=env,
-                   capture_output=True)
+    subprocess.run(_analyze_cmd(fake_run_dir, data, out), check=True, env=env, capture_output=True)
     for path, mtime in finished.items():
         assert path.stat().st_mtime_ns == mtime, f"{path} was recomputed"
     for name in ("sensitivity", "filtering", "steps", "attribution", "transfer", "dla"):
@@ -129,8 +156,9 @@ def test_a_killed_analysis_resumes_to_identical_results(sig, fake_run_dir, unint
     assert sorted(pd.read_csv(out / "steps.csv").step) == [0, 2, 4]
 
 
-def test_three_kills_at_random_moments_resume_to_identical_csv_files(fake_run_dir, uninterrupted,
-                                                                     tmp_path):
+def test_three_kills_at_random_moments_resume_to_identical_csv_files(
+    fake_run_dir, uninterrupted, tmp_path
+):
     """SIGKILL at three random moments of a run (each resumed from the last), then finish:
     every CSV equals the uninterrupted run's, and no staging or lock is left behind."""
     import random
@@ -142,8 +170,12 @@ def test_three_kills_at_random_moments_resume_to_identical_csv_files(fake_run_di
     moments = []
     for _ in range(3):
         moment = rng.uniform(0.15, 0.85) * _DURATION["uninterrupted"]
-        proc = subprocess.Popen(_analyze_cmd(fake_run_dir, data, out), env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            _analyze_cmd(fake_run_dir, data, out),
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
             proc.wait(timeout=moment)
         except subprocess.TimeoutExpired:
@@ -154,7 +186,10 @@ def test_three_kills_at_random_moments_resume_to_identical_csv_files(fake_run_di
     assert done.returncode == 0, (seed, moments, done.stderr[-2000:])
     assert any(code == -signal.SIGKILL for _, code in moments), (seed, moments)
     for csv_file in sorted(reference.glob("*.csv")):
-        assert (out / csv_file.name).read_bytes() == csv_file.read_bytes(), (seed, moments,
-                                                                             csv_file.name)
+        assert (out / csv_file.name).read_bytes() == csv_file.read_bytes(), (
+            seed,
+            moments,
+            csv_file.name,
+        )
     assert not list(out.glob("steps/.*")) and not (out / "failed").exists()
     assert not (out / ".emolens.lock").read_text().strip()

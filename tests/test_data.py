@@ -1,4 +1,5 @@
-"""Tests for emolens.data: readers of every corpus layout and encoding, their errors, splits."""
+"""Tests for emolens.data.corpus: readers of every corpus layout and encoding, their errors,
+splits."""
 
 import csv
 import json
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emolens.data import (
+from emolens.data.corpus import (
     Corpus,
     CorpusError,
     Sample,
@@ -21,7 +22,7 @@ from emolens.data import (
     read_corpus,
     split_corpus,
 )
-from emolens.labels import STUDY_LABELS
+from emolens.data.labels import STUDY_LABELS
 
 EN_NAMES = STUDY_LABELS.names("en")
 JA_NAMES = STUDY_LABELS.names("ja")
@@ -202,12 +203,12 @@ def test_bundled_corpus_japanese_and_english():
 def test_bundled_loader_reads_the_packaged_layout(tmp_path, monkeypatch):
     rows = [["id", "emotion", "generated_text", "english_text"], ["s1", "joy", "嬉しい。", "Glad."]]
     fake = write_rows(tmp_path / "sample_corpus.tsv", rows)
-    monkeypatch.setattr("emolens.data.bundled_corpus_path", lambda: fake)
+    monkeypatch.setattr("emolens.data.corpus.bundled_corpus_path", lambda: fake)
     assert load_bundled_corpus("ja").texts() == ["嬉しい。"]
     assert load_bundled_corpus("en").texts() == ["Glad."]
     with pytest.raises(CorpusError, match="'ja' or 'en'"):
         load_corpus("bundled:fr")
-    monkeypatch.setattr("emolens.data.bundled_corpus_path", lambda: tmp_path / "gone.tsv")
+    monkeypatch.setattr("emolens.data.corpus.bundled_corpus_path", lambda: tmp_path / "gone.tsv")
     with pytest.raises(CorpusError, match="missing from this installation"):
         load_bundled_corpus()
 

@@ -25,8 +25,16 @@ def test_demo_fine_tunes_analyses_every_checkpoint_and_writes_the_report(demo_ou
     run_steps = sorted(int(p.name.split("-")[1]) for p in (demo_out / "run").glob("checkpoint-*"))
     assert steps.step.tolist() == [0] + run_steps and len(run_steps) >= 2
     assert steps.eval_loss.iloc[1:].notna().all()
-    for name in ("sensitivity.csv", "filtering.csv", "attribution.csv", "transfer.csv",
-                 "dla.csv", "label_audit.json", "manifest.json", "report.html"):
+    for name in (
+        "sensitivity.csv",
+        "filtering.csv",
+        "attribution.csv",
+        "transfer.csv",
+        "dla.csv",
+        "label_audit.json",
+        "manifest.json",
+        "report.html",
+    ):
         assert (results / name).stat().st_size > 0, name
     manifest = json.loads((results / "manifest.json").read_text())
     assert manifest["failures"] == [] and manifest["run_dir"]
@@ -42,8 +50,11 @@ def test_report_rebuilds_from_disk(demo_out, capsys):
 
 
 def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which(
-        "google-chrome")
+    return (
+        shutil.which("chromium")
+        or shutil.which("chromium-browser")
+        or shutil.which("google-chrome")
+    )
 
 
 def test_report_draws_every_figure_in_headless_chromium_with_the_network_off(demo_out, tmp_path):
@@ -57,20 +68,40 @@ def test_report_draws_every_figure_in_headless_chromium_with_the_network_off(dem
     n_figures = len(re.findall(r'class="plotly-graph-div"', html))
     assert n_figures >= 5
     proc = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-         "--proxy-server=http://127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND",
-         "--enable-logging=stderr", "--v=0", "--window-size=1366,768",
-         "--virtual-time-budget=15000", "--dump-dom", report.as_uri()],
-        capture_output=True, text=True, timeout=180)
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--proxy-server=http://127.0.0.1:9",
+            "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--window-size=1366,768",
+            "--virtual-time-budget=15000",
+            "--dump-dom",
+            report.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     dom = proc.stdout
     drawn = re.findall(r'<div[^>]*class="[^"]*js-plotly-plot[^"]*"', dom)
     assert len(drawn) == n_figures, f"{len(drawn)} of {n_figures} figures drawn"
     assert dom.count('class="main-svg"') >= n_figures
-    console_errors = [line for line in proc.stderr.splitlines()
-                      if "CONSOLE" in line and ("Error" in line or "Uncaught" in line)]
+    console_errors = [
+        line
+        for line in proc.stderr.splitlines()
+        if "CONSOLE" in line and ("Error" in line or "Uncaught" in line)
+    ]
     assert console_errors == []
 
 
@@ -78,11 +109,39 @@ def test_analyze_can_take_one_split_of_the_runs_data(demo_out, tmp_path):
     run = demo_out / "run"
     info = json.loads((run / "emolens_run.json").read_text())
     out = tmp_path / "test-split"
-    assert main(["analyze", "--model", str(run), "--split", "test", "--out", str(out),
-                 "--layers", "-1", "--n-prompts", "1", "--min-count", "1", "--filter-mode",
-                 "none", "--alphas", "0,1", "--dla-per-label", "0", "--n-boot", "20",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "--model",
+                str(run),
+                "--split",
+                "test",
+                "--out",
+                str(out),
+                "--layers",
+                "-1",
+                "--n-prompts",
+                "1",
+                "--min-count",
+                "1",
+                "--filter-mode",
+                "none",
+                "--alphas",
+                "0,1",
+                "--dla-per-label",
+                "0",
+                "--n-boot",
+                "20",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     steps = pd.read_csv(out / "steps.csv")
     assert (steps.n_samples == len(info["splits"]["test"])).all()
-    assert main(["analyze", "--model", "tiny-random", "--split", "test", "--out",
-                 str(tmp_path / "x")]) == 1  # not a run folder: a clear error
+    assert (
+        main(["analyze", "--model", "tiny-random", "--split", "test", "--out", str(tmp_path / "x")])
+        == 1
+    )  # not a run folder: a clear error

@@ -13,9 +13,27 @@ def test_torchrun_with_two_cpu_processes_trains_one_series(tiny_model_dir, tmp_p
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "-m", "emolens.cli", "finetune", "--model",
-         str(tiny_model_dir), "--preset", "tiny", "--out", str(run), "--device", "cpu"],
-        capture_output=True, text=True, env=env, timeout=600)
+        [
+            str(torchrun),
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "emolens.cli",
+            "finetune",
+            "--model",
+            str(tiny_model_dir),
+            "--preset",
+            "tiny",
+            "--out",
+            str(run),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())
     info = json.loads((run / "emolens_run.json").read_text())

@@ -10,8 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from emolens.data import load_corpus, split_corpus
-from emolens.finetune import (
+from emolens.data.corpus import load_corpus, split_corpus
+from emolens.data.labels import JA_TEMPLATE, STUDY_LABELS, render_prompts, resolve_label_tokens
+from emolens.data.tokens import encode, pad_id
+from emolens.model.loading import RUN_INFO, discover_series, load_hf_model, load_tokenizer
+from emolens.run.finetune import (
     PAPER,
     PRESETS,
     TINY,
@@ -28,9 +31,6 @@ from emolens.finetune import (
     read_accuracy,
     run_test_split,
 )
-from emolens.labels import JA_TEMPLATE, STUDY_LABELS, render_prompts, resolve_label_tokens
-from emolens.models import RUN_INFO, discover_series, load_hf_model, load_tokenizer
-from emolens.tokens import encode, pad_id
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from emolens.geometry import (
+from emolens.analysis.geometry import (
     CausalInnerProduct,
     cosine,
     cosine_matrix,

@@ -1,6 +1,6 @@
 import pytest
 
-from emolens.hooks import check_layers, resid_post
+from emolens.model.hooks import check_layers, resid_post
 
 
 def test_layer_lists_accept_all_negative_and_mid():
@@ -10,8 +10,10 @@ def test_layer_lists_accept_all_negative_and_mid():
     assert resid_post(3) == "blocks.3.hook_resid_post"
 
 
-@pytest.mark.parametrize("bad, message", [("9", "out of range"), ([1, 1], "twice"),
-                                          ("one", "cannot read"), ([-5], "out of range")])
+@pytest.mark.parametrize(
+    "bad, message",
+    [("9", "out of range"), ([1, 1], "twice"), ("one", "cannot read"), ([-5], "out of range")],
+)
 def test_bad_layer_lists_are_clear_errors(bad, message):
     with pytest.raises(ValueError, match=message):
         check_layers(bad, 4)

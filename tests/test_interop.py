@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from emolens import hooks, interop
-from emolens.steering import steer
-from emolens.vectors import ConceptVectors
+from emolens import interop
+from emolens.measure.steering import steer
+from emolens.measure.vectors import ConceptVectors
+from emolens.model import hooks
 
 EMOTIONS = ("joy", "fear", "trust")
 ALPHA = 3.0

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from emolens.labels import (
+from emolens.data.labels import (
     EN_TEMPLATE,
     JA_TEMPLATE,
     NEUTRAL,
@@ -15,7 +15,7 @@ from emolens.labels import (
     render_prompts,
     resolve_label_tokens,
 )
-from emolens.tokens import encode
+from emolens.data.tokens import encode
 
 PAPER_PROMPT = (
     "次の感情リストを考えてください：怒り、退屈、嫌悪、恐怖、罪悪感、喜び、誇り、安堵、悲しみ、恥、"
@@ -83,7 +83,7 @@ def test_label_first_token_comes_from_prompt_plus_label(tiny_model):
     for entry, emotion in zip(resolved.entries, STUDY_LABELS):
         (full,) = encode(tok, [prompt + emotion.ja])
         assert entry.first_token_id == full[len(prompt_ids)]
-        assert entry.token_ids == full[len(prompt_ids):]
+        assert entry.token_ids == full[len(prompt_ids) :]
         assert entry.n_tokens == len(full) - len(prompt_ids)
     assert resolved.ids == [e.first_token_id for e in resolved.entries]
     table = resolved.format_table()
@@ -109,7 +109,7 @@ class _MergingTokenizer:
         for t in texts:
             ids, i = [], 0
             while i < len(t):
-                if t[i:i + 2] == "ab":
+                if t[i : i + 2] == "ab":
                     ids.append(1000)
                     i += 2
                 else:

@@ -3,11 +3,11 @@ from functools import partial
 import pytest
 import torch
 
-from emolens import hooks
-from emolens.activations import collect_activations
-from emolens.data import load_corpus
-from emolens.labels import STUDY_LABELS, render_prompts, resolve_label_tokens
-from emolens.localisation import (
+from emolens.data.corpus import load_corpus
+from emolens.data.labels import STUDY_LABELS, render_prompts, resolve_label_tokens
+from emolens.data.tokens import encode, last_token_index, pad
+from emolens.measure.activations import collect_activations
+from emolens.measure.localisation import (
     ablate_direction,
     answer_residuals,
     intervened_label_logits,
@@ -16,8 +16,8 @@ from emolens.localisation import (
     unit_directions,
     window_sweep,
 )
-from emolens.tokens import encode, last_token_index, pad
-from emolens.vectors import ConceptVectors, concept_vectors
+from emolens.measure.vectors import ConceptVectors, concept_vectors
+from emolens.model import hooks
 
 
 def attached_hooks(bridge) -> tuple[int, int]:
@@ -88,9 +88,7 @@ def patch_along(tensor, *, hook, u, m):
 # --------------------------------------------------------------------------- interventions
 
 
-def test_ablating_directions_orthogonal_to_the_answer_residuals_changes_nothing(
-    tiny_model, setup
-):
+def test_ablating_directions_orthogonal_to_the_answer_residuals_changes_nothing(tiny_model, setup):
     prompts, gold, label_ids, acts, vectors = setup
     n_layers = tiny_model.n_layers
     # per-row directions orthogonal to each row's own clean answer residual at every layer

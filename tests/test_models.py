@@ -4,8 +4,9 @@ import time
 import pytest
 import torch
 
-from emolens.labels import resolve_label_tokens
-from emolens.models import (
+from emolens.data.labels import resolve_label_tokens
+from emolens.data.tokens import encode
+from emolens.model.loading import (
     ModelLoadError,
     discover_series,
     load_model,
@@ -13,7 +14,6 @@ from emolens.models import (
     resolve_model_dir,
     weights_hash,
 )
-from emolens.tokens import encode
 
 
 def _ids(model, text="今日は駅まで歩いた。"):
@@ -60,8 +60,9 @@ def test_dtype_defaults():
         resolve_dtype("int3", "cpu")
 
 
-def test_series_discovery_orders_steps_reads_losses_and_reports_broken(fake_run_dir,
-                                                                       tiny_model_dir):
+def test_series_discovery_orders_steps_reads_losses_and_reports_broken(
+    fake_run_dir, tiny_model_dir
+):
     series = discover_series(fake_run_dir)
     assert series.steps == [0, 2, 4]
     assert [c.kind for c in series.checkpoints] == ["base", "full", "full"]
@@ -109,7 +110,8 @@ def test_missing_and_half_written_models_are_clear_errors(tmp_path, fake_run_dir
 
 def test_hub_ids_pass_through_unchanged():
     assert resolve_model_dir("sbintuitions/sarashina2.2-1b-instruct-v0.1") == (
-        "sbintuitions/sarashina2.2-1b-instruct-v0.1")
+        "sbintuitions/sarashina2.2-1b-instruct-v0.1"
+    )
 
 
 @pytest.mark.slow
@@ -136,11 +138,12 @@ def test_gemma_from_registry_package_through_the_gguf_path(tmp_path, monkeypatch
 
 
 def test_a_model_too_large_for_the_device_is_a_clear_error(tiny_model_dir, monkeypatch):
-    import emolens.models as models
+    import emolens.model.loading as models
 
     need = models.estimated_model_bytes(str(tiny_model_dir), torch.float32)
-    n_params = sum(p.numel() for p in load_model(tiny_model_dir, device="cpu").hf_model
-                   .parameters())
+    n_params = sum(
+        p.numel() for p in load_model(tiny_model_dir, device="cpu").hf_model.parameters()
+    )
     assert need == 4 * n_params
     monkeypatch.setattr(models, "available_memory", lambda device: need // 2)
     with pytest.raises(ModelLoadError, match=r"needs about .* GiB .*--device-map auto"):
@@ -151,7 +154,7 @@ def test_a_model_too_large_for_the_device_is_a_clear_error(tiny_model_dir, monke
 def test_smollm2_llama_from_its_registry_package():
     """A Llama-architecture model like Sarashina, from the package's .gguf; an English model,
     so the Japanese labels share byte-level first tokens and the audit must say so."""
-    from emolens.labels import EN_TEMPLATE, LabelTokenError
+    from emolens.data.labels import EN_TEMPLATE, LabelTokenError
 
     model = load_model("smollm2-135m", device="cpu")
     assert model.hf_model.config.architectures == ["LlamaForCausalLM"]

@@ -18,16 +18,16 @@ import pandas as pd
 import pytest
 import torch
 
-from emolens.activations import Activations, answer_readout, collect_activations
-from emolens.attribution import ReadoutCheckFailed
-from emolens.data import load_corpus
-from emolens.labels import STUDY_LABELS, TEMPLATES, render_prompts, resolve_label_tokens
-from emolens.models import load_model
-from emolens.pipeline import AnalysisConfig, analyze
-from emolens.steering import final_layer_sensitivity, naive_sensitivity
-from emolens.tiny import tiny_random_gpt2, tiny_random_model
-from emolens.tokens import encode
-from emolens.vectors import ConceptVectors
+from emolens.data.corpus import load_corpus
+from emolens.data.labels import STUDY_LABELS, TEMPLATES, render_prompts, resolve_label_tokens
+from emolens.data.tokens import encode
+from emolens.measure.activations import Activations, answer_readout, collect_activations
+from emolens.measure.attribution import ReadoutCheckFailed
+from emolens.measure.steering import final_layer_sensitivity, naive_sensitivity
+from emolens.measure.vectors import ConceptVectors
+from emolens.model.loading import load_model
+from emolens.run.pipeline import AnalysisConfig, analyze
+from emolens.testing.tiny import tiny_random_gpt2, tiny_random_model
 
 N_LAYERS = 4  # the tiny Llama
 D_MODEL = 64
@@ -369,7 +369,7 @@ def test_answer_readout_does_not_round_to_the_model_dtype(gains_model_dir):
 def test_readout_check_failure_is_a_recorded_failure_and_geometry_survives(
     tmp_path, gains_model_dir, corpora, monkeypatch
 ):
-    from emolens import attribution
+    from emolens.measure import attribution
 
     def fail(cls, model, token_ids, check_factor=attribution.CHECK_FACTOR):
         raise ReadoutCheckFailed("planted: the readout differs by 1.0")

@@ -3,12 +3,19 @@ import json
 import pandas as pd
 import pytest
 
-from emolens.data import load_corpus
-from emolens.labels import STUDY_LABELS
-from emolens.pipeline import AnalysisConfig, analyze, choose_prompts
+from emolens.data.corpus import load_corpus
+from emolens.data.labels import STUDY_LABELS
+from emolens.run.pipeline import AnalysisConfig, analyze, choose_prompts
 
-CONFIG = AnalysisConfig(layers="1,-1", steer_layers="1,-1", alphas=(0.0, 2.0, 4.0), n_prompts=3,
-                        min_count=1, batch_size=16, filter_mode="none")
+CONFIG = AnalysisConfig(
+    layers="1,-1",
+    steer_layers="1,-1",
+    alphas=(0.0, 2.0, 4.0),
+    n_prompts=3,
+    min_count=1,
+    batch_size=16,
+    filter_mode="none",
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +36,17 @@ def test_analysis_writes_long_tables_for_every_step(series_out):
     assert sorted(sens.layer.unique()) == [1, 3]
     n_emotions, n_labels = 12, 13
     assert len(sens) == 3 * 2 * n_emotions * 3 * 3 * n_labels
-    assert set(sens.columns) >= {"step", "layer", "steered_emotion", "observed_label", "alpha",
-                                 "prompt_id", "logit_change", "logprob_change",
-                                 "centered_change"}
+    assert set(sens.columns) >= {
+        "step",
+        "layer",
+        "steered_emotion",
+        "observed_label",
+        "alpha",
+        "prompt_id",
+        "logit_change",
+        "logprob_change",
+        "centered_change",
+    }
     assert (sens[sens.alpha == 0][["logit_change", "logprob_change"]].abs() < 1e-4).all().all()
     filtering = pd.read_csv(series_out / "filtering.csv")
     assert len(filtering) == 3 * 13
@@ -57,9 +72,14 @@ def test_changed_settings_recompute(series_out, fake_run_dir, corpus, tmp_path):
 
     out = tmp_path / "copy"
     shutil.copytree(series_out, out)
-    analyze(fake_run_dir, corpus, out, AnalysisConfig(**{**CONFIG.to_dict(),
-                                                         "alphas": (0.0, 1.0)}),
-            device="cpu", overwrite=True)
+    analyze(
+        fake_run_dir,
+        corpus,
+        out,
+        AnalysisConfig(**{**CONFIG.to_dict(), "alphas": (0.0, 1.0)}),
+        device="cpu",
+        overwrite=True,
+    )
     sens = pd.read_csv(out / "sensitivity.csv")
     assert sorted(sens.alpha.unique()) == [0.0, 1.0]
 
@@ -91,8 +111,9 @@ def test_bad_settings_are_clear_errors():
 def test_explanation_tables_are_written_for_the_series(series_out):
     attribution = pd.read_csv(series_out / "attribution.csv")
     assert sorted(attribution.step.unique()) == [0, 2, 4]
-    assert ((attribution.direct + attribution.scale_change - attribution.logit_change).abs()
-            < 1e-4).all()
+    assert (
+        (attribution.direct + attribution.scale_change - attribution.logit_change).abs() < 1e-4
+    ).all()
     sens = pd.read_csv(series_out / "sensitivity.csv")
     diag = sens[(sens.steered_emotion == sens.observed_label) & (sens.layer == 3)]
     measured = diag.groupby(["step", "steered_emotion", "alpha"]).logit_change.mean()
@@ -110,7 +131,7 @@ def test_explanation_tables_are_written_for_the_series(series_out):
 
 
 def test_shards_merge_into_the_single_run(series_out, fake_run_dir, corpus, tmp_path):
-    from emolens.pipeline import merge
+    from emolens.run.pipeline import merge
 
     shards = []
     for i in range(2):
@@ -118,8 +139,18 @@ def test_shards_merge_into_the_single_run(series_out, fake_run_dir, corpus, tmp_
         analyze(fake_run_dir, corpus, shards[-1], CONFIG, device="cpu", shard=(i, 2))
     assert sorted(pd.read_csv(shards[0] / "steps.csv").step) == [0, 4]
     merged = merge(shards, tmp_path / "merged")
-    for name in ("sensitivity", "filtering", "steps", "attribution", "transfer", "dla",
-                 "geometry", "probes", "random_baseline", "change_summary"):
+    for name in (
+        "sensitivity",
+        "filtering",
+        "steps",
+        "attribution",
+        "transfer",
+        "dla",
+        "geometry",
+        "probes",
+        "random_baseline",
+        "change_summary",
+    ):
         assert (merged / f"{name}.csv").read_bytes() == (series_out / f"{name}.csv").read_bytes()
 
 
@@ -138,8 +169,17 @@ def test_a_corrupt_checkpoint_fails_alone_and_is_reported(fake_run_dir, corpus, 
 
 def test_same_command_gives_identical_csv_files(series_out, fake_run_dir, corpus, tmp_path):
     again = analyze(fake_run_dir, corpus, tmp_path / "again", CONFIG, device="cpu")
-    for name in ("sensitivity", "filtering", "steps", "attribution", "transfer", "geometry",
-                 "probes", "random_baseline", "change_summary"):
+    for name in (
+        "sensitivity",
+        "filtering",
+        "steps",
+        "attribution",
+        "transfer",
+        "geometry",
+        "probes",
+        "random_baseline",
+        "change_summary",
+    ):
         assert (again / f"{name}.csv").read_bytes() == (series_out / f"{name}.csv").read_bytes()
 
 
@@ -164,18 +204,18 @@ def test_geometry_probes_and_baselines_cover_every_step_with_intervals(series_ou
     assert {"logit_change_concept", "logit_change_random_mean"} <= set(baseline.columns)
 
 
-def test_answer_only_steering_uses_the_kv_cache_and_matches_the_plain_pass(series_out,
-                                                                           fake_run_dir, corpus,
-                                                                           tmp_path):
+def test_answer_only_steering_uses_the_kv_cache_and_matches_the_plain_pass(
+    series_out, fake_run_dir, corpus, tmp_path
+):
     """positions="answer" at a middle layer runs one token a configuration on the prompt's
     cache; the hooked pass over whole prompts must give the same numbers."""
     import torch
 
-    from emolens.labels import render_prompts, resolve_label_tokens
-    from emolens.models import discover_series
-    from emolens.steering import naive_sensitivity
-    from emolens.tokens import encode
-    from emolens.vectors import ConceptVectors
+    from emolens.data.labels import render_prompts, resolve_label_tokens
+    from emolens.data.tokens import encode
+    from emolens.measure.steering import naive_sensitivity
+    from emolens.measure.vectors import ConceptVectors
+    from emolens.model.loading import discover_series
 
     config = AnalysisConfig(**{**CONFIG.to_dict(), "positions": "answer", "steer_layers": "1"})
     out = analyze(fake_run_dir, corpus, tmp_path / "answer", config, device="cpu", steps=[4])
@@ -185,14 +225,23 @@ def test_answer_only_steering_uses_the_kv_cache_and_matches_the_plain_pass(serie
     model = series.load(series.checkpoints[-1], device="cpu")
     manifest = json.loads((out / "manifest.json").read_text())
     index = {s.id: s for s in corpus.samples}
-    prompts = encode(model.tokenizer, render_prompts([index[i].text
-                                                      for i in manifest["steered_prompts"]]))
+    prompts = encode(
+        model.tokenizer, render_prompts([index[i].text for i in manifest["steered_prompts"]])
+    )
     vectors = ConceptVectors.load(out / "steps" / "step-000004")
     label_ids = resolve_label_tokens(model.tokenizer).ids
-    naive = naive_sensitivity(model, prompts, 1, vectors.layer(1)[:2],
-                              torch.tensor([2.0]), label_ids, positions="answer",
-                              emotions=vectors.emotions[:2], labels=STUDY_LABELS.names("en"),
-                              prompt_ids=manifest["steered_prompts"])
+    naive = naive_sensitivity(
+        model,
+        prompts,
+        1,
+        vectors.layer(1)[:2],
+        torch.tensor([2.0]),
+        label_ids,
+        positions="answer",
+        emotions=vectors.emotions[:2],
+        labels=STUDY_LABELS.names("en"),
+        prompt_ids=manifest["steered_prompts"],
+    )
     got = sens[(sens.alpha == 2.0) & sens.steered_emotion.isin(vectors.emotions[:2])]
     got = got.sort_values(["steered_emotion", "prompt_id", "observed_label"])
     expected = naive.to_frame().sort_values(["emotion", "prompt", "label"])
@@ -202,13 +251,19 @@ def test_answer_only_steering_uses_the_kv_cache_and_matches_the_plain_pass(serie
 def test_localisation_sweeps_windows_for_every_step(series_out, corpus, tmp_path):
     import shutil
 
-    from emolens.pipeline import localise
+    from emolens.run.pipeline import localise
 
     config = AnalysisConfig(**{**CONFIG.to_dict(), "layers": "all"})
     out = tmp_path / "all-layers"
     shutil.copytree(series_out, out)
-    analyze(json.loads((series_out / "manifest.json").read_text())["run_dir"], corpus, out,
-            config, device="cpu", overwrite=True)
+    analyze(
+        json.loads((series_out / "manifest.json").read_text())["run_dir"],
+        corpus,
+        out,
+        config,
+        device="cpu",
+        overwrite=True,
+    )
     table = localise(out, corpus, window=2, per_label=2, device="cpu")
     assert sorted(table.step.unique()) == [0, 2, 4]
     assert sorted(table.start_layer.unique()) == [0, 1, 2]

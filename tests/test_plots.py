@@ -7,8 +7,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from emolens import plots
-from emolens.labels import STUDY_LABELS
+from emolens.data.labels import STUDY_LABELS
+from emolens.report import figures
 
 STEERED = ("joy", "sadness", "trust")
 STEPS = (0, 2, 4)
@@ -116,7 +116,7 @@ def _emotion_traces(fig):
 
 
 def test_figure2_has_one_line_per_emotion_with_means_and_standard_errors_over_prompts(sens):
-    fig = plots.figure2(sens)
+    fig = figures.figure2(sens)
     assert isinstance(fig, go.Figure)
     traces = _emotion_traces(fig)
     assert [t.name for t in traces] == list(STEERED)  # the study's label order
@@ -133,7 +133,7 @@ def test_figure2_has_one_line_per_emotion_with_means_and_standard_errors_over_pr
 
 
 def test_figure2_takes_a_chosen_layer_alpha_and_measure(sens):
-    fig = plots.figure2(sens, layer=1, alpha=2, measure="logprob_change")
+    fig = figures.figure2(sens, layer=1, alpha=2, measure="logprob_change")
     joy = next(t for t in fig.data if t.name == "joy")
     mean, _ = slow_diagonal(sens, "joy", 4, layer=1, alpha=2.0, measure="logprob_change")
     assert joy.y[-1] == pytest.approx(mean)
@@ -141,18 +141,18 @@ def test_figure2_takes_a_chosen_layer_alpha_and_measure(sens):
 
 
 def test_figure2_draws_eval_loss_on_a_second_axis_only_when_there_is_some(sens):
-    fig = plots.figure2(sens, steps_table=make_steps())
+    fig = figures.figure2(sens, steps_table=make_steps())
     ev = [t for t in fig.data if t.name == "eval loss"]
     assert len(ev) == 1
     assert ev[0].yaxis == "y2" and ev[0].line.dash == "dash"
     assert list(ev[0].x) == [2, 4] and list(ev[0].y) == [2.0, 1.5]
     assert fig.layout.yaxis2.overlaying == "y"
-    none = plots.figure2(sens, steps_table=make_steps(eval_loss=(math.nan,) * 3))
+    none = figures.figure2(sens, steps_table=make_steps(eval_loss=(math.nan,) * 3))
     assert not any(t.name == "eval loss" for t in none.data)
 
 
 def test_figure2_hover_names_the_emotion_in_japanese_too(sens):
-    fig = plots.figure2(sens)
+    fig = figures.figure2(sens)
     joy = next(t for t in fig.data if t.name == "joy")
     assert "喜び" in joy.hovertemplate
 
@@ -160,27 +160,27 @@ def test_figure2_hover_names_the_emotion_in_japanese_too(sens):
 def test_figure2_prefers_absolute_alpha_when_both_units_are_present():
     mixed = make_sensitivity(units=("absolute", "norm"), steps=(0, 2))
     mixed.loc[mixed["alpha_unit"] == "norm", "logit_change"] += 100.0
-    fig = plots.figure2(mixed)
+    fig = figures.figure2(mixed)
     assert "(absolute)" in fig.layout.title.text
     assert max(max(t.y) for t in _emotion_traces(fig)) < 50
-    norm = plots.figure2(mixed, alpha_unit="norm")
+    norm = figures.figure2(mixed, alpha_unit="norm")
     assert min(min(t.y) for t in _emotion_traces(norm)) > 50
 
 
 def test_figure2_errors_name_what_is_present(sens):
     with pytest.raises(ValueError, match="layer = 7; present: 1, 3"):
-        plots.figure2(sens, layer=7)
+        figures.figure2(sens, layer=7)
     with pytest.raises(ValueError, match="no measure 'bogus'"):
-        plots.figure2(sens, measure="bogus")
+        figures.figure2(sens, measure="bogus")
     with pytest.raises(ValueError, match="lacks the column"):
-        plots.figure2(sens.drop(columns="prompt_id"))
+        figures.figure2(sens.drop(columns="prompt_id"))
     off_diagonal = sens[sens["steered_emotion"] != sens["observed_label"]]
     with pytest.raises(ValueError, match="no diagonal rows"):
-        plots.figure2(off_diagonal)
+        figures.figure2(off_diagonal)
 
 
 def test_emotions_keep_one_colour_across_figures(sens):
-    fig2 = plots.figure2(sens)
+    fig2 = figures.figure2(sens)
     long = pd.DataFrame(
         {
             "step": [0, 2, 0, 2],
@@ -188,17 +188,17 @@ def test_emotions_keep_one_colour_across_figures(sens):
             "cosine": [1.0, 0.9, 1.0, 0.8],
         }
     )
-    generic = plots.generic_table_figure(long, "geometry")
+    generic = figures.generic_table_figure(long, "geometry")
     for name in ("joy", "trust"):
         a = next(t for t in fig2.data if t.name == name)
         b = next(t for t in generic.data if t.name == name)
-        assert a.line.color == b.line.color == plots.emotion_color(name)
-    assert len({plots.emotion_color(n) for n in STUDY_LABELS.names("en")}) == 13
-    assert plots.emotion_color("unknown") == plots.emotion_color("unknown")
+        assert a.line.color == b.line.color == figures.emotion_color(name)
+    assert len({figures.emotion_color(n) for n in STUDY_LABELS.names("en")}) == 13
+    assert figures.emotion_color("unknown") == figures.emotion_color("unknown")
 
 
 def test_selectivity_heatmap_is_steered_by_observed_at_the_last_step(sens):
-    fig = plots.selectivity_heatmap(sens)
+    fig = figures.selectivity_heatmap(sens)
     (hm,) = fig.data
     assert list(hm.y) == list(STEERED)
     assert list(hm.x) == STUDY_LABELS.names("en")
@@ -215,11 +215,11 @@ def test_selectivity_heatmap_is_steered_by_observed_at_the_last_step(sens):
     ]
     assert z[0, list(hm.x).index("fear")] == pytest.approx(rows["logit_change"].mean())
     assert "step 4" in fig.layout.title.text
-    assert plots.selectivity_heatmap(sens, step=0, layer=1, alpha=2.0).data[0].z is not None
+    assert figures.selectivity_heatmap(sens, step=0, layer=1, alpha=2.0).data[0].z is not None
 
 
 def test_layer_step_heatmap_is_layer_by_step_of_the_diagonal(sens):
-    fig = plots.layer_step_heatmap(sens, "trust")
+    fig = figures.layer_step_heatmap(sens, "trust")
     (hm,) = fig.data
     assert list(hm.y) == ["1", "3"] and list(hm.x) == ["0", "2", "4"]
     for i, layer in enumerate(LAYERS):
@@ -227,11 +227,11 @@ def test_layer_step_heatmap_is_layer_by_step_of_the_diagonal(sens):
             mean, _ = slow_diagonal(sens, "trust", step, layer=layer, alpha=4.0)
             assert hm.z[i][j] == pytest.approx(mean)
     with pytest.raises(ValueError, match="no rows steered with 'fear'"):
-        plots.layer_step_heatmap(sens, "fear")
+        figures.layer_step_heatmap(sens, "fear")
 
 
 def test_filtering_bars_group_kept_counts_by_step_and_mark_dropped_labels():
-    fig = plots.filtering_bars(make_filtering())
+    fig = figures.filtering_bars(make_filtering())
     assert [t.name for t in fig.data] == ["step 0", "step 2", "step 4"]
     assert fig.layout.barmode == "group"
     last = fig.data[-1]
@@ -246,7 +246,7 @@ def test_filtering_bars_group_kept_counts_by_step_and_mark_dropped_labels():
 def test_filtering_bars_read_dropped_written_as_text():
     frame = make_filtering()
     frame["dropped"] = frame["dropped"].map({True: "True", False: "False"})
-    fig = plots.filtering_bars(frame)
+    fig = figures.filtering_bars(frame)
     assert fig.data[0].text.count("dropped") == 1
 
 
@@ -258,20 +258,20 @@ def test_loss_curve_shows_train_and_eval_loss_and_marks_the_lowest_eval_loss():
             "eval_loss": [math.nan, 2.2, math.nan, 2.4],
         }
     )
-    fig = plots.loss_curve(log)
+    fig = figures.loss_curve(log)
     names = [t.name for t in fig.data]
     assert names == ["train loss", "eval loss", "lowest eval loss"]
     assert list(fig.data[1].x) == [2, 4]
     assert list(fig.data[2].x) == [2]
     with pytest.raises(ValueError, match="no loss"):
-        plots.loss_curve(pd.DataFrame({"step": [1], "other": [2]}))
+        figures.loss_curve(pd.DataFrame({"step": [1], "other": [2]}))
 
 
 def test_accuracy_curve_from_steps_or_accuracy_table():
-    fig = plots.accuracy_curve(make_steps())
+    fig = figures.accuracy_curve(make_steps())
     assert list(fig.data[0].y) == [0.3, 0.5, 0.6]
     acc = pd.DataFrame({"step": [4, 2], "accuracy": [0.7, 0.6], "n": [10, 10]})
-    assert list(plots.accuracy_curve(acc).data[0].x) == [2, 4]
+    assert list(figures.accuracy_curve(acc).data[0].x) == [2, 4]
 
 
 def test_generic_table_figure_draws_a_line_per_group_at_the_final_layer():
@@ -289,7 +289,7 @@ def test_generic_table_figure_draws_a_line_per_group_at_the_final_layer():
         for e in ("joy", "fear")
         for p in range(30)
     ]
-    fig = plots.generic_table_figure(pd.DataFrame(rows), "geometry")
+    fig = figures.generic_table_figure(pd.DataFrame(rows), "geometry")
     cos = [t for t in fig.data if t.visible is not False]
     assert sorted(t.name for t in cos) == ["fear", "joy"]
     joy = next(t for t in cos if t.name == "joy")
@@ -312,7 +312,7 @@ def test_generic_table_figure_draws_a_line_per_group_at_the_final_layer():
     ],
 )
 def test_generic_table_figure_never_fails_on_unexpected_columns(frame):
-    fig = plots.generic_table_figure(frame, "odd")
+    fig = figures.generic_table_figure(frame, "odd")
     assert isinstance(fig, go.Figure) and len(fig.data) >= 1
 
 
@@ -590,7 +590,7 @@ def make_sensitivity_trends(alpha=4.0) -> pd.DataFrame:
 
 def test_figure2_draws_the_two_level_bands_of_the_plotted_layer_and_alpha(sens):
     bands = make_figure2_bands()
-    fig = plots.figure2(sens, bands=bands)
+    fig = figures.figure2(sens, bands=bands)
     filled = [t for t in fig.data if t.fill == "toself"]
     assert sorted(t.meta for t in filled) == sorted(STEERED)
     joy = next(t for t in filled if t.meta == "joy")
@@ -598,8 +598,8 @@ def test_figure2_draws_the_two_level_bands_of_the_plotted_layer_and_alpha(sens):
     assert list(joy.x) == rows.step.tolist() + rows.step.tolist()[::-1]
     assert list(joy.y) == rows.ci_high.tolist() + rows.ci_low.tolist()[::-1]
     # another layer or alpha has no band here
-    assert not [t for t in plots.figure2(sens, layer=1, bands=bands).data if t.fill == "toself"]
-    assert not [t for t in plots.figure2(sens, alpha=2.0, bands=bands).data if t.fill]
+    assert not [t for t in figures.figure2(sens, layer=1, bands=bands).data if t.fill == "toself"]
+    assert not [t for t in figures.figure2(sens, alpha=2.0, bands=bands).data if t.fill]
 
 
 def _of(fig, emotion, name=None):
@@ -608,7 +608,7 @@ def _of(fig, emotion, name=None):
 
 def test_attribution_figure_stacks_direct_and_scale_parts_under_the_measured_change():
     attr = make_attribution()
-    fig = plots.attribution_figure(attr)
+    fig = figures.attribution_figure(attr)
     assert fig.layout.barmode == "relative"
     assert "α = 4" in fig.layout.title.text and "layer 3" in fig.layout.title.text
     titles = [a.text for a in fig.layout.annotations]
@@ -629,7 +629,7 @@ def test_attribution_figure_stacks_direct_and_scale_parts_under_the_measured_cha
             assert line.y[i] == pytest.approx(direct.y[i] + scale.y[i])
     legend = [t.name for t in fig.data if t.showlegend is not False]
     assert len(legend) == 3  # one legend entry per part, not per panel
-    two = plots.attribution_figure(attr, alpha=2)
+    two = figures.attribution_figure(attr, alpha=2)
     joy = next(t for t in _of(two, "joy") if t.legendgroup == "direct")
     expect = attr[(attr.emotion == "joy") & (attr.alpha == 2.0)].sort_values("step")
     assert list(joy.y) == pytest.approx(expect["direct"].tolist())
@@ -637,7 +637,7 @@ def test_attribution_figure_stacks_direct_and_scale_parts_under_the_measured_cha
 
 def test_push_change_figure_splits_the_push_into_vector_readout_and_scale():
     attr = make_attribution()
-    fig = plots.push_change_figure(attr)
+    fig = figures.push_change_figure(attr)
     for emotion in EMOTIONS:
         traces = {t.legendgroup: t for t in _of(fig, emotion)}
         assert set(traces) == {"push_vector", "push_readout", "push_scale", "push_change"}
@@ -648,12 +648,12 @@ def test_push_change_figure_splits_the_push_into_vector_readout_and_scale():
         total = sum(traces[p].y[-1] for p in ("push_vector", "push_readout", "push_scale"))
         assert total == pytest.approx(traces["push_change"].y[-1])
     with pytest.raises(ValueError, match="push_vector"):
-        plots.push_change_figure(attr.drop(columns="push_vector"))
+        figures.push_change_figure(attr.drop(columns="push_vector"))
 
 
 def test_transfer_heatmap_is_model_step_by_vector_step_mean_over_emotions_by_default():
     tr = make_transfer()
-    fig = plots.transfer_heatmap(tr)
+    fig = figures.transfer_heatmap(tr)
     names = [t.name for t in fig.data]
     assert names == ["mean over emotions", "joy", "trust"]
     assert [t.visible for t in fig.data] == [True, False, False]
@@ -666,15 +666,15 @@ def test_transfer_heatmap_is_model_step_by_vector_step_mean_over_emotions_by_def
     (menu,) = fig.layout.updatemenus
     assert [b.label for b in menu.buttons] == names
     assert menu.buttons[2].args[0]["visible"] == [False, False, True]
-    chosen = plots.transfer_heatmap(tr, emotion="trust")
+    chosen = figures.transfer_heatmap(tr, emotion="trust")
     assert [t.visible for t in chosen.data] == [False, False, True]
     with pytest.raises(ValueError, match="no transfer rows for 'fear'"):
-        plots.transfer_heatmap(tr, emotion="fear")
+        figures.transfer_heatmap(tr, emotion="fear")
 
 
 def test_dla_figure_orders_components_by_depth_and_averages_labels():
     dla = make_dla()
-    fig = plots.dla_figure(dla)
+    fig = figures.dla_figure(dla)
     mean = fig.data[0]
     assert mean.name == "mean over labels" and mean.visible
     assert list(mean.y) == ["embed", "attn 0", "mlp 0", "attn 1", "mlp 1"]
@@ -682,20 +682,20 @@ def test_dla_figure_orders_components_by_depth_and_averages_labels():
     for i, comp in enumerate(mean.y):
         for j, step in enumerate(STEPS):
             assert mean.z[i][j] == pytest.approx(step + layer[comp] + 0.5)
-    trust = plots.dla_figure(dla, label="trust")
+    trust = figures.dla_figure(dla, label="trust")
     shown = [t for t in trust.data if t.visible]
     assert [t.name for t in shown] == ["trust"]
     assert shown[0].z[0][0] == pytest.approx(0 - 1 + 1)
-    margin = plots.dla_figure(dla, value="margin")
+    margin = figures.dla_figure(dla, value="margin")
     assert margin.data[0].z[4][2] == pytest.approx(-(4 + 1))
     assert "margin" in margin.layout.title.text
     with pytest.raises(ValueError, match="'logit' or 'margin'"):
-        plots.dla_figure(dla, value="bogus")
+        figures.dla_figure(dla, value="bogus")
 
 
 def test_geometry_figure_draws_a_line_and_an_interval_band_per_emotion():
     geo = make_geometry()
-    fig = plots.geometry_figure(geo, "cosine_to_first")
+    fig = figures.geometry_figure(geo, "cosine_to_first")
     assert "layer 3" in fig.layout.title.text and "plain" in fig.layout.title.text
     for k, emotion in enumerate(EMOTIONS):
         band, line = _of(fig, emotion)
@@ -707,27 +707,27 @@ def test_geometry_figure_draws_a_line_and_an_interval_band_per_emotion():
         lo = [v - 0.1 for v in values]
         assert list(band.x) == list(STEPS) + list(STEPS)[::-1]
         assert list(band.y) == pytest.approx(hi + lo[::-1])
-        assert line.line.color == plots.emotion_color(emotion)
-    causal = plots.geometry_figure(geo, "cosine_to_first", inner="causal", layer=1)
+        assert line.line.color == figures.emotion_color(emotion)
+    causal = figures.geometry_figure(geo, "cosine_to_first", inner="causal", layer=1)
     joy = _of(causal, "joy")[-1]
     assert joy.y[0] == pytest.approx(1.0 - 0.01 + 0.5)
-    ortho = plots.geometry_figure(geo, "orthogonality")
+    ortho = figures.geometry_figure(geo, "orthogonality")
     band, line = _of(ortho, "all")
     assert list(band.x) == [2, 4, 4, 2]  # the first step has no interval
     with pytest.raises(ValueError, match="no measure 'bogus'.*cosine_to_first, orthogonality"):
-        plots.geometry_figure(geo, "bogus")
+        figures.geometry_figure(geo, "bogus")
 
 
 def test_probes_figure_has_an_all_layers_view_and_a_detailed_view_per_layer():
     pr = make_probes()
-    fig = plots.probes_figure(pr)
+    fig = figures.probes_figure(pr)
     (menu,) = fig.layout.updatemenus
     assert [b.label for b in menu.buttons] == ["all layers", "layer 1", "layer 3"]
     shown = [t for t in fig.data if t.visible]
     assert [t.name for t in shown] == ["layer 1", "layer 3", "chance"]
     assert list(shown[1].y) == pytest.approx([0.5 + 0.3 + 0.01 * s for s in STEPS])
     assert list(shown[2].y) == pytest.approx([0.34] * 3) and shown[2].line.dash == "dash"
-    detail = plots.probes_figure(pr, layer=1)
+    detail = figures.probes_figure(pr, layer=1)
     lines = {t.name: t for t in detail.data if t.visible and t.fill != "toself"}
     assert set(lines) == {"own probe", "step-0 probe", "shuffled labels", "chance"}
     assert list(lines["own probe"].y) == pytest.approx([0.6 + 0.01 * s for s in STEPS])
@@ -737,15 +737,15 @@ def test_probes_figure_has_an_all_layers_view_and_a_detailed_view_per_layer():
     assert list(lines["shuffled labels"].y) == pytest.approx([0.1] * 3)
     bands = [t for t in detail.data if t.visible and t.fill == "toself"]
     assert len(bands) == 3  # own, step-0 and shuffled have intervals; chance has none drawn
-    single = plots.probes_figure(pr[pr.layer == 3])
+    single = figures.probes_figure(pr[pr.layer == 3])
     assert not single.layout.updatemenus
     with pytest.raises(ValueError, match="no probe at layer 7"):
-        plots.probes_figure(pr, layer=7)
+        figures.probes_figure(pr, layer=7)
 
 
 def test_random_baseline_figure_shows_concept_against_random_mean_and_sd():
     rb = make_random_baseline()
-    fig = plots.random_baseline_figure(rb)
+    fig = figures.random_baseline_figure(rb)
     assert "α = 4" in fig.layout.title.text
     for emotion in EMOTIONS:
         traces = {t.name: t for t in _of(fig, emotion)}
@@ -755,11 +755,11 @@ def test_random_baseline_figure_shows_concept_against_random_mean_and_sd():
         assert list(rand.y) == pytest.approx([0.04] * 3)
         band = traces["random ± sd"]
         assert list(band.y) == pytest.approx([0.24] * 3 + [-0.16] * 3)
-        assert concept.line.color == plots.emotion_color(emotion)
+        assert concept.line.color == figures.emotion_color(emotion)
 
 
 def test_change_summary_counts_per_family_and_table():
-    counts = plots.change_summary_counts(make_change_summary())
+    counts = figures.change_summary_counts(make_change_summary())
     by = {(r.table, r.measure, r.variant): r for r in counts.itertuples()}
     plain = by[("geometry", "cosine_to_first", "plain")]
     assert (plain.n_series, plain.n_tested, plain.n_changed) == (4, 4, 3)
@@ -774,7 +774,7 @@ def test_change_summary_counts_per_family_and_table():
     assert by[("probes", "train_accuracy", "own")].n_tested == 0
     assert by[("probes", "chance", "own")].n_tested == 0
     assert plain.margin_rule == "absolute: 0.05"
-    fig = plots.change_summary_table(make_change_summary())
+    fig = figures.change_summary_table(make_change_summary())
     (table,) = fig.data
     assert list(table.cells.values[1]) == counts["measure"].tolist()
     assert list(table.cells.values[4]) == [3, 0, 1, 0, 0, 0]
@@ -791,19 +791,19 @@ def test_layer_summary_figure_writes_the_layer_in_each_cell():
             "recall": [0.5, 0.0, 0.6, 0.7],
         }
     )
-    fig = plots.layer_summary_figure(summary)
+    fig = figures.layer_summary_figure(summary)
     steer, decode = fig.data
     assert list(steer.y) == ["joy", "trust"] and list(steer.x) == ["0", "4"]
     assert [list(r) for r in steer.z] == [[2, 1], [3, 3]]
     assert [list(r) for r in decode.text] == [["", "2"], ["1", "2"]]
     assert decode.zmin == 1 and decode.zmax == 3
-    only = plots.layer_summary_figure(summary.drop(columns=["most_decodable_layer", "recall"]))
+    only = figures.layer_summary_figure(summary.drop(columns=["most_decodable_layer", "recall"]))
     assert len(only.data) == 1
 
 
 def test_layer_step_heatmaps_of_probes_and_geometry():
     pr = make_probes()
-    fig = plots.probes_layer_heatmap(pr)
+    fig = figures.probes_layer_heatmap(pr)
     acc = fig.data[0]
     assert acc.name == "accuracy" and list(acc.y) == ["1", "3"]  # the first row is drawn lowest
     assert acc.z[1][2] == pytest.approx(0.5 + 0.3 + 0.04)
@@ -813,16 +813,16 @@ def test_layer_step_heatmaps_of_probes_and_geometry():
         "recall: trust",
         "recall: no-emotion",
     ]
-    trust = plots.probes_layer_heatmap(pr, label="trust")
+    trust = figures.probes_layer_heatmap(pr, label="trust")
     shown = next(t for t in trust.data if t.visible)
     assert shown.z[0][0] == pytest.approx(0.1 + 0.1)
-    geo = plots.geometry_layer_heatmap(make_geometry(), "cosine_to_first", emotion="trust")
+    geo = figures.geometry_layer_heatmap(make_geometry(), "cosine_to_first", emotion="trust")
     shown = next(t for t in geo.data if t.visible)
     assert shown.name == "trust" and shown.z[1][1] == pytest.approx(1.0 - 0.2 - 0.03)
 
 
 def test_localisation_heatmap_has_one_cell_per_window_and_step():
-    from emolens.plots import localisation_heatmap
+    from emolens.report.figures import localisation_heatmap
 
     table = pd.DataFrame(
         {

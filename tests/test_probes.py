@@ -4,7 +4,7 @@ evaluation agrees with own evaluation, and everything is deterministic per seed.
 import pytest
 import torch
 
-from emolens.probes import (
+from emolens.analysis.probes import (
     Probe,
     evaluate_probe_across,
     per_label_recall,

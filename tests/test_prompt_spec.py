@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from emolens.cli import build_parser, main
-from emolens.data import load_corpus
-from emolens.finetune import (
+from emolens.data.corpus import load_corpus
+from emolens.data.labels import (
+    EN_TEMPLATE,
+    STUDY_LABELS,
+    PromptMismatchError,
+    PromptSpec,
+    render_prompts,
+)
+from emolens.data.tokens import encode
+from emolens.model.loading import ModelLoadError, load_model, load_tokenizer
+from emolens.run.finetune import (
     TINY,
     FinetuneError,
     build_examples,
@@ -18,16 +27,7 @@ from emolens.finetune import (
     run_prompt,
     training_arguments,
 )
-from emolens.labels import (
-    EN_TEMPLATE,
-    STUDY_LABELS,
-    PromptMismatchError,
-    PromptSpec,
-    render_prompts,
-)
-from emolens.models import ModelLoadError, load_model, load_tokenizer
-from emolens.pipeline import AnalysisConfig, analyze, step_dir
-from emolens.tokens import encode
+from emolens.run.pipeline import AnalysisConfig, analyze, step_dir
 
 FAST = AnalysisConfig(
     layers="-1",
@@ -219,7 +219,7 @@ def test_analyze_with_chat_reads_the_single_bos_prompt(
 ):
     from transformers import AutoModelForCausalLM
 
-    from emolens.activations import Activations
+    from emolens.measure.activations import Activations
 
     out = analyze(
         bos_model_dir, small_corpus, tmp_path / "a", replace(FAST, chat=True), device="cpu"
@@ -238,9 +238,9 @@ def test_analyze_with_chat_reads_the_single_bos_prompt(
 
 
 def test_localise_encodes_with_the_analysis_chat_prompt(bos_model_dir, small_corpus, tmp_path):
-    from emolens.localisation import window_sweep
-    from emolens.pipeline import localise
-    from emolens.vectors import ConceptVectors
+    from emolens.measure.localisation import window_sweep
+    from emolens.measure.vectors import ConceptVectors
+    from emolens.run.pipeline import localise
 
     out = analyze(
         bos_model_dir,
@@ -465,11 +465,12 @@ def test_finetune_dtype_bfloat16_trains_in_bf16(en_run, tiny_model_dir, en_corpu
 
 
 def test_one_definition_of_the_filter_modes():
-    from emolens import pipeline, vectors
+    from emolens.measure import vectors
+    from emolens.run import pipeline
 
     assert pipeline.FILTER_MODES is vectors.FILTER_MODES
     assert set(vectors.FILTER_MODES) == {"self", "base", "all", "none"}
-    from emolens.activations import Activations
+    from emolens.measure.activations import Activations
 
     acts = Activations(
         torch.zeros(3, 1, 2),
@@ -490,7 +491,7 @@ def test_finetune_accuracy_and_analysis_predict_the_same_label_per_sample(
 ):
     """``evaluate_accuracy`` (HF, left padding) and ``Activations`` (bridge, right padding) are
     two paths to the per-checkpoint accuracy: they must pick the same label for every sample."""
-    from emolens.activations import Activations
+    from emolens.measure.activations import Activations
 
     out = analyze(
         bos_model_dir, small_corpus, tmp_path / "a", replace(FAST, chat=chat), device="cpu"
@@ -506,8 +507,8 @@ def test_finetune_accuracy_and_analysis_predict_the_same_label_per_sample(
 
 
 def test_accuracy_paths_agree_on_a_fine_tuned_english_checkpoint(en_run, en_corpus_file, tmp_path):
-    from emolens.activations import Activations
-    from emolens.data import read_corpus
+    from emolens.data.corpus import read_corpus
+    from emolens.measure.activations import Activations
 
     test = read_corpus(en_corpus_file)
     out = analyze(en_run, test, tmp_path / "a", FAST, device="cpu", steps=[4])

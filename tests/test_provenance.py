@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import emolens
-from emolens import provenance
-from emolens.models import cache_dir
+from emolens.model.loading import cache_dir
+from emolens.store import provenance
 
 
 def _git(repo: Path, *args: str) -> str:

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from emolens.cli import main
-from emolens.data import load_corpus
-from emolens.models import ModelLoadError, resolve_device, resolve_dtype
-from emolens.pipeline import AnalysisConfig, IdentityMismatch, analyze, merge
-from emolens.results import FolderInUse, folder_lock
+from emolens.data.corpus import load_corpus
+from emolens.model.loading import ModelLoadError, resolve_device, resolve_dtype
+from emolens.run.pipeline import AnalysisConfig, IdentityMismatch, analyze, merge
+from emolens.store.files import FolderInUse, folder_lock
 
 CONFIG = AnalysisConfig(
     layers="1,-1",
@@ -238,7 +238,7 @@ def test_a_failing_step_of_a_series_never_damages_its_finished_folder(
     assert changed == {"last_run.json"} | {k for k in after if k.startswith("failed/")}
     assert json.loads((out / "last_run.json").read_text())["failures"][0]["step"] == 2
     assert json.loads((out / "manifest.json").read_text())["failures"] == []
-    from emolens.report import write_report
+    from emolens.report.page import write_report
 
     html = write_report(out).read_text()
     assert "failed at 1 step(s)" in html and "checkpoint-6" in html
@@ -400,13 +400,13 @@ def test_bundled_data_with_a_text_column_says_so(capsys):
 
 
 def test_texts_longer_than_the_context_are_refused_naming_them(tiny_model_dir, tmp_path, capsys):
-    from emolens.data import Corpus, Sample
+    from emolens.data.corpus import Corpus, Sample
 
     base = load_corpus(None).head_per_label(3)
     long = Sample(id="very-long", text="あ" * 2000, label="joy")
     corpus = Corpus((*base.samples, long), "test", "sha-long")
     analyze(tiny_model_dir, corpus, tmp_path / "out", CONFIG, device="cpu")
-    from emolens.pipeline import failure_summary
+    from emolens.run.pipeline import failure_summary
 
     summary = failure_summary(tmp_path / "out")
     assert "longer than the model's context" in summary and "very-long" in summary

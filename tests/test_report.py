@@ -21,8 +21,8 @@ from test_plots import (
     make_transfer,
 )
 
-from emolens.labels import STUDY_LABELS
-from emolens.report import (
+from emolens.data.labels import STUDY_LABELS
+from emolens.report.page import (
     OPTIONAL_TABLES,
     ReportInputError,
     ReportInputs,
@@ -248,8 +248,7 @@ def test_sensitivity_trends_say_which_emotions_fell_or_rose_from_q(explained_rep
     assert (
         "α = 4: from step 0 to 4, 1 of 3 emotions fell (joy (喜び)) and 1 rose "
         "(trust (信頼)) at q &lt; 0.05; 2 have a slope over steps at q &lt; 0.05; "
-        "1 are not shown to have changed."
-        in section
+        "1 are not shown to have changed." in section
     )
     assert "not evidence that it kept its sensitivity" in section
     figure2 = _section_of(explained_report, "figure2")

@@ -13,15 +13,15 @@ import pytest
 import torch
 
 import emolens
-from emolens.results_api import EFFECT_DIMS, TABLES, Results, ResultsError
+from emolens.api import EFFECT_DIMS, TABLES, Results, ResultsError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.fixture(scope="module")
 def results_dir(fake_run_dir, tmp_path_factory) -> Path:
-    from emolens.data import load_corpus
-    from emolens.pipeline import AnalysisConfig, analyze
+    from emolens.data.corpus import load_corpus
+    from emolens.run.pipeline import AnalysisConfig, analyze
 
     config = AnalysisConfig(
         layers="all",
@@ -65,8 +65,8 @@ def test_missing_files_are_errors_naming_the_file(results_dir, tmp_path):
 
 
 def test_tensors_per_step_are_the_saved_artifacts(results_dir):
-    from emolens.activations import Activations
-    from emolens.vectors import ConceptVectors
+    from emolens.measure.activations import Activations
+    from emolens.measure.vectors import ConceptVectors
 
     r = Results(results_dir)
     folder = results_dir / "steps" / "step-000002"
@@ -76,11 +76,11 @@ def test_tensors_per_step_are_the_saved_artifacts(results_dir):
 
 
 def test_figures_are_the_plots_functions_on_the_tables(results_dir):
-    from emolens import plots
+    from emolens.report import figures
 
     r = Results(results_dir)
     fig = r.figure2()
-    expected = plots.figure2(r.sensitivity, steps_table=r.steps, ja=r.ja)
+    expected = figures.figure2(r.sensitivity, steps_table=r.steps, ja=r.ja)
     assert isinstance(fig, go.Figure) and fig.to_json() == expected.to_json()
     assert r.figure2(layer=1).to_json() != fig.to_json()
     for make in (
@@ -123,13 +123,13 @@ def test_effects_without_xarray_is_an_error_naming_the_extra(results_dir, monkey
 
 
 def test_top_level_names_are_the_library_functions():
-    from emolens.finetune import finetune
-    from emolens.models import load_model
-    from emolens.pipeline import analyze
+    from emolens.model.loading import load_model
+    from emolens.run.finetune import finetune
+    from emolens.run.pipeline import analyze
 
     assert emolens.analyze is analyze and emolens.load_model is load_model
-    assert emolens.finetune.PRESETS["tiny"].max_steps == 4
-    # the submodule emolens.finetune is callable as its function
+    assert emolens.run.finetune.PRESETS["tiny"].max_steps == 4
+    # the submodule emolens.run.finetune is callable as its function
     calls = []
     original = emolens.finetune.finetune
     try:

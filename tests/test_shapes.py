@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from emolens.activations import collect_activations
-from emolens.labels import render_prompts, resolve_label_tokens
-from emolens.models import load_model
-from emolens.steering import final_layer_sensitivity, layer_sensitivity, naive_sensitivity
-from emolens.tiny import TINY_SHAPES, tiny_random_model
-from emolens.tokens import encode
+from emolens.data.labels import render_prompts, resolve_label_tokens
+from emolens.data.tokens import encode
+from emolens.measure.activations import collect_activations
+from emolens.measure.steering import final_layer_sensitivity, layer_sensitivity, naive_sensitivity
+from emolens.model.loading import load_model
+from emolens.testing.tiny import TINY_SHAPES, tiny_random_model
 
 
 @pytest.mark.parametrize("shape", ["sarashina-0.5b", "sarashina-1b", "sarashina-3b"])

@@ -4,7 +4,7 @@ the change rule does what its docstring says, and random baselines keep the norm
 import pytest
 import torch
 
-from emolens.stats import (
+from emolens.analysis.stats import (
     bootstrap_ci,
     bootstrap_indices,
     bootstrap_statistic,

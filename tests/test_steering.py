@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from emolens import hooks
-from emolens.activations import collect_activations
-from emolens.labels import STUDY_LABELS, render_prompts, resolve_label_tokens
-from emolens.steering import (
+from emolens.data.labels import STUDY_LABELS, render_prompts, resolve_label_tokens
+from emolens.data.tokens import encode, last_token_index, pad
+from emolens.measure.activations import collect_activations
+from emolens.measure.steering import (
     SteeringEffect,
     alphas_from_norm_multiples,
     final_layer_sensitivity,
@@ -14,7 +14,7 @@ from emolens.steering import (
     prompt_kv_cache,
     steer,
 )
-from emolens.tokens import encode, last_token_index, pad
+from emolens.model import hooks
 
 TEXTS = [
     "今日は駅まで歩いた。",

@@ -21,8 +21,8 @@ def write(tmp_path: Path, text: str, name: str = "study.toml") -> Path:
 
 def test_demo_study_is_what_emolens_demo_runs():
     from emolens.demo import DEMO_ANALYSIS, demo_settings
-    from emolens.models import DEFAULT_MODEL
-    from emolens.pipeline import AnalysisConfig
+    from emolens.model.loading import DEFAULT_MODEL
+    from emolens.run.pipeline import AnalysisConfig
 
     study = str(STUDIES / "demo.toml")
     ft = parse_args(["finetune", "--config", study])
@@ -42,9 +42,9 @@ def test_demo_study_is_what_emolens_demo_runs():
 
 
 def test_paper_study_is_the_papers_protocol():
-    from emolens.finetune import PRESETS
-    from emolens.models import SARASHINA_1B
-    from emolens.pipeline import AnalysisConfig
+    from emolens.model.loading import SARASHINA_1B
+    from emolens.run.finetune import PRESETS
+    from emolens.run.pipeline import AnalysisConfig
 
     study = str(STUDIES / "paper.toml")
     ft = parse_args(["finetune", "--config", study])
@@ -140,7 +140,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
 def test_importing_the_cli_and_its_help_import_no_torch():
     done = _python(
         "import sys, contextlib, io\n"
-        "import emolens, emolens.cli, emolens.study\n"
+        "import emolens, emolens.cli, emolens.run.study\n"
         "assert 'torch' not in sys.modules, 'import'\n"
         "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
         "    emolens.cli.main(['--help'])\n"

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from emolens import sweeps
+from emolens.analysis import sweeps
 
 LAYERS = (0, 1, 2, 3)
 STEPS = (0, 4)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from emolens.tokens import last_token_index, pad
+from emolens.data.tokens import last_token_index, pad
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

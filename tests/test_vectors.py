@@ -3,9 +3,9 @@ import warnings
 import pytest
 import torch
 
-from emolens.activations import Activations
-from emolens.labels import STUDY_LABELS
-from emolens.vectors import (
+from emolens.data.labels import STUDY_LABELS
+from emolens.measure.activations import Activations
+from emolens.measure.vectors import (
     ConceptVectors,
     DroppedLabelWarning,
     concept_vectors,

@@ -15,67 +15,105 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def _model_options(p: argparse.ArgumentParser, default: str | None = "default") -> None:
-    from emolens.models import ALIASES, DEFAULT_MODEL
+    from emolens.model.loading import ALIASES, DEFAULT_MODEL
 
     default = DEFAULT_MODEL if default == "default" else default
-    p.add_argument("--model", default=default, required=default is None,
-                   help="model spec: alias (" + ", ".join(ALIASES) + "), .gguf file, HF folder, "
-                   "hub id, or a fine-tuning run folder (checkpoint series)")
-    p.add_argument("--base", default=None,
-                   help="base model of a run folder or LoRA adapter (if not recorded in it)")
+    p.add_argument(
+        "--model",
+        default=default,
+        required=default is None,
+        help="model spec: alias (" + ", ".join(ALIASES) + "), .gguf file, HF folder, "
+        "hub id, or a fine-tuning run folder (checkpoint series)",
+    )
+    p.add_argument(
+        "--base",
+        default=None,
+        help="base model of a run folder or LoRA adapter (if not recorded in it)",
+    )
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
-    p.add_argument("--dtype", default=None,
-                   help="float32, bfloat16 or float16; None means float32 on CPU, bfloat16 on GPU")
-    p.add_argument("--device-map", default=None,
-                   help="HF device_map (e.g. auto) for models larger than one GPU")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16 or float16; None means float32 on CPU, bfloat16 on GPU",
+    )
+    p.add_argument(
+        "--device-map",
+        default=None,
+        help="HF device_map (e.g. auto) for models larger than one GPU",
+    )
 
 
 def _training_options(p: argparse.ArgumentParser) -> None:
-    from emolens.models import ALIASES, DEFAULT_MODEL
+    from emolens.model.loading import ALIASES, DEFAULT_MODEL
 
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="model to fine-tune: alias (" + ", ".join(ALIASES) + "), .gguf file, HF "
-                   "folder or hub id")
-    p.add_argument("--device", default="auto",
-                   help="train on cuda, mps, cpu or auto (several GPUs: accelerate launch or "
-                   "torchrun)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="training precision: float32, or bfloat16/float16 mixed precision "
-                   "(weights and optimizer stay float32; checkpoints are saved in the preset's "
-                   "save_dtype); None means bfloat16 on a CUDA GPU that supports it, else float32")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="model to fine-tune: alias (" + ", ".join(ALIASES) + "), .gguf file, HF "
+        "folder or hub id",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="train on cuda, mps, cpu or auto (several GPUs: accelerate launch or torchrun)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="training precision: float32, or bfloat16/float16 mixed precision "
+        "(weights and optimizer stay float32; checkpoints are saved in the preset's "
+        "save_dtype); None means bfloat16 on a CUDA GPU that supports it, else float32",
+    )
 
 
 def _data_options(p: argparse.ArgumentParser, language: str | None = "ja") -> None:
-    p.add_argument("--data", default="bundled",
-                   help="corpus file (crowd-enVENT TSV/CSV, generic CSV/TSV/JSONL) or 'bundled' "
-                   "(the Japanese sample shipped with emolens; 'bundled:en' for English)")
+    p.add_argument(
+        "--data",
+        default="bundled",
+        help="corpus file (crowd-enVENT TSV/CSV, generic CSV/TSV/JSONL) or 'bundled' "
+        "(the Japanese sample shipped with emolens; 'bundled:en' for English)",
+    )
     p.add_argument("--text-column", default=None, help="text column (guessed if not given)")
     p.add_argument("--label-column", default=None, help="label column (guessed if not given)")
-    when_absent = ("; when not given, that of the prompt the run was fine-tuned with "
-                   "(RUN/prompt.json), ja for a plain model")
-    p.add_argument("--language", default=language, choices=["ja", "en"],
-                   help="prompt template language (ja is the paper's Figure 1 prompt) and the "
-                   "bundled corpus' language" + ("" if language else when_absent))
+    when_absent = (
+        "; when not given, that of the prompt the run was fine-tuned with "
+        "(RUN/prompt.json), ja for a plain model"
+    )
+    p.add_argument(
+        "--language",
+        default=language,
+        choices=["ja", "en"],
+        help="prompt template language (ja is the paper's Figure 1 prompt) and the "
+        "bundled corpus' language" + ("" if language else when_absent),
+    )
 
 
 def _load_corpus(args, language: str | None = None):
-    from emolens.data import load_corpus, read_corpus
+    from emolens.data.corpus import load_corpus, read_corpus
 
     if args.text_column or args.label_column:
         if args.data is None or str(args.data).split(":")[0] == "bundled":
-            flags = " and ".join(f for f, v in (("--text-column", args.text_column),
-                                                ("--label-column", args.label_column)) if v)
-            raise ValueError(f"{flags} name columns of a corpus file, but --data is "
-                             f"{args.data!r} (the bundled corpus, whose columns are fixed); "
-                             "drop them or give --data FILE")
-        return read_corpus(args.data, text_column=args.text_column,
-                           label_column=args.label_column)
+            flags = " and ".join(
+                f
+                for f, v in (
+                    ("--text-column", args.text_column),
+                    ("--label-column", args.label_column),
+                )
+                if v
+            )
+            raise ValueError(
+                f"{flags} name columns of a corpus file, but --data is "
+                f"{args.data!r} (the bundled corpus, whose columns are fixed); "
+                "drop them or give --data FILE"
+            )
+        return read_corpus(args.data, text_column=args.text_column, label_column=args.label_column)
     return load_corpus(args.data, language=args.language or language or "ja")
 
 
 def _cmd_labels(args) -> int:
-    from emolens.labels import PromptSpec
-    from emolens.models import load_tokenizer, resolve_model_dir
+    from emolens.data.labels import PromptSpec
+    from emolens.model.loading import load_tokenizer, resolve_model_dir
 
     source = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(source)
@@ -84,7 +122,7 @@ def _cmd_labels(args) -> int:
     print(f"label audit of {args.model} ({args.language} prompt):")
     print(audit.format_table())
     if args.json:
-        from emolens.results import write_text
+        from emolens.store.files import write_text
 
         write_text(args.json, audit.to_json())
         print(f"wrote {args.json}")
@@ -92,7 +130,7 @@ def _cmd_labels(args) -> int:
 
 
 def _cmd_data_inspect(args) -> int:
-    from emolens.data import format_inspection, split_corpus
+    from emolens.data.corpus import format_inspection, split_corpus
 
     corpus = _load_corpus(args)
     splits = split_corpus(corpus, seed=args.seed)
@@ -104,27 +142,36 @@ def _cmd_data_inspect(args) -> int:
 def _cmd_finetune(args) -> int:
     from dataclasses import replace
 
-    from emolens.finetune import PRESETS, finetune
+    from emolens.run.finetune import PRESETS, finetune
 
     config = PRESETS[args.preset]
-    overrides = {k: v for k, v in {"method": args.method, "max_steps": args.max_steps,
-                                   "save_steps": args.save_steps, "seed": args.seed,
-                                   "learning_rate": args.learning_rate}.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {
+            "method": args.method,
+            "max_steps": args.max_steps,
+            "save_steps": args.save_steps,
+            "seed": args.seed,
+            "learning_rate": args.learning_rate,
+        }.items()
+        if v is not None
+    }
     config = replace(config, **overrides, language=args.language, chat=args.chat)
-    run = finetune(args.model, _load_corpus(args), args.out, config, device=args.device,
-                   dtype=args.dtype)
+    run = finetune(
+        args.model, _load_corpus(args), args.out, config, device=args.device, dtype=args.dtype
+    )
     print(f"run folder: {run}")
     return 0
 
 
 def _analysis_config(args):
-    from emolens.pipeline import AnalysisConfig
+    from emolens.run.pipeline import AnalysisConfig
 
     return AnalysisConfig.from_cli(args)
 
 
 def _cmd_analyze(args) -> int:
-    from emolens.pipeline import analyze, prompt_language
+    from emolens.run.pipeline import analyze, prompt_language
 
     shard = None
     if args.shard:
@@ -135,19 +182,28 @@ def _cmd_analyze(args) -> int:
         shard = (i, n)
     corpus = _load_corpus(args, prompt_language(args.model, args.language))
     if args.split != "all":
-        from emolens.finetune import run_split
+        from emolens.run.finetune import run_split
 
         corpus = run_split(args.model, corpus, args.split)
-    result = analyze(args.model, corpus, args.out, _analysis_config(args),
-                     base=args.base, device=args.device, dtype=args.dtype,
-                     device_map=args.device_map, shard=shard,
-                     override_prompt=args.override_prompt, overwrite=args.overwrite)
+    result = analyze(
+        args.model,
+        corpus,
+        args.out,
+        _analysis_config(args),
+        base=args.base,
+        device=args.device,
+        dtype=args.dtype,
+        device_map=args.device_map,
+        shard=shard,
+        override_prompt=args.override_prompt,
+        overwrite=args.overwrite,
+    )
     return _finish(result, f"results in {result}")
 
 
 def _finish(results_dir, message: str) -> int:
     """Print where the results are; exit 1 with one line if steps of the run failed."""
-    from emolens.pipeline import failure_summary
+    from emolens.run.pipeline import failure_summary
 
     summary = failure_summary(results_dir)
     if summary is None:
@@ -159,14 +215,14 @@ def _finish(results_dir, message: str) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from emolens.pipeline import merge
+    from emolens.run.pipeline import merge
 
     print(f"merged into {merge(args.shards, args.out)}")
     return 0
 
 
 def _cmd_report(args) -> int:
-    from emolens.report import write_report
+    from emolens.report.page import write_report
 
     path = write_report(args.dir)
     print(f"report: {path}")
@@ -186,11 +242,14 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_options(p: argparse.ArgumentParser) -> None:
-    from emolens.models import DEFAULT_MODEL
+    from emolens.model.loading import DEFAULT_MODEL
 
     p.add_argument("--out", default="emolens-demo", help="output folder")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="gemma-3-270m (default) or tiny-random (a one-minute run)")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="gemma-3-270m (default) or tiny-random (a one-minute run)",
+    )
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     p.set_defaults(func=_cmd_demo)
 
@@ -198,13 +257,24 @@ def _demo_options(p: argparse.ArgumentParser) -> None:
 def _finetune_options(p: argparse.ArgumentParser) -> None:
     _training_options(p)
     _data_options(p)
-    p.add_argument("--chat", action="store_true",
-                   help="train on the prompt wrapped in the tokenizer's chat template")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="train on the prompt wrapped in the tokenizer's chat template",
+    )
     p.add_argument("--out", required=True, help="run folder (checkpoint-N/ go there)")
-    p.add_argument("--preset", default="demo", choices=["paper", "demo", "tiny"],
-                   help="training schedule; 'paper' is 3 epochs, batch 16, 80/10/10 split")
-    p.add_argument("--method", default=None, choices=["full", "full-frozen-embeddings", "lora"],
-                   help="override the preset's method")
+    p.add_argument(
+        "--preset",
+        default="demo",
+        choices=["paper", "demo", "tiny"],
+        help="training schedule; 'paper' is 3 epochs, batch 16, 80/10/10 split",
+    )
+    p.add_argument(
+        "--method",
+        default=None,
+        choices=["full", "full-frozen-embeddings", "lora"],
+        help="override the preset's method",
+    )
     p.add_argument("--max-steps", type=int, default=None, help="override the preset's steps")
     p.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps")
     p.add_argument("--learning-rate", type=float, default=None, help="override the preset's")
@@ -216,17 +286,26 @@ def _analyze_options(p: argparse.ArgumentParser) -> None:
     _model_options(p, default=None)
     _data_options(p, language=None)
     p.add_argument("--out", required=True, help="results folder (re-running resumes)")
-    from emolens.pipeline import add_analysis_options
+    from emolens.run.pipeline import add_analysis_options
 
     add_analysis_options(p)
-    p.add_argument("--split", default="all", choices=["all", "train", "validation", "test"],
-                   help="analyse only this split of the run's data (as recorded by finetune)")
-    p.add_argument("--shard", default=None,
-                   help="i/n: analyse every n-th checkpoint from the i-th (merge with "
-                   "'emolens merge')")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace results in --out that another model, data or settings made "
-                   "(without it such a re-run is refused)")
+    p.add_argument(
+        "--split",
+        default="all",
+        choices=["all", "train", "validation", "test"],
+        help="analyse only this split of the run's data (as recorded by finetune)",
+    )
+    p.add_argument(
+        "--shard",
+        default=None,
+        help="i/n: analyse every n-th checkpoint from the i-th (merge with 'emolens merge')",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace results in --out that another model, data or settings made "
+        "(without it such a re-run is refused)",
+    )
     p.set_defaults(func=_cmd_analyze)
 
 
@@ -245,16 +324,18 @@ def _labels_options(p: argparse.ArgumentParser) -> None:
     _model_options(p)
     p.add_argument("--language", default="ja", choices=["ja", "en"], help="prompt language")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    p.add_argument("--allow-shared-tokens", action="store_true",
-                   help="accept labels that share a first token")
+    p.add_argument(
+        "--allow-shared-tokens", action="store_true", help="accept labels that share a first token"
+    )
     p.add_argument("--json", default=None, help="also write the audit to this JSON file")
     p.set_defaults(func=_cmd_labels)
 
 
 def _data_command_options(p: argparse.ArgumentParser) -> None:
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
-    q = data_sub.add_parser("inspect", formatter_class=_Formatter,
-                            help="rows per label and per split")
+    q = data_sub.add_parser(
+        "inspect", formatter_class=_Formatter, help="rows per label and per split"
+    )
     q.add_argument("data", nargs="?", default="bundled", help="corpus file or 'bundled'")
     q.add_argument("--text-column", default=None, help="text column (guessed if not given)")
     q.add_argument("--label-column", default=None, help="label column (guessed if not given)")
@@ -265,13 +346,13 @@ def _data_command_options(p: argparse.ArgumentParser) -> None:
 
 #: Subcommands: name -> (help, option builder). Options are built only for the command used.
 COMMANDS = {
-    "demo": ("the whole study on the embedded default model, ending in a report",
-             _demo_options),
+    "demo": ("the whole study on the embedded default model, ending in a report", _demo_options),
     "run": ("a study file (TOML): finetune -> analyze -> report", _run_options),
-    "finetune": ("fine-tune on emotion classification into a checkpoint series",
-                 _finetune_options),
-    "analyze": ("vectors and steering sensitivity over a checkpoint series or a model",
-                _analyze_options),
+    "finetune": ("fine-tune on emotion classification into a checkpoint series", _finetune_options),
+    "analyze": (
+        "vectors and steering sensitivity over a checkpoint series or a model",
+        _analyze_options,
+    ),
     "merge": ("combine the result folders of sharded analyze runs", _merge_options),
     "report": ("rebuild report.html from a results folder", _report_options),
     "labels": ("audit how each label tokenizes after the prompt", _labels_options),
@@ -281,30 +362,40 @@ COMMANDS = {
 CONFIG_COMMANDS = ("demo", "finetune", "analyze", "merge", "report", "labels")
 
 
-def build_parser(command: str | None = None, *, lazy: bool = False
-                 ) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, *, lazy: bool = False) -> argparse.ArgumentParser:
     """The ``emolens`` parser. With ``lazy``, only ``command``'s options are built (the others
     are listed with their help): what :func:`main` does, so that nothing heavy is imported
     for a command not run."""
     from emolens import __version__
 
     parser = argparse.ArgumentParser(
-        prog="emolens", formatter_class=_Formatter,
+        prog="emolens",
+        formatter_class=_Formatter,
         description="Emotion concept vectors, steering sensitivity and their fate under "
-        "fine-tuning, on TransformerLens.")
+        "fine-tuning, on TransformerLens.",
+    )
     parser.add_argument("--version", action="version", version=f"emolens {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="progress logging: -v for INFO, -vv for DEBUG")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="progress logging: -v for INFO, -vv for DEBUG",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.subcommands = {}
     for name, (help_text, add_options) in COMMANDS.items():
         p = sub.add_parser(name, formatter_class=_Formatter, help=help_text)
         parser.subcommands[name] = p
         if name in CONFIG_COMMANDS:
-            p.add_argument("--config", default=None, metavar="FILE",
-                           help="study file (TOML) whose values become this command's "
-                           "defaults; flags still override")
+            p.add_argument(
+                "--config",
+                default=None,
+                metavar="FILE",
+                help="study file (TOML) whose values become this command's "
+                "defaults; flags still override",
+            )
         if not lazy or name == command:
             add_options(p)
     return parser
@@ -337,24 +428,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if sub is not None and command in CONFIG_COMMANDS:
         pre = argparse.ArgumentParser(add_help=False)
         pre.add_argument("--config", default=None)
-        config = pre.parse_known_args(argv[argv.index(command) + 1:])[0].config
+        config = pre.parse_known_args(argv[argv.index(command) + 1 :])[0].config
         if config:
-            from emolens.study import apply_defaults, read_study, stage_values
+            from emolens.run.study import apply_defaults, read_study, stage_values
 
-            values = stage_values(read_study(config), command,
-                                  accepted={a.dest for a in sub._actions})
+            values = stage_values(
+                read_study(config), command, accepted={a.dest for a in sub._actions}
+            )
             apply_defaults(sub, values, f"{config} [{command}]")
     return parser.parse_args(argv)
 
 
 def _cmd_run(args) -> int:
-    from emolens.study import STAGES, StudyError, read_study
+    from emolens.run.study import STAGES, StudyError, read_study
 
     study = read_study(args.study)
     stages = [s for s in STAGES if s in study]
     if not stages:
-        raise StudyError(f"{args.study} has none of the tables "
-                         f"{', '.join(f'[{s}]' for s in STAGES)}: nothing to run")
+        raise StudyError(
+            f"{args.study} has none of the tables "
+            f"{', '.join(f'[{s}]' for s in STAGES)}: nothing to run"
+        )
     for stage in stages:
         logging.getLogger(__name__).warning("emolens run: %s", stage)
         stage_args = parse_args([stage, "--config", args.study])
@@ -372,16 +466,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"emolens: error: {exc}", file=sys.stderr)
         return 2
     level = {0: logging.INFO if args.debug else logging.WARNING, 1: logging.INFO}
-    logging.basicConfig(level=level.get(args.verbose, logging.DEBUG),
-                        format="emolens: %(message)s" if args.verbose < 2 else
-                        "emolens: %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level.get(args.verbose, logging.DEBUG),
+        format="emolens: %(message)s"
+        if args.verbose < 2
+        else "emolens: %(levelname)s %(name)s: %(message)s",
+    )
     if not args.debug:
         warnings.showwarning = _show_warning
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("emolens: interrupted; finished work is saved, run the same command to resume",
-              file=sys.stderr)
+        print(
+            "emolens: interrupted; finished work is saved, run the same command to resume",
+            file=sys.stderr,
+        )
         return 130
     except Exception as exc:  # one readable line unless --debug
         if args.debug:
@@ -393,4 +492,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emolens.vectors import ConceptVectors
+from emolens.measure.vectors import ConceptVectors
 
 GGUF_ARCH = "controlvector"
 INSTALL = (
@@ -205,7 +205,7 @@ def write_control_vector_gguf(
     """
     import gguf
 
-    from emolens.results import atomic_path
+    from emolens.store.files import atomic_path
 
     chosen = _layers_of(vectors, layers)
     if layers is None:

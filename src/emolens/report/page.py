@@ -20,8 +20,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from emolens import plots, sweeps
-from emolens.results import read_json, write_text
+from emolens.analysis import sweeps
+from emolens.report import figures
+from emolens.store.files import read_json, write_text
 
 #: The optional tables of the explanation analyses, with their section headings (in order).
 OPTIONAL_TABLES: dict[str, str] = {
@@ -92,12 +93,14 @@ def read_sensitivity(path: str | Path) -> pd.DataFrame:
             f"rerun `{hint}` to rewrite it"
         ) from exc
     try:
-        plots.require_columns(frame, plots.SENSITIVITY_KEYS, str(path))
-        if not any(m in frame.columns for m in plots.MEASURES):
-            raise ValueError(f"{path} has none of the measure columns {', '.join(plots.MEASURES)}")
+        figures.require_columns(frame, figures.SENSITIVITY_KEYS, str(path))
+        if not any(m in frame.columns for m in figures.MEASURES):
+            raise ValueError(
+                f"{path} has none of the measure columns {', '.join(figures.MEASURES)}"
+            )
         if frame.empty:
             raise ValueError(f"{path} has no rows")
-        for col in ("step", "layer", "alpha", *[m for m in plots.MEASURES if m in frame]):
+        for col in ("step", "layer", "alpha", *[m for m in figures.MEASURES if m in frame]):
             if not pd.api.types.is_numeric_dtype(frame[col]):
                 raise ValueError(f"{path}: column {col!r} is not numeric")
     except ValueError as exc:
@@ -323,7 +326,7 @@ def _cell(value) -> str:
     if isinstance(value, bool | np.bool_):
         return f"<td>{_e(value)}</td>"
     if isinstance(value, int | float | np.integer | np.floating):
-        return f'<td class="num">{_e(plots.format_value(value))}</td>'
+        return f'<td class="num">{_e(figures.format_value(value))}</td>'
     return f"<td>{_e(value)}</td>"
 
 
@@ -389,7 +392,7 @@ def _eval_table(inputs: ReportInputs) -> pd.DataFrame | None:
 def _verdicts(inputs: ReportInputs, ja: dict) -> str:
     """One line per emotion: is its sensitivity at the last step above or below the base's?"""
     try:
-        summary, sel = plots.diagonal_summary(inputs.sensitivity)
+        summary, sel = figures.diagonal_summary(inputs.sensitivity)
     except ValueError as exc:
         return _note(f"No steering sensitivity to summarise: {exc}", problem=True)
     steps = sorted(int(s) for s in summary["step"].unique())
@@ -404,9 +407,9 @@ def _verdicts(inputs: ReportInputs, ja: dict) -> str:
             "Only the base model (step 0) was analysed; there is no later step to compare with."
         )
     items, above, below = [], [], []
-    for emotion in plots.label_order(summary["emotion"]):
+    for emotion in figures.label_order(summary["emotion"]):
         rows = summary[summary["emotion"] == emotion].set_index("step")
-        name = _e(plots.display_name(emotion, ja))
+        name = _e(figures.display_name(emotion, ja))
         if 0 not in rows.index or last not in rows.index:
             missing = 0 if 0 not in rows.index else last
             items.append(f"<li>{name}: not measured at step {missing}.</li>")
@@ -489,7 +492,7 @@ def _summary_section(inputs: ReportInputs, ja: dict) -> str:
     changes = inputs.extra_tables.get("change_summary")
     if changes is not None:
         try:
-            counts = plots.change_summary_counts(changes)
+            counts = figures.change_summary_counts(changes)
             items = "".join(f"<li>{_e(t)}</li>" for t in _change_sentences(counts, top=3))
             verdict = _change_verdict(counts)
             body += [
@@ -524,8 +527,10 @@ def _figure2_section(inputs: ReportInputs, ja: dict) -> str:
         )
         + "</p>",
         _safe_figure(
-            lambda: plots.figure2(
-                sens, steps_table=eval_table, ja=ja,
+            lambda: figures.figure2(
+                sens,
+                steps_table=eval_table,
+                ja=ja,
                 bands=inputs.extra_tables.get("figure2_bands"),
             ),
             "Figure 2",
@@ -533,9 +538,9 @@ def _figure2_section(inputs: ReportInputs, ja: dict) -> str:
         ),
     ]
     try:
-        swept, sel = plots.select_sensitivity(sens, all_layers=True)
+        swept, sel = figures.select_sensitivity(sens, all_layers=True)
         layers = sorted(int(v) for v in swept["layer"].unique())
-        emotions = plots.label_order(swept["steered_emotion"].unique())
+        emotions = figures.label_order(swept["steered_emotion"].unique())
     except ValueError:  # figure2 above already shows why
         layers, emotions = [], []
     if len(layers) > 1:
@@ -545,7 +550,7 @@ def _figure2_section(inputs: ReportInputs, ja: dict) -> str:
         )
         cells = [
             _safe_figure(
-                lambda e=e: plots.layer_step_heatmap(
+                lambda e=e: figures.layer_step_heatmap(
                     sens, e, sel.alpha, alpha_unit=sel.alpha_unit, positions=sel.positions, ja=ja
                 ),
                 f"layer sweep of {e}",
@@ -570,7 +575,7 @@ def _selectivity_section(inputs: ReportInputs, ja: dict) -> str:
         body.append(f"<h3>Step {step} ({label})</h3>")
         body.append(
             _safe_figure(
-                lambda s=step: plots.selectivity_heatmap(sens, s, ja=ja),
+                lambda s=step: figures.selectivity_heatmap(sens, s, ja=ja),
                 f"the selectivity heatmap at step {step}",
                 height=560,
             )
@@ -581,10 +586,10 @@ def _selectivity_section(inputs: ReportInputs, ja: dict) -> str:
 def _training_section(inputs: ReportInputs) -> str:
     body = [_problem_notes(inputs, "run_dir", "accuracy.csv")]
     if inputs.trainer_log is not None and len(inputs.trainer_log):
-        body.append(_safe_figure(lambda: plots.loss_curve(inputs.trainer_log), "the loss curve"))
+        body.append(_safe_figure(lambda: figures.loss_curve(inputs.trainer_log), "the loss curve"))
     elif (eval_table := _eval_table(inputs)) is not None:
         body.append(_note("No trainer log found (no run folder); eval losses from steps.csv."))
-        body.append(_safe_figure(lambda: plots.loss_curve(eval_table), "the eval-loss curve"))
+        body.append(_safe_figure(lambda: figures.loss_curve(eval_table), "the eval-loss curve"))
     else:
         body.append(
             _note(
@@ -597,7 +602,7 @@ def _training_section(inputs: ReportInputs) -> str:
         if pd.to_numeric(inputs.steps["accuracy"], errors="coerce").notna().any():
             acc = inputs.steps
     if acc is not None:
-        body.append(_safe_figure(lambda: plots.accuracy_curve(acc), "the accuracy curve"))
+        body.append(_safe_figure(lambda: figures.accuracy_curve(acc), "the accuracy curve"))
     else:
         body.append(_note("No classification accuracy per checkpoint was found."))
     return "\n".join(body)
@@ -612,25 +617,25 @@ def _filtering_section(inputs: ReportInputs, ja: dict) -> str:
         "<p>Samples are kept where the model picks the gold label (argmax over the label "
         "first-token logits); a label with too few kept samples drops out of the concept "
         "vectors and steering.</p>",
-        _safe_figure(lambda: plots.filtering_bars(frame), "the filtering figure"),
+        _safe_figure(lambda: figures.filtering_bars(frame), "the filtering figure"),
     ]
     try:
-        plots.require_columns(frame, ("step", "label", "n_kept"), "filtering.csv")
+        figures.require_columns(frame, ("step", "label", "n_kept"), "filtering.csv")
         steps = sorted(int(s) for s in frame["step"].dropna().unique())
-        labels = plots.label_order(frame["label"].dropna())
+        labels = figures.label_order(frame["label"].dropna())
         cells = {(str(r["label"]), int(r["step"])): r for _, r in frame.iterrows()}
         rows = []
         for lab in labels:
-            row = [lab, ja.get(lab) or plots.japanese_name(lab) or ""]
+            row = [lab, ja.get(lab) or figures.japanese_name(lab) or ""]
             for s in steps:
                 r = cells.get((lab, s))
                 if r is None:
                     row.append("")
                     continue
-                text = f"{plots.format_value(r['n_kept'])}"
+                text = f"{figures.format_value(r['n_kept'])}"
                 if "n_samples" in r and pd.notna(r["n_samples"]):
-                    text += f" / {plots.format_value(r['n_samples'])}"
-                if plots.as_bool(r.get("dropped", False)):
+                    text += f" / {figures.format_value(r['n_samples'])}"
+                if figures.as_bool(r.get("dropped", False)):
                     text += " (dropped)"
                 row.append(text)
             rows.append(row)
@@ -707,10 +712,10 @@ def _attribution_body(frame: pd.DataFrame, ja: dict) -> str:
         "of the old (a larger residual, or a v that grows it, dilutes the same α). Bars: the "
         "two parts (mean over prompts); line: the measured change, their sum.</p>",
         _safe_figure(
-            lambda: plots.attribution_figure(frame, ja=ja), "the attribution figure", height=900
+            lambda: figures.attribution_figure(frame, ja=ja), "the attribution figure", height=900
         ),
     ]
-    if {"push_change", *[p for p, _, _ in plots.PUSH_PARTS]} <= set(frame.columns):
+    if {"push_change", *[p for p, _, _ in figures.PUSH_PARTS]} <= set(frame.columns):
         body += [
             "<h3>Why the push changed across the series</h3>",
             "<p>The per-unit direct push w·v/r of each emotion, against the first step, split "
@@ -719,7 +724,9 @@ def _attribution_body(frame: pd.DataFrame, ja: dict) -> str:
             "prompts).</p>",
             _push_verdicts(frame),
             _safe_figure(
-                lambda: plots.push_change_figure(frame, ja=ja), "the push-change figure", height=900
+                lambda: figures.push_change_figure(frame, ja=ja),
+                "the push-change figure",
+                height=900,
             ),
         ]
     return "\n".join(body)
@@ -727,15 +734,15 @@ def _attribution_body(frame: pd.DataFrame, ja: dict) -> str:
 
 def _push_verdicts(frame: pd.DataFrame) -> str:
     """Which part dominates each emotion's change of the push at the last step."""
-    parts = [p for p, _, _ in plots.PUSH_PARTS]
-    names = {p: n for p, n, _ in plots.PUSH_PARTS}
+    parts = [p for p, _, _ in figures.PUSH_PARTS]
+    names = {p: n for p, n, _ in figures.PUSH_PARTS}
     means = frame.groupby(["emotion", "step"])[["push_change", *parts]].mean().reset_index()
     steps = _steps_of(means)
     if len(steps) < 2:
         return _note("One step only: nothing to compare the push with.")
     last = means[means["step"] == steps[-1]].dropna(subset=["push_change"])
     fell, rose = [], []
-    for emotion in plots.label_order(last["emotion"]):
+    for emotion in figures.label_order(last["emotion"]):
         row = last[last["emotion"] == emotion].iloc[0]
         total = float(row["push_change"])
         if total == 0:
@@ -759,7 +766,7 @@ def _transfer_body(frame: pd.DataFrame, ja: dict) -> str:
         "own, the concept direction barely changed; if both fall short of the base model, the "
         "model no longer reads the concept as strongly.</p>",
         _safe_figure(
-            lambda: plots.transfer_heatmap(frame, ja=ja), "the transfer heatmap", height=520
+            lambda: figures.transfer_heatmap(frame, ja=ja), "the transfer heatmap", height=520
         ),
     ]
     means = frame.groupby(["step", "vector_step"])["logit_change"].mean()
@@ -785,13 +792,13 @@ def _dla_body(frame: pd.DataFrame, ja: dict) -> str:
         "norm scale frozen at the full residual's, so the components add up to the label "
         "logit (minus its bias). Mean over samples of each gold label, then over labels.</p>",
         _safe_figure(
-            lambda: plots.dla_figure(frame, value="logit", ja=ja), "the DLA figure", height=560
+            lambda: figures.dla_figure(frame, value="logit", ja=ja), "the DLA figure", height=560
         ),
     ]
     if "margin" in frame.columns:
         body.append(
             _safe_figure(
-                lambda: plots.dla_figure(frame, value="margin", ja=ja),
+                lambda: figures.dla_figure(frame, value="margin", ja=ja),
                 "the DLA margin figure",
                 height=560,
             )
@@ -814,7 +821,7 @@ def _random_baseline_body(frame: pd.DataFrame, ja: dict) -> str:
         "final layer: the concept's own-label logit change with its bootstrap interval over "
         "prompts, and the random directions' mean ± one standard deviation (grey).</p>",
         _safe_figure(
-            lambda: plots.random_baseline_figure(frame, ja=ja),
+            lambda: figures.random_baseline_figure(frame, ja=ja),
             "the random baseline figure",
             height=900,
         ),
@@ -826,16 +833,16 @@ def _random_baseline_body(frame: pd.DataFrame, ja: dict) -> str:
             rows = sel[sel["step"] == step]
             beat = rows[rows["share_random_at_least_concept"] == 0]["emotion"]
             body.append(
-                f"<p>Step {step}{'' if alpha is None else ', α = ' + plots.format_value(alpha)}"
+                f"<p>Step {step}{'' if alpha is None else ', α = ' + figures.format_value(alpha)}"
                 f": {len(beat)} of "
                 f"{rows['emotion'].nunique()} concept vectors raise their label more than every "
-                f"random direction ({_e(_names(plots.label_order(beat)))}).</p>"
+                f"random direction ({_e(_names(figures.label_order(beat)))}).</p>"
             )
     return "\n".join(body)
 
 
 def _geometry_body(frame: pd.DataFrame, ja: dict) -> str:
-    plots.require_columns(frame, ("step", "layer", "measure", "emotion", "value"), "geometry.csv")
+    figures.require_columns(frame, ("step", "layer", "measure", "emotion", "value"), "geometry.csv")
     layers = sorted(int(v) for v in frame["layer"].dropna().unique())
     inners = [i for i in ("plain", "causal") if "inner" in frame and (frame["inner"] == i).any()]
     body = [
@@ -855,7 +862,7 @@ def _geometry_body(frame: pd.DataFrame, ja: dict) -> str:
         body.append(f"<h3>{_e(measure)}</h3>")
         cells = [
             _safe_figure(
-                lambda m=measure, i=inner: plots.geometry_figure(frame, m, inner=i, ja=ja),
+                lambda m=measure, i=inner: figures.geometry_figure(frame, m, inner=i, ja=ja),
                 f"{measure} ({inner})",
                 height=420,
             )
@@ -872,14 +879,14 @@ def _probes_body(frame: pd.DataFrame, ja: dict) -> str:
         "one layer at a time with the first step's probe evaluated on later steps (does the "
         "old read-out still work?), a probe trained on shuffled labels, and chance (the "
         "majority label's share).</p>",
-        _safe_figure(lambda: plots.probes_figure(frame), "the probes figure", height=480),
+        _safe_figure(lambda: figures.probes_figure(frame), "the probes figure", height=480),
     ]
-    acc = plots.probe_rows(frame, "accuracy", own=True)
+    acc = figures.probe_rows(frame, "accuracy", own=True)
     if not acc.empty:
         layer = int(acc["layer"].max())
         steps = _steps_of(acc)
         at = acc[acc["layer"] == layer].set_index("step")["value"]
-        old = plots.probe_rows(frame, "accuracy", own=False)
+        old = figures.probe_rows(frame, "accuracy", own=False)
         old = old[old["layer"] == layer].set_index("step")["value"]
         text = (
             f"<p>Layer {layer}: held-out accuracy {float(at.iloc[0]):.3f} at step "
@@ -891,7 +898,7 @@ def _probes_body(frame: pd.DataFrame, ja: dict) -> str:
     if frame["layer"].nunique() > 1:
         body.append(
             _safe_figure(
-                lambda: plots.probes_layer_heatmap(frame), "the probe layer heatmap", height=480
+                lambda: figures.probes_layer_heatmap(frame), "the probe layer heatmap", height=480
             )
         )
     return "\n".join(body)
@@ -980,7 +987,7 @@ def _change_verdict(counts: pd.DataFrame) -> str:
 
 
 def _change_summary_body(frame: pd.DataFrame, ja: dict) -> str:
-    counts = plots.change_summary_counts(frame)
+    counts = figures.change_summary_counts(frame)
     sentences = _change_sentences(counts)
     tests = sorted(set(frame["test"].dropna().astype(str))) if "test" in frame else []
     body = [
@@ -998,7 +1005,7 @@ def _change_summary_body(frame: pd.DataFrame, ja: dict) -> str:
         "cosine_to_previous) are not tested.</p>",
         "<ul>" + "".join(f"<li>{_e(s)}</li>" for s in sentences) + "</ul>",
     ]
-    if "paired" in frame and not frame["paired"].map(plots.as_bool).all():
+    if "paired" in frame and not frame["paired"].map(figures.as_bool).all():
         body.append(
             _note(
                 "Some steps kept other samples than the first (self-filtering): those tests "
@@ -1040,20 +1047,20 @@ def _trends_body(frame: pd.DataFrame, ja: dict) -> str:
     for alpha, g in frame.groupby("alpha", sort=True):
         q = pd.to_numeric(g["first_last_q"], errors="coerce")
         eff = pd.to_numeric(g["first_last_effect"], errors="coerce")
-        fell = g[(q < FDR_LEVEL) & (eff < 0)]["emotion"].map(lambda e: plots.display_name(e, ja))
-        rose = g[(q < FDR_LEVEL) & (eff > 0)]["emotion"].map(lambda e: plots.display_name(e, ja))
+        fell = g[(q < FDR_LEVEL) & (eff < 0)]["emotion"].map(lambda e: figures.display_name(e, ja))
+        rose = g[(q < FDR_LEVEL) & (eff > 0)]["emotion"].map(lambda e: figures.display_name(e, ja))
         slope_q = pd.to_numeric(g["slope_q"], errors="coerce")
         trend = int((slope_q < FDR_LEVEL).sum())
         first, last = int(g["first_step"].iloc[0]), int(g["last_step"].iloc[0])
         sentences.append(
-            f"α = {plots.format_value(alpha)}: from step {first} to {last}, "
+            f"α = {figures.format_value(alpha)}: from step {first} to {last}, "
             f"{len(fell)} of {len(g)} emotions fell ({', '.join(fell) or 'none'}) and "
             f"{len(rose)} rose ({', '.join(rose) or 'none'}) at q < {FDR_LEVEL:g}; "
             f"{trend} have a slope over steps at q < {FDR_LEVEL:g}; "
             f"{len(g) - len(fell) - len(rose)} are not shown to have changed."
         )
     body.append("<ul>" + "".join(f"<li>{_e(s)}</li>" for s in sentences) + "</ul>")
-    if "paired" in frame and not frame["paired"].map(plots.as_bool).all():
+    if "paired" in frame and not frame["paired"].map(figures.as_bool).all():
         body.append(
             _note(
                 "The steps kept different samples (self-filtering): the steps' resamples are "
@@ -1096,7 +1103,7 @@ def _optional_section(inputs: ReportInputs, name: str, title: str, ja: dict | No
                 if make is not None
                 else "",
                 _safe_figure(
-                    lambda: plots.generic_table_figure(frame, f"{title} ({name}.csv)"),
+                    lambda: figures.generic_table_figure(frame, f"{title} ({name}.csv)"),
                     f"the {name} figure",
                 ),
             ]
@@ -1143,7 +1150,7 @@ def _layer_summary_section(inputs: ReportInputs, ja: dict) -> str:
         "that no layer's probe recalls at all has no decodable layer (–).</p>",
         probe_note,
         _safe_figure(
-            lambda: plots.layer_summary_figure(summary, ja=ja), "the layer summary", height=560
+            lambda: figures.layer_summary_figure(summary, ja=ja), "the layer summary", height=560
         ),
     ]
     moves = sweeps.layer_moves(summary)
@@ -1197,8 +1204,10 @@ def _failures_section(inputs: ReportInputs) -> str:
         body += [
             f"<p>The latest run ({_e(str(inputs.last_run.get('finished', '?')))}) failed at "
             f"{len(latest)} step(s); the tables above keep the earlier finished results:</p>",
-            _table(["step", "spec", "error"],
-                   [[f.get("step", ""), f.get("spec", ""), f.get("error", "")] for f in latest]),
+            _table(
+                ["step", "spec", "error"],
+                [[f.get("step", ""), f.get("spec", ""), f.get("error", "")] for f in latest],
+            ),
         ]
     if problems:
         body.append(

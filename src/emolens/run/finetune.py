@@ -2,7 +2,7 @@
 
 The model learns to answer the Figure 1 prompt with the gold label, as next-token prediction:
 each training example is ``prompt + answer`` where the prompt is ``template.format(text)``
-rendered and encoded by the run's :class:`emolens.labels.PromptSpec` (template, labels, chat,
+rendered and encoded by the run's :class:`emolens.data.labels.PromptSpec` (template, labels, chat,
 special tokens), and the answer is the label's tokens *as they follow the prompt*
 (:meth:`PromptSpec.label_tokens`), so the first answer token is exactly the token whose logit
 the analysis observes. The spec is written to ``RUN/prompt.json``; ``analyze`` and
@@ -23,7 +23,7 @@ exactly what it computes alone.
 Training is the transformers ``Trainer`` (``accelerate launch`` / ``torchrun`` work unchanged):
 seeded, eval loss at every save, ``RUN/checkpoint-N/`` with ``trainer_state.json`` and the
 tokenizer (each checkpoint loads on its own), and ``RUN/emolens_run.json`` written before the
-first step, so an interrupted run is still a series :func:`emolens.models.discover_series`
+first step, so an interrupted run is still a series :func:`emolens.model.loading.discover_series`
 reads. LoRA checkpoints hold adapters (``adapter_config.json`` + ``adapter_model.safetensors``).
 """
 
@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from emolens import __version__, _callable_module
-from emolens.data import Corpus, Splits, split_corpus
-from emolens.labels import (
+from emolens import __version__
+from emolens.data.corpus import Corpus, Splits, split_corpus
+from emolens.data.labels import (
     STUDY_LABELS,
     STUDY_PROMPT,
     TEMPLATES,
@@ -53,7 +53,8 @@ from emolens.labels import (
     PromptSpec,
     PromptTemplate,
 )
-from emolens.models import (
+from emolens.data.tokens import pad, pad_id
+from emolens.model.loading import (
     RUN_INFO,
     discover_series,
     load_hf_model,
@@ -62,8 +63,7 @@ from emolens.models import (
     resolve_dtype,
     resolve_model_dir,
 )
-from emolens.results import read_json, versions, write_csv, write_json
-from emolens.tokens import pad, pad_id
+from emolens.store.files import read_json, versions, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -581,7 +581,7 @@ def _callback_types() -> dict[str, type]:
 
 def training_device(device: str = "auto") -> str:
     """The device a run trains on: cpu, cuda or mps (``auto`` picks as
-    :func:`emolens.models.resolve_device`). One device per process: for several GPUs use
+    :func:`emolens.model.loading.resolve_device`). One device per process: for several GPUs use
     ``accelerate launch`` or ``torchrun``, for one of them ``CUDA_VISIBLE_DEVICES``."""
     dev = resolve_device(device)
     if dev not in ("cpu", "cuda", "mps"):
@@ -824,7 +824,7 @@ def evaluate_accuracy(
     """Classification accuracy: argmax over the labels' first-token logits at the answer
     position (the study's filtering rule), batched with left padding.
 
-    ``model_or_path`` is an HF causal LM, a :class:`emolens.models.LoadedModel`, or a spec /
+    ``model_or_path`` is an HF causal LM, a :class:`emolens.model.loading.LoadedModel`, or a spec /
     checkpoint folder (loaded on ``device``; ``base`` is a LoRA adapter's base model). Returns
     ``accuracy``, ``n``, ``correct``, the predicted label of each sample (``predictions``,
     English names) and ``per_label`` accuracy."""
@@ -876,12 +876,15 @@ def run_test_split(run_dir, corpus: Corpus) -> Corpus:
 def run_split(run_dir, corpus: Corpus, split: str) -> Corpus:
     """A split (train, validation, test) of a run, taken from ``corpus`` by recorded ids."""
     if not (Path(run_dir) / RUN_INFO).exists():
-        raise FinetuneError(f"{run_dir} holds no {RUN_INFO}: splits are known only for runs "
-                            "made by emolens finetune; use --split all")
+        raise FinetuneError(
+            f"{run_dir} holds no {RUN_INFO}: splits are known only for runs "
+            "made by emolens finetune; use --split all"
+        )
     info = read_json(Path(run_dir) / RUN_INFO)
     if split not in info.get("splits", {}):
-        raise FinetuneError(f"{run_dir} records no {split!r} split; it has "
-                            f"{', '.join(info.get('splits', {}))}")
+        raise FinetuneError(
+            f"{run_dir} records no {split!r} split; it has {', '.join(info.get('splits', {}))}"
+        )
     if info.get("data_sha256") not in (None, corpus.sha256):
         raise FinetuneError(
             f"{run_dir} was trained on data with sha256 "
@@ -946,6 +949,3 @@ def read_accuracy(run_dir) -> dict[int, float]:
     if not path.exists():
         return {}
     return {int(r["step"]): float(r["accuracy"]) for r in pd.read_csv(path).to_dict("records")}
-
-
-_callable_module(__name__, "finetune")  # emolens.finetune(...) calls finetune(...)

@@ -7,7 +7,7 @@
     >>> r.effects().sel(alpha=8.0)    # steering effects as an xarray DataArray
 
 Nothing is computed here: tables, tensors and figures come from the files ``analyze`` wrote,
-read with the same loaders and drawn with the same :mod:`emolens.plots` functions as the
+read with the same loaders and drawn with the same :mod:`emolens.report.figures` functions as the
 report. A missing file is an error naming the file and the command that makes it.
 """
 
@@ -92,7 +92,7 @@ class Results:
                     + ("" if name in TABLES else f" ({name!r} is not an emolens table)")
                 )
             if name == "sensitivity":
-                from emolens.report import read_sensitivity
+                from emolens.report.page import read_sensitivity
 
                 self._tables[name] = read_sensitivity(file)
             else:
@@ -100,7 +100,7 @@ class Results:
         return self._tables[name]
 
     def _json(self, name: str) -> dict:
-        from emolens.results import read_json
+        from emolens.store.files import read_json
 
         file = self.path / name
         if not file.is_file():
@@ -148,16 +148,16 @@ class Results:
         return folder
 
     def vectors(self, step: int):
-        """The step's :class:`~emolens.vectors.ConceptVectors` (``vectors [layer, emotion,
+        """The step's :class:`~emolens.measure.vectors.ConceptVectors` (``vectors [layer, emotion,
         d_model]``)."""
-        from emolens.vectors import ConceptVectors
+        from emolens.measure.vectors import ConceptVectors
 
         return ConceptVectors.load(self.step_dir(step))
 
     def activations(self, step: int):
-        """The step's :class:`~emolens.activations.Activations` (``resid [sample, layer,
+        """The step's :class:`~emolens.measure.activations.Activations` (``resid [sample, layer,
         d_model]``, label logits)."""
-        from emolens.activations import Activations
+        from emolens.measure.activations import Activations
 
         return Activations.load(self.step_dir(step))
 
@@ -173,11 +173,11 @@ class Results:
         measure: str = "logit_change",
         **kwargs,
     ):
-        """The paper's Figure 2 (see :func:`emolens.plots.figure2`; defaults: final layer,
+        """The paper's Figure 2 (see :func:`emolens.report.figures.figure2`; defaults: final layer,
         largest alpha), with the eval loss when ``steps.csv`` has it."""
-        from emolens import plots
+        from emolens.report import figures
 
-        return plots.figure2(
+        return figures.figure2(
             self.sensitivity,
             layer,
             alpha,
@@ -189,64 +189,65 @@ class Results:
 
     def selectivity(self, step: int | None = None, **kwargs):
         """Steered emotion x observed label heatmap at one step (``selectivity_heatmap``)."""
-        from emolens import plots
+        from emolens.report import figures
 
-        return plots.selectivity_heatmap(self.sensitivity, step, ja=self.ja, **kwargs)
+        return figures.selectivity_heatmap(self.sensitivity, step, ja=self.ja, **kwargs)
 
     def layer_step(self, emotion: str, **kwargs):
-        """Layer x step heatmap of one emotion's sensitivity (:func:`plots.layer_step_heatmap`)."""
-        from emolens import plots
+        """Layer x step heatmap of one emotion's sensitivity
+        (:func:`figures.layer_step_heatmap`)."""
+        from emolens.report import figures
 
-        return plots.layer_step_heatmap(self.sensitivity, emotion, ja=self.ja, **kwargs)
+        return figures.layer_step_heatmap(self.sensitivity, emotion, ja=self.ja, **kwargs)
 
     def filtering_figure(self):
-        from emolens import plots
+        from emolens.report import figures
 
-        return plots.filtering_bars(self.filtering)
+        return figures.filtering_bars(self.filtering)
 
     def accuracy_figure(self):
-        from emolens import plots
+        from emolens.report import figures
 
-        return plots.accuracy_curve(self.steps)
+        return figures.accuracy_curve(self.steps)
 
     def geometry_figure(self, measure: str = "cosine_to_first", inner: str = "plain", **kwargs):
-        from emolens import plots
+        from emolens.report import figures
 
-        return plots.geometry_figure(self.geometry, measure, inner=inner, ja=self.ja, **kwargs)
+        return figures.geometry_figure(self.geometry, measure, inner=inner, ja=self.ja, **kwargs)
 
     def probes_figure(self, layer: int | None = None):
-        from emolens import plots
+        from emolens.report import figures
 
-        return plots.probes_figure(self.probes, layer)
+        return figures.probes_figure(self.probes, layer)
 
     def attribution_figure(self, alpha: float | None = None):
-        from emolens import plots
+        from emolens.report import figures
 
-        return plots.attribution_figure(self.attribution, alpha, ja=self.ja)
+        return figures.attribution_figure(self.attribution, alpha, ja=self.ja)
 
     def transfer_figure(self, emotion: str | None = None):
-        from emolens import plots
+        from emolens.report import figures
 
-        return plots.transfer_heatmap(self.transfer, emotion, ja=self.ja)
+        return figures.transfer_heatmap(self.transfer, emotion, ja=self.ja)
 
     def dla_figure(self, label: str | None = None, value: str = "logit"):
-        from emolens import plots
+        from emolens.report import figures
 
-        return plots.dla_figure(self.dla, label, value, ja=self.ja)
+        return figures.dla_figure(self.dla, label, value, ja=self.ja)
 
     def random_baseline_figure(self, alpha: float | None = None):
-        from emolens import plots
+        from emolens.report import figures
 
-        return plots.random_baseline_figure(self.random_baseline, alpha, ja=self.ja)
+        return figures.random_baseline_figure(self.random_baseline, alpha, ja=self.ja)
 
     def change_summary_figure(self):
-        from emolens import plots
+        from emolens.report import figures
 
-        return plots.change_summary_table(self.change_summary)
+        return figures.change_summary_table(self.change_summary)
 
     def report(self, out: str | Path | None = None) -> Path:
         """Write (or rewrite) ``report.html``; returns its path."""
-        from emolens.report import write_report
+        from emolens.report.page import write_report
 
         return write_report(self.path, out=out)
 

@@ -22,9 +22,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from emolens import hooks
-from emolens.activations import readout_modules
-from emolens.results import load_tensors, save_tensors
+from emolens.measure.activations import readout_modules
+from emolens.model import hooks
+from emolens.store.files import load_tensors, save_tensors
 
 
 class UnsupportedReadout(ValueError):
@@ -42,11 +42,12 @@ CHECK_FACTOR = 16.0
 NATIVE_CHECK_FACTOR = 1.0
 
 
-def readout_tolerance(dtype: torch.dtype, d_model: int, scale: float,
-                      factor: float = CHECK_FACTOR) -> float:
+def readout_tolerance(
+    dtype: torch.dtype, d_model: int, scale: float, factor: float = CHECK_FACTOR
+) -> float:
     """How far two computations of logits of size ``scale`` over ``d_model`` terms may differ
     by rounding in ``dtype``: ``factor * eps * sqrt(d_model) * max(1, scale)``."""
-    return factor * torch.finfo(dtype).eps * d_model ** 0.5 * max(1.0, scale)
+    return factor * torch.finfo(dtype).eps * d_model**0.5 * max(1.0, scale)
 
 
 @dataclass(frozen=True)
@@ -96,26 +97,47 @@ class Readout:
         return x @ w + float(self.mean_bias + self.mean_row @ self.norm_bias)
 
     def save(self, path: str | Path) -> Path:
-        return save_tensors(path, {"gain": self.gain, "norm_bias": self.norm_bias,
-                                   "rows": self.rows, "bias": self.bias,
-                                   "mean_row": self.mean_row},
-                            {"norm": self.norm, "eps": self.eps, "mean_bias": self.mean_bias,
-                             "token_ids": list(self.token_ids)})
+        return save_tensors(
+            path,
+            {
+                "gain": self.gain,
+                "norm_bias": self.norm_bias,
+                "rows": self.rows,
+                "bias": self.bias,
+                "mean_row": self.mean_row,
+            },
+            {
+                "norm": self.norm,
+                "eps": self.eps,
+                "mean_bias": self.mean_bias,
+                "token_ids": list(self.token_ids),
+            },
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> "Readout":
         t, m = load_tensors(path)
-        return cls(m["norm"], t["gain"], t["norm_bias"], float(m["eps"]), t["rows"], t["bias"],
-                   t["mean_row"], float(m["mean_bias"]), tuple(m["token_ids"]))
+        return cls(
+            m["norm"],
+            t["gain"],
+            t["norm_bias"],
+            float(m["eps"]),
+            t["rows"],
+            t["bias"],
+            t["mean_row"],
+            float(m["mean_bias"]),
+            tuple(m["token_ids"]),
+        )
 
     @classmethod
     @torch.no_grad()
-    def from_model(cls, model, token_ids: Sequence[int],
-                   check_factor: float = CHECK_FACTOR) -> "Readout":
+    def from_model(
+        cls, model, token_ids: Sequence[int], check_factor: float = CHECK_FACTOR
+    ) -> "Readout":
         """Extract the readout and verify it against the model's ``ln_final`` and ``unembed``
         on random residuals of realistic scale.
 
-        The readout is that of :func:`emolens.activations.answer_readout`: the model's own
+        The readout is that of :func:`emolens.measure.activations.answer_readout`: the model's own
         modules in float32 whatever the model's dtype (:func:`readout_modules`). Two checks, with
         tolerances ``factor * eps * sqrt(d_model) * max(1, |logit|)``, ``eps`` that of the dtype
         compared (``torch.finfo(dtype).eps``): the extracted readout against the float32 modules
@@ -127,20 +149,27 @@ class Readout:
         bridge = model.bridge
         config = model.hf_model.config
         if getattr(config, "final_logit_softcapping", None):
-            raise UnsupportedReadout("final-logit soft-capping makes the readout non-linear; "
-                                     "exact attribution is not available for this model")
+            raise UnsupportedReadout(
+                "final-logit soft-capping makes the readout non-linear; "
+                "exact attribution is not available for this model"
+            )
         head = model.hf_model.get_output_embeddings()
         w_u = head.weight.detach().float().cpu()
-        b_u = (head.bias.detach().float().cpu() if getattr(head, "bias", None) is not None
-               else torch.zeros(w_u.shape[0]))
+        b_u = (
+            head.bias.detach().float().cpu()
+            if getattr(head, "bias", None) is not None
+            else torch.zeros(w_u.shape[0])
+        )
         ids = torch.as_tensor(list(token_ids), dtype=torch.long)
         d = w_u.shape[1]
         norm_module, unembed = readout_modules(bridge)
         eps = getattr(config, "rms_norm_eps", None)
         kind = "rms" if eps is not None else "layer"
-        eps = float(eps if eps is not None else getattr(config, "layer_norm_eps",
-                                                        getattr(config, "layer_norm_epsilon",
-                                                                1e-5)))
+        eps = float(
+            eps
+            if eps is not None
+            else getattr(config, "layer_norm_eps", getattr(config, "layer_norm_epsilon", 1e-5))
+        )
         dtype = next(unembed.parameters()).dtype
         device = next(unembed.parameters()).device
         # gain and bias from the norm's response: ln(x) = g * c(x) / r(x) + beta
@@ -154,13 +183,23 @@ class Readout:
         x = x - x.mean(-1, keepdim=True) if kind == "layer" else x
         r = torch.sqrt((x.double() * x.double()).mean(-1) + eps).float()
         gain = (out * r[:, None] / x).median(dim=0).values
-        readout = cls(kind, gain, beta, eps, w_u[ids].clone(), b_u[ids].clone(),
-                      w_u.mean(0), float(b_u.mean()), tuple(int(i) for i in ids))
+        readout = cls(
+            kind,
+            gain,
+            beta,
+            eps,
+            w_u[ids].clone(),
+            b_u[ids].clone(),
+            w_u.mean(0),
+            float(b_u.mean()),
+            tuple(int(i) for i in ids),
+        )
         logits = unembed(norm_module(probe)).float().cpu()[0]
         mine = readout.logits(probe[0].float().cpu()).float()
-        err = max((logits[:, ids] - mine).abs().max().item(),
-                  (logits.mean(-1) - readout.mean_logit(probe[0].float().cpu())).abs().max()
-                  .item())
+        err = max(
+            (logits[:, ids] - mine).abs().max().item(),
+            (logits.mean(-1) - readout.mean_logit(probe[0].float().cpu())).abs().max().item(),
+        )
         scale = max(1.0, logits.abs().max().item())
         tol = readout_tolerance(dtype, d, scale, check_factor)
         if not err <= tol:
@@ -168,7 +207,8 @@ class Readout:
                 f"the extracted readout differs from the model's ln_final + unembed by {err:.3g}"
                 f" (tolerance {tol:.3g} in {str(dtype).split('.')[-1]}; not a plain "
                 "RMSNorm/LayerNorm + linear unembedding?); exact attribution is not available "
-                "for this model")
+                "for this model"
+            )
         if native_dtype != dtype:
             native = bridge.unembed(bridge.ln_final(probe.to(native_dtype))).float().cpu()[0]
             err = (native - logits).abs().max().item()
@@ -177,7 +217,8 @@ class Readout:
                 raise ReadoutCheckFailed(
                     f"the float32 copy of ln_final + unembed differs from the model's own "
                     f"{str(native_dtype).split('.')[-1]} modules by {err:.3g} (tolerance "
-                    f"{tol:.3g}); the readout cannot be upcast for this model")
+                    f"{tol:.3g}); the readout cannot be upcast for this model"
+                )
         return readout
 
 
@@ -198,9 +239,12 @@ class SteeringDecomposition:
     steered_scale: Float[Tensor, "emotion alpha prompt"]  # r(h + alpha v)
 
 
-def decompose_steering(readout: Readout, h: Float[Tensor, "prompt d_model"],
-                       vectors: Float[Tensor, "emotion d_model"],
-                       alphas: Float[Tensor, " alpha"]) -> SteeringDecomposition:
+def decompose_steering(
+    readout: Readout,
+    h: Float[Tensor, "prompt d_model"],
+    vectors: Float[Tensor, "emotion d_model"],
+    alphas: Float[Tensor, " alpha"],
+) -> SteeringDecomposition:
     """Split each label's final-layer logit change into direct push and scale change."""
     h64, v64, a64 = h.double(), vectors.double(), alphas.double()
     w = readout.effective_rows.double()  # [label, d]
@@ -214,9 +258,16 @@ def decompose_steering(readout: Readout, h: Float[Tensor, "prompt d_model"],
     scale = wh[None, None] * (1.0 / r1[..., None] - 1.0 / r0[None, None, :, None])
     total = readout.logits(steered) - readout.logits(h64)[None, None]
     cosine = (vc @ w.T) / (vc.norm(dim=-1)[:, None] * w.norm(dim=-1)[None]).clamp_min(1e-30)
-    return SteeringDecomposition(total.float(), direct.float(), scale.float(), cosine.float(),
-                                 vc.norm(dim=-1).float(), w.norm(dim=-1).float(), r0.float(),
-                                 r1.float())
+    return SteeringDecomposition(
+        total.float(),
+        direct.float(),
+        scale.float(),
+        cosine.float(),
+        vc.norm(dim=-1).float(),
+        w.norm(dim=-1).float(),
+        r0.float(),
+        r1.float(),
+    )
 
 
 @dataclass(frozen=True)
@@ -230,10 +281,14 @@ class PushChange:
     scale: Float[Tensor, " emotion"]
 
 
-def direct_push_change(w_ref: Float[Tensor, "emotion d_model"],
-                       v_ref: Float[Tensor, "emotion d_model"], r_ref: float,
-                       w_t: Float[Tensor, "emotion d_model"],
-                       v_t: Float[Tensor, "emotion d_model"], r_t: float) -> PushChange:
+def direct_push_change(
+    w_ref: Float[Tensor, "emotion d_model"],
+    v_ref: Float[Tensor, "emotion d_model"],
+    r_ref: float,
+    w_t: Float[Tensor, "emotion d_model"],
+    v_t: Float[Tensor, "emotion d_model"],
+    r_t: float,
+) -> PushChange:
     """``w_t.v_t/r_t - w_0.v_0/r_0 = (w_0.(v_t-v_0))/r_0 + ((w_t-w_0).v_t)/r_0
     + (w_t.v_t)(1/r_t - 1/r_0)``: the vector moved, the readout row moved, the scale moved.
 
@@ -248,9 +303,12 @@ def direct_push_change(w_ref: Float[Tensor, "emotion d_model"],
     return PushChange(total.float(), vector.float(), readout.float(), scale.float())
 
 
-def transfer_effect(readout: Readout, h: Float[Tensor, "prompt d_model"],
-                    vectors: Float[Tensor, "emotion d_model"], alpha: float
-                    ) -> Float[Tensor, "emotion prompt label"]:
+def transfer_effect(
+    readout: Readout,
+    h: Float[Tensor, "prompt d_model"],
+    vectors: Float[Tensor, "emotion d_model"],
+    alpha: float,
+) -> Float[Tensor, "emotion prompt label"]:
     """Final-layer logit change when a model (``readout``, its own prompt residuals ``h``) is
     steered with vectors from another checkpoint: the transfer experiment."""
     h64 = h.double()
@@ -278,11 +336,12 @@ class ComponentAttribution:
 
 
 @torch.no_grad()
-def component_attribution(model, token_ids: Sequence[Sequence[int]], readout: Readout,
-                          batch_size: int = 8) -> ComponentAttribution:
+def component_attribution(
+    model, token_ids: Sequence[Sequence[int]], readout: Readout, batch_size: int = 8
+) -> ComponentAttribution:
     """Decompose each prompt's label logits over the embedding and every attention and MLP
     output, through the final norm with its scale frozen (see :class:`ComponentAttribution`)."""
-    from emolens.tokens import last_token_index, pad, pad_id
+    from emolens.data.tokens import last_token_index, pad, pad_id
 
     bridge = model.bridge
     n_layers = model.n_layers
@@ -293,10 +352,11 @@ def component_attribution(model, token_ids: Sequence[Sequence[int]], readout: Re
     parts = []
     pid = pad_id(model.tokenizer)
     for start in range(0, len(token_ids), batch_size):
-        ids, mask = pad(token_ids[start:start + batch_size], pid, "right")
+        ids, mask = pad(token_ids[start : start + batch_size], pid, "right")
         last = last_token_index(mask)
-        _, cache = bridge.run_with_cache(ids.to(device), attention_mask=mask.to(device),
-                                         names_filter=lambda n: n in names)
+        _, cache = bridge.run_with_cache(
+            ids.to(device), attention_mask=mask.to(device), names_filter=lambda n: n in names
+        )
         rows = torch.arange(ids.shape[0])
         stream = [cache[n][rows, last.to(cache[n].device)].float().cpu() for n in names]
         pieces = [stream[0]] + [b - a for a, b in zip(stream[:-1], stream[1:])]
@@ -307,7 +367,9 @@ def component_attribution(model, token_ids: Sequence[Sequence[int]], readout: Re
     centered = readout.center(comps)
     w = readout.effective_rows.double()
     contributions = (centered @ w.T) / r[:, None, None]
-    labels = ["embed"] + [f"{kind} {layer}" for layer in range(n_layers)
-                          for kind in ("attn", "mlp")]
-    return ComponentAttribution(contributions.float(), readout.effective_bias.float(),
-                                tuple(labels))
+    labels = ["embed"] + [
+        f"{kind} {layer}" for layer in range(n_layers) for kind in ("attn", "mlp")
+    ]
+    return ComponentAttribution(
+        contributions.float(), readout.effective_bias.float(), tuple(labels)
+    )

@@ -1,10 +1,12 @@
 """Long tables of the emotion concept space across a checkpoint series, with bootstrap intervals.
 
-Built from finished steps (:class:`emolens.explain.StepData`) with no model in memory, for the
+Built from finished steps (:class:`emolens.analysis.steps.StepData`) with no model in memory, for
+the
 pipeline to write as ``geometry.csv`` and ``probes.csv``, plus the tests the report states per
 measure (:func:`change_summary`: a paired test of each later step against the first from the
 bootstrap replicates, BH within the measure family, TOST against a stated margin; see
-:mod:`emolens.change_tests`), Figure 2's points with two-level bootstrap bands and trend tests
+:mod:`emolens.analysis.change_tests`), Figure 2's points with two-level bootstrap bands and trend
+tests
 (:func:`figure2_frame`) and a random-direction steering baseline
 (:func:`random_baseline_frame`).
 
@@ -13,7 +15,8 @@ measure, emotion, inner``:
 
 - ``within_own`` / ``within_other`` / ``within_gap``: mean cosine of a label's kept samples with
   their own (leave-one-out) class mean, with the other classes' means, and the difference
-  (:func:`emolens.geometry.within_concept_similarity`, raw residuals, as the study did), and the
+  (:func:`emolens.analysis.geometry.within_concept_similarity`, raw residuals, as the study did),
+  and the
   same three with ``_centred`` appended (the mean of the kept samples subtracted first, which
   removes the offset shared by every residual and makes raw cosines all large). Rows for every
   emotion with a vector and for the neutral label.
@@ -25,7 +28,7 @@ measure, emotion, inner``:
   step's (emotions that have a vector at both steps).
 
 Bootstrap: at each step the kept samples (``keep_masks``; the samples that built the vectors)
-are resampled within each gold label (:func:`emolens.stats.bootstrap_indices` with
+are resampled within each gold label (:func:`emolens.analysis.stats.bootstrap_indices` with
 ``strata=gold``, so class sizes never change), the class means and hence the vectors
 ``v_e = mean(h | e) - mean(h | neutral)`` are recomputed for every replicate, and every measure
 is recomputed from them. The same seed at every step and layer: steps that keep the same
@@ -45,13 +48,14 @@ does not contain its value. :func:`change_summary` pairs replicate ``b`` of step
 so the noise ceiling is subtracted from both sides of the test.
 
 Inner products: ``inner == "plain"`` is the Euclidean one; ``"causal"`` whitens residuals with
-:class:`emolens.geometry.CausalInnerProduct` first (Park et al.; ``Cov^{-1/2}`` of the
+:class:`emolens.analysis.geometry.CausalInnerProduct` first (Park et al.; ``Cov^{-1/2}`` of the
 unembedding rows, or ``Cov^{+1/2}`` with ``dual=True``). :func:`geometry_frame` takes one
 unembedding for every step (e.g. the last step's ``W_U * gain``);
 :func:`causal_geometry_frame` one per step, each step's vectors being whitened with its own
 step's metric (cross-step cosines compare each model's own canonical coordinates).
 
-Probes (:func:`probes_frame`): multinomial logistic probes (:mod:`emolens.probes`) per step and
+Probes (:func:`probes_frame`): multinomial logistic probes (:mod:`emolens.analysis.probes`) per
+step and
 layer on every sample with a known gold label present at every step, one stratified split of
 sample ids shared by all steps; intervals by bootstrapping the held-out samples within labels
 (same resamples at every step).
@@ -69,12 +73,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from emolens import change_tests, stats
-from emolens.attribution import transfer_effect
-from emolens.geometry import CausalInnerProduct, principal_angles
-from emolens.probes import per_label_recall, stratified_split, train_probe
+from emolens.analysis import change_tests, stats
+from emolens.analysis.geometry import CausalInnerProduct, principal_angles
+from emolens.analysis.probes import per_label_recall, stratified_split, train_probe
+from emolens.measure.attribution import transfer_effect
 
-#: :class:`emolens.explain.StepData` (not imported: explain may import this module).
+#: :class:`emolens.analysis.steps.StepData` (not imported: explain may import this module).
 StepData = Any
 
 GEOMETRY_COLUMNS = ("step", "layer", "measure", "emotion", "inner", "value", "ci_low", "ci_high")
@@ -292,7 +296,7 @@ def _within(
     ``wg[r, c, i] = h_i . S_c`` (class sums ``S``), ``ss[r, c, c'] = S_c . S_c'``,
     ``hh[i] = |h_i|^2``, ``hm[r, i] = h_i . m``, ``ms[r, c] = m . S_c``, ``mm[r] = |m|^2``.
     Returns ``own``, ``other`` as ``[R, C]``; matches
-    :func:`emolens.geometry.within_concept_similarity` (row 0, full sample).
+    :func:`emolens.analysis.geometry.within_concept_similarity` (row 0, full sample).
     """
     y, n = rep.y, rep.count  # [n], [R, C]
     rows = torch.arange(len(y))
@@ -599,7 +603,8 @@ def geometry_frame(
     samples that built that step's vectors (default: every sample with a known gold label),
     used for the vectors and the within-concept similarity. ``unembedding``: ``[vocab,
     d_model]`` effective unembedding (``W_U * gain``) or a ready
-    :class:`~emolens.geometry.CausalInnerProduct`; with one, every measure is also computed in
+    :class:`~emolens.analysis.geometry.CausalInnerProduct`; with one, every measure is also
+    computed in
     the causal inner product (``inner == "causal"``, the same metric at every step).
 
     Columns: ``step, layer, measure, emotion, inner, value, ci_low, ci_high``; the measures
@@ -659,7 +664,7 @@ def causal_geometry_frame(
     """:func:`geometry_frame` in the causal inner product only, with each step's own metric.
 
     ``W_U_effective_by_step[step]``: that step's ``[vocab, d_model]`` unembedding times its
-    final-norm gain, or a ready :class:`~emolens.geometry.CausalInnerProduct` (building one
+    final-norm gain, or a ready :class:`~emolens.analysis.geometry.CausalInnerProduct` (building one
     from a full vocabulary costs ``vocab * d_model^2``; reuse it where steps share a readout).
     Every step needs one. Rows have ``inner == "causal"``.
     """
@@ -720,7 +725,8 @@ def probes_frame(
 
     Samples: those of the first step with a known gold label that every step has (no
     filtering: the probe reads the label from the residual whatever the model answered); one
-    stratified split of them (:func:`emolens.probes.stratified_split`, ``seed``) for all steps
+    stratified split of them (:func:`emolens.analysis.probes.stratified_split`, ``seed``) for all
+    steps
     and layers. ``layers``: default every layer collected at every step.
 
     Columns ``step, layer, measure, label, value, ci_low, ci_high, train_step, n``; measures:
@@ -736,7 +742,7 @@ def probes_frame(
     Intervals: percentile bootstrap of the held-out samples resampled within labels (the same
     resamples at every step and layer, so steps are paired); none for ``train_accuracy`` and
     ``chance``. ``n`` is the number of samples scored (per label for ``recall``). ``l2``,
-    ``max_iter``: of :func:`emolens.probes.train_probe`; ``num_threads`` as in
+    ``max_iter``: of :func:`emolens.analysis.probes.train_probe`; ``num_threads`` as in
     :func:`geometry_frame` (also ``return_replicates``).
     """
     out = _Columns(PROBE_COLUMNS)
@@ -924,7 +930,8 @@ def change_summary(
 
     - ``effect = value(t) - value(first)``, its percentile interval
       ``effect_ci_low/high`` (level ``ci``) and two-sided ``p`` from
-      :func:`emolens.change_tests.paired_bootstrap_test`. ``paired`` is True where both steps
+      :func:`emolens.analysis.change_tests.paired_bootstrap_test`. ``paired`` is True where both
+      steps
       resampled the same samples (same sample-set key: the bootstrap resamples the same sample
       indices at both steps). Where the kept samples differ (self-filtering), the replicates
       of step t are re-paired with a random permutation (``seed``), which makes the two
@@ -932,9 +939,10 @@ def change_summary(
     - ``q``: Benjamini-Hochberg within ``family`` (default ``"probes"`` for a probes table,
       ``"geometry"`` otherwise; a ``family`` column in ``frame`` overrides), over every tested
       row of the family; ``fdr_change``: ``q < fdr_level``.
-    - ``equivalence_margin``: :func:`emolens.change_tests.equivalence_margin` of the series'
+    - ``equivalence_margin``: :func:`emolens.analysis.change_tests.equivalence_margin` of the
+    series'
       measure (``margin_rule`` says ``absolute`` or ``relative to |first value|``);
-      ``equivalence_p``: TOST (:func:`emolens.change_tests.tost_bootstrap`);
+      ``equivalence_p``: TOST (:func:`emolens.analysis.change_tests.tost_bootstrap`);
       ``equivalent_within_margin``: ``equivalence_p < equivalence_level``.
 
     Rows with no replicates (``train_accuracy``, ``chance``, ``cosine_to_previous``) or a NaN
@@ -1047,7 +1055,8 @@ def sensitivity_change_summary(
     observed_label``) is tested. A series is one ``layer, steered_emotion, alpha`` (and
     ``alpha_unit``, ``positions`` where present); each step after the first is compared with
     the first on the prompts both have, by the sign-flip permutation test of the per-prompt
-    differences of ``measure`` (:func:`emolens.change_tests.sign_flip_test`; the prompts are
+    differences of ``measure`` (:func:`emolens.analysis.change_tests.sign_flip_test`; the prompts
+    are
     the same at every step, so the differences are paired) and TOST by sign flips. This holds
     each step's concept vector fixed: it is the prompt noise only, a test of "steering with
     these vectors changed", not of "the model's sensitivity changed" (the two-level bootstrap
@@ -1163,15 +1172,15 @@ def figure2_frame(
     """Figure 2's points with two-level bootstrap bands, and per-emotion trend tests.
 
     Per step (final layer, where steering needs no forward pass) and alpha:
-    :func:`emolens.change_tests.figure2_bootstrap` with the step's kept samples
+    :func:`emolens.analysis.change_tests.figure2_bootstrap` with the step's kept samples
     (``keep_masks``, default all with a known gold label), the residuals of ``prompt_ids`` and
-    the step's :class:`~emolens.attribution.Readout`; emotions that have a vector at every
+    the step's :class:`~emolens.measure.attribution.Readout`; emotions that have a vector at every
     step. A prompt that is one of the kept samples is resampled with them (see
-    :func:`emolens.change_tests.figure2_bootstrap`). Returns ``(bands, trends)``: ``bands``
+    :func:`emolens.analysis.change_tests.figure2_bootstrap`). Returns ``(bands, trends)``: ``bands``
     has :data:`FIGURE2_COLUMNS` (``value`` the point, ``ci_low/high`` its interval from
     resampling both the samples that build ``v`` and the prompts); ``trends`` has
     :data:`TREND_COLUMNS`, per emotion and alpha
-    (:func:`emolens.change_tests.trend_tests`, BH across emotions within each alpha).
+    (:func:`emolens.analysis.change_tests.trend_tests`, BH across emotions within each alpha).
     ``paired`` says whether every step kept the same samples (then the same resamples pair
     the steps); where not, each differing step's replicates are re-paired at random (seed
     ``seed``), which treats the steps as independent samples (conservative when they overlap).
@@ -1265,11 +1274,12 @@ def random_baseline_frame(
     """Final-layer steering with each concept vector against random directions of its norm.
 
     Per step, emotion and alpha: ``logit_change_concept``, the mean over ``prompt_ids`` of the
-    emotion's own label logit change (:func:`emolens.attribution.transfer_effect` with the
+    emotion's own label logit change (:func:`emolens.measure.attribution.transfer_effect` with the
     step's readout and prompt residuals), with a bootstrap interval over prompts
     (``concept_ci_low/high``); ``logit_change_random_mean`` / ``_sd`` (ddof 1) of the same
     quantity over ``n_random`` random directions with the vector's norm
-    (:func:`emolens.stats.random_direction_like`, seeds ``seed .. seed + n_random - 1``, the
+    (:func:`emolens.analysis.stats.random_direction_like`, seeds ``seed .. seed + n_random - 1``,
+    the
     same directions at every step), and ``share_random_at_least_concept``, the share of random
     directions whose change is at least the concept's.
 

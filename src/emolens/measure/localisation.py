@@ -34,11 +34,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from emolens import hooks
-from emolens.activations import answer_readout, bridge_of, run_to_answer_rows
-from emolens.labels import STUDY_LABELS, LabelSet
-from emolens.tokens import last_token_index, pad, pad_id
-from emolens.vectors import ConceptVectors
+from emolens.data.labels import STUDY_LABELS, LabelSet
+from emolens.data.tokens import last_token_index, pad, pad_id
+from emolens.measure.activations import answer_readout, bridge_of, run_to_answer_rows
+from emolens.measure.vectors import ConceptVectors
+from emolens.model import hooks
 
 Positions = Literal["all", "answer"]
 Mode = Literal["ablate", "patch"]
@@ -63,17 +63,21 @@ def _rows_for(tensor: Tensor, per_layer: Tensor, hook_name: str) -> Tensor:
     """``per_layer`` ([d_model] or [batch, d_model]) on the hooked tensor's device, checked
     against its batch size."""
     if per_layer.dim() == 2 and per_layer.shape[0] != tensor.shape[0]:
-        raise ValueError(f"{per_layer.shape[0]} rows of directions for a batch of "
-                         f"{tensor.shape[0]} rows at {hook_name}")
+        raise ValueError(
+            f"{per_layer.shape[0]} rows of directions for a batch of "
+            f"{tensor.shape[0]} rows at {hook_name}"
+        )
     return per_layer.to(tensor.device)
 
 
 @contextmanager
-def ablate_direction(bridge, layers: Sequence[int],
-                     directions: Float[Tensor, "layer d_model"]
-                     | Float[Tensor, "layer sample d_model"],
-                     positions: Positions = "all",
-                     answer_index: Int[Tensor, " sample"] | None = None) -> Iterator[None]:
+def ablate_direction(
+    bridge,
+    layers: Sequence[int],
+    directions: Float[Tensor, "layer d_model"] | Float[Tensor, "layer sample d_model"],
+    positions: Positions = "all",
+    answer_index: Int[Tensor, " sample"] | None = None,
+) -> Iterator[None]:
     """Project ``directions[i]`` out of ``blocks.{layers[i]}.hook_resid_post`` for the forward
     passes inside the ``with`` block: ``h <- h - (h . u) u`` with ``u`` the unit direction.
 
@@ -107,17 +111,23 @@ def ablate_direction(bridge, layers: Sequence[int],
         return hook_fn
 
     names = [hooks.resid_post(layer) for layer in layers]
-    with bridge.hooks(fwd_hooks=[(name, make_hook(units[i], name))
-                                 for i, name in enumerate(names)]):
+    with bridge.hooks(
+        fwd_hooks=[(name, make_hook(units[i], name)) for i, name in enumerate(names)]
+    ):
         yield
 
 
 @contextmanager
-def patch_mean(bridge, layers: Sequence[int],
-               source_means: Float[Tensor, "layer d_model"] | Float[Tensor, "layer sample d_model"],
-               *, answer_index: Int[Tensor, " sample"],
-               directions: Float[Tensor, "layer d_model"]
-               | Float[Tensor, "layer sample d_model"] | None = None) -> Iterator[None]:
+def patch_mean(
+    bridge,
+    layers: Sequence[int],
+    source_means: Float[Tensor, "layer d_model"] | Float[Tensor, "layer sample d_model"],
+    *,
+    answer_index: Int[Tensor, " sample"],
+    directions: Float[Tensor, "layer d_model"]
+    | Float[Tensor, "layer sample d_model"]
+    | None = None,
+) -> Iterator[None]:
     """Patch a source mean into ``blocks.{layers[i]}.hook_resid_post`` at the answer position
     ``answer_index[row]`` for the forward passes inside the ``with`` block.
 
@@ -133,8 +143,10 @@ def patch_mean(bridge, layers: Sequence[int],
     units = None
     if directions is not None:
         if directions.shape[0] != means.shape[0]:
-            raise ValueError(f"{directions.shape[0]} layers of directions for "
-                             f"{means.shape[0]} layers of source means")
+            raise ValueError(
+                f"{directions.shape[0]} layers of directions for "
+                f"{means.shape[0]} layers of source means"
+            )
         units = unit_directions(directions)
 
     def make_hook(i: int, name: str):
@@ -166,13 +178,18 @@ def _batches(token_ids: Sequence[Sequence[int]], batch_size: int) -> list[list[i
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 @torch.no_grad()
-def answer_residuals(model, token_ids: Sequence[Sequence[int]], layers: Sequence[int], *,
-                     batch_size: int = 8, padding_side: str = "right"
-                     ) -> dict[int, Float[Tensor, "sample d_model"]]:
+def answer_residuals(
+    model,
+    token_ids: Sequence[Sequence[int]],
+    layers: Sequence[int],
+    *,
+    batch_size: int = 8,
+    padding_side: str = "right",
+) -> dict[int, Float[Tensor, "sample d_model"]]:
     """Unedited answer-position residuals after each block in ``layers``, per prompt."""
     bridge = bridge_of(model)
     layers = sorted(set(hooks.check_layers(list(layers), int(bridge.cfg.n_layers))))
@@ -188,13 +205,19 @@ def answer_residuals(model, token_ids: Sequence[Sequence[int]], layers: Sequence
 
 
 @torch.no_grad()
-def intervened_label_logits(model, token_ids: Sequence[Sequence[int]], layers: Sequence[int],
-                            label_token_ids: Sequence[int],
-                            directions: Float[Tensor, "layer sample d_model"], *,
-                            mode: Mode = "ablate",
-                            source_means: Float[Tensor, "layer sample d_model"] | None = None,
-                            positions: Positions = "answer", batch_size: int = 8,
-                            padding_side: str = "right") -> Float[Tensor, "sample label"]:
+def intervened_label_logits(
+    model,
+    token_ids: Sequence[Sequence[int]],
+    layers: Sequence[int],
+    label_token_ids: Sequence[int],
+    directions: Float[Tensor, "layer sample d_model"],
+    *,
+    mode: Mode = "ablate",
+    source_means: Float[Tensor, "layer sample d_model"] | None = None,
+    positions: Positions = "answer",
+    batch_size: int = 8,
+    padding_side: str = "right",
+) -> Float[Tensor, "sample label"]:
     """Label first-token logits at the answer position of each prompt with an intervention at
     ``layers``: ``mode="ablate"`` (:func:`ablate_direction` of ``directions[:, sample]`` at
     ``positions``) or ``"patch"`` (:func:`patch_mean` of ``source_means[:, sample]`` along
@@ -222,8 +245,13 @@ def intervened_label_logits(model, token_ids: Sequence[Sequence[int]], layers: S
         if mode == "ablate":
             edit = ablate_direction(bridge, layers, directions[:, batch], positions, answer)
         else:
-            edit = patch_mean(bridge, layers, source_means[:, batch], answer_index=answer,
-                              directions=directions[:, batch])
+            edit = patch_mean(
+                bridge,
+                layers,
+                source_means[:, batch],
+                answer_index=answer,
+                directions=directions[:, batch],
+            )
         with edit:
             final[batch] = run_to_answer_rows(bridge, ids, mask, [last])[last]
     return answer_readout(bridge, final, label_token_ids)[0]
@@ -236,8 +264,9 @@ def sweep_windows(n_layers: int, window: int, stride: int = 1) -> list[tuple[int
     """``(start, end)`` (inclusive) of windows of ``window`` consecutive layers every ``stride``
     layers; the last window always ends at the final layer, so the windows cover the depth."""
     if not 1 <= window <= n_layers:
-        raise ValueError(f"window must be between 1 and the number of layers ({n_layers}), "
-                         f"not {window}")
+        raise ValueError(
+            f"window must be between 1 and the number of layers ({n_layers}), not {window}"
+        )
     if stride < 1:
         raise ValueError("stride must be at least 1")
     starts = list(range(0, n_layers - window + 1, stride))
@@ -246,8 +275,9 @@ def sweep_windows(n_layers: int, window: int, stride: int = 1) -> list[tuple[int
     return [(s, s + window - 1) for s in starts]
 
 
-def _label_names(vectors: ConceptVectors, label_names: Sequence[str] | None,
-                 n_labels: int) -> list[str]:
+def _label_names(
+    vectors: ConceptVectors, label_names: Sequence[str] | None, n_labels: int
+) -> list[str]:
     if label_names is not None:
         names = [str(n) for n in label_names]
     elif "labels" in vectors.meta:
@@ -255,13 +285,16 @@ def _label_names(vectors: ConceptVectors, label_names: Sequence[str] | None,
     else:
         names = STUDY_LABELS.names("en")
     if len(names) != n_labels:
-        raise ValueError(f"{len(names)} label names for {n_labels} label tokens; pass "
-                         "label_names in the order of label_token_ids")
+        raise ValueError(
+            f"{len(names)} label names for {n_labels} label tokens; pass "
+            "label_names in the order of label_token_ids"
+        )
     return names
 
 
-def _margin(logits: Float[Tensor, "sample label"], gold: Int[Tensor, " sample"]
-            ) -> Float[Tensor, " sample"]:
+def _margin(
+    logits: Float[Tensor, "sample label"], gold: Int[Tensor, " sample"]
+) -> Float[Tensor, " sample"]:
     """Gold label logit minus the largest other label logit."""
     rows = torch.arange(len(gold))
     others = logits.clone()
@@ -270,12 +303,23 @@ def _margin(logits: Float[Tensor, "sample label"], gold: Int[Tensor, " sample"]
 
 
 @torch.no_grad()
-def window_sweep(model, token_ids: Sequence[Sequence[int]],
-                 gold: Int[Tensor, " sample"] | Sequence[int], label_token_ids: Sequence[int],
-                 vectors: ConceptVectors, window: int, stride: int = 1, mode: Mode = "ablate",
-                 batch_size: int = 8, *, positions: Positions = "answer",
-                 source: str | None = None, label_names: Sequence[str] | None = None,
-                 padding_side: str = "right", progress: bool = True) -> pd.DataFrame:
+def window_sweep(
+    model,
+    token_ids: Sequence[Sequence[int]],
+    gold: Int[Tensor, " sample"] | Sequence[int],
+    label_token_ids: Sequence[int],
+    vectors: ConceptVectors,
+    window: int,
+    stride: int = 1,
+    mode: Mode = "ablate",
+    batch_size: int = 8,
+    *,
+    positions: Positions = "answer",
+    source: str | None = None,
+    label_names: Sequence[str] | None = None,
+    padding_side: str = "right",
+    progress: bool = True,
+) -> pd.DataFrame:
     """Remove (or patch) each sample's own emotion direction over sliding windows of layers and
     record what happens to its answer, one row per window.
 
@@ -307,8 +351,10 @@ def window_sweep(model, token_ids: Sequence[Sequence[int]],
     windows = sweep_windows(n_layers, window, stride)
     missing = sorted(set(range(n_layers)) - set(vectors.layers))
     if missing:
-        raise ValueError(f"the concept vectors lack layers {missing}; the sweep covers the whole "
-                         "depth: build them from activations at every layer (layers='all')")
+        raise ValueError(
+            f"the concept vectors lack layers {missing}; the sweep covers the whole "
+            "depth: build them from activations at every layer (layers='all')"
+        )
     n = len(token_ids)
     gold_t = torch.as_tensor(gold, dtype=torch.long)
     if gold_t.shape != (n,):
@@ -324,9 +370,15 @@ def window_sweep(model, token_ids: Sequence[Sequence[int]],
         raise ValueError("source is used by mode='patch' only")
 
     # each sample's own emotion (index into vectors.emotions) or -1 when it is skipped
-    own = torch.as_tensor([vectors.emotions.index(names[g]) if 0 <= g < len(names)
-                           and names[g] in vectors.emotions and names[g] != source else -1
-                           for g in gold_t.tolist()], dtype=torch.long)
+    own = torch.as_tensor(
+        [
+            vectors.emotions.index(names[g])
+            if 0 <= g < len(names) and names[g] in vectors.emotions and names[g] != source
+            else -1
+            for g in gold_t.tolist()
+        ],
+        dtype=torch.long,
+    )
     used = (own >= 0).nonzero().flatten()
     if len(used) == 0:
         raise ValueError("no sample has a gold label with a concept vector to intervene on")
@@ -336,17 +388,25 @@ def window_sweep(model, token_ids: Sequence[Sequence[int]],
     vec = torch.stack([vectors.layer(layer) for layer in all_layers]).float()  # [layer, e, d]
     own_dirs = vec[:, used_own]  # [layer, sample, d]
 
-    clean_rows = answer_residuals(model, token_ids if mode == "patch" else used_ids,
-                                  all_layers if mode == "patch" else [n_layers - 1],
-                                  batch_size=batch_size, padding_side=padding_side)
+    clean_rows = answer_residuals(
+        model,
+        token_ids if mode == "patch" else used_ids,
+        all_layers if mode == "patch" else [n_layers - 1],
+        batch_size=batch_size,
+        padding_side=padding_side,
+    )
     if mode == "patch":
         src_rows = (gold_t == names.index(source)).nonzero().flatten()
         if len(src_rows) == 0:
-            raise ValueError(f"no sample has the source label {source!r}: its mean residual "
-                             "cannot be formed")
+            raise ValueError(
+                f"no sample has the source label {source!r}: its mean residual cannot be formed"
+            )
         src_mean = torch.stack([clean_rows[layer][src_rows].mean(0) for layer in all_layers])
-        v_src = (torch.zeros_like(vec[:, 0]) if source == vectors.neutral
-                 else vec[:, vectors.emotions.index(source)])
+        v_src = (
+            torch.zeros_like(vec[:, 0])
+            if source == vectors.neutral
+            else vec[:, vectors.emotions.index(source)]
+        )
         directions = v_src[:, None] - own_dirs
         means = src_mean[:, None].expand_as(directions)
         final = clean_rows[n_layers - 1][used]
@@ -363,18 +423,31 @@ def window_sweep(model, token_ids: Sequence[Sequence[int]],
     for start, end in tqdm(windows, desc=f"{mode} windows", disable=not progress, leave=False):
         layers = list(range(start, end + 1))
         after = intervened_label_logits(
-            model, used_ids, layers, label_token_ids, directions[start:end + 1], mode=mode,
-            source_means=None if means is None else means[start:end + 1],
-            positions=positions if mode == "ablate" else "answer", batch_size=batch_size,
-            padding_side=padding_side)
-        records.append({
-            "start_layer": start, "end_layer": end,
-            "gold_logit_drop": float((gold_before - after[rows_idx, used_gold]).mean()),
-            "margin_drop": float((margin_before - _margin(after, used_gold)).mean()),
-            "accuracy_before": acc_before,
-            "accuracy_after": float((after.argmax(-1) == used_gold).float().mean()),
-            "gold_logit_before": float(gold_before.mean()),
-            "n_samples": len(used), "n_skipped": n - len(used), "mode": mode,
-            "positions": positions if mode == "ablate" else "answer", "source": source or "",
-        })
+            model,
+            used_ids,
+            layers,
+            label_token_ids,
+            directions[start : end + 1],
+            mode=mode,
+            source_means=None if means is None else means[start : end + 1],
+            positions=positions if mode == "ablate" else "answer",
+            batch_size=batch_size,
+            padding_side=padding_side,
+        )
+        records.append(
+            {
+                "start_layer": start,
+                "end_layer": end,
+                "gold_logit_drop": float((gold_before - after[rows_idx, used_gold]).mean()),
+                "margin_drop": float((margin_before - _margin(after, used_gold)).mean()),
+                "accuracy_before": acc_before,
+                "accuracy_after": float((after.argmax(-1) == used_gold).float().mean()),
+                "gold_logit_before": float(gold_before.mean()),
+                "n_samples": len(used),
+                "n_skipped": n - len(used),
+                "mode": mode,
+                "positions": positions if mode == "ablate" else "answer",
+                "source": source or "",
+            }
+        )
     return pd.DataFrame.from_records(records)

@@ -1,7 +1,7 @@
 """Filtering by correctness and emotion concept vectors (equation 2 of the study).
 
 ``v_e = mean(h | label e, kept) - mean(h | neutral, kept)`` per layer, from the answer-position
-residuals of :class:`~emolens.activations.Activations`. Which samples are kept is decided by
+residuals of :class:`~emolens.measure.activations.Activations`. Which samples are kept is decided by
 :func:`keep_mask`: each checkpoint itself (``"self"``, the default), the base model (``"base"``)
 or only the samples every step gets right (``"all"``).
 """
@@ -16,9 +16,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from emolens import hooks
-from emolens.activations import Activations, load_artifact, save_artifact
-from emolens.labels import LabelSet
+from emolens.data.labels import LabelSet
+from emolens.measure.activations import Activations, load_artifact, save_artifact
+from emolens.model import hooks
 
 FilterMode = Literal["self", "base", "all", "none"]
 #: Who decides that a sample feeds the vectors; ``none`` keeps every sample (no filtering).
@@ -36,13 +36,18 @@ def filter_correct(acts: Activations) -> Bool[Tensor, " sample"]:
 
 def _aligned(reference: Activations, other: Activations, what: str) -> None:
     if other.sample_ids != reference.sample_ids:
-        raise ValueError(f"the {what} activations hold different samples (or another order) "
-                         "than this checkpoint's; collect them on the same prompts")
+        raise ValueError(
+            f"the {what} activations hold different samples (or another order) "
+            "than this checkpoint's; collect them on the same prompts"
+        )
 
 
-def keep_mask(mode: FilterMode | str, own: Activations, base: Activations | None = None,
-              all_steps: Sequence[Activations | Bool[Tensor, " sample"]] | None = None
-              ) -> Bool[Tensor, " sample"]:
+def keep_mask(
+    mode: FilterMode | str,
+    own: Activations,
+    base: Activations | None = None,
+    all_steps: Sequence[Activations | Bool[Tensor, " sample"]] | None = None,
+) -> Bool[Tensor, " sample"]:
     """Which samples of ``own`` feed its concept vectors.
 
     ``"self"``: those ``own`` classifies correctly; ``"base"``: those the base model classifies
@@ -68,15 +73,17 @@ def keep_mask(mode: FilterMode | str, own: Activations, base: Activations | None
                 _aligned(own, step, "other step's")
                 step = filter_correct(step)
             if step.shape != keep.shape:
-                raise ValueError(f"a step's mask has shape {tuple(step.shape)}, expected "
-                                 f"({own.n_samples},)")
+                raise ValueError(
+                    f"a step's mask has shape {tuple(step.shape)}, expected ({own.n_samples},)"
+                )
             keep &= step.bool()
         return keep
     raise ValueError(f"unknown filter mode {mode!r}; choose one of {', '.join(FILTER_MODES)}")
 
 
-def count_kept(gold: Int[Tensor, " sample"], keep: Bool[Tensor, " sample"], n_labels: int
-               ) -> Int[Tensor, " label"]:
+def count_kept(
+    gold: Int[Tensor, " sample"], keep: Bool[Tensor, " sample"], n_labels: int
+) -> Int[Tensor, " label"]:
     """Kept samples per gold label (samples with unknown gold, -1, are not counted)."""
     known = keep & (gold >= 0)
     return torch.bincount(gold[known], minlength=n_labels)[:n_labels]
@@ -105,8 +112,9 @@ class ConceptVectors:
 
     def __post_init__(self) -> None:
         if len(self.emotions) != self.vectors.shape[1]:
-            raise ValueError(f"{len(self.emotions)} emotion names for "
-                             f"{self.vectors.shape[1]} vectors")
+            raise ValueError(
+                f"{len(self.emotions)} emotion names for {self.vectors.shape[1]} vectors"
+            )
         if len(self.layers) != self.vectors.shape[0]:
             raise ValueError(f"{len(self.layers)} layers for {self.vectors.shape[0]} rows")
 
@@ -123,32 +131,58 @@ class ConceptVectors:
         """The same vectors scaled to unit norm (zero vectors stay zero)."""
         norms = self.norms[..., None]
         scaled = torch.where(norms > 0, self.vectors / norms.clamp_min(1e-30), self.vectors)
-        return ConceptVectors(scaled, self.counts, self.emotions, self.layers, self.neutral,
-                              self.neutral_count, self.dropped, self.min_count,
-                              {**self.meta, "unit_norm": True})
+        return ConceptVectors(
+            scaled,
+            self.counts,
+            self.emotions,
+            self.layers,
+            self.neutral,
+            self.neutral_count,
+            self.dropped,
+            self.min_count,
+            {**self.meta, "unit_norm": True},
+        )
 
     def save(self, directory: str | Path) -> Path:
         """Write ``vectors.safetensors`` (vectors, counts, norms) and ``vectors.json``."""
-        meta = {"emotions": list(self.emotions), "layers": list(self.layers),
-                "hook_names": [hooks.resid_post(layer) for layer in self.layers],
-                "neutral": self.neutral, "neutral_count": self.neutral_count,
-                "dropped": list(self.dropped), "min_count": self.min_count, "meta": self.meta,
-                "definition": "mean(resid_post | label e, kept) - mean(resid_post | neutral, "
-                              "kept) at the answer position"}
-        return save_artifact(directory, self.FILE_STEM,
-                             {"vectors": self.vectors, "counts": self.counts,
-                              "norms": self.norms}, meta)
+        meta = {
+            "emotions": list(self.emotions),
+            "layers": list(self.layers),
+            "hook_names": [hooks.resid_post(layer) for layer in self.layers],
+            "neutral": self.neutral,
+            "neutral_count": self.neutral_count,
+            "dropped": list(self.dropped),
+            "min_count": self.min_count,
+            "meta": self.meta,
+            "definition": "mean(resid_post | label e, kept) - mean(resid_post | neutral, "
+            "kept) at the answer position",
+        }
+        return save_artifact(
+            directory,
+            self.FILE_STEM,
+            {"vectors": self.vectors, "counts": self.counts, "norms": self.norms},
+            meta,
+        )
 
     @classmethod
     def load(cls, directory: str | Path) -> "ConceptVectors":
         t, m = load_artifact(directory, cls.FILE_STEM)
-        return cls(t["vectors"], t["counts"], tuple(m["emotions"]), tuple(m["layers"]),
-                   m["neutral"], int(m["neutral_count"]), tuple(m["dropped"]),
-                   int(m["min_count"]), m.get("meta", {}))
+        return cls(
+            t["vectors"],
+            t["counts"],
+            tuple(m["emotions"]),
+            tuple(m["layers"]),
+            m["neutral"],
+            int(m["neutral_count"]),
+            tuple(m["dropped"]),
+            int(m["min_count"]),
+            m.get("meta", {}),
+        )
 
 
-def concept_vectors(acts: Activations, keep: Bool[Tensor, " sample"], labels: LabelSet,
-                    min_count: int = 3) -> ConceptVectors:
+def concept_vectors(
+    acts: Activations, keep: Bool[Tensor, " sample"], labels: LabelSet, min_count: int = 3
+) -> ConceptVectors:
     """Equation (2) at every collected layer, from the kept samples of ``acts``.
 
     ``acts.gold`` indexes ``labels``. A non-neutral label with fewer than ``min_count`` kept
@@ -160,8 +194,10 @@ def concept_vectors(acts: Activations, keep: Bool[Tensor, " sample"], labels: La
     if min_count < 1:
         raise ValueError("min_count must be at least 1")
     if acts.gold.numel() and int(acts.gold.max()) >= len(labels):
-        raise ValueError(f"gold label index {int(acts.gold.max())} is outside the label set "
-                         f"of {len(labels)} labels")
+        raise ValueError(
+            f"gold label index {int(acts.gold.max())} is outside the label set "
+            f"of {len(labels)} labels"
+        )
     counts = count_kept(acts.gold, keep, len(labels))
     neutral = labels.neutral_index
     if int(counts[neutral]) < min_count:
@@ -169,7 +205,8 @@ def concept_vectors(acts: Activations, keep: Bool[Tensor, " sample"], labels: La
             f"only {int(counts[neutral])} kept samples have the neutral label "
             f"{labels.neutral.en!r} ({labels.neutral.ja}), fewer than min_count={min_count}: "
             "no concept vector can be formed. Use more neutral samples, another filter mode "
-            "(e.g. 'base'), or a lower min_count.")
+            "(e.g. 'base'), or a lower min_count."
+        )
     chosen, dropped = [], []
     for j, emotion in enumerate(labels):
         if j == neutral:
@@ -181,7 +218,9 @@ def concept_vectors(acts: Activations, keep: Bool[Tensor, " sample"], labels: La
             warnings.warn(
                 f"label {emotion.en!r} ({emotion.ja}) has {int(counts[j])} kept samples, fewer "
                 f"than min_count={min_count}: it gets no concept vector and drops out",
-                DroppedLabelWarning, stacklevel=2)
+                DroppedLabelWarning,
+                stacklevel=2,
+            )
     known = keep & (acts.gold >= 0)
     onehot = torch.zeros(acts.n_samples, len(labels), dtype=torch.float64)
     onehot[known.nonzero().flatten(), acts.gold[known]] = 1.0
@@ -190,6 +229,14 @@ def concept_vectors(acts: Activations, keep: Bool[Tensor, " sample"], labels: La
     idx = torch.as_tensor(chosen, dtype=torch.long)
     vectors = (means[:, idx] - means[:, neutral : neutral + 1]).float()
     names = tuple(labels.emotions[j].en for j in chosen)
-    return ConceptVectors(vectors, counts[idx].clone(), names, acts.layers, labels.neutral.en,
-                          int(counts[neutral]), tuple(dropped), min_count,
-                          {"labels": labels.to_dict()})
+    return ConceptVectors(
+        vectors,
+        counts[idx].clone(),
+        names,
+        acts.layers,
+        labels.neutral.en,
+        int(counts[neutral]),
+        tuple(dropped),
+        min_count,
+        {"labels": labels.to_dict()},
+    )

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from emolens.labels import STUDY_LABELS, UnknownLabelError
+from emolens.data.labels import STUDY_LABELS, UnknownLabelError
 
 #: The columns ``sensitivity.csv`` must have (the measure columns are checked separately).
 SENSITIVITY_KEYS = ("step", "layer", "steered_emotion", "observed_label", "alpha", "prompt_id")
@@ -255,15 +255,17 @@ def figure2(
     over prompts. Defaults: the final (largest) layer present and the largest alpha. When
     ``steps_table`` (``step``, ``eval_loss``) has eval losses they are drawn on a second y axis
     (dashed, grey). ``bands``: ``figure2_bands.csv``
-    (:func:`emolens.concept_space.figure2_frame`: ``step, layer, emotion, alpha, ci_low,
+    (:func:`emolens.analysis.concept_space.figure2_frame`: ``step, layer, emotion, alpha, ci_low,
     ci_high``), drawn as a shaded interval per emotion where its layer and alpha match the
     plotted ones (the two-level bootstrap: the samples that build v, then the prompts)."""
     summary, sel = diagonal_summary(
         sensitivity, layer, alpha, measure, alpha_unit=alpha_unit, positions=positions
     )
     band_rows = None
-    if bands is not None and measure == "logit_change" and (sel.alpha_unit or "absolute") == (
-        "absolute"
+    if (
+        bands is not None
+        and measure == "logit_change"
+        and (sel.alpha_unit or "absolute") == ("absolute")
     ):
         require_columns(bands, ("step", "layer", "emotion", "alpha", "ci_low", "ci_high"),
                         "the Figure 2 bands table")  # fmt: skip
@@ -347,8 +349,10 @@ def figure2(
 
 def _setting_text(layer, alpha) -> str:
     """``"layer L, α = A"`` for a figure title, leaving out what is None."""
-    parts = (f"layer {format_value(layer)}" if layer is not None else "",
-             f"α = {format_value(alpha)}" if alpha is not None else "")
+    parts = (
+        f"layer {format_value(layer)}" if layer is not None else "",
+        f"α = {format_value(alpha)}" if alpha is not None else "",
+    )
     return ", ".join(p for p in parts if p)
 
 
@@ -1761,7 +1765,7 @@ def layer_summary_figure(
 ) -> go.Figure:
     """Emotion (rows) x step: the most steerable layer (left) and the most decodable layer
     (right, highest per-label probe recall), the layer number written in each cell; the hover
-    gives the effect or recall there. From :func:`emolens.sweeps.layer_summary`."""
+    gives the effect or recall there. From :func:`emolens.analysis.sweeps.layer_summary`."""
     from plotly.subplots import make_subplots
 
     require_columns(summary, ("step", "emotion"), "the layer summary")
@@ -1824,18 +1828,23 @@ def layer_summary_figure(
     return fig
 
 
-def localisation_heatmap(localisation: pd.DataFrame, value: str = "gold_logit_drop"
-                         ) -> go.Figure:
+def localisation_heatmap(localisation: pd.DataFrame, value: str = "gold_logit_drop") -> go.Figure:
     """Window (first and last layer) x step heatmap of what removing the concept direction over
-    that window costs (``localisation.csv`` of :func:`emolens.pipeline.localise`)."""
+    that window costs (``localisation.csv`` of :func:`emolens.run.pipeline.localise`)."""
     require_columns(localisation, ["step", "start_layer", "end_layer", value], "localisation")
-    table = localisation.pivot_table(index=["start_layer", "end_layer"], columns="step",
-                                     values=value, aggfunc="mean").sort_index()
+    table = localisation.pivot_table(
+        index=["start_layer", "end_layer"], columns="step", values=value, aggfunc="mean"
+    ).sort_index()
     y = [f"layers {a}-{b}" for a, b in table.index]
     x = [str(s) for s in table.columns]
-    hover = [[f"{row}, step {col}: {format_value(v)}" for col, v in zip(x, values)]
-             for row, values in zip(y, table.to_numpy())]
+    hover = [
+        [f"{row}, step {col}: {format_value(v)}" for col, v in zip(x, values)]
+        for row, values in zip(y, table.to_numpy())
+    ]
     fig = go.Figure(_diverging_heatmap(table.to_numpy(), x, y, hover, value))
-    fig.update_layout(title=f"Localisation by intervention: {value} per layer window",
-                      xaxis_title="training step", yaxis_title="window")
+    fig.update_layout(
+        title=f"Localisation by intervention: {value} per layer window",
+        xaxis_title="training step",
+        yaxis_title="window",
+    )
     return fig

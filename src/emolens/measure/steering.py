@@ -32,8 +32,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from emolens import hooks
-from emolens.activations import (
+from emolens.data.tokens import last_token_index, pad, pad_id
+from emolens.measure.activations import (
     answer_readout,
     bridge_of,
     default_chunk_rows,
@@ -43,7 +43,7 @@ from emolens.activations import (
     run_to_answer_rows,
     save_artifact,
 )
-from emolens.tokens import last_token_index, pad, pad_id
+from emolens.model import hooks
 
 Positions = Literal["all", "answer"]
 POSITIONS: tuple[str, ...] = ("all", "answer")
@@ -52,13 +52,14 @@ POSITIONS: tuple[str, ...] = ("all", "answer")
 DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 6.0, 8.0)
 
 
-def alphas_from_norm_multiples(multiples: Float[Tensor, " alpha"] | Sequence[float | int],
-                               resid_norm_mean: float) -> Float[Tensor, " alpha"]:
+def alphas_from_norm_multiples(
+    multiples: Float[Tensor, " alpha"] | Sequence[float | int], resid_norm_mean: float
+) -> Float[Tensor, " alpha"]:
     """Steering strengths as multiples of the mean residual norm at the steered layer.
 
-    Use them with unit-norm vectors (:meth:`emolens.vectors.ConceptVectors.unit`): the added
+    Use them with unit-norm vectors (:meth:`emolens.measure.vectors.ConceptVectors.unit`): the added
     vector ``alpha * v`` then has norm ``multiple * resid_norm_mean`` (e.g. from
-    :meth:`emolens.activations.Activations.mean_norm`).
+    :meth:`emolens.measure.activations.Activations.mean_norm`).
     """
     if resid_norm_mean <= 0:
         raise ValueError(f"the mean residual norm must be positive, not {resid_norm_mean}")
@@ -68,13 +69,15 @@ def alphas_from_norm_multiples(multiples: Float[Tensor, " alpha"] | Sequence[flo
 ALPHA_UNITS: tuple[str, ...] = ("absolute", "norm")
 
 
-def steering_vectors(vectors: Float[Tensor, "emotion d_model"], alpha_unit: str,
-                     resid_norm_mean: float) -> Float[Tensor, "emotion d_model"]:
+def steering_vectors(
+    vectors: Float[Tensor, "emotion d_model"], alpha_unit: str, resid_norm_mean: float
+) -> Float[Tensor, "emotion d_model"]:
     """The vectors that ``alpha`` multiplies in ``h + alpha * vector``, for an alpha unit.
 
     ``"absolute"``: the concept vectors themselves. ``"norm"``: each rescaled to the mean
     residual norm at the steered layer (``v / |v| * resid_norm_mean``, e.g. from
-    :meth:`emolens.activations.Activations.mean_norm` of the steered model), so ``alpha`` is a
+    :meth:`emolens.measure.activations.Activations.mean_norm` of the steered model), so ``alpha``
+    is a
     multiple of the typical residual norm. Every table that steers (sensitivity, attribution,
     transfer, random baseline) takes its vectors from here.
     """
@@ -93,16 +96,21 @@ def _check_positions(positions: str) -> None:
 
 
 @contextmanager
-def steer(bridge, hook_name: str, vector: Float[Tensor, "*rows d_model"],
-          alpha: float | Float[Tensor, "*alpha_rows"] = 1.0, positions: Positions = "all",
-          answer_index: Int[Tensor, " batch"] | None = None) -> Iterator[None]:
+def steer(
+    bridge,
+    hook_name: str,
+    vector: Float[Tensor, "*rows d_model"],
+    alpha: float | Float[Tensor, "*alpha_rows"] = 1.0,
+    positions: Positions = "all",
+    answer_index: Int[Tensor, " batch"] | None = None,
+) -> Iterator[None]:
     """Add ``alpha * vector`` at ``hook_name`` of ``bridge`` (a bridge or a ``LoadedModel``)
     for the forward passes inside the ``with`` block.
 
     ``vector`` is ``[d_model]`` (the same for every row) or ``[batch, d_model]`` (one per batch
     row, so many configurations ride in one batch); ``alpha`` a number or one per row.
     ``positions="answer"`` steers only at ``answer_index[row]`` (e.g. from
-    :func:`emolens.tokens.last_token_index`). The hook is removed on exit, also on errors.
+    :func:`emolens.data.tokens.last_token_index`). The hook is removed on exit, also on errors.
     """
     _check_positions(positions)
     bridge = bridge_of(bridge)
@@ -114,8 +122,10 @@ def steer(bridge, hook_name: str, vector: Float[Tensor, "*rows d_model"],
     def hook_fn(tensor, *, hook):
         d = delta.to(device=tensor.device, dtype=tensor.dtype)
         if d.dim() == 2 and d.shape[0] != tensor.shape[0]:
-            raise ValueError(f"{d.shape[0]} steering vectors for a batch of {tensor.shape[0]} "
-                             f"rows at {hook_name}")
+            raise ValueError(
+                f"{d.shape[0]} steering vectors for a batch of {tensor.shape[0]} "
+                f"rows at {hook_name}"
+            )
         if positions == "all":
             return tensor + (d[:, None, :] if d.dim() == 2 else d)
         rows = torch.arange(tensor.shape[0], device=tensor.device)
@@ -160,9 +170,11 @@ class SteeringEffect:
     def __post_init__(self) -> None:
         e, a, p, k = self.logit_change.shape
         if (len(self.emotions), len(self.prompt_ids), len(self.labels)) != (e, p, k):
-            raise ValueError(f"axes names ({len(self.emotions)} emotions, {len(self.prompt_ids)}"
-                             f" prompts, {len(self.labels)} labels) do not match the tensors "
-                             f"{tuple(self.logit_change.shape)}")
+            raise ValueError(
+                f"axes names ({len(self.emotions)} emotions, {len(self.prompt_ids)}"
+                f" prompts, {len(self.labels)} labels) do not match the tensors "
+                f"{tuple(self.logit_change.shape)}"
+            )
 
     def diagonal(self, quantity: str = "logit_change") -> Float[Tensor, "emotion alpha prompt"]:
         """The change of each steered emotion's own label (Figure 2's quantity)."""
@@ -180,39 +192,62 @@ class SteeringEffect:
 
         e, a, p, k = self.logit_change.shape
         grid = torch.cartesian_prod(*(torch.arange(n) for n in (e, a, p, k)))
-        frame = pd.DataFrame({
-            "layer": self.layer,
-            "emotion": [self.emotions[i] for i in grid[:, 0].tolist()],
-            "label": [self.labels[i] for i in grid[:, 3].tolist()],
-            "alpha": self.alphas[grid[:, 1]].numpy(),
-            "prompt": [self.prompt_ids[i] for i in grid[:, 2].tolist()],
-            "logit_change": self.logit_change.flatten().numpy(),
-            "logprob_change": self.logprob_change.flatten().numpy(),
-            "centered_change": self.centered_change.flatten().numpy(),
-        })
+        frame = pd.DataFrame(
+            {
+                "layer": self.layer,
+                "emotion": [self.emotions[i] for i in grid[:, 0].tolist()],
+                "label": [self.labels[i] for i in grid[:, 3].tolist()],
+                "alpha": self.alphas[grid[:, 1]].numpy(),
+                "prompt": [self.prompt_ids[i] for i in grid[:, 2].tolist()],
+                "logit_change": self.logit_change.flatten().numpy(),
+                "logprob_change": self.logprob_change.flatten().numpy(),
+                "centered_change": self.centered_change.flatten().numpy(),
+            }
+        )
         for i, (key, value) in enumerate(constants.items()):
             frame.insert(i, key, value)
         return frame
 
     def save(self, directory: str | Path) -> Path:
         """Write ``steering.safetensors`` and ``steering.json`` into ``directory``."""
-        tensors = {"logit_change": self.logit_change, "logprob_change": self.logprob_change,
-                   "centered_change": self.centered_change,
-                   "base_label_logits": self.base_label_logits, "alphas": self.alphas}
-        meta = {"emotions": list(self.emotions), "labels": list(self.labels),
-                "prompt_ids": list(self.prompt_ids), "layer": self.layer,
-                "hook_name": self.hook_name, "positions": self.positions,
-                "method": self.method, "meta": self.meta,
-                "axes": ["emotion", "alpha", "prompt", "label"]}
+        tensors = {
+            "logit_change": self.logit_change,
+            "logprob_change": self.logprob_change,
+            "centered_change": self.centered_change,
+            "base_label_logits": self.base_label_logits,
+            "alphas": self.alphas,
+        }
+        meta = {
+            "emotions": list(self.emotions),
+            "labels": list(self.labels),
+            "prompt_ids": list(self.prompt_ids),
+            "layer": self.layer,
+            "hook_name": self.hook_name,
+            "positions": self.positions,
+            "method": self.method,
+            "meta": self.meta,
+            "axes": ["emotion", "alpha", "prompt", "label"],
+        }
         return save_artifact(directory, self.FILE_STEM, tensors, meta)
 
     @classmethod
     def load(cls, directory: str | Path) -> "SteeringEffect":
         t, m = load_artifact(directory, cls.FILE_STEM)
-        return cls(t["logit_change"], t["logprob_change"], t["centered_change"],
-                   t["base_label_logits"], t["alphas"], tuple(m["emotions"]),
-                   tuple(m["labels"]), tuple(m["prompt_ids"]), int(m["layer"]),
-                   m["hook_name"], m["positions"], m["method"], m.get("meta", {}))
+        return cls(
+            t["logit_change"],
+            t["logprob_change"],
+            t["centered_change"],
+            t["base_label_logits"],
+            t["alphas"],
+            tuple(m["emotions"]),
+            tuple(m["labels"]),
+            tuple(m["prompt_ids"]),
+            int(m["layer"]),
+            m["hook_name"],
+            m["positions"],
+            m["method"],
+            m.get("meta", {}),
+        )
 
 
 def _names(given: Sequence[str] | None, n: int, prefix: str) -> tuple[str, ...]:
@@ -223,10 +258,22 @@ def _names(given: Sequence[str] | None, n: int, prefix: str) -> tuple[str, ...]:
     return tuple(str(g) for g in given)
 
 
-def _effect(steered: tuple[Tensor, Tensor, Tensor], base: tuple[Tensor, Tensor, Tensor],
-            n_emotions: int, n_alphas: int, n_prompts: int, *, alphas: Tensor, emotions,
-            labels, prompt_ids, layer: int, positions: str, method: str, model
-            ) -> SteeringEffect:
+def _effect(
+    steered: tuple[Tensor, Tensor, Tensor],
+    base: tuple[Tensor, Tensor, Tensor],
+    n_emotions: int,
+    n_alphas: int,
+    n_prompts: int,
+    *,
+    alphas: Tensor,
+    emotions,
+    labels,
+    prompt_ids,
+    layer: int,
+    positions: str,
+    method: str,
+    model,
+) -> SteeringEffect:
     """Assemble a :class:`SteeringEffect` from steered readouts (rows in (emotion, alpha,
     prompt) order) and unsteered readouts (one row per prompt)."""
     shape = (n_emotions, n_alphas, n_prompts, -1)
@@ -242,11 +289,21 @@ def _effect(steered: tuple[Tensor, Tensor, Tensor], base: tuple[Tensor, Tensor, 
     for key in ("spec", "weights_hash", "dtype"):
         if hasattr(model, key):
             meta[key] = getattr(model, key)
-    return SteeringEffect(logit, logprob, centered, b_ll, alphas.float().cpu(),
-                          _names(emotions, n_emotions, "emotion"),
-                          _names(labels, b_ll.shape[1], "label"),
-                          _names(prompt_ids, n_prompts, "prompt"), layer,
-                          hooks.resid_post(layer), positions, method, meta)
+    return SteeringEffect(
+        logit,
+        logprob,
+        centered,
+        b_ll,
+        alphas.float().cpu(),
+        _names(emotions, n_emotions, "emotion"),
+        _names(labels, b_ll.shape[1], "label"),
+        _names(prompt_ids, n_prompts, "prompt"),
+        layer,
+        hooks.resid_post(layer),
+        positions,
+        method,
+        meta,
+    )
 
 
 def _config_index(flat: Tensor, n_alphas: int, n_prompts: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -257,14 +314,19 @@ def _config_index(flat: Tensor, n_alphas: int, n_prompts: int) -> tuple[Tensor, 
 
 
 @torch.no_grad()
-def final_layer_sensitivity(model, h_final: Float[Tensor, "prompt d_model"],
-                            vectors: Float[Tensor, "emotion d_model"],
-                            alphas: Float[Tensor, " alpha"], label_token_ids: Sequence[int], *,
-                            emotions: Sequence[str] | None = None,
-                            labels: Sequence[str] | None = None,
-                            prompt_ids: Sequence[str] | None = None,
-                            chunk_rows: int | None = None, progress: bool = False
-                            ) -> SteeringEffect:
+def final_layer_sensitivity(
+    model,
+    h_final: Float[Tensor, "prompt d_model"],
+    vectors: Float[Tensor, "emotion d_model"],
+    alphas: Float[Tensor, " alpha"],
+    label_token_ids: Sequence[int],
+    *,
+    emotions: Sequence[str] | None = None,
+    labels: Sequence[str] | None = None,
+    prompt_ids: Sequence[str] | None = None,
+    chunk_rows: int | None = None,
+    progress: bool = False,
+) -> SteeringEffect:
     """Sensitivity to steering at the final block output, without a forward pass.
 
     ``h_final`` are the unsteered final-block outputs at the answer position (e.g.
@@ -290,16 +352,29 @@ def final_layer_sensitivity(model, h_final: Float[Tensor, "prompt d_model"],
         for part, value in zip(parts, out, strict=True):
             part.append(value)
     steered = tuple(torch.cat(part) for part in parts)
-    return _effect(steered, base, n_e, n_a, n_p, alphas=al, emotions=emotions, labels=labels,
-                   prompt_ids=prompt_ids, layer=int(bridge.cfg.n_layers) - 1, positions="all",
-                   method="final-layer readout: unembed(ln_final(h + alpha v))", model=model)
+    return _effect(
+        steered,
+        base,
+        n_e,
+        n_a,
+        n_p,
+        alphas=al,
+        emotions=emotions,
+        labels=labels,
+        prompt_ids=prompt_ids,
+        layer=int(bridge.cfg.n_layers) - 1,
+        positions="all",
+        method="final-layer readout: unembed(ln_final(h + alpha v))",
+        model=model,
+    )
 
 
 # --------------------------------------------------------------------------- any layer
 
 
-def _final_rows(bridge, token_ids: Sequence[Sequence[int]], pid: int, padding_side: str,
-                steering=None) -> Float[Tensor, "sample d_model"]:
+def _final_rows(
+    bridge, token_ids: Sequence[Sequence[int]], pid: int, padding_side: str, steering=None
+) -> Float[Tensor, "sample d_model"]:
     """Final-block outputs at the answer position of a batch, optionally steered by
     ``steering(answer_index)``, a context manager factory."""
     ids, mask = pad(token_ids, pid, padding_side)
@@ -311,13 +386,22 @@ def _final_rows(bridge, token_ids: Sequence[Sequence[int]], pid: int, padding_si
 
 
 @torch.no_grad()
-def layer_sensitivity(model, token_ids: Sequence[Sequence[int]], layer: int,
-                      vectors: Float[Tensor, "emotion d_model"], alphas: Float[Tensor, " alpha"],
-                      label_token_ids: Sequence[int], *, positions: Positions = "all",
-                      batch_size: int = 32, emotions: Sequence[str] | None = None,
-                      labels: Sequence[str] | None = None,
-                      prompt_ids: Sequence[str] | None = None, padding_side: str = "right",
-                      progress: bool = True) -> SteeringEffect:
+def layer_sensitivity(
+    model,
+    token_ids: Sequence[Sequence[int]],
+    layer: int,
+    vectors: Float[Tensor, "emotion d_model"],
+    alphas: Float[Tensor, " alpha"],
+    label_token_ids: Sequence[int],
+    *,
+    positions: Positions = "all",
+    batch_size: int = 32,
+    emotions: Sequence[str] | None = None,
+    labels: Sequence[str] | None = None,
+    prompt_ids: Sequence[str] | None = None,
+    padding_side: str = "right",
+    progress: bool = True,
+) -> SteeringEffect:
     """Sensitivity to steering at ``blocks.{layer}.hook_resid_post`` of the prompts
     ``token_ids``, by hooked forward passes.
 
@@ -340,7 +424,7 @@ def layer_sensitivity(model, token_ids: Sequence[Sequence[int]], layer: int,
     base_rows = torch.zeros(n_p, int(bridge.cfg.d_model))
     by_length = sorted(range(n_p), key=lambda i: len(token_ids[i]))
     for start in range(0, n_p, batch_size):
-        batch = by_length[start:start + batch_size]
+        batch = by_length[start : start + batch_size]
         base_rows[batch] = _final_rows(bridge, [token_ids[i] for i in batch], pid, padding_side)
     base = answer_readout(bridge, base_rows, label_token_ids)
 
@@ -350,21 +434,33 @@ def layer_sensitivity(model, token_ids: Sequence[Sequence[int]], layer: int,
     steered_rows = torch.zeros(total, int(bridge.cfg.d_model))
     device = input_device(bridge)
     starts = range(0, total, batch_size)
-    for start in tqdm(starts, desc=f"steering at layer {layer}", disable=not progress,
-                      leave=False):
-        flat = order[start:start + batch_size]
+    for start in tqdm(starts, desc=f"steering at layer {layer}", disable=not progress, leave=False):
+        flat = order[start : start + batch_size]
         e, a, p = _config_index(flat, n_a, n_p)
         deltas = (al[a, None] * v[e]).to(device)
 
         def steering(answer_index, deltas=deltas):
             return steer(bridge, hook_name, deltas, 1.0, positions, answer_index)
 
-        steered_rows[flat] = _final_rows(bridge, [token_ids[i] for i in p.tolist()], pid,
-                                         padding_side, steering)
+        steered_rows[flat] = _final_rows(
+            bridge, [token_ids[i] for i in p.tolist()], pid, padding_side, steering
+        )
     steered = answer_readout(bridge, steered_rows, label_token_ids)
-    return _effect(steered, base, n_e, n_a, n_p, alphas=al, emotions=emotions, labels=labels,
-                   prompt_ids=prompt_ids, layer=layer, positions=positions,
-                   method=f"batched hooked forward (batch {batch_size})", model=model)
+    return _effect(
+        steered,
+        base,
+        n_e,
+        n_a,
+        n_p,
+        alphas=al,
+        emotions=emotions,
+        labels=labels,
+        prompt_ids=prompt_ids,
+        layer=layer,
+        positions=positions,
+        method=f"batched hooked forward (batch {batch_size})",
+        model=model,
+    )
 
 
 # --------------------------------------------------------------------------- key/value cache
@@ -392,8 +488,11 @@ def attention_reads_kv_cache(bridge) -> Iterator[None]:
             kwargs = {**kwargs, "past_key_values": kwargs["cache"]}
         return args, kwargs
 
-    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True)
-               for m in bridge_of(bridge).modules() if hasattr(m, "_update_kv_cache")]
+    handles = [
+        m.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        for m in bridge_of(bridge).modules()
+        if hasattr(m, "_update_kv_cache")
+    ]
     try:
         yield
     finally:
@@ -401,8 +500,9 @@ def attention_reads_kv_cache(bridge) -> Iterator[None]:
             handle.remove()
 
 
-def _cached_forward_rows(bridge, input_ids: Int[Tensor, "sample seq"], cache
-                         ) -> Float[Tensor, "sample d_model"]:
+def _cached_forward_rows(
+    bridge, input_ids: Int[Tensor, "sample seq"], cache
+) -> Float[Tensor, "sample d_model"]:
     """Run ``input_ids`` after the positions held in ``cache`` (which grows by them) and
     return the final block output at the last position; the unembedding never runs."""
     last = int(bridge.cfg.n_layers) - 1
@@ -412,8 +512,11 @@ def _cached_forward_rows(bridge, input_ids: Int[Tensor, "sample seq"], cache
         store["h"] = tensor[:, -1].detach().float().cpu()
         raise _StopAfterLastBlock
 
-    with warnings.catch_warnings(), attention_reads_kv_cache(bridge), \
-            bridge.hooks(fwd_hooks=[(hooks.resid_post(last), keep_last_row)]):
+    with (
+        warnings.catch_warnings(),
+        attention_reads_kv_cache(bridge),
+        bridge.hooks(fwd_hooks=[(hooks.resid_post(last), keep_last_row)]),
+    ):
         warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
         try:
             bridge(input_ids.to(input_device(bridge)), past_key_values=cache)
@@ -440,9 +543,11 @@ def prompt_kv_cache(model, prefix: Sequence[int]):
         return cache
     _cached_forward_rows(bridge, torch.as_tensor([list(prefix)]), cache)
     if cache.get_seq_length() != len(prefix):
-        raise RuntimeError(f"the key/value cache holds {cache.get_seq_length()} positions after "
-                           f"a pass over {len(prefix)} tokens: this model's attention does not "
-                           "fill it; use layer_sensitivity instead")
+        raise RuntimeError(
+            f"the key/value cache holds {cache.get_seq_length()} positions after "
+            f"a pass over {len(prefix)} tokens: this model's attention does not "
+            "fill it; use layer_sensitivity instead"
+        )
     return cache
 
 
@@ -455,13 +560,20 @@ def _expanded(cache, rows: int):
 
 
 @torch.no_grad()
-def layer_sensitivity_cached(model, token_ids: Sequence[Sequence[int]], layer: int,
-                             vectors: Float[Tensor, "emotion d_model"],
-                             alphas: Float[Tensor, " alpha"], label_token_ids: Sequence[int], *,
-                             batch_size: int = 128, emotions: Sequence[str] | None = None,
-                             labels: Sequence[str] | None = None,
-                             prompt_ids: Sequence[str] | None = None,
-                             progress: bool = True) -> SteeringEffect:
+def layer_sensitivity_cached(
+    model,
+    token_ids: Sequence[Sequence[int]],
+    layer: int,
+    vectors: Float[Tensor, "emotion d_model"],
+    alphas: Float[Tensor, " alpha"],
+    label_token_ids: Sequence[int],
+    *,
+    batch_size: int = 128,
+    emotions: Sequence[str] | None = None,
+    labels: Sequence[str] | None = None,
+    prompt_ids: Sequence[str] | None = None,
+    progress: bool = True,
+) -> SteeringEffect:
     """Sensitivity to steering the answer position only at ``blocks.{layer}.hook_resid_post``,
     reusing each prompt's key/value cache: equal to ``layer_sensitivity(...,
     positions="answer")`` and to the naive loop, for a fraction of the compute.
@@ -487,39 +599,61 @@ def layer_sensitivity_cached(model, token_ids: Sequence[Sequence[int]], layer: i
         raise ValueError("batch_size must be at least 1")
     v, al = vectors.float().cpu(), alphas.float().cpu()
     # row 0 of each prompt is the unsteered baseline, rows 1.. its configurations (e, a)
-    deltas = torch.cat([torch.zeros(1, v.shape[1]), (al[None, :, None] * v[:, None, :])
-                        .reshape(n_e * n_a, -1)])
+    deltas = torch.cat(
+        [torch.zeros(1, v.shape[1]), (al[None, :, None] * v[:, None, :]).reshape(n_e * n_a, -1)]
+    )
     d_model = int(bridge.cfg.d_model)
     base_rows = torch.zeros(n_p, d_model)
     steered_rows = torch.zeros(n_e, n_a, n_p, d_model)
-    for p in tqdm(range(n_p), desc=f"cached steering at layer {layer}", disable=not progress,
-                  leave=False):
+    for p in tqdm(
+        range(n_p), desc=f"cached steering at layer {layer}", disable=not progress, leave=False
+    ):
         ids = list(token_ids[p])
         cache = prompt_kv_cache(bridge, ids[:-1])
         rows = torch.zeros(len(deltas), d_model)
         for start in range(0, len(deltas), batch_size):
-            chunk = deltas[start:start + batch_size]
+            chunk = deltas[start : start + batch_size]
             answer = torch.full((len(chunk), 1), ids[-1], dtype=torch.long)
             with steer(bridge, hook_name, chunk.to(input_device(bridge)), 1.0, "all"):
-                rows[start:start + len(chunk)] = _cached_forward_rows(
-                    bridge, answer, _expanded(cache, len(chunk)))
+                rows[start : start + len(chunk)] = _cached_forward_rows(
+                    bridge, answer, _expanded(cache, len(chunk))
+                )
         base_rows[p] = rows[0]
         steered_rows[:, :, p] = rows[1:].reshape(n_e, n_a, d_model)
     base = answer_readout(bridge, base_rows, label_token_ids)
     steered = answer_readout(bridge, steered_rows.reshape(-1, d_model), label_token_ids)
-    return _effect(steered, base, n_e, n_a, n_p, alphas=al, emotions=emotions, labels=labels,
-                   prompt_ids=prompt_ids, layer=layer, positions="answer",
-                   method=f"answer-only steering on the prompt's key/value cache "
-                          f"(batch {batch_size})", model=model)
+    return _effect(
+        steered,
+        base,
+        n_e,
+        n_a,
+        n_p,
+        alphas=al,
+        emotions=emotions,
+        labels=labels,
+        prompt_ids=prompt_ids,
+        layer=layer,
+        positions="answer",
+        method=f"answer-only steering on the prompt's key/value cache (batch {batch_size})",
+        model=model,
+    )
 
 
 @torch.no_grad()
-def naive_sensitivity(model, token_ids: Sequence[Sequence[int]], layer: int,
-                      vectors: Float[Tensor, "emotion d_model"], alphas: Float[Tensor, " alpha"],
-                      label_token_ids: Sequence[int], *, positions: Positions = "all",
-                      emotions: Sequence[str] | None = None, labels: Sequence[str] | None = None,
-                      prompt_ids: Sequence[str] | None = None, progress: bool = False
-                      ) -> SteeringEffect:
+def naive_sensitivity(
+    model,
+    token_ids: Sequence[Sequence[int]],
+    layer: int,
+    vectors: Float[Tensor, "emotion d_model"],
+    alphas: Float[Tensor, " alpha"],
+    label_token_ids: Sequence[int],
+    *,
+    positions: Positions = "all",
+    emotions: Sequence[str] | None = None,
+    labels: Sequence[str] | None = None,
+    prompt_ids: Sequence[str] | None = None,
+    progress: bool = False,
+) -> SteeringEffect:
     """The slow, obvious reference: one full hooked forward pass (logits at every position)
     per (emotion, alpha, prompt), reading the last position's logits."""
     _check_positions(positions)
@@ -545,10 +679,23 @@ def naive_sensitivity(model, token_ids: Sequence[Sequence[int]], layer: int,
                 with steer(bridge, hook_name, vectors[e], float(alphas[a]), positions, answer):
                     steered_parts[p].append(readout(bridge(ids)[0, -1]))
     # steered_parts[p][e * n_a + a] -> rows in (emotion, alpha, prompt) order
-    rows = [steered_parts[p][e * n_a + a] for e in range(n_e) for a in range(n_a)
-            for p in range(n_p)]
+    rows = [
+        steered_parts[p][e * n_a + a] for e in range(n_e) for a in range(n_a) for p in range(n_p)
+    ]
     steered = tuple(torch.stack([r[i] for r in rows]) for i in range(3))
     base = tuple(torch.stack([r[i] for r in base_parts]) for i in range(3))
-    return _effect(steered, base, n_e, n_a, n_p, alphas=alphas, emotions=emotions, labels=labels,
-                   prompt_ids=prompt_ids, layer=layer, positions=positions,
-                   method="naive: one hooked forward per (emotion, alpha, prompt)", model=model)
+    return _effect(
+        steered,
+        base,
+        n_e,
+        n_a,
+        n_p,
+        alphas=alphas,
+        emotions=emotions,
+        labels=labels,
+        prompt_ids=prompt_ids,
+        layer=layer,
+        positions=positions,
+        method="naive: one hooked forward per (emotion, alpha, prompt)",
+        model=model,
+    )

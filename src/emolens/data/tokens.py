@@ -3,7 +3,7 @@
 Plain prompts are encoded with the tokenizer's own special-token convention
 (``add_special_tokens`` as the tokenizer defines it: Gemma adds a BOS, Sarashina adds none);
 a chat-rendered prompt already holds the special tokens its template writes, so nothing is
-added on top (:class:`emolens.labels.PromptSpec` decides which). The bridge receives token
+added on top (:class:`emolens.data.labels.PromptSpec` decides which). The bridge receives token
 ids, so it never prepends a BOS of its own.
 """
 
@@ -14,11 +14,12 @@ from jaxtyping import Int
 from torch import Tensor
 
 
-def encode(tokenizer, texts: Sequence[str], add_special_tokens: bool = True
-           ) -> list[list[int]]:
+def encode(tokenizer, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
     """Token ids of each string, with the tokenizer's default special tokens (or none)."""
-    return [list(ids) for ids in
-            tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]]
+    return [
+        list(ids)
+        for ids in tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+    ]
 
 
 def pad_id(tokenizer) -> int:
@@ -27,8 +28,9 @@ def pad_id(tokenizer) -> int:
     return 0 if pid is None else int(pid)
 
 
-def pad(sequences: Sequence[Sequence[int]], pad_token_id: int, side: str = "right"
-        ) -> tuple[Int[Tensor, "sample seq"], Int[Tensor, "sample seq"]]:
+def pad(
+    sequences: Sequence[Sequence[int]], pad_token_id: int, side: str = "right"
+) -> tuple[Int[Tensor, "sample seq"], Int[Tensor, "sample seq"]]:
     """Pad id lists into ``(input_ids, attention_mask)``, on the ``right`` or ``left``."""
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', not {side!r}")

@@ -11,14 +11,34 @@ import torch
 
 #: Shapes of the Sarashina 2.2 family, scaled down; the real sizes are read from config.json.
 TINY_SHAPES = {
-    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2),
-    "sarashina-0.5b": dict(hidden_size=40, intermediate_size=96, num_hidden_layers=6,
-                           num_attention_heads=4, num_key_value_heads=2),
-    "sarashina-1b": dict(hidden_size=56, intermediate_size=112, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2),
-    "sarashina-3b": dict(hidden_size=80, intermediate_size=160, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=4),
+    "llama": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "sarashina-0.5b": dict(
+        hidden_size=40,
+        intermediate_size=96,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "sarashina-1b": dict(
+        hidden_size=56,
+        intermediate_size=112,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "sarashina-3b": dict(
+        hidden_size=80,
+        intermediate_size=160,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    ),
 }
 
 
@@ -28,8 +48,8 @@ def train_tokenizer(vocab_size: int = 1024):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from emolens.data import bundled_corpus_path
-    from emolens.labels import EN_TEMPLATE, JA_TEMPLATE, STUDY_LABELS
+    from emolens.data.corpus import bundled_corpus_path
+    from emolens.data.labels import EN_TEMPLATE, JA_TEMPLATE, STUDY_LABELS
 
     lines = bundled_corpus_path().read_text(encoding="utf-8").splitlines()
     texts = [field for line in lines for field in line.split("\t")]
@@ -38,9 +58,12 @@ def train_tokenizer(vocab_size: int = 1024):
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(sorted(set(texts)), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
 
@@ -52,9 +75,15 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def tiny_random_model(out_dir: str | Path, shape: str = "llama", seed: int = 0,
-                      vocab_size: int = 1024, *, random_norms: bool = False,
-                      chat_template: bool = False) -> Path:
+def tiny_random_model(
+    out_dir: str | Path,
+    shape: str = "llama",
+    seed: int = 0,
+    vocab_size: int = 1024,
+    *,
+    random_norms: bool = False,
+    chat_template: bool = False,
+) -> Path:
     """Save a tiny random ``LlamaForCausalLM`` and its tokenizer to ``out_dir`` (once).
 
     ``random_norms`` draws every RMSNorm gain from ``U(0.5, 1.5)`` instead of leaving it at 1,
@@ -67,10 +96,17 @@ def tiny_random_model(out_dir: str | Path, shape: str = "llama", seed: int = 0,
     if (out / "config.json").exists() and (out / "tokenizer_config.json").exists():
         return out
     tokenizer = train_tokenizer(vocab_size)
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=512,
-                         rope_theta=500000.0, tie_word_embeddings=False, head_dim=None,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=None, **TINY_SHAPES[shape])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        head_dim=None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **TINY_SHAPES[shape],
+    )
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
@@ -86,9 +122,16 @@ def tiny_random_model(out_dir: str | Path, shape: str = "llama", seed: int = 0,
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "emolens_source.json").write_text(json.dumps({"tiny_random": shape, "seed": seed,
-                                                          "random_norms": random_norms,
-                                                          "chat_template": chat_template}))
+    (tmp / "emolens_source.json").write_text(
+        json.dumps(
+            {
+                "tiny_random": shape,
+                "seed": seed,
+                "random_norms": random_norms,
+                "chat_template": chat_template,
+            }
+        )
+    )
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
@@ -104,9 +147,16 @@ def tiny_random_gpt2(out_dir: str | Path, seed: int = 0, vocab_size: int = 1024)
     if (out / "config.json").exists() and (out / "tokenizer_config.json").exists():
         return out
     tokenizer = train_tokenizer(vocab_size)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=64, n_layer=3,
-                        n_head=4, pad_token_id=tokenizer.pad_token_id,
-                        eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=512,
+        n_embd=64,
+        n_layer=3,
+        n_head=4,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
     config.architectures = ["GPT2LMHeadModel"]
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config)

@@ -9,7 +9,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from emolens.tokens import encode
+from emolens.data.tokens import encode
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,13 @@ STUDY_EMOTIONS: tuple[Emotion, ...] = (
 )
 
 #: Other spellings accepted for labels on input (lower-cased English keys).
-_ALIASES = {"neutral": "no-emotion", "none": "no-emotion", "noemotion": "no-emotion",
-            "no emotion": "no-emotion", "no_emotion": "no-emotion"}
+_ALIASES = {
+    "neutral": "no-emotion",
+    "none": "no-emotion",
+    "noemotion": "no-emotion",
+    "no emotion": "no-emotion",
+    "no_emotion": "no-emotion",
+}
 
 
 class UnknownLabelError(ValueError):
@@ -158,9 +163,13 @@ EN_TEMPLATE = PromptTemplate(
 TEMPLATES = {"ja": JA_TEMPLATE, "en": EN_TEMPLATE}
 
 
-def render_prompts(texts: Sequence[str], template: PromptTemplate = JA_TEMPLATE,
-                   labels: LabelSet = STUDY_LABELS, tokenizer=None,
-                   chat: bool = False) -> list[str]:
+def render_prompts(
+    texts: Sequence[str],
+    template: PromptTemplate = JA_TEMPLATE,
+    labels: LabelSet = STUDY_LABELS,
+    tokenizer=None,
+    chat: bool = False,
+) -> list[str]:
     """Prompt strings for ``texts``; with ``chat`` the prompt is the user turn of the tokenizer's
     chat template, followed by the generation prompt (off by default, as in the paper)."""
     prompts = [template.format(t, labels) for t in texts]
@@ -168,8 +177,12 @@ def render_prompts(texts: Sequence[str], template: PromptTemplate = JA_TEMPLATE,
         return prompts
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("chat=True needs a tokenizer with a chat template; this one has none")
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                          add_generation_prompt=True) for p in prompts]
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
 
 
 class LabelTokenError(ValueError):
@@ -214,11 +227,20 @@ class LabelTokens:
     def format_table(self) -> str:
         rows = [("label", "english", "first token", "id", "n tokens", "shares first token with")]
         for e in self.entries:
-            rows.append((e.ja, e.en, repr(e.first_token), str(e.first_token_id),
-                         str(e.n_tokens), ", ".join(e.shares_first_token_with) or "-"))
+            rows.append(
+                (
+                    e.ja,
+                    e.en,
+                    repr(e.first_token),
+                    str(e.first_token_id),
+                    str(e.n_tokens),
+                    ", ".join(e.shares_first_token_with) or "-",
+                )
+            )
         widths = [max(_width(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join(
-            "  ".join(c + " " * (w - _width(c)) for c, w in zip(r, widths)) for r in rows)
+            "  ".join(c + " " * (w - _width(c)) for c, w in zip(r, widths)) for r in rows
+        )
 
 
 def _width(s: str) -> int:
@@ -231,11 +253,16 @@ def _width(s: str) -> int:
 _REFERENCE_TEXT = "今日は駅まで歩いた。"
 
 
-def resolve_label_tokens(tokenizer, template: PromptTemplate = JA_TEMPLATE,
-                         labels: LabelSet = STUDY_LABELS, *, chat: bool = False,
-                         allow_shared: bool = False,
-                         reference_text: str = _REFERENCE_TEXT,
-                         add_special_tokens: bool | None = None) -> LabelTokens:
+def resolve_label_tokens(
+    tokenizer,
+    template: PromptTemplate = JA_TEMPLATE,
+    labels: LabelSet = STUDY_LABELS,
+    *,
+    chat: bool = False,
+    allow_shared: bool = False,
+    reference_text: str = _REFERENCE_TEXT,
+    add_special_tokens: bool | None = None,
+) -> LabelTokens:
     """Resolve each label's observed first token from the tokenization of prompt + answer
     (encoded as :meth:`PromptSpec.encode` does; ``add_special_tokens`` None: not with chat).
 
@@ -255,26 +282,37 @@ def resolve_label_tokens(tokenizer, template: PromptTemplate = JA_TEMPLATE,
                 f"label {emotion.ja!r} ({emotion.en}) merges with the end of the prompt when "
                 f"tokenized (prompt ends with {tokenizer.decode(prompt_ids[-3:])!r}), so its "
                 "first token cannot be observed at the answer position; change the template's "
-                "ending or label_prefix so the answer starts a new token")
-        answer_ids = list(full_ids[len(prompt_ids):])
-        entries.append(LabelToken(
-            ja=emotion.ja, en=emotion.en, answer=answer, first_token_id=int(answer_ids[0]),
-            first_token=tokenizer.decode([answer_ids[0]]), n_tokens=len(answer_ids),
-            token_ids=[int(i) for i in answer_ids]))
+                "ending or label_prefix so the answer starts a new token"
+            )
+        answer_ids = list(full_ids[len(prompt_ids) :])
+        entries.append(
+            LabelToken(
+                ja=emotion.ja,
+                en=emotion.en,
+                answer=answer,
+                first_token_id=int(answer_ids[0]),
+                first_token=tokenizer.decode([answer_ids[0]]),
+                n_tokens=len(answer_ids),
+                token_ids=[int(i) for i in answer_ids],
+            )
+        )
     shared = []
     final = []
     for e in entries:
         others = [o.en for o in entries if o is not e and o.first_token_id == e.first_token_id]
         if others:
-            shared.append(f"{e.en} ({e.ja}) shares first token {e.first_token!r} "
-                          f"(id {e.first_token_id}) with {', '.join(others)}")
+            shared.append(
+                f"{e.en} ({e.ja}) shares first token {e.first_token!r} "
+                f"(id {e.first_token_id}) with {', '.join(others)}"
+            )
         final.append(LabelToken(**{**asdict(e), "shares_first_token_with": others}))
     if shared and not allow_shared:
         raise LabelTokenError(
             "labels share a first token, so their logits cannot be told apart: "
             + "; ".join(shared)
             + ". Drop one of them from the label set, or pass allow_shared=True "
-            "(--allow-shared-tokens) to accept it knowingly.")
+            "(--allow-shared-tokens) to accept it knowingly."
+        )
     return LabelTokens(labels, tuple(final))
 
 
@@ -308,25 +346,29 @@ class PromptSpec:
             object.__setattr__(self, "add_special_tokens", not self.chat)
 
     @classmethod
-    def for_language(cls, language: str = "ja", labels: LabelSet = STUDY_LABELS,
-                     chat: bool = False) -> "PromptSpec":
+    def for_language(
+        cls, language: str = "ja", labels: LabelSet = STUDY_LABELS, chat: bool = False
+    ) -> "PromptSpec":
         """The bundled template of ``language`` ('ja' is the paper's Figure 1 prompt)."""
         if language not in TEMPLATES:
-            raise ValueError(f"unknown prompt language {language!r}; use "
-                             f"{' or '.join(TEMPLATES)}")
+            raise ValueError(f"unknown prompt language {language!r}; use {' or '.join(TEMPLATES)}")
         return cls(TEMPLATES[language], labels, chat)
 
     @property
     def language(self) -> str:
         return self.template.language
 
-    def with_options(self, *, language: str | None = None, chat: bool | None = None,
-                     labels: LabelSet | None = None) -> "PromptSpec":
+    def with_options(
+        self,
+        *,
+        language: str | None = None,
+        chat: bool | None = None,
+        labels: LabelSet | None = None,
+    ) -> "PromptSpec":
         """This spec with the given options changed (None keeps a field). A new language takes
         its bundled template; a changed ``chat`` takes the default special-token policy."""
         if language is not None and language not in TEMPLATES:
-            raise ValueError(f"unknown prompt language {language!r}; use "
-                             f"{' or '.join(TEMPLATES)}")
+            raise ValueError(f"unknown prompt language {language!r}; use {' or '.join(TEMPLATES)}")
         template = self.template if language in (None, self.language) else TEMPLATES[language]
         new_chat = self.chat if chat is None else bool(chat)
         special = self.add_special_tokens if new_chat == self.chat else None
@@ -342,24 +384,39 @@ class PromptSpec:
 
     def label_tokens(self, tokenizer, *, allow_shared: bool = False) -> LabelTokens:
         """Each label's observed first token after this prompt."""
-        return resolve_label_tokens(tokenizer, self.template, self.labels, chat=self.chat,
-                                    allow_shared=allow_shared,
-                                    add_special_tokens=self.add_special_tokens)
+        return resolve_label_tokens(
+            tokenizer,
+            self.template,
+            self.labels,
+            chat=self.chat,
+            allow_shared=allow_shared,
+            add_special_tokens=self.add_special_tokens,
+        )
 
     def describe(self) -> str:
         """One line for messages: language, chat, special tokens, labels."""
-        return (f"language={self.language}, chat={'on' if self.chat else 'off'}, "
-                f"special tokens={'added' if self.add_special_tokens else 'none'}, "
-                f"labels={','.join(self.labels.names('en'))}")
+        return (
+            f"language={self.language}, chat={'on' if self.chat else 'off'}, "
+            f"special tokens={'added' if self.add_special_tokens else 'none'}, "
+            f"labels={','.join(self.labels.names('en'))}"
+        )
 
     def to_dict(self) -> dict:
-        return {"template": self.template.to_dict(), "labels": self.labels.to_dict(),
-                "chat": self.chat, "add_special_tokens": self.add_special_tokens}
+        return {
+            "template": self.template.to_dict(),
+            "labels": self.labels.to_dict(),
+            "chat": self.chat,
+            "add_special_tokens": self.add_special_tokens,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "PromptSpec":
-        return cls(PromptTemplate(**d["template"]), LabelSet.from_dict(d["labels"]),
-                   bool(d["chat"]), d.get("add_special_tokens"))
+        return cls(
+            PromptTemplate(**d["template"]),
+            LabelSet.from_dict(d["labels"]),
+            bool(d["chat"]),
+            d.get("add_special_tokens"),
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False, indent=2)

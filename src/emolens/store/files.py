@@ -25,8 +25,10 @@ from safetensors.torch import load_file, save_file
 log = logging.getLogger(__name__)
 
 NUMERICS_MODE = "raw-hf"
-NUMERICS_NOTE = ("TransformerBridge default numerics: raw HF weights, no folded norms, no "
-                 "centred unembedding (logits equal the HF model's)")
+NUMERICS_NOTE = (
+    "TransformerBridge default numerics: raw HF weights, no folded norms, no "
+    "centred unembedding (logits equal the HF model's)"
+)
 
 
 @contextmanager
@@ -63,8 +65,11 @@ def write_csv(path: str | Path, frame: pd.DataFrame) -> Path:
     return Path(path)
 
 
-def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
-                 metadata_: Mapping[str, object] | None = None) -> Path:
+def save_tensors(
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    metadata_: Mapping[str, object] | None = None,
+) -> Path:
     """Save tensors (made contiguous, on CPU) with JSON-encoded metadata in the header."""
     meta = {k: json.dumps(v, ensure_ascii=False, default=str) for k, v in (metadata_ or {}).items()}
     with atomic_path(path) as tmp:
@@ -163,10 +168,20 @@ def folder_lock(folder: str | Path, command: str = "analyze"):
             same_host = old.get("host") == socket.gethostname()
             alive = same_host and isinstance(old.get("pid"), int) and _pid_alive(old["pid"])
             if not alive:
-                log.warning("taking over the stale lock %s of pid %s on %s (no longer "
-                            "running)", path, old.get("pid", "?"), old.get("host", "?"))
-        mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                           "command": command, "since": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                log.warning(
+                    "taking over the stale lock %s of pid %s on %s (no longer running)",
+                    path,
+                    old.get("pid", "?"),
+                    old.get("host", "?"),
+                )
+        mine = json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "command": command,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+        )
         os.ftruncate(fd, 0)
         os.pwrite(fd, (mine + "\n").encode(), 0)
         os.fsync(fd)

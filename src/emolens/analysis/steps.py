@@ -13,18 +13,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from emolens.activations import Activations
-from emolens.attribution import (
+from emolens.analysis.geometry import CausalInnerProduct
+from emolens.measure.activations import Activations
+from emolens.measure.attribution import (
     Readout,
     component_attribution,
     decompose_steering,
     direct_push_change,
     transfer_effect,
 )
-from emolens.geometry import CausalInnerProduct
-from emolens.results import load_tensors, read_json, save_tensors
-from emolens.steering import steering_vectors
-from emolens.vectors import ConceptVectors
+from emolens.measure.steering import steering_vectors
+from emolens.measure.vectors import ConceptVectors
+from emolens.store.files import load_tensors, read_json, save_tensors
 
 READOUT_FILE = "readout.safetensors"
 KEEP_FILE = "keep.safetensors"
@@ -32,15 +32,23 @@ METRIC_FILE = "causal_metric.safetensors"
 
 
 def save_metric(inner: CausalInnerProduct, path: Path) -> Path:
-    return save_tensors(path, {"whitener": inner.whitener, "cov": inner.cov, "mean": inner.mean},
-                        {"ridge": inner.ridge, "n_tokens": inner.n_tokens, "dual": inner.dual})
+    return save_tensors(
+        path,
+        {"whitener": inner.whitener, "cov": inner.cov, "mean": inner.mean},
+        {"ridge": inner.ridge, "n_tokens": inner.n_tokens, "dual": inner.dual},
+    )
 
 
 def load_metric(path: Path) -> CausalInnerProduct:
     t, m = load_tensors(path)
-    return CausalInnerProduct(whitener=t["whitener"], cov=t["cov"], mean=t["mean"],
-                              ridge=float(m["ridge"]), n_tokens=int(m["n_tokens"]),
-                              dual=bool(m["dual"]))
+    return CausalInnerProduct(
+        whitener=t["whitener"],
+        cov=t["cov"],
+        mean=t["mean"],
+        ridge=float(m["ridge"]),
+        n_tokens=int(m["n_tokens"]),
+        dual=bool(m["dual"]),
+    )
 
 
 def causal_metric(model, gain: torch.Tensor) -> CausalInnerProduct:
@@ -74,13 +82,17 @@ class StepData:
         """The final block's index; raises if unknown or not collected (never a stand-in)."""
         n = self.n_layers if self.n_layers is not None else self.acts.meta.get("n_layers")
         if n is None:
-            raise ValueError(f"step {self.step}: the model's depth is unknown, so its final "
-                             "layer is too; give StepData(n_layers=...)")
+            raise ValueError(
+                f"step {self.step}: the model's depth is unknown, so its final "
+                "layer is too; give StepData(n_layers=...)"
+            )
         final = int(n) - 1
         if final not in self.acts.layers or final not in self.vectors.layers:
-            raise ValueError(f"step {self.step}: the final layer {final} was not collected "
-                             f"(layers {self.acts.layers}); re-run analyze, which always "
-                             "collects it")
+            raise ValueError(
+                f"step {self.step}: the final layer {final} was not collected "
+                f"(layers {self.acts.layers}); re-run analyze, which always "
+                "collects it"
+            )
         return final
 
     def prompt_resid(self, prompt_ids: list[str]) -> torch.Tensor:
@@ -88,15 +100,15 @@ class StepData:
         index = [self.acts.sample_ids.index(p) for p in prompt_ids]
         return self.acts.layer(self.final_layer)[index]
 
-    def steered_vectors(self, alpha_unit: str, norm_of: "StepData | None" = None
-                        ) -> torch.Tensor:
+    def steered_vectors(self, alpha_unit: str, norm_of: "StepData | None" = None) -> torch.Tensor:
         """``[emotion, d_model]`` final-layer vectors as ``analyze`` steers them for
-        ``alpha_unit`` (:func:`emolens.steering.steering_vectors`), rescaled to the mean
+        ``alpha_unit`` (:func:`emolens.measure.steering.steering_vectors`), rescaled to the mean
         residual norm of ``norm_of`` (the steered model; default this step)."""
         layer = self.final_layer
         target = norm_of if norm_of is not None else self
-        return steering_vectors(self.vectors.layer(layer), alpha_unit,
-                                target.acts.mean_norm(target.final_layer))
+        return steering_vectors(
+            self.vectors.layer(layer), alpha_unit, target.acts.mean_norm(target.final_layer)
+        )
 
 
 def load_steps(step_dirs: list[Path]) -> list[StepData]:
@@ -104,15 +116,23 @@ def load_steps(step_dirs: list[Path]) -> list[StepData]:
     out = []
     for d in step_dirs:
         readout = Readout.load(d / READOUT_FILE) if (d / READOUT_FILE).exists() else None
-        keep = load_tensors(d / KEEP_FILE)[0]["keep"].bool() if (d / KEEP_FILE).exists() \
-            else None
+        keep = load_tensors(d / KEEP_FILE)[0]["keep"].bool() if (d / KEEP_FILE).exists() else None
         metric = load_metric(d / METRIC_FILE) if (d / METRIC_FILE).exists() else None
         acts = Activations.load(d)
         n_layers = acts.meta.get("n_layers")
         if n_layers is None and (d / "done.json").exists():
             n_layers = read_json(d / "done.json").get("model", {}).get("n_layers")
-        out.append(StepData(int(d.name.split("-")[-1]), acts, ConceptVectors.load(d), readout,
-                            keep, metric, n_layers))
+        out.append(
+            StepData(
+                int(d.name.split("-")[-1]),
+                acts,
+                ConceptVectors.load(d),
+                readout,
+                keep,
+                metric,
+                n_layers,
+            )
+        )
     return sorted(out, key=lambda s: s.step)
 
 
@@ -126,8 +146,13 @@ def _diag_rows(readout: Readout, labels: tuple[str, ...], emotions: tuple[str, .
     return readout.effective_rows[idx], idx
 
 
-def attribution_frame(steps: list[StepData], prompt_ids: list[str], alphas: tuple[float, ...],
-                      labels: tuple[str, ...], alpha_unit: str = "absolute") -> pd.DataFrame:
+def attribution_frame(
+    steps: list[StepData],
+    prompt_ids: list[str],
+    alphas: tuple[float, ...],
+    labels: tuple[str, ...],
+    alpha_unit: str = "absolute",
+) -> pd.DataFrame:
     """Per step, emotion and alpha: the final-layer diagonal logit change (mean over prompts)
     split into ``direct`` + ``scale_change``, the cosine of v with the label's readout row, the
     norms, and the change of the per-unit direct push against the first step split into
@@ -154,8 +179,9 @@ def attribution_frame(steps: list[StepData], prompt_ids: list[str], alphas: tupl
         w_0, _ = _diag_rows(ref.readout, labels, tuple(common))
         v_t = torch.stack([v[s.vectors.emotions.index(e)] for e in common]) if common else None
         v_ref = ref.steered_vectors(alpha_unit)
-        v_0 = torch.stack([v_ref[ref.vectors.emotions.index(e)] for e in common]) if common \
-            else None
+        v_0 = (
+            torch.stack([v_ref[ref.vectors.emotions.index(e)] for e in common]) if common else None
+        )
         r_t = float(parts.resid_scale.mean())
         r_0 = float(ref.readout.scale(ref.prompt_resid(prompt_ids)).mean())
         push = direct_push_change(w_0, v_0, r_0, w_t, v_t, r_t) if common else None
@@ -163,27 +189,37 @@ def attribution_frame(steps: list[StepData], prompt_ids: list[str], alphas: tupl
             j = labels.index(emotion)
             k = common.index(emotion) if emotion in common else None
             for ai, alpha in enumerate(alphas):
-                rows.append({
-                    "step": s.step, "layer": layer, "emotion": emotion, "alpha": alpha,
-                    "alpha_unit": alpha_unit,
-                    "logit_change": float(parts.total[i, ai, :, j].mean()),
-                    "direct": float(parts.direct[i, ai, :, j].mean()),
-                    "scale_change": float(parts.scale[i, ai, :, j].mean()),
-                    "cosine_v_readout": float(parts.cosine[i, j]),
-                    "vector_norm": float(raw_norm[i]),
-                    "steered_norm": float(parts.vector_norm[i]),
-                    "readout_norm": float(parts.row_norm[j]),
-                    "resid_scale": r_t,
-                    "push_change": float(push.total[k]) if k is not None else float("nan"),
-                    "push_vector": float(push.vector[k]) if k is not None else float("nan"),
-                    "push_readout": float(push.readout[k]) if k is not None else float("nan"),
-                    "push_scale": float(push.scale[k]) if k is not None else float("nan"),
-                })
+                rows.append(
+                    {
+                        "step": s.step,
+                        "layer": layer,
+                        "emotion": emotion,
+                        "alpha": alpha,
+                        "alpha_unit": alpha_unit,
+                        "logit_change": float(parts.total[i, ai, :, j].mean()),
+                        "direct": float(parts.direct[i, ai, :, j].mean()),
+                        "scale_change": float(parts.scale[i, ai, :, j].mean()),
+                        "cosine_v_readout": float(parts.cosine[i, j]),
+                        "vector_norm": float(raw_norm[i]),
+                        "steered_norm": float(parts.vector_norm[i]),
+                        "readout_norm": float(parts.row_norm[j]),
+                        "resid_scale": r_t,
+                        "push_change": float(push.total[k]) if k is not None else float("nan"),
+                        "push_vector": float(push.vector[k]) if k is not None else float("nan"),
+                        "push_readout": float(push.readout[k]) if k is not None else float("nan"),
+                        "push_scale": float(push.scale[k]) if k is not None else float("nan"),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
-def transfer_frame(steps: list[StepData], prompt_ids: list[str], alpha: float,
-                   labels: tuple[str, ...], alpha_unit: str = "absolute") -> pd.DataFrame:
+def transfer_frame(
+    steps: list[StepData],
+    prompt_ids: list[str],
+    alpha: float,
+    labels: tuple[str, ...],
+    alpha_unit: str = "absolute",
+) -> pd.DataFrame:
     """Steer the model of step t (its readout and its own prompt residuals) with the vectors
     of step s, for every pair: mean diagonal logit change over prompts at the final layer.
 
@@ -197,14 +233,29 @@ def transfer_frame(steps: list[StepData], prompt_ids: list[str], alpha: float,
             v = s.steered_vectors(alpha_unit, norm_of=t)
             change = transfer_effect(t.readout, h, v, alpha)  # [emotion, prompt, label]
             for i, emotion in enumerate(s.vectors.emotions):
-                rows.append({"step": t.step, "vector_step": s.step, "emotion": emotion,
-                             "alpha": alpha, "alpha_unit": alpha_unit, "layer": t.final_layer,
-                             "logit_change": float(change[i, :, labels.index(emotion)].mean())})
+                rows.append(
+                    {
+                        "step": t.step,
+                        "vector_step": s.step,
+                        "emotion": emotion,
+                        "alpha": alpha,
+                        "alpha_unit": alpha_unit,
+                        "layer": t.final_layer,
+                        "logit_change": float(change[i, :, labels.index(emotion)].mean()),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
-def dla_frame(model, step: int, token_ids: list[list[int]], gold: list[int], readout: Readout,
-              labels: tuple[str, ...], batch_size: int = 8) -> pd.DataFrame:
+def dla_frame(
+    model,
+    step: int,
+    token_ids: list[list[int]],
+    gold: list[int],
+    readout: Readout,
+    labels: tuple[str, ...],
+    batch_size: int = 8,
+) -> pd.DataFrame:
     """Direct logit attribution of the unsteered answer: for each gold label, the mean
     contribution of the embedding and each attention / MLP output to the gold label's logit
     and to its margin over the mean of the other labels (norm scale frozen at the full
@@ -221,9 +272,16 @@ def dla_frame(model, step: int, token_ids: list[list[int]], gold: list[int], rea
             continue
         for k, comp in enumerate(dla.components):
             kind, _, layer = comp.partition(" ")
-            rows.append({"step": step, "label": name, "component": comp, "kind": kind,
-                         "layer": int(layer) if layer else -1,
-                         "n_samples": int(mask.sum()),
-                         "logit": float(own[mask, k].mean()),
-                         "margin": float((own[mask, k] - others[mask, k]).mean())})
+            rows.append(
+                {
+                    "step": step,
+                    "label": name,
+                    "component": comp,
+                    "kind": kind,
+                    "layer": int(layer) if layer else -1,
+                    "n_samples": int(mask.sum()),
+                    "logit": float(own[mask, k].mean()),
+                    "margin": float((own[mask, k] - others[mask, k]).mean()),
+                }
+            )
     return pd.DataFrame(rows)

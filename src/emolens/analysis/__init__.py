@@ -1,0 +1,2 @@
+"""Tables across steps from stored measurements: geometry, probes, change tests, sweeps. No
+model."""

@@ -1,0 +1,1 @@
+"""Inputs: the corpus and its readers, the labels, the one prompt specification, tokenization."""

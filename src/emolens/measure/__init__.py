@@ -1,0 +1,2 @@
+"""What needs a model: answer-position activations, concept vectors, steering, attribution,
+localisation."""

@@ -1,0 +1,2 @@
+"""Models: every way to load one (aliases, GGUF, folders, LoRA, hub), checkpoint series, hook
+names."""

@@ -1,0 +1,1 @@
+"""Figures (plotly) and the single self-contained HTML report."""

@@ -1,0 +1,1 @@
+"""Wiring a study: fine-tuning, the loop over checkpoints (analyze, merge), study files."""

@@ -1,0 +1,1 @@
+"""The results folder on disk: atomic writes, tensors, CSV and JSON with provenance, the lock."""
