@@ -53,7 +53,10 @@ def test_paper_study_is_the_papers_protocol():
     assert (config.batch_size, config.save_steps, config.split) == (16, 30, (0.8, 0.1, 0.1))
     an = parse_args(["analyze", "--config", study])
     assert (an.model, an.split, an.dtype) == ("runs/sarashina-paper/run", "test", "bfloat16")
-    assert AnalysisConfig.from_cli(an) == AnalysisConfig()  # the paper's settings are defaults
+    # the paper's settings are the defaults; the study names its prompt language, which
+    # analyze checks against the prompt the run recorded (the default, None, reads it from there)
+    assert an.language == "ja"
+    assert replace(AnalysisConfig.from_cli(an), language=None) == AnalysisConfig()
 
 
 def test_flags_override_the_study_file(tmp_path):
