@@ -915,7 +915,7 @@ def validate_inputs(
         if not str(value).replace(",", "").strip():
             raise ValueError(f"{flag} {value!r} names no layer; give 'all' or e.g. 6,12,-1")
     if depth is not None:
-        layers = hooks.check_layers(config.layers, depth)
+        layers = collected_layers(config.layers, depth)  # the final layer always
         steer = hooks.check_layers(config.steer_layers, depth)
         missing = [s for s in steer if s not in layers]
         if missing:
@@ -1220,7 +1220,11 @@ def _analyze_locked(
             "prompt_source": prompt_record["source"],
             "prompt_override": prompt_record["override"],
             "settings": config.to_dict(),
-            "load": {"device": device, "dtype": str(dtype), "device_map": device_map},
+            "load": {
+                "device": device,
+                "dtype": str(dtype).removeprefix("torch."),
+                "device_map": device_map,
+            },
             "identity": identity,
             "steered_prompts": [corpus.samples[i].id for i in prompt_index],
             "hook_names": {
@@ -1339,8 +1343,9 @@ def combine_steps(
             ],
             ignore_index=True,
         )
+        # the bands read the final layer through the readout: steps without one are left out
         tables["figure2_bands"], tables["sensitivity_trends"] = figure2_frame(
-            steps,
+            with_readout(steps),
             prompt_ids,
             alphas,
             labels,
