@@ -9,9 +9,7 @@ attribution of the unsteered answer over components and steps)::
     python experiments/attribution.py results/ --alpha 8
 """
 
-import argparse
-from pathlib import Path
-
+import _args  # experiments/_args.py: the shared argument shape
 import pandas as pd
 
 from emolens.report import figures
@@ -19,8 +17,7 @@ from emolens.report.page import write_figure
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path, help="results folder written by emolens analyze")
+    parser = _args.results_parser(__doc__)
     parser.add_argument("--alpha", type=float, help="alpha shown (default: the largest)")
     args = parser.parse_args(argv)
     if not (args.results / "attribution.csv").is_file():

@@ -8,10 +8,10 @@ answers; no DLA, no causal geometry), then writes ``OUT/figures/figure2.html``. 
     python experiments/figure2.py runs/paper --data crowd-enVent_generation_ja.tsv --out res
 """
 
-import argparse
 from dataclasses import replace
 from pathlib import Path
 
+import _args  # experiments/_args.py: the shared argument shape
 import pandas as pd
 
 from emolens.data.corpus import load_corpus
@@ -27,9 +27,9 @@ from emolens.store.files import read_json
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _args.parser(__doc__)
     parser.add_argument("run", help="fine-tuning run folder (checkpoint series) or a model spec")
-    parser.add_argument("--data", default="bundled", help="corpus file, or 'bundled'")
+    _args.add_data(parser)
     parser.add_argument(
         "--language",
         choices=["ja", "en"],
@@ -37,7 +37,7 @@ def main(argv=None) -> None:
         help="prompt language (when not given: the run's recorded prompt, else ja)",
     )
     parser.add_argument("--out", type=Path, required=True, help="results folder")
-    parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    _args.add_device(parser)
     parser.add_argument("--alpha", type=float, help="alpha shown (default: the largest)")
     add_analysis_options(parser)
     parser.set_defaults(layers="-1", steer_layers="-1", n_prompts=10, dla_per_label=0)

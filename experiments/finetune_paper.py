@@ -11,9 +11,10 @@ device: on N GPUs pass ``--batch-size $((16 / N))`` to keep the paper's 16)::
 Rerunning the same command continues an interrupted run from its last checkpoint.
 """
 
-import argparse
 import logging
 from dataclasses import replace
+
+import _args  # experiments/_args.py: the shared argument shape
 
 from emolens.data.corpus import load_corpus
 from emolens.model.loading import SARASHINA_1B
@@ -21,7 +22,7 @@ from emolens.run.finetune import METHODS, PRESETS, finetune
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _args.parser(__doc__)
     parser.add_argument("--model", default=SARASHINA_1B, help="model spec (default: %(default)s)")
     parser.add_argument(
         "--data", required=True, help="corpus file (crowd-enVENT in Japanese), or 'bundled'"

@@ -10,9 +10,7 @@ their interval: the paper reported no significant change)::
     python experiments/geometry.py results/ --measures cosine_to_first,orthogonality
 """
 
-import argparse
-from pathlib import Path
-
+import _args  # experiments/_args.py: the shared argument shape
 import pandas as pd
 
 from emolens.report import figures
@@ -20,8 +18,7 @@ from emolens.report.page import GEOMETRY_KEY_MEASURES, write_figure
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path, help="results folder written by emolens analyze")
+    parser = _args.results_parser(__doc__)
     parser.add_argument(
         "--measures",
         default=",".join(GEOMETRY_KEY_MEASURES),

@@ -9,9 +9,9 @@ steering effect per emotion (``layer_sweep_EMOTION.html``)::
     python experiments/layer_sweep.py results/ --model runs/paper --data crowd-enVent_ja.tsv
 """
 
-import argparse
 from pathlib import Path
 
+import _args  # experiments/_args.py: the shared argument shape
 import pandas as pd
 
 from emolens.analysis import sweeps
@@ -28,17 +28,17 @@ from emolens.store.files import write_csv
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _args.parser(__doc__)
     parser.add_argument("out", type=Path, help="results folder (read, or written with --model)")
     parser.add_argument("--model", help="run folder or model spec to analyse first")
-    parser.add_argument("--data", default="bundled", help="corpus file, or 'bundled'")
+    _args.add_data(parser)
     parser.add_argument(
         "--language",
         choices=["ja", "en"],
         default=None,
         help="prompt language (when not given: the run's recorded prompt, else ja)",
     )
-    parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    _args.add_device(parser)
     parser.add_argument("--alpha", type=float, help="alpha summarised (default: the largest)")
     add_analysis_options(parser)
     parser.set_defaults(layers="all", steer_layers="all")

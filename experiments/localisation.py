@@ -8,8 +8,9 @@ and record how its label logit and the classification accuracy drop; writes
     python experiments/localisation.py results/ --data bundled --window 3
 """
 
-import argparse
 from pathlib import Path
+
+import _args  # experiments/_args.py: the shared argument shape
 
 from emolens.data.corpus import load_corpus
 from emolens.report import figures
@@ -19,7 +20,7 @@ from emolens.store.files import read_json
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _args.parser(__doc__)
     parser.add_argument("results", type=Path, help="results folder of emolens analyze")
     parser.add_argument("--data", default="bundled", help="the corpus the analysis used")
     parser.add_argument("--window", type=int, default=3, help="layers per window")

@@ -8,9 +8,7 @@ folder of ``emolens analyze``, writes ``DIR/figures/probes.html`` (accuracy over
     python experiments/probes.py results/ --layer 12
 """
 
-import argparse
-from pathlib import Path
-
+import _args  # experiments/_args.py: the shared argument shape
 import pandas as pd
 
 from emolens.report import figures
@@ -18,8 +16,7 @@ from emolens.report.page import write_figure
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path, help="results folder written by emolens analyze")
+    parser = _args.results_parser(__doc__)
     parser.add_argument("--layer", type=int, help="layer shown first (default: all layers)")
     args = parser.parse_args(argv)
     path = args.results / "probes.csv"

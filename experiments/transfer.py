@@ -8,9 +8,7 @@ emotion)::
     python experiments/transfer.py results/ --emotion joy
 """
 
-import argparse
-from pathlib import Path
-
+import _args  # experiments/_args.py: the shared argument shape
 import pandas as pd
 
 from emolens.report import figures
@@ -18,8 +16,7 @@ from emolens.report.page import write_figure
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path, help="results folder written by emolens analyze")
+    parser = _args.results_parser(__doc__)
     parser.add_argument("--emotion", help="emotion shown first (default: the mean over emotions)")
     args = parser.parse_args(argv)
     path = args.results / "transfer.csv"

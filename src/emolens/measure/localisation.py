@@ -39,6 +39,7 @@ from emolens.data.tokens import last_token_index, pad, pad_id
 from emolens.measure.activations import answer_readout, bridge_of, run_to_answer_rows
 from emolens.measure.vectors import ConceptVectors
 from emolens.model import hooks
+from emolens.model.loading import Model
 
 Positions = Literal["all", "answer"]
 Mode = Literal["ablate", "patch"]
@@ -183,7 +184,7 @@ def _batches(token_ids: Sequence[Sequence[int]], batch_size: int) -> list[list[i
 
 @torch.no_grad()
 def answer_residuals(
-    model,
+    model: Model,
     token_ids: Sequence[Sequence[int]],
     layers: Sequence[int],
     *,
@@ -206,7 +207,7 @@ def answer_residuals(
 
 @torch.no_grad()
 def intervened_label_logits(
-    model,
+    model: Model,
     token_ids: Sequence[Sequence[int]],
     layers: Sequence[int],
     label_token_ids: Sequence[int],
@@ -304,7 +305,7 @@ def _margin(
 
 @torch.no_grad()
 def window_sweep(
-    model,
+    model: Model,
     token_ids: Sequence[Sequence[int]],
     gold: Int[Tensor, " sample"] | Sequence[int],
     label_token_ids: Sequence[int],

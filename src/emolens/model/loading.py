@@ -23,6 +23,7 @@ import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 
@@ -642,3 +643,14 @@ def discover_series(
             )
         checkpoints.insert(0, Checkpoint(0, base_spec, "base", losses.get(0)))
     return CheckpointSeries(str(run), base_spec or "", tuple(checkpoints), tuple(problems))
+
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    #: What the measure functions take: a :class:`LoadedModel` or its bare ``TransformerBridge``
+    #: (they reach the bridge with ``emolens.measure.activations.bridge_of``).
+    Model: TypeAlias = "LoadedModel | TransformerBridge"
+else:
+    # at run time (beartype in the tests) any object passes: transformer_lens is imported lazily
+    Model = Any

@@ -22,7 +22,9 @@ from plotly.offline import get_plotlyjs
 
 from emolens.analysis import sweeps
 from emolens.report import figures
+from emolens.store import layout
 from emolens.store.files import read_json, write_text
+from emolens.store.layout import ResultsLayout
 
 #: The optional tables of the explanation analyses, with their section headings (in order).
 OPTIONAL_TABLES: dict[str, str] = {
@@ -195,14 +197,15 @@ def load_report_inputs(results_dir: str | Path, run_dir: str | Path | None = Non
             f"results folder {results_dir} not found; make it with "
             f"`{_ANALYZE_HINT.format(dir=results_dir)}` (or run `emolens demo`)"
         )
-    sensitivity = read_sensitivity(results_dir / "sensitivity.csv")
+    results = ResultsLayout(results_dir)
+    sensitivity = read_sensitivity(results.table("sensitivity"))
     problems: dict[str, str] = {}
-    manifest = _optional_json(results_dir / "manifest.json", problems) or {}
+    manifest = _optional_json(results.manifest, problems) or {}
     run = _resolve_run_dir(results_dir, run_dir, manifest, problems)
     trainer_log = read_trainer_log(run, problems) if run is not None else None
     accuracy = None
     for folder in ([run] if run is not None else []) + [results_dir]:
-        accuracy = _optional_csv(folder / "accuracy.csv", problems)
+        accuracy = _optional_csv(folder / layout.ACCURACY, problems)
         if accuracy is not None:
             break
     extra = {}
@@ -217,16 +220,16 @@ def load_report_inputs(results_dir: str | Path, run_dir: str | Path | None = Non
     return ReportInputs(
         sensitivity=sensitivity,
         manifest=manifest,
-        steps=_optional_csv(results_dir / "steps.csv", problems),
-        filtering=_optional_csv(results_dir / "filtering.csv", problems),
-        label_audit=_optional_json(results_dir / "label_audit.json", problems),
+        steps=_optional_csv(results.table("steps"), problems),
+        filtering=_optional_csv(results.table("filtering"), problems),
+        label_audit=_optional_json(results.label_audit, problems),
         trainer_log=trainer_log,
         accuracy=accuracy,
         extra_tables=extra,
         problems=problems,
         results_dir=str(results_dir),
         run_dir=str(run) if run is not None else None,
-        last_run=_optional_json(results_dir / "last_run.json", problems),
+        last_run=_optional_json(results.last_run, problems),
     )
 
 
@@ -235,7 +238,7 @@ def write_report(
 ) -> Path:
     """Write ``results_dir/report.html`` (or ``out``) atomically; returns its path."""
     inputs = load_report_inputs(results_dir, run_dir)
-    path = Path(out) if out is not None else Path(results_dir) / "report.html"
+    path = Path(out) if out is not None else ResultsLayout(results_dir).report
     return write_text(path, build_report_html(inputs))
 
 

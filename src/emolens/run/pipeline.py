@@ -34,9 +34,6 @@ from emolens.analysis.concept_space import (
     random_baseline_frame,
 )
 from emolens.analysis.steps import (
-    KEEP_FILE,
-    METRIC_FILE,
-    READOUT_FILE,
     attribution_frame,
     causal_metric,
     dla_frame,
@@ -48,6 +45,7 @@ from emolens.analysis.steps import (
 from emolens.data.corpus import Corpus
 from emolens.data.labels import (
     LabelSet,
+    LabelTokens,
     PromptMismatchError,
     PromptSpec,
     PromptTemplate,
@@ -66,12 +64,14 @@ from emolens.model import hooks
 from emolens.model.loading import (
     Checkpoint,
     CheckpointSeries,
+    LoadedModel,
     check_model_source,
     discover_series,
     is_run_dir,
     resolve_device,
     resolve_dtype,
 )
+from emolens.store import layout
 from emolens.store.files import (
     NUMERICS_MODE,
     NUMERICS_NOTE,
@@ -84,6 +84,7 @@ from emolens.store.files import (
     write_json,
     write_text,
 )
+from emolens.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -289,32 +290,27 @@ def resolve_prompt(
 
 
 def step_dir(out: Path, step: int) -> Path:
-    return out / "steps" / f"step-{step:06d}"
+    return layout.ResultsLayout(out).step(step).folder
 
 
 def _staging_dir(out: Path, step: int) -> Path:
     """Where a step's new files are written; swapped onto :func:`step_dir` only on success."""
-    return out / "steps" / f".step-{step:06d}.staging"
+    return layout.ResultsLayout(out).staging(step).folder
 
 
 def failed_dir(out: Path, step: int) -> Path:
     """What a failed step left: its error, filtering counts and activations (reused later)."""
-    return out / "failed" / f"step-{step:06d}"
+    return layout.ResultsLayout(out).failed(step).folder
 
 
-ACTIVATION_FILES = (
-    "activations.safetensors",
-    "activations.json",
-    "label_audit.json",
-    "activations.key",
-)
-LAST_RUN_FILE = "last_run.json"
+ACTIVATION_FILES = layout.ACTIVATION_FILES
+LAST_RUN_FILE = layout.LAST_RUN
 
 
 def _recover_steps(out: Path) -> None:
     """Undo what an interrupted run left (called with the folder's lock held): staging folders
     are dropped, a swap cut between its two renames is completed or rolled back."""
-    steps = out / "steps"
+    steps = layout.ResultsLayout(out).steps_dir
     if not steps.is_dir():
         return
     for stage in steps.glob(".step-*.staging"):
@@ -357,7 +353,7 @@ def _step_problem(folder: Path, key: str) -> str | None:
 
     A problem that means damage (an unreadable ``done.json``, a missing or resized file) is
     logged as a warning naming the file; the step is then recomputed."""
-    marker = folder / "done.json"
+    marker = layout.StepFiles(folder).done
     if not marker.exists():
         return "not finished"
     try:
@@ -494,12 +490,12 @@ def _cached_activations(ctx: _Context, ckpt: Checkpoint, key: str, stage: Path):
     """Activations with ``key`` from the step folder or a failed attempt's folder, linked into
     ``stage``; None if there are none or they do not load (then with a warning)."""
     for folder in (step_dir(ctx.out, ckpt.step), failed_dir(ctx.out, ckpt.step)):
-        marker = folder / "activations.key"
+        marker = layout.StepFiles(folder).activations_key
         try:
             if not marker.exists() or marker.read_text() != key:
                 continue
             acts = Activations.load(folder)
-            audit = read_json(folder / "label_audit.json")
+            audit = LabelTokens.from_dict(read_json(layout.StepFiles(folder).label_audit))
         except Exception as exc:  # any damage: recompute
             log.warning(
                 "cached activations in %s do not load (%s: %s); recomputing them",
@@ -516,7 +512,7 @@ def _cached_activations(ctx: _Context, ckpt: Checkpoint, key: str, stage: Path):
     return None
 
 
-def _check_context(model, ids: list[list[int]], sample_ids) -> None:
+def _check_context(model: LoadedModel, ids: list[list[int]], sample_ids) -> None:
     """Refuse prompts longer than the model's context (positions past it are meaningless)."""
     config = model.hf_model.config
     limit = getattr(config, "max_position_embeddings", None) or getattr(
@@ -537,7 +533,9 @@ def _check_context(model, ids: list[list[int]], sample_ids) -> None:
         )
 
 
-def _collect(ctx: _Context, model, ckpt: Checkpoint, stage: Path) -> tuple[Activations, dict]:
+def _collect(
+    ctx: _Context, model: LoadedModel, ckpt: Checkpoint, stage: Path
+) -> tuple[Activations, LabelTokens]:
     """Activations of every corpus sample at the configured layers, written into ``stage``
     (reused from an earlier run when their key matches)."""
     key = _activation_key(ctx, ckpt)
@@ -560,9 +558,9 @@ def _collect(ctx: _Context, model, ckpt: Checkpoint, stage: Path) -> tuple[Activ
         meta={"step": ckpt.step},
     )
     acts.save(stage)
-    write_json(stage / "label_audit.json", audit.to_dict())
-    write_text(stage / "activations.key", key)
-    return acts, audit.to_dict()
+    write_json(layout.StepFiles(stage).label_audit, audit.to_dict())
+    write_text(layout.StepFiles(stage).activations_key, key)
+    return acts, audit
 
 
 def _filtering_frame(
@@ -589,11 +587,11 @@ def _filtering_frame(
 
 def _vectors_and_sensitivity(
     ctx: _Context,
-    model,
+    model: LoadedModel,
     ckpt: Checkpoint,
     acts: Activations,
     keep: torch.Tensor,
-    audit: dict,
+    audit: LabelTokens,
     key: str,
     folder: Path,
 ) -> None:
@@ -605,11 +603,12 @@ def _vectors_and_sensitivity(
     vec_keep = keep & ~is_prompt  # the steered prompts never feed the vectors
     counts = count_kept(acts.gold, vec_keep, len(ctx.labels))
     too_few = [e.en for j, e in enumerate(ctx.labels) if int(counts[j]) < cfg.min_count]
-    write_csv(folder / "filtering.csv", _filtering_frame(ctx, ckpt, acts, vec_keep, too_few))
+    files = layout.StepFiles(folder)
+    write_csv(files.filtering, _filtering_frame(ctx, ckpt, acts, vec_keep, too_few))
     vectors = concept_vectors(acts, vec_keep, ctx.labels, cfg.min_count)
     vectors.save(folder)
-    save_tensors(folder / KEEP_FILE, {"keep": vec_keep.to(torch.uint8)})
-    label_ids = [e["first_token_id"] for e in audit["entries"]]
+    save_tensors(files.keep, {"keep": vec_keep.to(torch.uint8)})
+    label_ids = audit.ids
     prompt_ids = [acts.sample_ids[i] for i in ctx.prompt_index]
     prompt_texts = [ctx.corpus.samples[i].text for i in ctx.prompt_index]
     prompt_tokens = ctx.prompt.encode(model.tokenizer, prompt_texts)
@@ -653,18 +652,16 @@ def _vectors_and_sensitivity(
                 **names,
             )
         frames.append(effect_frame(effect, step=ckpt.step, alpha_unit=cfg.alpha_unit))
-    write_csv(folder / "sensitivity.csv", pd.concat(frames, ignore_index=True))
+    write_csv(files.sensitivity, pd.concat(frames, ignore_index=True))
     readout_problem = _explain_step(ctx, model, ckpt, acts, label_ids, folder)
-    write_csv(
-        folder / "filtering.csv", _filtering_frame(ctx, ckpt, acts, vec_keep, vectors.dropped)
-    )
-    files = {
+    write_csv(files.filtering, _filtering_frame(ctx, ckpt, acts, vec_keep, vectors.dropped))
+    sizes = {
         p.name: p.stat().st_size
         for p in sorted(folder.iterdir())
-        if p.is_file() and not p.name.startswith(".") and p.name != "done.json"
+        if p.is_file() and not p.name.startswith(".") and p.name != layout.DONE
     }
     write_json(
-        folder / "done.json",
+        files.done,
         {
             "key": key,
             "step": ckpt.step,
@@ -676,7 +673,7 @@ def _vectors_and_sensitivity(
             "dropped": list(vectors.dropped),
             "numerics": acts.meta.get("numerics"),
             "readout_dtype": acts.meta.get("readout_dtype"),
-            "files": files,
+            "files": sizes,
             **readout_problem,
         },
     )
@@ -687,7 +684,7 @@ def _base_activations(ctx: _Context, checkpoints: list[Checkpoint]) -> Activatio
     if ctx.config.filter_mode != "base":
         return None
     folder = step_dir(ctx.out, checkpoints[0].step)
-    if not (folder / "activations.key").exists():
+    if not layout.StepFiles(folder).activations_key.exists():
         raise ValueError(
             f"filter mode 'base' needs the activations of step "
             f"{checkpoints[0].step} (the base model), which failed or were not "
@@ -703,7 +700,12 @@ def _keep(ctx: _Context, acts: Activations, checkpoints: list[Checkpoint], is_ba
 
 
 def _explain_step(
-    ctx: _Context, model, ckpt: Checkpoint, acts: Activations, label_ids: list[int], folder: Path
+    ctx: _Context,
+    model: LoadedModel,
+    ckpt: Checkpoint,
+    acts: Activations,
+    label_ids: list[int],
+    folder: Path,
 ) -> dict:
     """The readout (for offline attribution and transfer) and the DLA of the unsteered answer
     on up to ``dla_per_label`` samples of each label.
@@ -712,8 +714,9 @@ def _explain_step(
     the readout check failed (a failure of the run: :func:`readout_failures`), or
     ``readout_unavailable`` where the model's readout is not linear (soft-capping), by design.
     The step's other results stand either way."""
-    for stale in (READOUT_FILE, METRIC_FILE, "dla.csv"):
-        (folder / stale).unlink(missing_ok=True)
+    files = layout.StepFiles(folder)
+    for stale in (files.readout, files.causal_metric, files.dla):
+        stale.unlink(missing_ok=True)
     try:
         readout = Readout.from_model(model, label_ids)
     except ReadoutCheckFailed as exc:
@@ -726,9 +729,9 @@ def _explain_step(
     except UnsupportedReadout as exc:
         log.warning("step %s: no attribution: %s", ckpt.step, exc)
         return {"readout_unavailable": str(exc)}
-    readout.save(folder / READOUT_FILE)
+    readout.save(files.readout)
     if ctx.config.causal_geometry:
-        save_metric(causal_metric(model, readout.gain), folder / METRIC_FILE)
+        save_metric(causal_metric(model, readout.gain), files.causal_metric)
     if ctx.config.dla_per_label <= 0:
         return {}
     chosen: list[int] = []
@@ -744,7 +747,7 @@ def _explain_step(
         tuple(ctx.labels.names("en")),
         ctx.config.batch_size,
     )
-    write_csv(folder / "dla.csv", frame)
+    write_csv(files.dla, frame)
     return {}
 
 
@@ -752,7 +755,7 @@ def readout_failures(out: Path) -> list[dict]:
     """One ``failures`` entry per finished step whose readout check failed (from its
     ``done.json``, so a resumed run reports it again)."""
     found = []
-    for marker in sorted((out / "steps").glob("step-*/done.json")):
+    for marker in (s.done for s in layout.ResultsLayout(out).finished_steps()):
         info = read_json(marker)
         if info.get("readout_error"):
             found.append(
@@ -768,11 +771,11 @@ def readout_failures(out: Path) -> list[dict]:
 
 def final_layer_record(out: Path) -> dict | None:
     """Which layer the final-layer tables read (and which were collected), for the manifest."""
-    marker = next(iter(sorted((out / "steps").glob("step-*/done.json"))), None)
-    if marker is None:
+    first = next(iter(layout.ResultsLayout(out).finished_steps()), None)
+    if first is None:
         return None
-    acts_meta = read_json(marker.parent / "activations.json")
-    n_layers = read_json(marker)["model"]["n_layers"]
+    acts_meta = read_json(first.activations_meta)
+    n_layers = read_json(first.done)["model"]["n_layers"]
     return {
         "final_layer": n_layers - 1,
         "hook": hooks.resid_post(n_layers - 1),
@@ -853,7 +856,7 @@ def identity_differences(old: dict, new: dict) -> list[str]:
 def _check_identity(out: Path, identity: dict, overwrite: bool) -> dict:
     """The folder's earlier manifest ({} if none); refuse a different analysis unless
     ``overwrite``."""
-    manifest_path = out / "manifest.json"
+    manifest_path = layout.ResultsLayout(out).manifest
     if not manifest_path.exists():
         return {}
     try:
@@ -1104,9 +1107,9 @@ def _analyze_locked(
     mine = checkpoints if shard is None else checkpoints[shard[0] :: shard[1]]
     if overwrite:  # steps of another series must not linger beside this one's
         keep_names = {step_dir(out, c.step).name for c in mine}
-        for folder in (out / "steps").glob("step-*"):
-            if folder.name not in keep_names:
-                shutil.rmtree(folder)
+        for step_files in layout.ResultsLayout(out).step_folders():
+            if step_files.folder.name not in keep_names:
+                shutil.rmtree(step_files.folder)
     failures: list[dict] = []
     pending: list[tuple[Checkpoint, str, Path]] = []
 
@@ -1120,7 +1123,7 @@ def _analyze_locked(
         target.parent.mkdir(parents=True, exist_ok=True)
         if stage.exists():
             stage.rename(target)
-        write_json(target / "error.json", failures[-1])
+        write_json(layout.StepFiles(target).error, failures[-1])
 
     keys = {c.step: _step_key(ctx, c) for c in mine}
     for ckpt in tqdm(mine, desc="checkpoints", unit="ckpt"):
@@ -1148,7 +1151,7 @@ def _analyze_locked(
         masks = []
         for c in checkpoints:
             folder = staged.get(c.step, step_dir(out, c.step))
-            marker = folder / "activations.key"
+            marker = layout.StepFiles(folder).activations_key
             if marker.exists() and marker.read_text() == _activation_key(ctx, c):
                 masks.append(Activations.load(folder).correct)
         for ckpt, key, stage in tqdm(pending, desc="steering (filter: all)", unit="ckpt"):
@@ -1190,61 +1193,54 @@ def _analyze_locked(
         folders=finished,
     )
     first_audit = next(
-        (d / "label_audit.json" for d in finished if (d / "label_audit.json").exists()), None
+        (a for a in (layout.StepFiles(d).label_audit for d in finished) if a.exists()), None
     )
     failed = {f["step"] for f in failures}
     failures += [f for f in readout_failures(out) if f["step"] not in failed]
     if first_audit is not None:
-        write_json(out / "label_audit.json", read_json(first_audit))
-    write_json(
-        out / "manifest.json",
-        {
-            "emolens": emolens.__version__,
-            "versions": versions(),
-            "created": previous.get("created", time.strftime("%Y-%m-%dT%H:%M:%S")),
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "model": str(model_spec)
-            if not isinstance(model_spec, CheckpointSeries)
-            else series.run_dir,
-            "run_dir": series.run_dir or None,
-            "series": series.to_dict(),
-            "data": {
-                "source": corpus.source,
-                "sha256": corpus.sha256,
-                "n_samples": len(corpus),
-                "counts": corpus.counts(),
-            },
-            "labels": labels.to_dict(),
-            "template": prompt.template.to_dict(),
-            "prompt": prompt.to_dict(),
-            "prompt_source": prompt_record["source"],
-            "prompt_override": prompt_record["override"],
-            "settings": config.to_dict(),
-            "load": {
-                "device": device,
-                "dtype": str(dtype).removeprefix("torch."),
-                "device_map": device_map,
-            },
-            "identity": identity,
-            "steered_prompts": [corpus.samples[i].id for i in prompt_index],
-            "hook_names": {
-                "vectors": "blocks.{layer}.hook_resid_post (answer position)",
-                "steering": "blocks.{layer}.hook_resid_post",
-            },
-            "numerics": NUMERICS_MODE,
-            "numerics_note": NUMERICS_NOTE,
-            "readout_dtype": "float32 (unembed(ln_final(h)) upcast whatever the model dtype)",
-            "final_layer_tables": final_layer_record(out),
-            "seeds": {"prompt_seed": config.prompt_seed},
-            "shard": list(shard) if shard else None,
-            "steps_done": sorted(int(s) for s in tables["steps"]["step"])
-            if len(tables["steps"])
-            else [],
-            "failures": failures,
-            "series_problems": list(series.problems),
-            "seconds_this_run": round(time.time() - started, 1),
+        write_json(layout.ResultsLayout(out).label_audit, read_json(first_audit))
+    Manifest(
+        emolens=emolens.__version__,
+        versions=versions(),
+        created=previous.get("created", time.strftime("%Y-%m-%dT%H:%M:%S")),
+        updated=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        model=str(model_spec) if not isinstance(model_spec, CheckpointSeries) else series.run_dir,
+        run_dir=series.run_dir or None,
+        series=series.to_dict(),
+        data={
+            "source": corpus.source,
+            "sha256": corpus.sha256,
+            "n_samples": len(corpus),
+            "counts": corpus.counts(),
         },
-    )
+        labels=labels.to_dict(),
+        template=prompt.template.to_dict(),
+        prompt=prompt.to_dict(),
+        prompt_source=prompt_record["source"],
+        prompt_override=prompt_record["override"],
+        settings=config.to_dict(),
+        load={
+            "device": device,
+            "dtype": str(dtype).removeprefix("torch."),
+            "device_map": device_map,
+        },
+        identity=identity,
+        steered_prompts=[corpus.samples[i].id for i in prompt_index],
+        hook_names={
+            "vectors": "blocks.{layer}.hook_resid_post (answer position)",
+            "steering": "blocks.{layer}.hook_resid_post",
+        },
+        numerics=NUMERICS_MODE,
+        numerics_note=NUMERICS_NOTE,
+        readout_dtype="float32 (unembed(ln_final(h)) upcast whatever the model dtype)",
+        final_layer_tables=final_layer_record(out),
+        seeds={"prompt_seed": config.prompt_seed},
+        shard=list(shard) if shard else None,
+        steps_done=sorted(int(s) for s in tables["steps"]["step"]) if len(tables["steps"]) else [],
+        failures=failures,
+        series_problems=list(series.problems),
+        seconds_this_run=round(time.time() - started, 1),
+    ).write(layout.ResultsLayout(out).manifest)
     return out
 
 
@@ -1261,13 +1257,13 @@ def combine_steps(
     done = (
         sorted(folders)
         if folders is not None
-        else sorted(p.parent for p in (out / "steps").glob("step-*/done.json"))
+        else [s.folder for s in layout.ResultsLayout(out).finished_steps()]
     )
-    sens = [pd.read_csv(d / "sensitivity.csv") for d in done]
-    filt = [pd.read_csv(d / "filtering.csv") for d in done]
+    sens = [pd.read_csv(layout.StepFiles(d).sensitivity) for d in done]
+    filt = [pd.read_csv(layout.StepFiles(d).filtering) for d in done]
     rows = []
     for d in done:
-        info = read_json(d / "done.json")
+        info = read_json(layout.StepFiles(d).done)
         ck = info["checkpoint"]
         rows.append(
             {
@@ -1288,7 +1284,8 @@ def combine_steps(
             columns=["step", "kind", "spec", "eval_loss", "accuracy", "n_samples", "weights_hash"],
         ),
     }
-    dla = [pd.read_csv(d / "dla.csv") for d in done if (d / "dla.csv").exists()]
+    dla_files = [layout.StepFiles(d).dla for d in done]
+    dla = [pd.read_csv(f) for f in dla_files if f.exists()]
     tables["dla"] = pd.concat(dla, ignore_index=True) if dla else pd.DataFrame()
     steps = load_steps(done)
     if steps:
@@ -1354,11 +1351,12 @@ def combine_steps(
             n_boot=config.n_boot,
             seed=config.seed,
         )
+    results = layout.ResultsLayout(out)
     for name, frame in tables.items():
-        write_csv(out / f"{name}.csv", frame)
+        write_csv(results.table(name), frame)
     for name in CROSS_STEP_TABLES:  # none this time: a stale one would contradict the steps
         if name not in tables:
-            (out / f"{name}.csv").unlink(missing_ok=True)
+            results.table(name).unlink(missing_ok=True)
     return tables
 
 
@@ -1385,13 +1383,13 @@ def merge(shard_dirs: list[str | Path], out_dir: str | Path) -> Path:
     manifests = []
     for d in map(Path, shard_dirs):
         try:
-            manifests.append(read_json(d / "manifest.json"))
+            manifests.append(read_json(layout.ResultsLayout(d).manifest))
         except FileNotFoundError:
             raise ValueError(
-                f"{d} holds no manifest.json: is it an emolens analyze folder?"
+                f"{d} holds no {layout.MANIFEST}: is it an emolens analyze folder?"
             ) from None
         except ValueError as exc:
-            raise ValueError(f"{d / 'manifest.json'} is unreadable ({exc})") from None
+            raise ValueError(f"{layout.ResultsLayout(d).manifest} is unreadable ({exc})") from None
     if len({str(Path(d).resolve()) for d in shard_dirs}) != len(shard_dirs):
         raise ValueError("a shard folder is named twice; give each once")
     for d, m in zip(shard_dirs, manifests):
@@ -1413,10 +1411,9 @@ def merge(shard_dirs: list[str | Path], out_dir: str | Path) -> Path:
             )
     with folder_lock(out, "merge"):
         for d in map(Path, shard_dirs):
-            for step in sorted((d / "steps").glob("step-*")):
-                if not (step / "done.json").exists():
-                    continue
-                target = out / "steps" / step.name
+            for step_files in layout.ResultsLayout(d).finished_steps():
+                step = step_files.folder
+                target = layout.ResultsLayout(out).steps_dir / step.name
                 if target.exists():
                     raise ValueError(
                         f"step {step.name} is in more than one shard "
@@ -1432,26 +1429,24 @@ def merge(shard_dirs: list[str | Path], out_dir: str | Path) -> Path:
             labels=tuple(e["en"] for e in first["labels"]["emotions"]),
             config=AnalysisConfig(**settings),
         )
-        audit = next(iter(sorted((out / "steps").glob("step-*/label_audit.json"))), None)
-        if audit is not None:
-            write_json(out / "label_audit.json", read_json(audit))
-        done = sorted(int(x) for x in tables["steps"]["step"]) if len(tables["steps"]) else []
-        write_json(
-            out / "manifest.json",
-            {
-                **first,
-                "shard": None,
-                "merged_from": [str(d) for d in shard_dirs],
-                "identity": {**ref, "shard": None},
-                "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "steps_done": done,
-                "final_layer_tables": final_layer_record(out),
-                "failures": [
-                    f for m in manifests for f in m.get("failures", []) if f["step"] not in done
-                ]
-                + readout_failures(out),
-            },
+        results = layout.ResultsLayout(out)
+        audit = next(
+            (s.label_audit for s in results.step_folders() if s.label_audit.exists()), None
         )
+        if audit is not None:
+            write_json(results.label_audit, read_json(audit))
+        done = sorted(int(x) for x in tables["steps"]["step"]) if len(tables["steps"]) else []
+        replace(
+            Manifest.from_dict(first),
+            shard=None,
+            merged_from=[str(d) for d in shard_dirs],
+            identity={**ref, "shard": None},
+            updated=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            steps_done=done,
+            final_layer_tables=final_layer_record(out),
+            failures=[f for m in manifests for f in m.get("failures", []) if f["step"] not in done]
+            + readout_failures(out),
+        ).write(results.manifest)
     return out
 
 
@@ -1478,7 +1473,7 @@ def localise(
     from emolens.measure.vectors import ConceptVectors
 
     out = Path(results_dir)
-    manifest = read_json(out / "manifest.json")
+    manifest = read_json(layout.ResultsLayout(out).manifest)
     if manifest["data"]["sha256"] != corpus.sha256:
         raise ValueError(
             f"{out} was analysed on other data (sha256 "
@@ -1499,10 +1494,10 @@ def localise(
     frames = []
     for ckpt in tqdm(series.checkpoints, desc="localisation", unit="ckpt"):
         folder = step_dir(out, ckpt.step)
-        if not (folder / "done.json").exists():
+        if not layout.StepFiles(folder).is_done:
             continue
         vectors = ConceptVectors.load(folder)
-        audit = read_json(folder / "label_audit.json")
+        audit = LabelTokens.from_dict(read_json(layout.StepFiles(folder).label_audit))
         with _loaded(series, ckpt, {"device": device, "dtype": dtype}) as model:
             tokens = prompt.encode(model.tokenizer, [corpus.samples[i].text for i in chosen])
             gold = [labels.index(corpus.samples[i].label) for i in chosen]
@@ -1510,7 +1505,7 @@ def localise(
                 model,
                 tokens,
                 gold,
-                [e["first_token_id"] for e in audit["entries"]],
+                audit.ids,
                 vectors,
                 window,
                 stride,
@@ -1521,7 +1516,7 @@ def localise(
             )
         frames.append(frame.assign(step=ckpt.step))
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    write_csv(out / "localisation.csv", table)
+    write_csv(layout.ResultsLayout(out).localisation, table)
     return table
 
 
