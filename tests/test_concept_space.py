@@ -6,21 +6,16 @@ import math
 import pytest
 import torch
 
-from emolens.analysis.concept_space import (
-    GEOMETRY_COLUMNS,
-    PROBE_COLUMNS,
-    causal_geometry_frame,
-    change_summary,
-    geometry_frame,
-    probes_frame,
-    random_baseline_frame,
-)
+from emolens.analysis.baselines import random_baseline_frame
+from emolens.analysis.change_summary import change_summary
 from emolens.analysis.geometry import (
     CausalInnerProduct,
     orthogonality,
     principal_angles,
     within_concept_similarity,
 )
+from emolens.analysis.geometry_tables import GEOMETRY_COLUMNS, causal_geometry_frame, geometry_frame
+from emolens.analysis.probe_tables import PROBE_COLUMNS, probes_frame
 from emolens.analysis.steps import StepData
 from emolens.measure.activations import Activations
 from emolens.measure.attribution import Readout, transfer_effect
@@ -324,7 +319,7 @@ def test_change_summary_tests_each_later_step_with_fdr_and_tost():
     import numpy as np
     import pandas as pd
 
-    from emolens.analysis.concept_space import Replicates
+    from emolens.analysis._common import Replicates
 
     gen = np.random.default_rng(0)
     base = gen.normal(1.0, 0.05, 400)  # resample b of the statistic, at step 0
@@ -452,7 +447,7 @@ def test_random_baseline_concept_along_readout_beats_random_directions():
 
 
 def test_figure2_frame_points_match_the_fast_path_and_bands_see_the_vector_noise(series):
-    from emolens.analysis.concept_space import FIGURE2_COLUMNS, TREND_COLUMNS, figure2_frame
+    from emolens.analysis.figure2 import FIGURE2_COLUMNS, TREND_COLUMNS, figure2_frame
 
     neutral0 = N_PER * (len(LABELS) - 1)  # steered prompts are neutral samples, as in the study
     prompts = [f"s{i}" for i in range(neutral0, neutral0 + N_PER, 3)]
@@ -484,7 +479,7 @@ def test_sensitivity_change_summary_pairs_prompts_and_flags_a_planted_fall():
     import numpy as np
     import pandas as pd
 
-    from emolens.analysis.concept_space import sensitivity_change_summary
+    from emolens.analysis.change_summary import sensitivity_change_summary
 
     gen = np.random.default_rng(1)
     rows = []

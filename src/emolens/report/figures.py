@@ -12,18 +12,26 @@ Figure 2: how much steering with an emotion's concept vector raises that emotion
 
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from emolens.analysis.change_summary import change_summary_counts
+from emolens.analysis.frames import (
+    as_bool,
+    format_value,
+    label_order,
+    mean_se,
+    mean_se_over_prompts,
+    pick_rows,
+    require_columns,
+)
+from emolens.analysis.sensitivity import (
+    diagonal_summary,
+    select_sensitivity,
+)
 from emolens.data.labels import STUDY_LABELS, UnknownLabelError
-
-#: The columns ``sensitivity.csv`` must have (the measure columns are checked separately).
-SENSITIVITY_KEYS = ("step", "layer", "steered_emotion", "observed_label", "alpha", "prompt_id")
-#: Measures of a steering effect in ``sensitivity.csv``.
-MEASURES = ("logit_change", "logprob_change", "centered_change")
 
 #: One colour per study label, used by every figure (qualitative, distinguishable on white).
 EMOTION_COLORS: dict[str, str] = {
@@ -80,155 +88,6 @@ def display_name(name: str, ja: Mapping[str, str] | None = None) -> str:
     return f"{name} ({jp})" if jp else str(name)
 
 
-def label_order(names) -> list[str]:
-    """Names in the order of the study's prompt, unknown names after them, sorted."""
-    known = STUDY_LABELS.names("en")
-    present = {str(n) for n in names}
-    return [n for n in known if n in present] + sorted(present - set(known))
-
-
-def require_columns(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
-    """Raise ``ValueError`` naming the missing columns of ``what`` and those it has."""
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ValueError(
-            f"{what} lacks the column(s) {', '.join(missing)}; it has "
-            f"{', '.join(map(str, frame.columns)) or 'no columns'}"
-        )
-
-
-def _check_measure(sensitivity: pd.DataFrame, measure: str) -> None:
-    if measure not in sensitivity.columns:
-        present = [m for m in MEASURES if m in sensitivity.columns]
-        raise ValueError(
-            f"the sensitivity table has no measure {measure!r}; it has "
-            f"{', '.join(present) or 'none of ' + ', '.join(MEASURES)}"
-        )
-
-
-def format_value(value) -> str:
-    """A table value as text, floats in their shortest form (``4.0`` is ``"4"``)."""
-    if isinstance(value, float | np.floating):
-        return f"{float(value):g}"
-    return str(value)
-
-
-def _pick(frame: pd.DataFrame, column: str, value, prefer=None, largest: bool = False):
-    """Rows where ``column`` equals ``value`` (floats compared with a tolerance), and the value.
-    With ``value`` None: ``prefer`` if present, else the largest (with ``largest``) or the
-    first value present."""
-    if column not in frame.columns:
-        return frame, value
-    present = frame[column].dropna().unique().tolist()
-    if not present:
-        raise ValueError(f"no rows with a value in column {column!r}")
-    if value is None:
-        if prefer is not None and prefer in present:
-            value = prefer
-        else:
-            value = max(present) if largest else sorted(present, key=str)[0]
-    if pd.api.types.is_float_dtype(frame[column]):
-        mask = np.isclose(frame[column].to_numpy(dtype=float), float(value))
-    else:
-        mask = (frame[column] == value).to_numpy()
-    if not mask.any():
-        shown = ", ".join(format_value(v) for v in sorted(present))
-        raise ValueError(f"no rows with {column} = {format_value(value)}; present: {shown}")
-    if hasattr(value, "item"):
-        value = value.item()
-    return frame[mask], value
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which slice of a sensitivity table a figure shows."""
-
-    layer: int | None
-    alpha: float | None
-    alpha_unit: str | None
-    positions: str | None
-    measure: str
-
-    def describe(self) -> str:
-        parts = []
-        if self.layer is not None:
-            parts.append(f"layer {self.layer}")
-        if self.alpha is not None:
-            unit = f" ({self.alpha_unit})" if self.alpha_unit else ""
-            parts.append(f"α = {format_value(self.alpha)}{unit}")
-        if self.positions is not None:
-            parts.append(f"positions: {self.positions}")
-        parts.append(self.measure)
-        return ", ".join(parts)
-
-
-def select_sensitivity(
-    sensitivity: pd.DataFrame,
-    layer: int | None = None,
-    alpha: float | int | None = None,
-    measure: str = "logit_change",
-    *,
-    alpha_unit: str | None = None,
-    positions: str | None = None,
-    diagonal: bool = True,
-    all_layers: bool = False,
-) -> tuple[pd.DataFrame, Selection]:
-    """The rows of one setting: by default the diagonal (steered emotion observed), the largest
-    layer present, the absolute alpha unit and all positions where there is a choice, and the
-    largest alpha at that layer. Raises ``ValueError`` naming what is present when nothing
-    matches."""
-    require_columns(sensitivity, SENSITIVITY_KEYS, "the sensitivity table")
-    _check_measure(sensitivity, measure)
-    frame = sensitivity
-    if diagonal:
-        frame = frame[frame["steered_emotion"] == frame["observed_label"]]
-        if frame.empty:
-            raise ValueError(
-                "the sensitivity table has no diagonal rows (steered_emotion == "
-                "observed_label), so the steering effect on a label cannot be shown"
-            )
-    frame, alpha_unit = _pick(frame, "alpha_unit", alpha_unit, prefer="absolute")
-    frame, positions = _pick(frame, "positions", positions, prefer="all")
-    if not all_layers:
-        frame, layer = _pick(frame, "layer", layer, largest=True)
-        layer = int(layer)
-    frame, alpha = _pick(frame, "alpha", alpha, largest=True)
-    return frame, Selection(layer, float(alpha), alpha_unit, positions, measure)
-
-
-def _mean_se(frame: pd.DataFrame, keys: list[str], value: str) -> pd.DataFrame:
-    """Columns ``keys``, ``mean``, ``se`` (standard error, NaN for one row) and ``n`` of
-    ``value`` per group of ``keys``."""
-    out = frame.groupby(keys, sort=True)[value].agg(mean="mean", std="std", n="count")
-    out = out.reset_index()
-    out["se"] = (out["std"] / np.sqrt(out["n"])).where(out["n"] > 1)
-    return out.drop(columns="std")
-
-
-def _mean_se_over_prompts(frame: pd.DataFrame, keys: list[str], measure: str) -> pd.DataFrame:
-    """:func:`_mean_se` over prompts, the values of one prompt averaged first."""
-    per_prompt = frame.groupby([*keys, "prompt_id"], sort=True, dropna=False)[measure].mean()
-    return _mean_se(per_prompt.reset_index(), keys, measure)
-
-
-def diagonal_summary(
-    sensitivity: pd.DataFrame,
-    layer: int | None = None,
-    alpha: float | int | None = None,
-    measure: str = "logit_change",
-    *,
-    alpha_unit: str | None = None,
-    positions: str | None = None,
-) -> tuple[pd.DataFrame, Selection]:
-    """Figure 2's numbers: columns ``emotion, step, mean, se, n`` (over prompts), and the
-    setting they come from (see :func:`select_sensitivity` for the defaults)."""
-    frame, sel = select_sensitivity(
-        sensitivity, layer, alpha, measure, alpha_unit=alpha_unit, positions=positions
-    )
-    out = _mean_se_over_prompts(frame, ["steered_emotion", "step"], measure)
-    return out.rename(columns={"steered_emotion": "emotion"}), sel
-
-
 def _steps_eval_loss(steps_table: pd.DataFrame | None) -> pd.DataFrame | None:
     if steps_table is None or "step" not in steps_table or "eval_loss" not in steps_table:
         return None
@@ -255,7 +114,7 @@ def figure2(
     over prompts. Defaults: the final (largest) layer present and the largest alpha. When
     ``steps_table`` (``step``, ``eval_loss``) has eval losses they are drawn on a second y axis
     (dashed, grey). ``bands``: ``figure2_bands.csv``
-    (:func:`emolens.analysis.concept_space.figure2_frame`: ``step, layer, emotion, alpha, ci_low,
+    (:func:`emolens.analysis.figure2.figure2_frame`: ``step, layer, emotion, alpha, ci_low,
     ci_high``), drawn as a shaded interval per emotion where its layer and alpha match the
     plotted ones (the two-level bootstrap: the samples that build v, then the prompts)."""
     summary, sel = diagonal_summary(
@@ -397,8 +256,8 @@ def selectivity_heatmap(
         positions=positions,
         diagonal=False,
     )
-    frame, step = _pick(frame, "step", None if step is None else int(step), largest=True)
-    means = _mean_se_over_prompts(frame, ["steered_emotion", "observed_label"], measure)
+    frame, step = pick_rows(frame, "step", None if step is None else int(step), largest=True)
+    means = mean_se_over_prompts(frame, ["steered_emotion", "observed_label"], measure)
     rows = label_order(means["steered_emotion"])
     cols = label_order(means["observed_label"])
     table = means.pivot(index="steered_emotion", columns="observed_label", values="mean")
@@ -443,7 +302,7 @@ def layer_step_heatmap(
     frame, sel = select_sensitivity(
         diag, None, alpha, measure, alpha_unit=alpha_unit, positions=positions, all_layers=True
     )
-    means = _mean_se_over_prompts(frame, ["layer", "step"], measure)
+    means = mean_se_over_prompts(frame, ["layer", "step"], measure)
     table = means.pivot(index="layer", columns="step", values="mean").sort_index()
     table = table.reindex(columns=sorted(table.columns))
     z = table.to_numpy(dtype=float)
@@ -550,13 +409,6 @@ def filtering_bars(filtering: pd.DataFrame) -> go.Figure:
         margin={"t": 70},
     )
     return fig
-
-
-def as_bool(value) -> bool:
-    """A flag read from a CSV: ``True``/``"True"``/``"1"`` are true, NaN is false."""
-    if isinstance(value, str):
-        return value.strip().lower() in ("true", "1", "yes")
-    return bool(value) if pd.notna(value) else False
 
 
 def loss_curve(trainer_log: pd.DataFrame) -> go.Figure:
@@ -702,7 +554,7 @@ def _lines_over_steps(df: pd.DataFrame, title: str) -> go.Figure | None:
     frame = frame.dropna(subset=["step"])
     notes = []
     if "layer" in frame.columns and _is_value_column(frame["layer"]):
-        frame, layer = _pick(frame, "layer", None, largest=True)
+        frame, layer = pick_rows(frame, "layer", None, largest=True)
         notes.append(f"layer {format_value(layer)}")
     groups, values = [], []
     for col in frame.columns:
@@ -740,7 +592,7 @@ def _lines_over_steps(df: pd.DataFrame, title: str) -> go.Figure | None:
     fig = go.Figure()
     visible_sets = []
     for k, value in enumerate(values):
-        agg = _mean_se(frame, ["_group", "step"], value)
+        agg = mean_se(frame, ["_group", "step"], value)
         start = len(fig.data)
         for name in names:
             rows = agg[agg["_group"] == name]
@@ -944,7 +796,7 @@ def _select_one(frame: pd.DataFrame, column: str, value, largest: bool = True):
     """:func:`_pick` for an optional setting column (alpha, layer) that must be one value."""
     if column not in frame.columns:
         return frame, None
-    return _pick(frame, column, value, largest=largest)
+    return pick_rows(frame, column, value, largest=largest)
 
 
 def _stacked_parts_figure(
@@ -1254,7 +1106,7 @@ def geometry_figure(
         present = ", ".join(sorted(map(str, geometry["measure"].dropna().unique())))
         raise ValueError(f"the geometry table has no measure {measure!r}; it has {present}")
     frame, inner = _select_one(frame, "inner", inner, largest=False)
-    frame, layer = _pick(frame, "layer", layer, largest=True)
+    frame, layer = pick_rows(frame, "layer", layer, largest=True)
     has_ci = {"ci_low", "ci_high"} <= set(frame.columns)
     fig = go.Figure()
     for emotion in label_order(frame["emotion"].dropna()):
@@ -1527,106 +1379,6 @@ def random_baseline_figure(
     fig.update_yaxes(title_text="own-label logit change", col=1)
     fig.update_xaxes(**_step_ticks(frame["step"]))
     return fig
-
-
-#: Columns of :func:`change_summary_counts`.
-CHANGE_COUNT_COLUMNS = (
-    "table",
-    "measure",
-    "variant",
-    "n_series",
-    "n_tested",
-    "n_changed",
-    "n_equivalent",
-    "n_inconclusive",
-    "max_abs_effect",
-    "changed_layers",
-    "changed_series",
-    "margin_rule",
-)
-
-#: Result columns of a change summary row (everything else names the series).
-_RESULT_COLUMNS = (
-    "family", "first_step", "step", "first_value", "value", "effect", "effect_ci_low",
-    "effect_ci_high", "p", "q", "fdr_change", "test", "paired", "n_resamples",
-    "equivalence_margin", "margin_rule", "equivalence_p", "equivalent_within_margin",
-    "n_prompts", "table",
-)  # fmt: skip
-
-
-def change_summary_counts(change_summary: pd.DataFrame) -> pd.DataFrame:
-    """Per measure family (``table``, ``measure`` and the inner product for geometry or the
-    probe for probes, as ``variant``), counted over series (one emotion or label at one layer;
-    a series has one test per later step): ``n_tested`` series with at least one p-value,
-    ``n_changed`` with ``fdr_change`` (q below the level, BH within the family) at some step,
-    ``n_equivalent`` shown equivalent to the first step within the margin (TOST) at every
-    tested step, ``n_inconclusive`` the rest (neither a change nor equivalence shown), the
-    largest ``|effect|``, and which layers and series changed."""
-    require_columns(
-        change_summary,
-        ("measure", "p", "fdr_change", "equivalent_within_margin"),
-        "the change summary table",
-    )
-    frame = change_summary.copy()
-    keys = [c for c in frame.columns if c not in _RESULT_COLUMNS]
-    if "table" not in frame:
-        frame["table"] = frame["family"] if "family" in frame else "geometry"
-    variant = pd.Series("", index=frame.index)
-    for col in ("inner", "probe", "alpha"):
-        if col in frame:
-            text = frame[col].astype(str)
-            if col == "alpha":
-                text = "α = " + frame[col].map(format_value)
-            variant = variant.where(frame[col].isna(), text)
-    frame["variant"] = variant
-    frame["tested"] = pd.to_numeric(frame["p"], errors="coerce").notna()
-    frame["chg"] = frame["fdr_change"].map(as_bool) & frame["tested"]
-    frame["eqv"] = frame["equivalent_within_margin"].map(as_bool) | ~frame["tested"]
-    who = pd.Series("", index=frame.index)
-    for col in ("emotion", "label"):
-        if col in frame:
-            who = who.where(frame[col].isna() | (who != ""), frame[col].astype(str))
-    frame["who"] = who
-    series_keys = [k for k in keys if k not in ("table", "measure")]
-    rows = []
-    for (table, measure, var), g in frame.groupby(["table", "measure", "variant"], sort=False):
-        per = (
-            g.groupby(series_keys, dropna=False, sort=False)
-            .agg(tested=("tested", "any"), chg=("chg", "any"), eqv=("eqv", "all"),
-                 who=("who", "first"),
-                 layer=("layer", "first") if "layer" in g else ("who", "first"))
-            .reset_index(drop=True)
-        )  # fmt: skip
-        per = per[per["tested"]]
-        changed = per[per["chg"]]
-        has_layer = "layer" in g
-        layers = sorted({int(v) for v in changed["layer"].dropna()}) if has_layer else []
-        series = [
-            f"{w} @ {int(lay)}" if has_layer and pd.notna(lay) else str(w)
-            for w, lay in zip(changed["who"], changed["layer"], strict=True)
-        ]
-        effect = pd.to_numeric(g["effect"], errors="coerce").abs() if "effect" in g else None
-        rules = sorted(set(g["margin_rule"].dropna().astype(str))) if "margin_rule" in g else []
-        n_eq = int((per["eqv"] & ~per["chg"]).sum())
-        rows.append(
-            {
-                "table": table,
-                "measure": measure,
-                "variant": var,
-                "n_series": int(g.groupby(series_keys, dropna=False).ngroups),
-                "n_tested": len(per),
-                "n_changed": len(changed),
-                "n_equivalent": n_eq,
-                "n_inconclusive": len(per) - len(changed) - n_eq,
-                "max_abs_effect": float(effect.max())
-                if effect is not None and effect.notna().any()
-                else float("nan"),
-                "changed_layers": ", ".join(map(str, layers)),
-                "changed_series": ", ".join(series),
-                "margin_rule": "; ".join(rules),
-            }
-        )
-    return pd.DataFrame(rows, columns=list(CHANGE_COUNT_COLUMNS))
 
 
 def change_summary_table(change_summary: pd.DataFrame) -> go.Figure:

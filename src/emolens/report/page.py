@@ -21,6 +21,14 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from emolens.analysis import sweeps
+from emolens.analysis.change_summary import change_summary_counts
+from emolens.analysis.frames import as_bool, format_value, label_order, require_columns
+from emolens.analysis.sensitivity import (
+    MEASURES,
+    SENSITIVITY_KEYS,
+    diagonal_summary,
+    select_sensitivity,
+)
 from emolens.report import figures
 from emolens.store.files import read_json, write_text
 
@@ -39,7 +47,7 @@ OPTIONAL_TABLES: dict[str, str] = {
 FIGURE_TABLES = ("figure2_bands",)
 #: Geometry measures the report draws (every measure is in the change summary).
 GEOMETRY_KEY_MEASURES = ("cosine_to_first", "orthogonality", "within_gap")
-#: The level of the bootstrap intervals the pipeline writes (concept_space's default).
+#: The level of the bootstrap intervals the pipeline writes (the analysis tables' default).
 CI_LEVEL = 0.95
 _MAX_ROWS = 200
 _MAX_SWEEP_EMOTIONS = 13
@@ -93,14 +101,12 @@ def read_sensitivity(path: str | Path) -> pd.DataFrame:
             f"rerun `{hint}` to rewrite it"
         ) from exc
     try:
-        figures.require_columns(frame, figures.SENSITIVITY_KEYS, str(path))
-        if not any(m in frame.columns for m in figures.MEASURES):
-            raise ValueError(
-                f"{path} has none of the measure columns {', '.join(figures.MEASURES)}"
-            )
+        require_columns(frame, SENSITIVITY_KEYS, str(path))
+        if not any(m in frame.columns for m in MEASURES):
+            raise ValueError(f"{path} has none of the measure columns {', '.join(MEASURES)}")
         if frame.empty:
             raise ValueError(f"{path} has no rows")
-        for col in ("step", "layer", "alpha", *[m for m in figures.MEASURES if m in frame]):
+        for col in ("step", "layer", "alpha", *[m for m in MEASURES if m in frame]):
             if not pd.api.types.is_numeric_dtype(frame[col]):
                 raise ValueError(f"{path}: column {col!r} is not numeric")
     except ValueError as exc:
@@ -326,7 +332,7 @@ def _cell(value) -> str:
     if isinstance(value, bool | np.bool_):
         return f"<td>{_e(value)}</td>"
     if isinstance(value, int | float | np.integer | np.floating):
-        return f'<td class="num">{_e(figures.format_value(value))}</td>'
+        return f'<td class="num">{_e(format_value(value))}</td>'
     return f"<td>{_e(value)}</td>"
 
 
@@ -392,7 +398,7 @@ def _eval_table(inputs: ReportInputs) -> pd.DataFrame | None:
 def _verdicts(inputs: ReportInputs, ja: dict) -> str:
     """One line per emotion: is its sensitivity at the last step above or below the base's?"""
     try:
-        summary, sel = figures.diagonal_summary(inputs.sensitivity)
+        summary, sel = diagonal_summary(inputs.sensitivity)
     except ValueError as exc:
         return _note(f"No steering sensitivity to summarise: {exc}", problem=True)
     steps = sorted(int(s) for s in summary["step"].unique())
@@ -407,7 +413,7 @@ def _verdicts(inputs: ReportInputs, ja: dict) -> str:
             "Only the base model (step 0) was analysed; there is no later step to compare with."
         )
     items, above, below = [], [], []
-    for emotion in figures.label_order(summary["emotion"]):
+    for emotion in label_order(summary["emotion"]):
         rows = summary[summary["emotion"] == emotion].set_index("step")
         name = _e(figures.display_name(emotion, ja))
         if 0 not in rows.index or last not in rows.index:
@@ -492,7 +498,7 @@ def _summary_section(inputs: ReportInputs, ja: dict) -> str:
     changes = inputs.extra_tables.get("change_summary")
     if changes is not None:
         try:
-            counts = figures.change_summary_counts(changes)
+            counts = change_summary_counts(changes)
             items = "".join(f"<li>{_e(t)}</li>" for t in _change_sentences(counts, top=3))
             verdict = _change_verdict(counts)
             body += [
@@ -538,9 +544,9 @@ def _figure2_section(inputs: ReportInputs, ja: dict) -> str:
         ),
     ]
     try:
-        swept, sel = figures.select_sensitivity(sens, all_layers=True)
+        swept, sel = select_sensitivity(sens, all_layers=True)
         layers = sorted(int(v) for v in swept["layer"].unique())
-        emotions = figures.label_order(swept["steered_emotion"].unique())
+        emotions = label_order(swept["steered_emotion"].unique())
     except ValueError:  # figure2 above already shows why
         layers, emotions = [], []
     if len(layers) > 1:
@@ -620,9 +626,9 @@ def _filtering_section(inputs: ReportInputs, ja: dict) -> str:
         _safe_figure(lambda: figures.filtering_bars(frame), "the filtering figure"),
     ]
     try:
-        figures.require_columns(frame, ("step", "label", "n_kept"), "filtering.csv")
+        require_columns(frame, ("step", "label", "n_kept"), "filtering.csv")
         steps = sorted(int(s) for s in frame["step"].dropna().unique())
-        labels = figures.label_order(frame["label"].dropna())
+        labels = label_order(frame["label"].dropna())
         cells = {(str(r["label"]), int(r["step"])): r for _, r in frame.iterrows()}
         rows = []
         for lab in labels:
@@ -632,10 +638,10 @@ def _filtering_section(inputs: ReportInputs, ja: dict) -> str:
                 if r is None:
                     row.append("")
                     continue
-                text = f"{figures.format_value(r['n_kept'])}"
+                text = f"{format_value(r['n_kept'])}"
                 if "n_samples" in r and pd.notna(r["n_samples"]):
-                    text += f" / {figures.format_value(r['n_samples'])}"
-                if figures.as_bool(r.get("dropped", False)):
+                    text += f" / {format_value(r['n_samples'])}"
+                if as_bool(r.get("dropped", False)):
                     text += " (dropped)"
                 row.append(text)
             rows.append(row)
@@ -742,7 +748,7 @@ def _push_verdicts(frame: pd.DataFrame) -> str:
         return _note("One step only: nothing to compare the push with.")
     last = means[means["step"] == steps[-1]].dropna(subset=["push_change"])
     fell, rose = [], []
-    for emotion in figures.label_order(last["emotion"]):
+    for emotion in label_order(last["emotion"]):
         row = last[last["emotion"] == emotion].iloc[0]
         total = float(row["push_change"])
         if total == 0:
@@ -833,16 +839,16 @@ def _random_baseline_body(frame: pd.DataFrame, ja: dict) -> str:
             rows = sel[sel["step"] == step]
             beat = rows[rows["share_random_at_least_concept"] == 0]["emotion"]
             body.append(
-                f"<p>Step {step}{'' if alpha is None else ', α = ' + figures.format_value(alpha)}"
+                f"<p>Step {step}{'' if alpha is None else ', α = ' + format_value(alpha)}"
                 f": {len(beat)} of "
                 f"{rows['emotion'].nunique()} concept vectors raise their label more than every "
-                f"random direction ({_e(_names(figures.label_order(beat)))}).</p>"
+                f"random direction ({_e(_names(label_order(beat)))}).</p>"
             )
     return "\n".join(body)
 
 
 def _geometry_body(frame: pd.DataFrame, ja: dict) -> str:
-    figures.require_columns(frame, ("step", "layer", "measure", "emotion", "value"), "geometry.csv")
+    require_columns(frame, ("step", "layer", "measure", "emotion", "value"), "geometry.csv")
     layers = sorted(int(v) for v in frame["layer"].dropna().unique())
     inners = [i for i in ("plain", "causal") if "inner" in frame and (frame["inner"] == i).any()]
     body = [
@@ -987,7 +993,7 @@ def _change_verdict(counts: pd.DataFrame) -> str:
 
 
 def _change_summary_body(frame: pd.DataFrame, ja: dict) -> str:
-    counts = figures.change_summary_counts(frame)
+    counts = change_summary_counts(frame)
     sentences = _change_sentences(counts)
     tests = sorted(set(frame["test"].dropna().astype(str))) if "test" in frame else []
     body = [
@@ -1005,7 +1011,7 @@ def _change_summary_body(frame: pd.DataFrame, ja: dict) -> str:
         "cosine_to_previous) are not tested.</p>",
         "<ul>" + "".join(f"<li>{_e(s)}</li>" for s in sentences) + "</ul>",
     ]
-    if "paired" in frame and not frame["paired"].map(figures.as_bool).all():
+    if "paired" in frame and not frame["paired"].map(as_bool).all():
         body.append(
             _note(
                 "Some steps kept other samples than the first (self-filtering): those tests "
@@ -1053,14 +1059,14 @@ def _trends_body(frame: pd.DataFrame, ja: dict) -> str:
         trend = int((slope_q < FDR_LEVEL).sum())
         first, last = int(g["first_step"].iloc[0]), int(g["last_step"].iloc[0])
         sentences.append(
-            f"α = {figures.format_value(alpha)}: from step {first} to {last}, "
+            f"α = {format_value(alpha)}: from step {first} to {last}, "
             f"{len(fell)} of {len(g)} emotions fell ({', '.join(fell) or 'none'}) and "
             f"{len(rose)} rose ({', '.join(rose) or 'none'}) at q < {FDR_LEVEL:g}; "
             f"{trend} have a slope over steps at q < {FDR_LEVEL:g}; "
             f"{len(g) - len(fell) - len(rose)} are not shown to have changed."
         )
     body.append("<ul>" + "".join(f"<li>{_e(s)}</li>" for s in sentences) + "</ul>")
-    if "paired" in frame and not frame["paired"].map(figures.as_bool).all():
+    if "paired" in frame and not frame["paired"].map(as_bool).all():
         body.append(
             _note(
                 "The steps kept different samples (self-filtering): the steps' resamples are "
