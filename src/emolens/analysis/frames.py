@@ -80,3 +80,8 @@ def mean_se_over_prompts(frame: pd.DataFrame, keys: list[str], measure: str) -> 
     """:func:`mean_se` over prompts, the values of one prompt averaged first."""
     per_prompt = frame.groupby([*keys, "prompt_id"], sort=True, dropna=False)[measure].mean()
     return mean_se(per_prompt.reset_index(), keys, measure)
+
+
+def steps_of(frame: pd.DataFrame) -> list[int]:
+    """The distinct steps of a table's ``step`` column, sorted (non-numbers skipped)."""
+    return sorted(int(s) for s in pd.to_numeric(frame["step"], errors="coerce").dropna().unique())

@@ -7,7 +7,6 @@ the disk; :func:`write_report` does both and writes the file atomically. A missi
 and a missing or unreadable one becomes a visible note in its section.
 """
 
-import html
 import json
 import math
 import warnings
@@ -23,13 +22,17 @@ from plotly.offline import get_plotlyjs
 from emolens.analysis import sweeps
 from emolens.analysis.change_summary import change_summary_counts
 from emolens.analysis.frames import as_bool, format_value, label_order, require_columns
+from emolens.analysis.frames import steps_of as _steps_of
 from emolens.analysis.sensitivity import (
     MEASURES,
     SENSITIVITY_KEYS,
     diagonal_summary,
     select_sensitivity,
 )
-from emolens.report import figures
+from emolens.report import figures, verdicts
+from emolens.report.markup import escape as _e
+from emolens.report.markup import names as _names
+from emolens.report.markup import note as _note
 from emolens.store.files import read_json, write_text
 
 #: The optional tables of the explanation analyses, with their section headings (in order).
@@ -298,14 +301,6 @@ _STUDY_TEXT = (
 )
 
 
-def _e(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _note(text: str, problem: bool = False) -> str:
-    return f'<p class="{"problem" if problem else "note"}">{_e(text)}</p>'
-
-
 def _figure(fig: go.Figure, height: int = 480) -> str:
     fig.update_layout(autosize=True)
     body = fig.to_html(
@@ -396,54 +391,12 @@ def _eval_table(inputs: ReportInputs) -> pd.DataFrame | None:
 
 
 def _verdicts(inputs: ReportInputs, ja: dict) -> str:
-    """One line per emotion: is its sensitivity at the last step above or below the base's?"""
+    """:func:`emolens.report.verdicts.sensitivity_verdict` of the run's sensitivity table."""
     try:
         summary, sel = diagonal_summary(inputs.sensitivity)
     except ValueError as exc:
         return _note(f"No steering sensitivity to summarise: {exc}", problem=True)
-    steps = sorted(int(s) for s in summary["step"].unique())
-    last = steps[-1]
-    if 0 not in steps:
-        return _note(
-            f"The results have no base model (step 0), so sensitivity at step {last} "
-            "cannot be compared with the base model's."
-        )
-    if last == 0:
-        return _note(
-            "Only the base model (step 0) was analysed; there is no later step to compare with."
-        )
-    items, above, below = [], [], []
-    for emotion in label_order(summary["emotion"]):
-        rows = summary[summary["emotion"] == emotion].set_index("step")
-        name = _e(figures.display_name(emotion, ja))
-        if 0 not in rows.index or last not in rows.index:
-            missing = 0 if 0 not in rows.index else last
-            items.append(f"<li>{name}: not measured at step {missing}.</li>")
-            continue
-        base, end = rows.loc[0], rows.loc[last]
-        diff = float(end["mean"] - base["mean"])
-        se = math.sqrt(np.nansum([base["se"] ** 2, end["se"] ** 2]))
-        word = "above" if diff > 0 else "below" if diff < 0 else "equal to"
-        if diff > 0:
-            above.append(emotion)
-        elif diff < 0:
-            below.append(emotion)
-        caveat = (
-            " — within two standard errors, so not clearly different"
-            if se > 0 and abs(diff) < 2 * se
-            else ""
-        )
-        items.append(
-            f"<li>{name}: {end['mean']:.4g} at step {last} vs {base['mean']:.4g} at the base "
-            f'model: <span class="{word.split()[0]}">{word}</span> the base model '
-            f"({diff:+.4g}){_e(caveat)}.</li>"
-        )
-    sentence = (
-        f"At the last step ({last}), steering sensitivity ({_e(sel.describe())}) is "
-        f"above the base model's for {_e(', '.join(above) or 'no emotion')} and below "
-        f"it for {_e(', '.join(below) or 'no emotion')}."
-    )
-    return f"<p>{sentence}</p><ul>{''.join(items)}</ul>"
+    return verdicts.sensitivity_verdict(summary, sel, ja)
 
 
 def _summary_section(inputs: ReportInputs, ja: dict) -> str:
@@ -499,8 +452,8 @@ def _summary_section(inputs: ReportInputs, ja: dict) -> str:
     if changes is not None:
         try:
             counts = change_summary_counts(changes)
-            items = "".join(f"<li>{_e(t)}</li>" for t in _change_sentences(counts, top=3))
-            verdict = _change_verdict(counts)
+            items = "".join(f"<li>{_e(t)}</li>" for t in verdicts.change_sentences(counts, top=3))
+            verdict = verdicts.change_verdict(counts)
             body += [
                 "<h3>Geometry and probes across the series</h3>",
                 f"<ul>{items}</ul>" + (f"<p>{_e(verdict)}</p>" if verdict else ""),
@@ -696,15 +649,6 @@ def _audit_section(inputs: ReportInputs) -> str:
     return body
 
 
-def _steps_of(frame: pd.DataFrame) -> list[int]:
-    return sorted(int(s) for s in pd.to_numeric(frame["step"], errors="coerce").dropna().unique())
-
-
-def _names(items) -> str:
-    items = list(items)
-    return ", ".join(items) if items else "none"
-
-
 def _grid(cells: list[str]) -> str:
     return f'<div class="grid">{"".join(cells)}</div>' if len(cells) > 1 else "".join(cells)
 
@@ -728,7 +672,7 @@ def _attribution_body(frame: pd.DataFrame, ja: dict) -> str:
             "exactly into the part due to the <b>vector</b> moving (v), the <b>readout row</b> "
             "moving (w) and the <b>residual scale</b> moving (r, the norm scale of the neutral "
             "prompts).</p>",
-            _push_verdicts(frame),
+            verdicts.push_verdict(frame),
             _safe_figure(
                 lambda: figures.push_change_figure(frame, ja=ja),
                 "the push-change figure",
@@ -736,31 +680,6 @@ def _attribution_body(frame: pd.DataFrame, ja: dict) -> str:
             ),
         ]
     return "\n".join(body)
-
-
-def _push_verdicts(frame: pd.DataFrame) -> str:
-    """Which part dominates each emotion's change of the push at the last step."""
-    parts = [p for p, _, _ in figures.PUSH_PARTS]
-    names = {p: n for p, n, _ in figures.PUSH_PARTS}
-    means = frame.groupby(["emotion", "step"])[["push_change", *parts]].mean().reset_index()
-    steps = _steps_of(means)
-    if len(steps) < 2:
-        return _note("One step only: nothing to compare the push with.")
-    last = means[means["step"] == steps[-1]].dropna(subset=["push_change"])
-    fell, rose = [], []
-    for emotion in label_order(last["emotion"]):
-        row = last[last["emotion"] == emotion].iloc[0]
-        total = float(row["push_change"])
-        if total == 0:
-            continue
-        # the part that moved the push furthest in the direction it went
-        part = max(parts, key=lambda p: float(row[p]) * np.sign(total))
-        (fell if total < 0 else rose).append(f"{emotion} ({names[part]}, {total:+.3g})")
-    return (
-        f"<p>From step {steps[0]} to step {steps[-1]} the per-unit push fell for "
-        f"{_e(_names(fell))}; it rose for {_e(_names(rose))} (in brackets: the largest part "
-        "in that direction, and the total change).</p>"
-    )
 
 
 def _transfer_body(frame: pd.DataFrame, ja: dict) -> str:
@@ -910,91 +829,9 @@ def _probes_body(frame: pd.DataFrame, ja: dict) -> str:
     return "\n".join(body)
 
 
-#: The false discovery rate level of ``change_summary.csv``'s ``fdr_change``.
-FDR_LEVEL = 0.05
-
-
-def _margin_text(rules: pd.Series) -> str:
-    found = sorted({r for text in rules.dropna() for r in str(text).split("; ") if r})
-    return "; ".join(found) if found else "not stated"
-
-
-def _change_sentences(counts: pd.DataFrame, top: int | None = None) -> list[str]:
-    """One sentence per table (geometry, probes, sensitivity): how many series changed (q
-    below the level, BH within the family), how many are equivalent within the margin (TOST)
-    and how many neither, with the families that changed (only the ``top`` most changed, by
-    share, if given)."""
-    out = []
-    what = {
-        "geometry": "geometry series (measure × emotion × layer × inner product)",
-        "probes": "probe series (measure × label × layer × probe)",
-        "sensitivity": "sensitivity series (emotion × layer × alpha)",
-    }
-    for table, g in counts.groupby("table", sort=False):
-        g = g[g["n_tested"] > 0]
-        m = int(g["n_tested"].sum())
-        if m == 0:
-            out.append(f"No {what.get(table, table + ' series')} could be tested.")
-            continue
-        n, k = int(g["n_changed"].sum()), int(g["n_equivalent"].sum())
-        rest = int(g["n_inconclusive"].sum())
-        hit = g[g["n_changed"] > 0]
-        if top is not None:
-            share = hit["n_changed"] / hit["n_tested"]
-            hit = hit.assign(_s=share).sort_values("_s", ascending=False, kind="stable")
-        changed = [
-            f"{r.measure}{' (' + r.variant + ')' if r.variant else ''} {r.n_changed} of "
-            f"{r.n_tested}"
-            for r in hit.itertuples()
-        ]
-        if top is not None and len(changed) > top:
-            changed = changed[:top] + [f"{len(changed) - top} more families"]
-        sentence = (
-            f"{n} of {m} {what.get(table, table + ' series')} changed from the first step at "
-            f"some later step (paired test, q < {FDR_LEVEL:g} after Benjamini-Hochberg within "
-            f"the {table} family)"
-        )
-        sentence += f": {'; '.join(changed)}." if changed else "."
-        sentence += (
-            f" {k} are equivalent to the first step within their margin at every step (TOST; "
-            f"margin {_margin_text(g['margin_rule'])}); {rest} are inconclusive: neither a "
-            "change nor equivalence is shown."
-        )
-        out.append(sentence)
-    return out
-
-
-def _change_verdict(counts: pd.DataFrame) -> str:
-    """The paper found no significant change of the geometry: what the tests here say about
-    that claim. Agreement is stated only from TOST, never from the absence of a flag."""
-    geo = counts[(counts["table"] == "geometry") & (counts["n_tested"] > 0)]
-    if geo.empty:
-        return ""
-    m = int(geo["n_tested"].sum())
-    n, k = int(geo["n_changed"].sum()), int(geo["n_equivalent"].sum())
-    margin = _margin_text(geo["margin_rule"])
-    if n:
-        return (
-            f"The paper found no significant change of the geometry after fine-tuning; here "
-            f"{n} of {m} geometry series changed (q < {FDR_LEVEL:g}; see the table)."
-        )
-    if k == m:
-        return (
-            f"No geometry series changed, and all {m} are equivalent to the first step within "
-            f"their margin ({margin}; TOST): consistent with the paper's finding of no "
-            "significant change of the geometry, at that margin."
-        )
-    return (
-        f"No geometry series changed significantly, but {m - k} of {m} are not shown "
-        f"equivalent within the margin ({margin}) either. No significant change is not "
-        "evidence of no change: this neither confirms nor contradicts the paper's finding "
-        "(more samples, or a wider margin stated in advance, would be needed)."
-    )
-
-
 def _change_summary_body(frame: pd.DataFrame, ja: dict) -> str:
     counts = change_summary_counts(frame)
-    sentences = _change_sentences(counts)
+    sentences = verdicts.change_sentences(counts)
     tests = sorted(set(frame["test"].dropna().astype(str))) if "test" in frame else []
     body = [
         "<p>Per measure series (one emotion or label, at one layer, in one inner product, for "
@@ -1003,7 +840,7 @@ def _change_summary_body(frame: pd.DataFrame, ja: dict) -> str:
         f"{CI_LEVEL:.0%} paired bootstrap interval and a p-value "
         f"({_e(', '.join(tests)) or 'paired bootstrap'}; p = (1 + k) / (1 + n)). q is the "
         "Benjamini-Hochberg adjusted p within the family (geometry, probes, sensitivity), "
-        f"and a series counts as changed when some step has q &lt; {FDR_LEVEL:g} (column "
+        f"and a series counts as changed when some step has q &lt; {verdicts.FDR_LEVEL:g} (column "
         "<code>fdr_change</code>). A series counts as equivalent only when the two one-sided "
         "tests (TOST) show every step's effect within the margin stated in "
         "<code>margin_rule</code> (column <code>equivalent_within_margin</code>); a series "
@@ -1019,7 +856,7 @@ def _change_summary_body(frame: pd.DataFrame, ja: dict) -> str:
                 "kept set's change along with the model's."
             )
         )
-    verdict = _change_verdict(counts)
+    verdict = verdicts.change_verdict(counts)
     if verdict:
         body.append(f"<p>{_e(verdict)}</p>")
     shown = counts.drop(columns="changed_series").rename(columns={"variant": "inner / probe"})
@@ -1053,16 +890,20 @@ def _trends_body(frame: pd.DataFrame, ja: dict) -> str:
     for alpha, g in frame.groupby("alpha", sort=True):
         q = pd.to_numeric(g["first_last_q"], errors="coerce")
         eff = pd.to_numeric(g["first_last_effect"], errors="coerce")
-        fell = g[(q < FDR_LEVEL) & (eff < 0)]["emotion"].map(lambda e: figures.display_name(e, ja))
-        rose = g[(q < FDR_LEVEL) & (eff > 0)]["emotion"].map(lambda e: figures.display_name(e, ja))
+        fell = g[(q < verdicts.FDR_LEVEL) & (eff < 0)]["emotion"].map(
+            lambda e: figures.display_name(e, ja)
+        )
+        rose = g[(q < verdicts.FDR_LEVEL) & (eff > 0)]["emotion"].map(
+            lambda e: figures.display_name(e, ja)
+        )
         slope_q = pd.to_numeric(g["slope_q"], errors="coerce")
-        trend = int((slope_q < FDR_LEVEL).sum())
+        trend = int((slope_q < verdicts.FDR_LEVEL).sum())
         first, last = int(g["first_step"].iloc[0]), int(g["last_step"].iloc[0])
         sentences.append(
             f"α = {format_value(alpha)}: from step {first} to {last}, "
             f"{len(fell)} of {len(g)} emotions fell ({', '.join(fell) or 'none'}) and "
-            f"{len(rose)} rose ({', '.join(rose) or 'none'}) at q < {FDR_LEVEL:g}; "
-            f"{trend} have a slope over steps at q < {FDR_LEVEL:g}; "
+            f"{len(rose)} rose ({', '.join(rose) or 'none'}) at q < {verdicts.FDR_LEVEL:g}; "
+            f"{trend} have a slope over steps at q < {verdicts.FDR_LEVEL:g}; "
             f"{len(g) - len(fell) - len(rose)} are not shown to have changed."
         )
     body.append("<ul>" + "".join(f"<li>{_e(s)}</li>" for s in sentences) + "</ul>")
