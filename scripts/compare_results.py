@@ -5,7 +5,8 @@
 Every CSV is compared as a table (same columns, same rows in the same order, numbers equal
 within ``--atol``; 0 means bit-equal as written), every JSON as data with the keys that record
 when, where and with which code a run happened left out (timestamps, seconds, versions, paths),
-and every other file by its bytes (tensors, HTML excepted: the report embeds timestamps).
+every safetensors file by its parsed header and data bytes, and every other file by its bytes
+(HTML excepted: the report embeds timestamps).
 Prints one line per difference and exits 1 if there is any, so it can gate a refactor: run
 ``emolens demo --model tiny-random`` before and after, then compare the two ``results/``.
 """
@@ -24,7 +25,7 @@ import pandas as pd
 VOLATILE_KEYS = {
     "created", "updated", "finished", "seconds", "versions", "emolens", "provenance",
     "run_dir", "model", "spec", "source", "base", "series", "merged_from", "identity",
-    "weights_hash", "checkpoint", "load", "files", "path",
+    "weights_hash", "checkpoint", "load", "files", "path", "finetune_s", "analyze_s",
 }  # fmt: skip
 SKIP_SUFFIXES = {".html", ".lock"}
 
@@ -35,6 +36,14 @@ def _strip(value):
     if isinstance(value, list):
         return [_strip(v) for v in value]
     return value
+
+
+def _safetensors_parts(path: Path) -> tuple[dict, bytes]:
+    """A safetensors file's header (parsed: safetensors writes its metadata keys in no fixed
+    order) and its data bytes."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def compare_csv(a: Path, b: Path, atol: float) -> list[str]:
@@ -50,7 +59,8 @@ def compare_csv(a: Path, b: Path, atol: float) -> list[str]:
             xv, yv = x.to_numpy(float), y.to_numpy(float)
             same = np.isclose(xv, yv, rtol=0, atol=atol, equal_nan=True)
         else:
-            same = (x.astype(str) == y.astype(str)).to_numpy()
+            # missing on both sides is the same (pandas' string dtype keeps NaN != NaN)
+            same = ((x.isna() & y.isna()) | (x.astype(str) == y.astype(str))).to_numpy()
         if not same.all():
             out.append(f"{a.name}: column {col} differs in {int((~same).sum())} of {len(x)} rows")
     return out
@@ -73,6 +83,9 @@ def compare(old: Path, new: Path, atol: float = 0.0) -> list[str]:
                 out.append(f"{name}: JSON content differs")
         elif a.suffix == ".key":
             continue  # cache keys hash the code version and paths
+        elif a.suffix == ".safetensors":
+            if _safetensors_parts(a) != _safetensors_parts(b):
+                out.append(f"{name}: tensors or metadata differ")
         elif a.read_bytes() != b.read_bytes():
             out.append(f"{name}: bytes differ")
     return out

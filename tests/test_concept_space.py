@@ -16,6 +16,7 @@ from emolens.analysis.geometry import (
 )
 from emolens.analysis.geometry_tables import GEOMETRY_COLUMNS, causal_geometry_frame, geometry_frame
 from emolens.analysis.probe_tables import PROBE_COLUMNS, probes_frame
+from emolens.analysis.probes import probe_layer
 from emolens.analysis.steps import StepData
 from emolens.measure.activations import Activations
 from emolens.measure.attribution import Readout, transfer_effect
@@ -395,6 +396,38 @@ def test_probes_on_planted_clusters():
     assert not summary.fdr_change.any() and summary.paired.all()
     step0 = summary[summary.probe == "step 0"]
     assert set(step0.measure) == {"accuracy", "recall"} and (step0.step == 5).all()
+
+
+def test_probes_frame_values_equal_the_plain_probe_layer():
+    """Every full-sample number of the table (own accuracy and recall, train accuracy, shuffled
+    accuracy, chance, and the first step's probe on a later step) is the plain one-layer
+    computation of :func:`emolens.analysis.probes.probe_layer` on the same split."""
+    resid, gold = _clusters()
+    moved = resid.clone()
+    moved[:, 2:] += 0.7 * torch.randn(
+        moved[:, 2:].shape, generator=torch.Generator().manual_seed(3)
+    )
+    steps = [_step(0, resid, gold), _step(5, moved, gold)]
+    frame = probes_frame(steps, LABELS, n_boot=10, seed=3, l2=1e-2)
+    for s in steps:
+        for layer in LAYERS:
+            x = s.acts.layer(layer)
+            ref = probe_layer(x, gold, len(LABELS), seed=3, l2=1e-2)
+            rows = frame[(frame.step == s.step) & (frame.layer == layer)]
+            own = rows[rows.train_step == s.step].set_index("measure")
+            assert own.loc["train_accuracy", "value"] == ref["train_accuracy"]
+            assert own.loc["shuffled_accuracy", "value"] == ref["shuffled_accuracy"]
+            assert own.loc["chance", "value"] == ref["chance"]
+            acc = own.loc["accuracy"]
+            assert acc["value"] == ref["accuracy"] and acc["n"] == ref["n_test"]
+            recall = own[own.index == "recall"].set_index("label").value
+            for j, name in enumerate(LABELS):
+                assert recall[name] == float(ref["recall"][j])
+            if s.step == 5:
+                first = probe_layer(steps[0].acts.layer(layer), gold, len(LABELS), seed=3, l2=1e-2)
+                test = ref["test_index"]
+                cross = rows[(rows.train_step == 0) & (rows.measure == "accuracy")].value
+                assert float(cross.iloc[0]) == first["probe"].accuracy(x[test], gold[test])
 
 
 def test_probes_follow_sample_ids_across_steps():
