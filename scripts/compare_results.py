@@ -26,6 +26,7 @@ VOLATILE_KEYS = {
     "created", "updated", "finished", "seconds", "versions", "emolens", "provenance",
     "run_dir", "model", "spec", "source", "base", "series", "merged_from", "identity",
     "weights_hash", "checkpoint", "load", "files", "path", "finetune_s", "analyze_s",
+    "seconds_this_run", "key",
 }  # fmt: skip
 SKIP_SUFFIXES = {".html", ".lock"}
 
