@@ -67,35 +67,24 @@ def figure2_frame(
     ``seed``), which treats the steps as independent samples (conservative when they overlap).
     """
     band = Columns(FIGURE2_COLUMNS)
-    trends = Columns(TREND_COLUMNS)
     if not steps:
-        return band.frame(), trends.frame()
+        return band.frame(), Columns(TREND_COLUMNS).frame()
     labels = list(labels)
-    n_labels = len(labels)
     emotions = [e for e in steps[0].vectors.emotions if all(e in s.vectors.emotions for s in steps)]
-    e_lab = [labels.index(e) for e in emotions]
-    u = labels.index(neutral)
-    keys = []
+    keys, per_alpha = [], {float(a): [] for a in alphas}
     with threads(num_threads):
-        per_alpha: dict[float, list] = {float(a): [] for a in alphas}
         for s in steps:
-            keep = keep_mask(s, keep_masks, n_labels)
-            keys.append(sample_key([i for i, k in zip(s.acts.sample_ids, keep.tolist()) if k]))
-            layer = s.final_layer
-            h = s.acts.layer(layer)[keep]
-            y = s.acts.gold[keep].long()
-            prompts = s.prompt_resid(list(prompt_ids))
-            kept = {sid: i for i, sid in enumerate(np.asarray(s.acts.sample_ids)[keep.numpy()])}
-            positions = [kept.get(p, -1) for p in prompt_ids]
-            for a in per_alpha:
-                boot = change_tests.figure2_bootstrap(
-                    h, y, e_lab, u, prompts, s.readout.logits, e_lab, a, n_boot, ci, seed,
-                    prompt_positions=positions,
-                )  # fmt: skip
+            key, boots = _step_bootstraps(
+                s, prompt_ids=list(prompt_ids), alphas=list(per_alpha), labels=labels,
+                emotions=emotions, neutral=neutral, keep_masks=keep_masks, n_boot=n_boot, ci=ci,
+                seed=seed,
+            )  # fmt: skip
+            keys.append(key)
+            for a, boot in boots.items():
                 per_alpha[a].append(boot)
                 band.add(
                     step=s.step,
-                    layer=layer,
+                    layer=s.final_layer,
                     emotion=list(emotions),
                     alpha=a,
                     value=floats(boot.estimate),
@@ -103,11 +92,76 @@ def figure2_frame(
                     ci_high=floats(boot.high),
                     n_boot=n_boot,
                 )
-    paired = all(k == keys[0] for k in keys)
-    step_numbers = [s.step for s in steps]
-    if len(steps) < 2 or n_boot <= 0 or not emotions:
-        return band.frame(), trends.frame()
+    trends = Columns(TREND_COLUMNS)
+    if len(steps) >= 2 and n_boot > 0 and emotions:
+        trends.add_all(
+            _trend_blocks(
+                per_alpha, keys=keys, step_numbers=[s.step for s in steps], emotions=emotions,
+                layer=steps[-1].final_layer, ci=ci, seed=seed,
+            )
+        )  # fmt: skip
+    return band.frame(), trends.frame()
+
+
+def _step_bootstraps(
+    s: StepData,
+    *,
+    prompt_ids: list[str],
+    alphas: list[float],
+    labels: list[str],
+    emotions: list[str],
+    neutral: str,
+    keep_masks: Mapping[int, Tensor] | None,
+    n_boot: int,
+    ci: float,
+    seed: int,
+) -> tuple[str, dict[float, change_tests.Figure2Bootstrap]]:
+    """One step's :func:`~emolens.analysis.change_tests.figure2_bootstrap` per alpha at its
+    final layer, and the :func:`sample_key` of its kept samples."""
+    keep = keep_mask(s, keep_masks, len(labels))
+    key = sample_key([i for i, k in zip(s.acts.sample_ids, keep.tolist()) if k])
+    e_lab = [labels.index(e) for e in emotions]
+    u = labels.index(neutral)
+    h = s.acts.layer(s.final_layer)[keep]
+    y = s.acts.gold[keep].long()
+    prompts = s.prompt_resid(prompt_ids)
+    kept = {sid: i for i, sid in enumerate(np.asarray(s.acts.sample_ids)[keep.numpy()])}
+    positions = [kept.get(p, -1) for p in prompt_ids]
+    boots = {
+        a: change_tests.figure2_bootstrap(
+            h,
+            y,
+            e_lab,
+            u,
+            prompts,
+            s.readout.logits,
+            e_lab,
+            a,
+            n_boot,
+            ci,
+            seed,
+            prompt_positions=positions,
+        )  # fmt: skip
+        for a in alphas
+    }
+    return key, boots
+
+
+def _trend_blocks(
+    per_alpha: dict[float, list],
+    *,
+    keys: list[str],
+    step_numbers: list[int],
+    emotions: list[str],
+    layer: int,
+    ci: float,
+    seed: int,
+) -> list[dict]:
+    """:data:`TREND_COLUMNS` rows per alpha from the steps' bootstraps (``per_alpha[a]``, in
+    step order); steps whose kept samples differ from the first's are re-paired at random."""
     gen = torch.Generator().manual_seed(seed)
+    paired = all(k == keys[0] for k in keys)
+    out = []
     for a, boots in per_alpha.items():
         est = torch.stack([b.estimate for b in boots])  # [step, emotion]
         reps = []
@@ -117,25 +171,27 @@ def figure2_frame(
                 r = r[:, torch.randperm(r.shape[1], generator=gen)]
             reps.append(r)
         res = change_tests.trend_tests(step_numbers, est, torch.stack(reps), ci)
-        trends.add(
-            emotion=list(emotions),
-            alpha=a,
-            layer=steps[-1].final_layer,
-            first_step=step_numbers[0],
-            last_step=step_numbers[-1],
-            paired=paired,
-            first_last_effect=floats(res.first_last.effect),
-            first_last_ci_low=floats(res.first_last.low),
-            first_last_ci_high=floats(res.first_last.high),
-            first_last_p=floats(res.first_last.p),
-            first_last_q=[float(x) for x in res.q_first_last],
-            slope_per_step=floats(res.slope.effect),
-            slope_ci_low=floats(res.slope.low),
-            slope_ci_high=floats(res.slope.high),
-            slope_p=floats(res.slope.p),
-            slope_q=[float(x) for x in res.q_slope],
+        out.append(
+            dict(
+                emotion=list(emotions),
+                alpha=a,
+                layer=layer,
+                first_step=step_numbers[0],
+                last_step=step_numbers[-1],
+                paired=paired,
+                first_last_effect=floats(res.first_last.effect),
+                first_last_ci_low=floats(res.first_last.low),
+                first_last_ci_high=floats(res.first_last.high),
+                first_last_p=floats(res.first_last.p),
+                first_last_q=[float(x) for x in res.q_first_last],
+                slope_per_step=floats(res.slope.effect),
+                slope_ci_low=floats(res.slope.low),
+                slope_ci_high=floats(res.slope.high),
+                slope_p=floats(res.slope.p),
+                slope_q=[float(x) for x in res.q_slope],
+            )
         )
-    return band.frame(), trends.frame()
+    return out
 
 
 __all__ = ["FIGURE2_COLUMNS", "TREND_COLUMNS", "figure2_frame"]
