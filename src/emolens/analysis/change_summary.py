@@ -114,6 +114,23 @@ def change_summary(
         )
     if not 0.0 < fdr_level < 1.0 or not 0.0 < equivalence_level < 1.0:
         raise ValueError("fdr_level and equivalence_level must lie strictly between 0 and 1")
+    df, keys = _series_table(frame, family=family, measure_cols=measure_cols)
+    out_cols = keys + list(CHANGE_COLUMNS)
+    if df.empty:
+        return pd.DataFrame(columns=out_cols)
+    first_step, later = _later_rows(df, keys)
+    res = _tested_rows(
+        later, replicates, keys=keys, first_step=first_step, ci=ci, fdr_level=fdr_level,
+        equivalence_margin=equivalence_margin, equivalence_level=equivalence_level, seed=seed,
+    )  # fmt: skip
+    return res[out_cols]
+
+
+def _series_table(
+    frame: pd.DataFrame, *, family: str | None, measure_cols: Sequence[str] | None
+) -> tuple[pd.DataFrame, list[str]]:
+    """``frame`` with its row numbers (``_row``), its ``family`` and, for probes, the ``probe``
+    series (:func:`_series_frame`); and the columns that name a series."""
     base = frame.reset_index(drop=True).assign(_row=np.arange(len(frame)))
     if family is None and "family" not in base.columns:
         family = "probes" if "train_step" in base.columns else "geometry"
@@ -126,9 +143,12 @@ def change_summary(
         keys = list(measure_cols)
         if "probe" in df.columns and "probe" not in keys:
             keys.append("probe")
-    out_cols = keys + list(CHANGE_COLUMNS)
-    if df.empty:
-        return pd.DataFrame(columns=out_cols)
+    return df, keys
+
+
+def _later_rows(df: pd.DataFrame, keys: list[str]) -> tuple[int | np.integer, pd.DataFrame]:
+    """The first step, and the rows of every later step whose series has a first-step row,
+    with that row's number and value (``_row_first``, ``value_first``), in series order."""
     missing = [c for c in keys + ["step", "value"] if c not in df.columns]
     if missing:
         raise ValueError(f"frame lacks columns {missing}")
@@ -143,6 +163,22 @@ def change_summary(
     ref = first[["_row", "value"]].rename(columns={"_row": "_row_first", "value": "value_first"})
     later = later.join(ref, on=keys)
     later = later[later["_row_first"].notna()].sort_values(keys + ["step"], kind="stable")
+    return first_step, later
+
+
+def _tested_rows(
+    later: pd.DataFrame,
+    replicates: Replicates,
+    *,
+    keys: list[str],
+    first_step: int | np.integer,
+    ci: float,
+    fdr_level: float,
+    equivalence_margin: float,
+    equivalence_level: float,
+    seed: int,
+) -> pd.DataFrame:
+    """The paired bootstrap test, BH q-value and TOST of each row of :func:`_later_rows`."""
     rows_t = later["_row"].to_numpy(dtype=np.int64)
     rows_0 = later["_row_first"].to_numpy(dtype=np.int64)
     boot = replicates.values
@@ -195,7 +231,7 @@ def change_summary(
     ]
     res["equivalence_p"] = eq.p.numpy()
     res["equivalent_within_margin"] = eq.equivalent.numpy()
-    return res[out_cols]
+    return res
 
 
 def sensitivity_change_summary(
