@@ -2,7 +2,7 @@
 planted paired shift of 0.25 SD, per measure family, at the demo's sample sizes (issue 13).
 
 Every simulated series goes through the project's own code paths: geometry through
-``concept_space.geometry_frame`` + ``change_summary``, probes through ``probes_frame`` +
+``geometry_tables.geometry_frame`` + ``change_summary``, probes through ``probes_frame`` +
 ``change_summary``, sensitivity through the final-layer readout math of
 ``emolens.measure.attribution.Readout`` (``sensitivity_change_summary`` for the sign-flip test over
 prompts with ``v`` fixed, ``figure2_frame`` for the two-level bootstrap first-vs-last test).
@@ -54,13 +54,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from emolens.analysis.concept_space import (
-    change_summary,
-    figure2_frame,
-    geometry_frame,
-    probes_frame,
-    sensitivity_change_summary,
-)
+from emolens.analysis.change_summary import change_summary, sensitivity_change_summary
+from emolens.analysis.figure2 import figure2_frame
+from emolens.analysis.geometry_tables import geometry_frame
+from emolens.analysis.probe_tables import probes_frame
 from emolens.analysis.steps import StepData
 from emolens.measure.activations import Activations
 from emolens.measure.attribution import Readout

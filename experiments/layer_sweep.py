@@ -15,6 +15,7 @@ import _args  # experiments/_args.py: the shared argument shape
 import pandas as pd
 
 from emolens.analysis import sweeps
+from emolens.analysis.frames import label_order
 from emolens.data.corpus import load_corpus
 from emolens.report import figures
 from emolens.report.page import write_figure
@@ -61,7 +62,7 @@ def main(argv=None) -> None:
     print(write_csv(args.out / "layer_summary.csv", summary))
     fig_dir = args.out / "figures"
     print(write_figure(figures.layer_summary_figure(summary), fig_dir / "layer_summary.html"))
-    for emotion in figures.label_order(sens["steered_emotion"].unique()):
+    for emotion in label_order(sens["steered_emotion"].unique()):
         fig = figures.layer_step_heatmap(sens, emotion, alpha=args.alpha)
         print(write_figure(fig, fig_dir / f"layer_sweep_{emotion}.html"))
 

@@ -10,7 +10,8 @@ import torch
 from test_concept_space import LABELS, NEUTRAL, _step
 
 from emolens.analysis import change_tests as ct
-from emolens.analysis.concept_space import change_summary, geometry_frame
+from emolens.analysis.change_summary import change_summary
+from emolens.analysis.geometry_tables import geometry_frame
 
 LEVEL = 0.05
 

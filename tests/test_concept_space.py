@@ -6,21 +6,17 @@ import math
 import pytest
 import torch
 
-from emolens.analysis.concept_space import (
-    GEOMETRY_COLUMNS,
-    PROBE_COLUMNS,
-    causal_geometry_frame,
-    change_summary,
-    geometry_frame,
-    probes_frame,
-    random_baseline_frame,
-)
+from emolens.analysis.baselines import random_baseline_frame
+from emolens.analysis.change_summary import change_summary
 from emolens.analysis.geometry import (
     CausalInnerProduct,
     orthogonality,
     principal_angles,
     within_concept_similarity,
 )
+from emolens.analysis.geometry_tables import GEOMETRY_COLUMNS, causal_geometry_frame, geometry_frame
+from emolens.analysis.probe_tables import PROBE_COLUMNS, probes_frame
+from emolens.analysis.probes import probe_layer
 from emolens.analysis.steps import StepData
 from emolens.measure.activations import Activations
 from emolens.measure.attribution import Readout, transfer_effect
@@ -324,7 +320,7 @@ def test_change_summary_tests_each_later_step_with_fdr_and_tost():
     import numpy as np
     import pandas as pd
 
-    from emolens.analysis.concept_space import Replicates
+    from emolens.analysis._common import Replicates
 
     gen = np.random.default_rng(0)
     base = gen.normal(1.0, 0.05, 400)  # resample b of the statistic, at step 0
@@ -402,6 +398,38 @@ def test_probes_on_planted_clusters():
     assert set(step0.measure) == {"accuracy", "recall"} and (step0.step == 5).all()
 
 
+def test_probes_frame_values_equal_the_plain_probe_layer():
+    """Every full-sample number of the table (own accuracy and recall, train accuracy, shuffled
+    accuracy, chance, and the first step's probe on a later step) is the plain one-layer
+    computation of :func:`emolens.analysis.probes.probe_layer` on the same split."""
+    resid, gold = _clusters()
+    moved = resid.clone()
+    moved[:, 2:] += 0.7 * torch.randn(
+        moved[:, 2:].shape, generator=torch.Generator().manual_seed(3)
+    )
+    steps = [_step(0, resid, gold), _step(5, moved, gold)]
+    frame = probes_frame(steps, LABELS, n_boot=10, seed=3, l2=1e-2)
+    for s in steps:
+        for layer in LAYERS:
+            x = s.acts.layer(layer)
+            ref = probe_layer(x, gold, len(LABELS), seed=3, l2=1e-2)
+            rows = frame[(frame.step == s.step) & (frame.layer == layer)]
+            own = rows[rows.train_step == s.step].set_index("measure")
+            assert own.loc["train_accuracy", "value"] == ref["train_accuracy"]
+            assert own.loc["shuffled_accuracy", "value"] == ref["shuffled_accuracy"]
+            assert own.loc["chance", "value"] == ref["chance"]
+            acc = own.loc["accuracy"]
+            assert acc["value"] == ref["accuracy"] and acc["n"] == ref["n_test"]
+            recall = own[own.index == "recall"].set_index("label").value
+            for j, name in enumerate(LABELS):
+                assert recall[name] == float(ref["recall"][j])
+            if s.step == 5:
+                first = probe_layer(steps[0].acts.layer(layer), gold, len(LABELS), seed=3, l2=1e-2)
+                test = ref["test_index"]
+                cross = rows[(rows.train_step == 0) & (rows.measure == "accuracy")].value
+                assert float(cross.iloc[0]) == first["probe"].accuracy(x[test], gold[test])
+
+
 def test_probes_follow_sample_ids_across_steps():
     resid, gold = _clusters()
     a = _step(0, resid, gold)
@@ -452,7 +480,7 @@ def test_random_baseline_concept_along_readout_beats_random_directions():
 
 
 def test_figure2_frame_points_match_the_fast_path_and_bands_see_the_vector_noise(series):
-    from emolens.analysis.concept_space import FIGURE2_COLUMNS, TREND_COLUMNS, figure2_frame
+    from emolens.analysis.figure2 import FIGURE2_COLUMNS, TREND_COLUMNS, figure2_frame
 
     neutral0 = N_PER * (len(LABELS) - 1)  # steered prompts are neutral samples, as in the study
     prompts = [f"s{i}" for i in range(neutral0, neutral0 + N_PER, 3)]
@@ -484,7 +512,7 @@ def test_sensitivity_change_summary_pairs_prompts_and_flags_a_planted_fall():
     import numpy as np
     import pandas as pd
 
-    from emolens.analysis.concept_space import sensitivity_change_summary
+    from emolens.analysis.change_summary import sensitivity_change_summary
 
     gen = np.random.default_rng(1)
     rows = []

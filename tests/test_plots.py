@@ -7,6 +7,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
+from emolens.analysis.change_summary import change_summary_counts
 from emolens.data.labels import STUDY_LABELS
 from emolens.report import figures
 
@@ -759,7 +760,7 @@ def test_random_baseline_figure_shows_concept_against_random_mean_and_sd():
 
 
 def test_change_summary_counts_per_family_and_table():
-    counts = figures.change_summary_counts(make_change_summary())
+    counts = change_summary_counts(make_change_summary())
     by = {(r.table, r.measure, r.variant): r for r in counts.itertuples()}
     plain = by[("geometry", "cosine_to_first", "plain")]
     assert (plain.n_series, plain.n_tested, plain.n_changed) == (4, 4, 3)

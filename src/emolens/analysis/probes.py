@@ -157,20 +157,37 @@ def stratified_split(
     return train_idx, test_idx
 
 
-def _shuffled_accuracy(
-    x: Float[Tensor, "sample d_model"],
-    y: Int[Tensor, " sample"],
-    n_classes: int,
-    train_idx: Int[Tensor, " train"],
-    test_idx: Int[Tensor, " test"],
-    l2: float,
-    seed: int,
-) -> float:
+def shuffled_labels(y_train: Int[Tensor, " train"], seed: int) -> Int[Tensor, " train"]:
+    """The training labels permuted with seed ``seed + 1``: what the shuffled-label baseline
+    trains on (the same permutation for every step and layer of a table)."""
     gen = torch.Generator().manual_seed(seed + 1)
-    perm = torch.randperm(len(train_idx), generator=gen).to(train_idx.device)
-    y_train = y[train_idx][perm]
-    probe = train_probe(x[train_idx], y_train, n_classes, l2=l2, seed=seed)
-    return probe.accuracy(x[test_idx], y[test_idx])
+    return y_train[torch.randperm(len(y_train), generator=gen).to(y_train.device)]
+
+
+@dataclass(frozen=True)
+class LayerProbes:
+    """The two probes of one layer on one split: ``probe`` on the true training labels and
+    ``shuffled`` on :func:`shuffled_labels` (scored against the true held-out labels)."""
+
+    probe: Probe
+    shuffled: Probe
+
+
+def fit_layer(
+    x_train: Float[Tensor, "train d_model"],
+    y_train: Int[Tensor, " train"],
+    n_classes: int,
+    l2: float = 1e-3,
+    seed: int = 0,
+    max_iter: int = 300,
+) -> LayerProbes:
+    """Train the probe of one layer and its shuffled-label baseline (:class:`LayerProbes`);
+    used by :func:`probe_layer` and by :func:`emolens.analysis.probe_tables.probes_frame`."""
+    probe = train_probe(x_train, y_train, n_classes, l2=l2, seed=seed, max_iter=max_iter)
+    shuffled = train_probe(
+        x_train, shuffled_labels(y_train, seed), n_classes, l2=l2, seed=seed, max_iter=max_iter
+    )
+    return LayerProbes(probe, shuffled)
 
 
 def shuffled_baseline(
@@ -186,10 +203,13 @@ def shuffled_baseline(
     ``p_c``, at most the majority share).
 
     Uses the same split as :func:`probe_layer` with the same seed; the training labels are
-    permuted with seed ``seed + 1`` and the test set is scored against its true labels.
+    permuted with seed ``seed + 1`` (:func:`shuffled_labels`) and the test set is scored against
+    its true labels.
     """
     train_idx, test_idx = stratified_split(y, test_fraction, seed)
-    return _shuffled_accuracy(x, y, n_classes, train_idx, test_idx, l2, seed)
+    y_train = shuffled_labels(y[train_idx], seed)
+    probe = train_probe(x[train_idx], y_train, n_classes, l2=l2, seed=seed)
+    return probe.accuracy(x[test_idx], y[test_idx])
 
 
 def probe_layer(
@@ -200,7 +220,9 @@ def probe_layer(
     seed: int = 0,
     l2: float = 1e-3,
 ) -> dict:
-    """Probe one layer with a stratified held-out split.
+    """Probe one layer with a stratified held-out split: one step's numbers of
+    :func:`emolens.analysis.probe_tables.probes_frame` without its bootstrap (the table's
+    tests check it against this).
 
     Returns a dict: ``accuracy`` (held-out), ``train_accuracy``, ``recall`` (per-label held-out
     recall, NaN for labels absent from the test set), ``shuffled_accuracy``
@@ -209,14 +231,15 @@ def probe_layer(
     same probe on other steps' held-out samples.
     """
     train_idx, test_idx = stratified_split(y, test_fraction, seed)
-    probe = train_probe(x[train_idx], y[train_idx], n_classes, l2=l2, seed=seed)
+    fitted = fit_layer(x[train_idx], y[train_idx], n_classes, l2=l2, seed=seed)
+    probe = fitted.probe
     held = score(probe, x[test_idx], y[test_idx])
     test_counts = torch.bincount(y[test_idx], minlength=n_classes)
     return {
         "accuracy": held.accuracy,
         "train_accuracy": probe.accuracy(x[train_idx], y[train_idx]),
         "recall": held.recall,
-        "shuffled_accuracy": _shuffled_accuracy(x, y, n_classes, train_idx, test_idx, l2, seed),
+        "shuffled_accuracy": fitted.shuffled.accuracy(x[test_idx], y[test_idx]),
         "chance": float(test_counts.max()) / max(len(test_idx), 1),
         "n_train": len(train_idx),
         "n_test": len(test_idx),

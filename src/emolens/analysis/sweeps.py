@@ -20,7 +20,8 @@ most decodable layer (missing, not layer 0).
 import numpy as np
 import pandas as pd
 
-from emolens.report.figures import label_order, require_columns, select_sensitivity
+from emolens.analysis.frames import label_order, require_columns
+from emolens.analysis.sensitivity import select_sensitivity
 
 #: Columns of :func:`layer_summary`.
 SUMMARY_COLUMNS = (
@@ -60,7 +61,7 @@ def steerability(
     """Per ``step, emotion``: ``most_steerable_layer`` (the steer layer with the largest mean
     diagonal ``measure`` over prompts), ``max_effect`` (that mean) and ``n_steer_layers``.
     Alpha: the largest present by default (absolute units and all positions preferred, as in
-    :func:`emolens.report.figures.select_sensitivity`)."""
+    :func:`emolens.analysis.sensitivity.select_sensitivity`)."""
     frame, _ = select_sensitivity(
         sensitivity,
         None,

@@ -7,7 +7,6 @@ the disk; :func:`write_report` does both and writes the file atomically. A missi
 and a missing or unreadable one becomes a visible note in its section.
 """
 
-import html
 import json
 import math
 import warnings
@@ -21,7 +20,19 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from emolens.analysis import sweeps
-from emolens.report import figures
+from emolens.analysis.change_summary import change_summary_counts
+from emolens.analysis.frames import as_bool, format_value, label_order, require_columns
+from emolens.analysis.frames import steps_of as _steps_of
+from emolens.analysis.sensitivity import (
+    MEASURES,
+    SENSITIVITY_KEYS,
+    diagonal_summary,
+    select_sensitivity,
+)
+from emolens.report import figures, verdicts
+from emolens.report.markup import escape as _e
+from emolens.report.markup import names as _names
+from emolens.report.markup import note as _note
 from emolens.store import layout
 from emolens.store.files import read_json, write_text
 from emolens.store.layout import ResultsLayout
@@ -41,7 +52,7 @@ OPTIONAL_TABLES: dict[str, str] = {
 FIGURE_TABLES = ("figure2_bands",)
 #: Geometry measures the report draws (every measure is in the change summary).
 GEOMETRY_KEY_MEASURES = ("cosine_to_first", "orthogonality", "within_gap")
-#: The level of the bootstrap intervals the pipeline writes (concept_space's default).
+#: The level of the bootstrap intervals the pipeline writes (the analysis tables' default).
 CI_LEVEL = 0.95
 _MAX_ROWS = 200
 _MAX_SWEEP_EMOTIONS = 13
@@ -95,14 +106,12 @@ def read_sensitivity(path: str | Path) -> pd.DataFrame:
             f"rerun `{hint}` to rewrite it"
         ) from exc
     try:
-        figures.require_columns(frame, figures.SENSITIVITY_KEYS, str(path))
-        if not any(m in frame.columns for m in figures.MEASURES):
-            raise ValueError(
-                f"{path} has none of the measure columns {', '.join(figures.MEASURES)}"
-            )
+        require_columns(frame, SENSITIVITY_KEYS, str(path))
+        if not any(m in frame.columns for m in MEASURES):
+            raise ValueError(f"{path} has none of the measure columns {', '.join(MEASURES)}")
         if frame.empty:
             raise ValueError(f"{path} has no rows")
-        for col in ("step", "layer", "alpha", *[m for m in figures.MEASURES if m in frame]):
+        for col in ("step", "layer", "alpha", *[m for m in MEASURES if m in frame]):
             if not pd.api.types.is_numeric_dtype(frame[col]):
                 raise ValueError(f"{path}: column {col!r} is not numeric")
     except ValueError as exc:
@@ -295,14 +304,6 @@ _STUDY_TEXT = (
 )
 
 
-def _e(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _note(text: str, problem: bool = False) -> str:
-    return f'<p class="{"problem" if problem else "note"}">{_e(text)}</p>'
-
-
 def _figure(fig: go.Figure, height: int = 480) -> str:
     fig.update_layout(autosize=True)
     body = fig.to_html(
@@ -329,7 +330,7 @@ def _cell(value) -> str:
     if isinstance(value, bool | np.bool_):
         return f"<td>{_e(value)}</td>"
     if isinstance(value, int | float | np.integer | np.floating):
-        return f'<td class="num">{_e(figures.format_value(value))}</td>'
+        return f'<td class="num">{_e(format_value(value))}</td>'
     return f"<td>{_e(value)}</td>"
 
 
@@ -393,54 +394,12 @@ def _eval_table(inputs: ReportInputs) -> pd.DataFrame | None:
 
 
 def _verdicts(inputs: ReportInputs, ja: dict) -> str:
-    """One line per emotion: is its sensitivity at the last step above or below the base's?"""
+    """:func:`emolens.report.verdicts.sensitivity_verdict` of the run's sensitivity table."""
     try:
-        summary, sel = figures.diagonal_summary(inputs.sensitivity)
+        summary, sel = diagonal_summary(inputs.sensitivity)
     except ValueError as exc:
         return _note(f"No steering sensitivity to summarise: {exc}", problem=True)
-    steps = sorted(int(s) for s in summary["step"].unique())
-    last = steps[-1]
-    if 0 not in steps:
-        return _note(
-            f"The results have no base model (step 0), so sensitivity at step {last} "
-            "cannot be compared with the base model's."
-        )
-    if last == 0:
-        return _note(
-            "Only the base model (step 0) was analysed; there is no later step to compare with."
-        )
-    items, above, below = [], [], []
-    for emotion in figures.label_order(summary["emotion"]):
-        rows = summary[summary["emotion"] == emotion].set_index("step")
-        name = _e(figures.display_name(emotion, ja))
-        if 0 not in rows.index or last not in rows.index:
-            missing = 0 if 0 not in rows.index else last
-            items.append(f"<li>{name}: not measured at step {missing}.</li>")
-            continue
-        base, end = rows.loc[0], rows.loc[last]
-        diff = float(end["mean"] - base["mean"])
-        se = math.sqrt(np.nansum([base["se"] ** 2, end["se"] ** 2]))
-        word = "above" if diff > 0 else "below" if diff < 0 else "equal to"
-        if diff > 0:
-            above.append(emotion)
-        elif diff < 0:
-            below.append(emotion)
-        caveat = (
-            " — within two standard errors, so not clearly different"
-            if se > 0 and abs(diff) < 2 * se
-            else ""
-        )
-        items.append(
-            f"<li>{name}: {end['mean']:.4g} at step {last} vs {base['mean']:.4g} at the base "
-            f'model: <span class="{word.split()[0]}">{word}</span> the base model '
-            f"({diff:+.4g}){_e(caveat)}.</li>"
-        )
-    sentence = (
-        f"At the last step ({last}), steering sensitivity ({_e(sel.describe())}) is "
-        f"above the base model's for {_e(', '.join(above) or 'no emotion')} and below "
-        f"it for {_e(', '.join(below) or 'no emotion')}."
-    )
-    return f"<p>{sentence}</p><ul>{''.join(items)}</ul>"
+    return verdicts.sensitivity_verdict(summary, sel, ja)
 
 
 def _summary_section(inputs: ReportInputs, ja: dict) -> str:
@@ -495,9 +454,9 @@ def _summary_section(inputs: ReportInputs, ja: dict) -> str:
     changes = inputs.extra_tables.get("change_summary")
     if changes is not None:
         try:
-            counts = figures.change_summary_counts(changes)
-            items = "".join(f"<li>{_e(t)}</li>" for t in _change_sentences(counts, top=3))
-            verdict = _change_verdict(counts)
+            counts = change_summary_counts(changes)
+            items = "".join(f"<li>{_e(t)}</li>" for t in verdicts.change_sentences(counts, top=3))
+            verdict = verdicts.change_verdict(counts)
             body += [
                 "<h3>Geometry and probes across the series</h3>",
                 f"<ul>{items}</ul>" + (f"<p>{_e(verdict)}</p>" if verdict else ""),
@@ -541,9 +500,9 @@ def _figure2_section(inputs: ReportInputs, ja: dict) -> str:
         ),
     ]
     try:
-        swept, sel = figures.select_sensitivity(sens, all_layers=True)
+        swept, sel = select_sensitivity(sens, all_layers=True)
         layers = sorted(int(v) for v in swept["layer"].unique())
-        emotions = figures.label_order(swept["steered_emotion"].unique())
+        emotions = label_order(swept["steered_emotion"].unique())
     except ValueError:  # figure2 above already shows why
         layers, emotions = [], []
     if len(layers) > 1:
@@ -623,9 +582,9 @@ def _filtering_section(inputs: ReportInputs, ja: dict) -> str:
         _safe_figure(lambda: figures.filtering_bars(frame), "the filtering figure"),
     ]
     try:
-        figures.require_columns(frame, ("step", "label", "n_kept"), "filtering.csv")
+        require_columns(frame, ("step", "label", "n_kept"), "filtering.csv")
         steps = sorted(int(s) for s in frame["step"].dropna().unique())
-        labels = figures.label_order(frame["label"].dropna())
+        labels = label_order(frame["label"].dropna())
         cells = {(str(r["label"]), int(r["step"])): r for _, r in frame.iterrows()}
         rows = []
         for lab in labels:
@@ -635,10 +594,10 @@ def _filtering_section(inputs: ReportInputs, ja: dict) -> str:
                 if r is None:
                     row.append("")
                     continue
-                text = f"{figures.format_value(r['n_kept'])}"
+                text = f"{format_value(r['n_kept'])}"
                 if "n_samples" in r and pd.notna(r["n_samples"]):
-                    text += f" / {figures.format_value(r['n_samples'])}"
-                if figures.as_bool(r.get("dropped", False)):
+                    text += f" / {format_value(r['n_samples'])}"
+                if as_bool(r.get("dropped", False)):
                     text += " (dropped)"
                 row.append(text)
             rows.append(row)
@@ -693,15 +652,6 @@ def _audit_section(inputs: ReportInputs) -> str:
     return body
 
 
-def _steps_of(frame: pd.DataFrame) -> list[int]:
-    return sorted(int(s) for s in pd.to_numeric(frame["step"], errors="coerce").dropna().unique())
-
-
-def _names(items) -> str:
-    items = list(items)
-    return ", ".join(items) if items else "none"
-
-
 def _grid(cells: list[str]) -> str:
     return f'<div class="grid">{"".join(cells)}</div>' if len(cells) > 1 else "".join(cells)
 
@@ -725,7 +675,7 @@ def _attribution_body(frame: pd.DataFrame, ja: dict) -> str:
             "exactly into the part due to the <b>vector</b> moving (v), the <b>readout row</b> "
             "moving (w) and the <b>residual scale</b> moving (r, the norm scale of the neutral "
             "prompts).</p>",
-            _push_verdicts(frame),
+            verdicts.push_verdict(frame),
             _safe_figure(
                 lambda: figures.push_change_figure(frame, ja=ja),
                 "the push-change figure",
@@ -733,31 +683,6 @@ def _attribution_body(frame: pd.DataFrame, ja: dict) -> str:
             ),
         ]
     return "\n".join(body)
-
-
-def _push_verdicts(frame: pd.DataFrame) -> str:
-    """Which part dominates each emotion's change of the push at the last step."""
-    parts = [p for p, _, _ in figures.PUSH_PARTS]
-    names = {p: n for p, n, _ in figures.PUSH_PARTS}
-    means = frame.groupby(["emotion", "step"])[["push_change", *parts]].mean().reset_index()
-    steps = _steps_of(means)
-    if len(steps) < 2:
-        return _note("One step only: nothing to compare the push with.")
-    last = means[means["step"] == steps[-1]].dropna(subset=["push_change"])
-    fell, rose = [], []
-    for emotion in figures.label_order(last["emotion"]):
-        row = last[last["emotion"] == emotion].iloc[0]
-        total = float(row["push_change"])
-        if total == 0:
-            continue
-        # the part that moved the push furthest in the direction it went
-        part = max(parts, key=lambda p: float(row[p]) * np.sign(total))
-        (fell if total < 0 else rose).append(f"{emotion} ({names[part]}, {total:+.3g})")
-    return (
-        f"<p>From step {steps[0]} to step {steps[-1]} the per-unit push fell for "
-        f"{_e(_names(fell))}; it rose for {_e(_names(rose))} (in brackets: the largest part "
-        "in that direction, and the total change).</p>"
-    )
 
 
 def _transfer_body(frame: pd.DataFrame, ja: dict) -> str:
@@ -836,16 +761,16 @@ def _random_baseline_body(frame: pd.DataFrame, ja: dict) -> str:
             rows = sel[sel["step"] == step]
             beat = rows[rows["share_random_at_least_concept"] == 0]["emotion"]
             body.append(
-                f"<p>Step {step}{'' if alpha is None else ', α = ' + figures.format_value(alpha)}"
+                f"<p>Step {step}{'' if alpha is None else ', α = ' + format_value(alpha)}"
                 f": {len(beat)} of "
                 f"{rows['emotion'].nunique()} concept vectors raise their label more than every "
-                f"random direction ({_e(_names(figures.label_order(beat)))}).</p>"
+                f"random direction ({_e(_names(label_order(beat)))}).</p>"
             )
     return "\n".join(body)
 
 
 def _geometry_body(frame: pd.DataFrame, ja: dict) -> str:
-    figures.require_columns(frame, ("step", "layer", "measure", "emotion", "value"), "geometry.csv")
+    require_columns(frame, ("step", "layer", "measure", "emotion", "value"), "geometry.csv")
     layers = sorted(int(v) for v in frame["layer"].dropna().unique())
     inners = [i for i in ("plain", "causal") if "inner" in frame and (frame["inner"] == i).any()]
     body = [
@@ -907,91 +832,9 @@ def _probes_body(frame: pd.DataFrame, ja: dict) -> str:
     return "\n".join(body)
 
 
-#: The false discovery rate level of ``change_summary.csv``'s ``fdr_change``.
-FDR_LEVEL = 0.05
-
-
-def _margin_text(rules: pd.Series) -> str:
-    found = sorted({r for text in rules.dropna() for r in str(text).split("; ") if r})
-    return "; ".join(found) if found else "not stated"
-
-
-def _change_sentences(counts: pd.DataFrame, top: int | None = None) -> list[str]:
-    """One sentence per table (geometry, probes, sensitivity): how many series changed (q
-    below the level, BH within the family), how many are equivalent within the margin (TOST)
-    and how many neither, with the families that changed (only the ``top`` most changed, by
-    share, if given)."""
-    out = []
-    what = {
-        "geometry": "geometry series (measure × emotion × layer × inner product)",
-        "probes": "probe series (measure × label × layer × probe)",
-        "sensitivity": "sensitivity series (emotion × layer × alpha)",
-    }
-    for table, g in counts.groupby("table", sort=False):
-        g = g[g["n_tested"] > 0]
-        m = int(g["n_tested"].sum())
-        if m == 0:
-            out.append(f"No {what.get(table, table + ' series')} could be tested.")
-            continue
-        n, k = int(g["n_changed"].sum()), int(g["n_equivalent"].sum())
-        rest = int(g["n_inconclusive"].sum())
-        hit = g[g["n_changed"] > 0]
-        if top is not None:
-            share = hit["n_changed"] / hit["n_tested"]
-            hit = hit.assign(_s=share).sort_values("_s", ascending=False, kind="stable")
-        changed = [
-            f"{r.measure}{' (' + r.variant + ')' if r.variant else ''} {r.n_changed} of "
-            f"{r.n_tested}"
-            for r in hit.itertuples()
-        ]
-        if top is not None and len(changed) > top:
-            changed = changed[:top] + [f"{len(changed) - top} more families"]
-        sentence = (
-            f"{n} of {m} {what.get(table, table + ' series')} changed from the first step at "
-            f"some later step (paired test, q < {FDR_LEVEL:g} after Benjamini-Hochberg within "
-            f"the {table} family)"
-        )
-        sentence += f": {'; '.join(changed)}." if changed else "."
-        sentence += (
-            f" {k} are equivalent to the first step within their margin at every step (TOST; "
-            f"margin {_margin_text(g['margin_rule'])}); {rest} are inconclusive: neither a "
-            "change nor equivalence is shown."
-        )
-        out.append(sentence)
-    return out
-
-
-def _change_verdict(counts: pd.DataFrame) -> str:
-    """The paper found no significant change of the geometry: what the tests here say about
-    that claim. Agreement is stated only from TOST, never from the absence of a flag."""
-    geo = counts[(counts["table"] == "geometry") & (counts["n_tested"] > 0)]
-    if geo.empty:
-        return ""
-    m = int(geo["n_tested"].sum())
-    n, k = int(geo["n_changed"].sum()), int(geo["n_equivalent"].sum())
-    margin = _margin_text(geo["margin_rule"])
-    if n:
-        return (
-            f"The paper found no significant change of the geometry after fine-tuning; here "
-            f"{n} of {m} geometry series changed (q < {FDR_LEVEL:g}; see the table)."
-        )
-    if k == m:
-        return (
-            f"No geometry series changed, and all {m} are equivalent to the first step within "
-            f"their margin ({margin}; TOST): consistent with the paper's finding of no "
-            "significant change of the geometry, at that margin."
-        )
-    return (
-        f"No geometry series changed significantly, but {m - k} of {m} are not shown "
-        f"equivalent within the margin ({margin}) either. No significant change is not "
-        "evidence of no change: this neither confirms nor contradicts the paper's finding "
-        "(more samples, or a wider margin stated in advance, would be needed)."
-    )
-
-
 def _change_summary_body(frame: pd.DataFrame, ja: dict) -> str:
-    counts = figures.change_summary_counts(frame)
-    sentences = _change_sentences(counts)
+    counts = change_summary_counts(frame)
+    sentences = verdicts.change_sentences(counts)
     tests = sorted(set(frame["test"].dropna().astype(str))) if "test" in frame else []
     body = [
         "<p>Per measure series (one emotion or label, at one layer, in one inner product, for "
@@ -1000,7 +843,7 @@ def _change_summary_body(frame: pd.DataFrame, ja: dict) -> str:
         f"{CI_LEVEL:.0%} paired bootstrap interval and a p-value "
         f"({_e(', '.join(tests)) or 'paired bootstrap'}; p = (1 + k) / (1 + n)). q is the "
         "Benjamini-Hochberg adjusted p within the family (geometry, probes, sensitivity), "
-        f"and a series counts as changed when some step has q &lt; {FDR_LEVEL:g} (column "
+        f"and a series counts as changed when some step has q &lt; {verdicts.FDR_LEVEL:g} (column "
         "<code>fdr_change</code>). A series counts as equivalent only when the two one-sided "
         "tests (TOST) show every step's effect within the margin stated in "
         "<code>margin_rule</code> (column <code>equivalent_within_margin</code>); a series "
@@ -1008,7 +851,7 @@ def _change_summary_body(frame: pd.DataFrame, ja: dict) -> str:
         "cosine_to_previous) are not tested.</p>",
         "<ul>" + "".join(f"<li>{_e(s)}</li>" for s in sentences) + "</ul>",
     ]
-    if "paired" in frame and not frame["paired"].map(figures.as_bool).all():
+    if "paired" in frame and not frame["paired"].map(as_bool).all():
         body.append(
             _note(
                 "Some steps kept other samples than the first (self-filtering): those tests "
@@ -1016,7 +859,7 @@ def _change_summary_body(frame: pd.DataFrame, ja: dict) -> str:
                 "kept set's change along with the model's."
             )
         )
-    verdict = _change_verdict(counts)
+    verdict = verdicts.change_verdict(counts)
     if verdict:
         body.append(f"<p>{_e(verdict)}</p>")
     shown = counts.drop(columns="changed_series").rename(columns={"variant": "inner / probe"})
@@ -1050,20 +893,24 @@ def _trends_body(frame: pd.DataFrame, ja: dict) -> str:
     for alpha, g in frame.groupby("alpha", sort=True):
         q = pd.to_numeric(g["first_last_q"], errors="coerce")
         eff = pd.to_numeric(g["first_last_effect"], errors="coerce")
-        fell = g[(q < FDR_LEVEL) & (eff < 0)]["emotion"].map(lambda e: figures.display_name(e, ja))
-        rose = g[(q < FDR_LEVEL) & (eff > 0)]["emotion"].map(lambda e: figures.display_name(e, ja))
+        fell = g[(q < verdicts.FDR_LEVEL) & (eff < 0)]["emotion"].map(
+            lambda e: figures.display_name(e, ja)
+        )
+        rose = g[(q < verdicts.FDR_LEVEL) & (eff > 0)]["emotion"].map(
+            lambda e: figures.display_name(e, ja)
+        )
         slope_q = pd.to_numeric(g["slope_q"], errors="coerce")
-        trend = int((slope_q < FDR_LEVEL).sum())
+        trend = int((slope_q < verdicts.FDR_LEVEL).sum())
         first, last = int(g["first_step"].iloc[0]), int(g["last_step"].iloc[0])
         sentences.append(
-            f"α = {figures.format_value(alpha)}: from step {first} to {last}, "
+            f"α = {format_value(alpha)}: from step {first} to {last}, "
             f"{len(fell)} of {len(g)} emotions fell ({', '.join(fell) or 'none'}) and "
-            f"{len(rose)} rose ({', '.join(rose) or 'none'}) at q < {FDR_LEVEL:g}; "
-            f"{trend} have a slope over steps at q < {FDR_LEVEL:g}; "
+            f"{len(rose)} rose ({', '.join(rose) or 'none'}) at q < {verdicts.FDR_LEVEL:g}; "
+            f"{trend} have a slope over steps at q < {verdicts.FDR_LEVEL:g}; "
             f"{len(g) - len(fell) - len(rose)} are not shown to have changed."
         )
     body.append("<ul>" + "".join(f"<li>{_e(s)}</li>" for s in sentences) + "</ul>")
-    if "paired" in frame and not frame["paired"].map(figures.as_bool).all():
+    if "paired" in frame and not frame["paired"].map(as_bool).all():
         body.append(
             _note(
                 "The steps kept different samples (self-filtering): the steps' resamples are "

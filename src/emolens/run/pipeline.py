@@ -24,15 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 import emolens
-from emolens.analysis.concept_space import (
-    Replicates,
-    causal_geometry_frame,
-    change_summary,
-    figure2_frame,
-    geometry_frame,
-    probes_frame,
-    random_baseline_frame,
-)
+from emolens.analysis._common import Replicates
+from emolens.analysis.baselines import random_baseline_frame
+from emolens.analysis.change_summary import change_summary
+from emolens.analysis.figure2 import figure2_frame
+from emolens.analysis.geometry_tables import causal_geometry_frame, geometry_frame
+from emolens.analysis.probe_tables import probes_frame
 from emolens.analysis.steps import (
     attribution_frame,
     causal_metric,

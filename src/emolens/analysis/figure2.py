@@ -1,0 +1,197 @@
+"""Figure 2's points with two-level bootstrap bands, and per-emotion trend tests.
+
+From finished steps (:class:`emolens.analysis.steps.StepData`): steering at the final layer with
+each step's concept vectors, both the samples that build ``v`` and the prompts resampled
+(:func:`emolens.analysis.change_tests.figure2_bootstrap`); ``figure2_bands.csv`` and
+``figure2_trends.csv``.
+"""
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from emolens.analysis import change_tests
+from emolens.analysis._common import Columns, floats, keep_mask, sample_key, threads
+from emolens.analysis.steps import StepData
+
+FIGURE2_COLUMNS = ("step", "layer", "emotion", "alpha", "value", "ci_low", "ci_high", "n_boot")
+TREND_COLUMNS = (
+    "emotion",
+    "alpha",
+    "layer",
+    "first_step",
+    "last_step",
+    "paired",
+    "first_last_effect",
+    "first_last_ci_low",
+    "first_last_ci_high",
+    "first_last_p",
+    "first_last_q",
+    "slope_per_step",
+    "slope_ci_low",
+    "slope_ci_high",
+    "slope_p",
+    "slope_q",
+)
+
+
+def figure2_frame(
+    steps: Sequence[StepData],
+    prompt_ids: Sequence[str],
+    alphas: Sequence[float | int],
+    labels: Sequence[str],
+    neutral: str,
+    keep_masks: Mapping[int, Tensor] | None = None,
+    n_boot: int = 200,
+    ci: float = 0.95,
+    seed: int = 0,
+    num_threads: int | None = 1,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Figure 2's points with two-level bootstrap bands, and per-emotion trend tests.
+
+    Per step (final layer, where steering needs no forward pass) and alpha:
+    :func:`emolens.analysis.change_tests.figure2_bootstrap` with the step's kept samples
+    (``keep_masks``, default all with a known gold label), the residuals of ``prompt_ids`` and
+    the step's :class:`~emolens.measure.attribution.Readout`; emotions that have a vector at every
+    step. A prompt that is one of the kept samples is resampled with them (see
+    :func:`emolens.analysis.change_tests.figure2_bootstrap`). Returns ``(bands, trends)``: ``bands``
+    has :data:`FIGURE2_COLUMNS` (``value`` the point, ``ci_low/high`` its interval from
+    resampling both the samples that build ``v`` and the prompts); ``trends`` has
+    :data:`TREND_COLUMNS`, per emotion and alpha
+    (:func:`emolens.analysis.change_tests.trend_tests`, BH across emotions within each alpha).
+    ``paired`` says whether every step kept the same samples (then the same resamples pair
+    the steps); where not, each differing step's replicates are re-paired at random (seed
+    ``seed``), which treats the steps as independent samples (conservative when they overlap).
+    """
+    band = Columns(FIGURE2_COLUMNS)
+    if not steps:
+        return band.frame(), Columns(TREND_COLUMNS).frame()
+    labels = list(labels)
+    emotions = [e for e in steps[0].vectors.emotions if all(e in s.vectors.emotions for s in steps)]
+    keys, per_alpha = [], {float(a): [] for a in alphas}
+    with threads(num_threads):
+        for s in steps:
+            key, boots = _step_bootstraps(
+                s, prompt_ids=list(prompt_ids), alphas=list(per_alpha), labels=labels,
+                emotions=emotions, neutral=neutral, keep_masks=keep_masks, n_boot=n_boot, ci=ci,
+                seed=seed,
+            )  # fmt: skip
+            keys.append(key)
+            for a, boot in boots.items():
+                per_alpha[a].append(boot)
+                band.add(
+                    step=s.step,
+                    layer=s.final_layer,
+                    emotion=list(emotions),
+                    alpha=a,
+                    value=floats(boot.estimate),
+                    ci_low=floats(boot.low),
+                    ci_high=floats(boot.high),
+                    n_boot=n_boot,
+                )
+    trends = Columns(TREND_COLUMNS)
+    if len(steps) >= 2 and n_boot > 0 and emotions:
+        trends.add_all(
+            _trend_blocks(
+                per_alpha, keys=keys, step_numbers=[s.step for s in steps], emotions=emotions,
+                layer=steps[-1].final_layer, ci=ci, seed=seed,
+            )
+        )  # fmt: skip
+    return band.frame(), trends.frame()
+
+
+def _step_bootstraps(
+    s: StepData,
+    *,
+    prompt_ids: list[str],
+    alphas: list[float],
+    labels: list[str],
+    emotions: list[str],
+    neutral: str,
+    keep_masks: Mapping[int, Tensor] | None,
+    n_boot: int,
+    ci: float,
+    seed: int,
+) -> tuple[str, dict[float, change_tests.Figure2Bootstrap]]:
+    """One step's :func:`~emolens.analysis.change_tests.figure2_bootstrap` per alpha at its
+    final layer, and the :func:`sample_key` of its kept samples."""
+    keep = keep_mask(s, keep_masks, len(labels))
+    key = sample_key([i for i, k in zip(s.acts.sample_ids, keep.tolist()) if k])
+    e_lab = [labels.index(e) for e in emotions]
+    u = labels.index(neutral)
+    h = s.acts.layer(s.final_layer)[keep]
+    y = s.acts.gold[keep].long()
+    prompts = s.prompt_resid(prompt_ids)
+    kept = {sid: i for i, sid in enumerate(np.asarray(s.acts.sample_ids)[keep.numpy()])}
+    positions = [kept.get(p, -1) for p in prompt_ids]
+    boots = {
+        a: change_tests.figure2_bootstrap(
+            h,
+            y,
+            e_lab,
+            u,
+            prompts,
+            s.readout.logits,
+            e_lab,
+            a,
+            n_boot,
+            ci,
+            seed,
+            prompt_positions=positions,
+        )  # fmt: skip
+        for a in alphas
+    }
+    return key, boots
+
+
+def _trend_blocks(
+    per_alpha: dict[float, list],
+    *,
+    keys: list[str],
+    step_numbers: list[int],
+    emotions: list[str],
+    layer: int,
+    ci: float,
+    seed: int,
+) -> list[dict]:
+    """:data:`TREND_COLUMNS` rows per alpha from the steps' bootstraps (``per_alpha[a]``, in
+    step order); steps whose kept samples differ from the first's are re-paired at random."""
+    gen = torch.Generator().manual_seed(seed)
+    paired = all(k == keys[0] for k in keys)
+    out = []
+    for a, boots in per_alpha.items():
+        est = torch.stack([b.estimate for b in boots])  # [step, emotion]
+        reps = []
+        for k, b in zip(keys, boots, strict=True):
+            r = b.samples
+            if k != keys[0]:
+                r = r[:, torch.randperm(r.shape[1], generator=gen)]
+            reps.append(r)
+        res = change_tests.trend_tests(step_numbers, est, torch.stack(reps), ci)
+        out.append(
+            dict(
+                emotion=list(emotions),
+                alpha=a,
+                layer=layer,
+                first_step=step_numbers[0],
+                last_step=step_numbers[-1],
+                paired=paired,
+                first_last_effect=floats(res.first_last.effect),
+                first_last_ci_low=floats(res.first_last.low),
+                first_last_ci_high=floats(res.first_last.high),
+                first_last_p=floats(res.first_last.p),
+                first_last_q=[float(x) for x in res.q_first_last],
+                slope_per_step=floats(res.slope.effect),
+                slope_ci_low=floats(res.slope.low),
+                slope_ci_high=floats(res.slope.high),
+                slope_p=floats(res.slope.p),
+                slope_q=[float(x) for x in res.q_slope],
+            )
+        )
+    return out
+
+
+__all__ = ["FIGURE2_COLUMNS", "TREND_COLUMNS", "figure2_frame"]
