@@ -59,3 +59,39 @@ def test_lens_frame_leaves_out_unknown_gold(tiny_model, lens_setup):
     last = frame[(frame.layer == tiny_model.n_layers - 1) & (frame.label == "l0")].iloc[0]
     assert last.logit == pytest.approx(float(acts.label_logits[:2, 0].mean()), abs=1e-6)
     assert last.accuracy == pytest.approx(float(acts.correct[:2].double().mean()))
+
+
+def test_lens_and_heads_figures_show_the_table_means():
+    import numpy as np
+    import pandas as pd
+
+    from emolens.report.lens_figures import heads_figure, lens_depth_figure, lens_figure
+
+    lens = pd.DataFrame(
+        [
+            {"step": s, "layer": k, "label": lab, "accuracy": acc}
+            for s in (0, 9)
+            for k in (0, 1)
+            for lab, acc in (("joy", 0.2 * k + s / 10), ("fear", 0.5))
+        ]
+    )
+    fig = lens_figure(lens, ja={"joy": "喜び"})
+    assert len(fig.data) == 3 and fig.data[0].visible and not fig.data[2].visible
+    first = fig.data[0]
+    assert list(first.y) == ["mean over labels", "fear", "喜び joy"]
+    assert np.allclose(first.z[0], [0.25, 0.35]) and np.allclose(first.z[2], [0.0, 0.2])
+    assert np.allclose(fig.data[2].z[2], [0.9, 0.9])  # step 9 - step 0
+    depth = lens_depth_figure(lens)
+    assert np.allclose(depth.data[0].z, [[0.25, 0.35], [0.7, 0.8]])
+    heads = pd.DataFrame(
+        [
+            {"step": 0, "label": lab, "layer": 1, "head": h, "margin": m}
+            for lab, m in (("joy", 1.0), ("fear", 3.0))
+            for h in (-1, 0, 1)
+        ]
+    )
+    hf = heads_figure(heads)
+    assert len(hf.data) == 1 and list(hf.data[0].x) == ["0", "1"]
+    assert np.allclose(hf.data[0].z, [[2.0, 2.0]])
+    with pytest.raises(ValueError, match="value"):
+        heads_figure(heads, value="nope")

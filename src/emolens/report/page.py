@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from emolens.analysis import sweeps
-from emolens.report import figures
+from emolens.report import figures, lens_figures
 from emolens.store.files import read_json, write_text
 
 #: The optional tables of the explanation analyses, with their section headings (in order).
@@ -29,6 +29,8 @@ OPTIONAL_TABLES: dict[str, str] = {
     "attribution": "Logit attribution",
     "transfer": "Vector transfer",
     "dla": "Direct logit attribution",
+    "heads": "Per-head attribution",
+    "logit_lens": "Logit lens",
     "random_baseline": "Random-direction baseline",
     "geometry": "Geometry",
     "probes": "Linear probes",
@@ -1075,6 +1077,23 @@ _SECTION_BODIES: dict[str, Callable[[pd.DataFrame, dict], str]] = {
     "attribution": _attribution_body,
     "transfer": _transfer_body,
     "dla": _dla_body,
+    "heads": lambda frame, ja: "\n".join(
+        [
+            "<p>Direct logit attribution per attention head (head outputs through W_O, final "
+            "norm scale frozen at the full residual's; heads plus the projection bias add up "
+            "to each layer's attention row above). Mean over gold labels.</p>",
+            _safe_figure(lambda: lens_figures.heads_figure(frame), "the heads figure", 560),
+        ]
+    ),
+    "logit_lens": lambda frame, ja: "\n".join(
+        [
+            "<p>Each layer's answer-position residual read through the model's own final norm "
+            "and unembedding: where in depth each label becomes readable (accuracy over the "
+            "labels), and how fine-tuning moves it.</p>",
+            _safe_figure(lambda: lens_figures.lens_depth_figure(frame), "the lens figure"),
+            _safe_figure(lambda: lens_figures.lens_figure(frame, ja=ja), "the lens figure", 560),
+        ]
+    ),
     "random_baseline": _random_baseline_body,
     "geometry": _geometry_body,
     "probes": _probes_body,
