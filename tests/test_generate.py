@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+from emolens.data.labels import render_prompts
+from emolens.data.tokens import encode
+from emolens.measure.generate import UNSTEERED, greedy_continuations, steered_generations
+from emolens.model import hooks
+
+TEXTS = ["駅まで歩いた。", "雨の中、傘を忘れて帰った。"]
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_model):
+    return encode(tiny_model.tokenizer, render_prompts(TEXTS))
+
+
+@pytest.fixture(scope="module")
+def hf_reference(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+def _hf_greedy(hf, prompt, n, eos=None):
+    ids = torch.tensor([prompt])
+    out = hf.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        min_new_tokens=n if eos is None else 0,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=eos if eos is not None else 0,
+    )
+    return out[0, len(prompt) :]
+
+
+def test_unsteered_and_alpha_zero_equal_hf_greedy_generate(tiny_model, prompts, hf_reference):
+    d = tiny_model.bridge.cfg.d_model
+    for prompt in prompts:
+        expected = _hf_greedy(hf_reference, prompt, 12)
+        assert torch.equal(greedy_continuations(tiny_model, prompt, None, -1, 12)[0], expected)
+        zero = greedy_continuations(tiny_model, prompt, torch.zeros(3, d), 1, 12)
+        assert all(torch.equal(row, expected) for row in zero)
+
+
+def test_steering_changes_the_words_and_rows_are_independent(tiny_model, prompts):
+    d = tiny_model.bridge.cfg.d_model
+    v = torch.randn(d, generator=torch.Generator().manual_seed(0))
+    alone = greedy_continuations(tiny_model, prompts[0], 6.0 * v[None], 2, 10)
+    batch = greedy_continuations(
+        tiny_model, prompts[0], torch.stack([torch.zeros(d), 6.0 * v, -6.0 * v]), 2, 10
+    )
+    assert torch.equal(batch[1], alone[0])
+    assert not torch.equal(batch[0], batch[1]) and not torch.equal(batch[1], batch[2])
+
+
+def test_hooks_are_removed_after_an_exception(tiny_model, prompts, monkeypatch):
+    bridge = tiny_model.bridge
+    hook_point = bridge.hook_dict[hooks.resid_post(1)]
+    before = bridge(torch.tensor([prompts[0]]))
+    d = bridge.cfg.d_model
+
+    calls = {"n": 0}
+    real_argmax = torch.Tensor.argmax
+
+    def failing_argmax(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return real_argmax(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "argmax", failing_argmax)
+    with pytest.raises(RuntimeError, match="boom"):
+        greedy_continuations(tiny_model, prompts[0], torch.ones(2, d) * 5.0, 1, 5)
+    monkeypatch.undo()
+    assert not hook_point._forward_hooks
+    assert torch.equal(bridge(torch.tensor([prompts[0]])), before)
+
+
+def test_steered_generations_table(tiny_model, prompts, hf_reference):
+    d = tiny_model.bridge.cfg.d_model
+    vectors = torch.randn(2, d, generator=torch.Generator().manual_seed(1)) * 4
+    table = steered_generations(
+        tiny_model,
+        prompts,
+        vectors,
+        [0.0, 1.0, 3.0],
+        -1,
+        emotions=["joy", "fear"],
+        prompt_ids=["p0", "p1"],
+        max_new_tokens=8,
+        batch_size=2,
+        progress=False,
+    )
+    assert len(table) == 2 * (1 + 2 * 2)
+    assert list(table.columns) == ["emotion", "alpha", "prompt_id", "text", "n_tokens"]
+    base = table[(table.emotion == UNSTEERED) & (table.prompt_id == "p1")]
+    eos = tiny_model.tokenizer.eos_token_id
+    expected = _hf_greedy(hf_reference, prompts[1], 8, eos).tolist()
+    expected = expected[: expected.index(eos)] if eos in expected else expected
+    assert base.text.iloc[0] == tiny_model.tokenizer.decode(expected, skip_special_tokens=True)
+    one = table[(table.emotion == "joy") & (table.alpha == 3.0) & (table.prompt_id == "p0")]
+    tokens = greedy_continuations(tiny_model, prompts[0], 3.0 * vectors[:1], -1, 8, eos)[0]
+    tokens = tokens.tolist()
+    tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
+    assert one.text.iloc[0] == tiny_model.tokenizer.decode(tokens, skip_special_tokens=True)
+    with pytest.raises(ValueError, match="emotion names"):
+        steered_generations(
+            tiny_model, prompts, vectors, [1.0], -1, emotions=["joy"], prompt_ids=["a", "b"]
+        )
