@@ -109,3 +109,59 @@ def test_steered_generations_table(tiny_model, prompts, hf_reference):
         steered_generations(
             tiny_model, prompts, vectors, [1.0], -1, emotions=["joy"], prompt_ids=["a", "b"]
         )
+
+
+@pytest.fixture(scope="module")
+def analysis_out(tmp_path_factory, tiny_model_dir):
+    from emolens.data.corpus import bundled_corpus_path, read_corpus
+    from emolens.run.pipeline import AnalysisConfig, analyze
+
+    header, *lines = bundled_corpus_path().read_text(encoding="utf-8").splitlines()
+    seen: dict[str, int] = {}
+    kept = []
+    for line in lines:  # the first 3 samples of each label
+        label = line.split("\t")[1]
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] <= 3:
+            kept.append(line)
+    data = tmp_path_factory.mktemp("data") / "corpus.tsv"
+    data.write_text("\n".join([header, *kept]) + "\n", encoding="utf-8")
+    corpus = read_corpus(data)
+    config = AnalysisConfig(
+        layers="1,-1",
+        alphas=(0.0, 4.0),
+        n_prompts=2,
+        min_count=1,
+        n_boot=2,
+        dla_per_label=1,
+        filter_mode="none",
+    )
+    out = tmp_path_factory.mktemp("analysis")
+    analyze(tiny_model_dir, corpus, out, config, device="cpu")
+    return out, data
+
+
+def test_generate_command_writes_resumes_and_refuses_other_settings(analysis_out, capsys):
+    import pandas as pd
+
+    from emolens.cli import main
+
+    analysis_out, data = analysis_out
+    argv = ["generate", str(analysis_out), "--data", str(data), "--max-new-tokens", "4"]
+    argv += ["--layer", "1"]
+    assert main(argv + ["--alphas", "3"]) == 0
+    table = pd.read_csv(analysis_out / "generations.csv", keep_default_na=False)
+    assert list(table.columns) == ["step", "emotion", "alpha", "prompt_id", "text", "n_tokens"]
+    n_emotions = table[table.emotion != UNSTEERED].emotion.nunique()
+    assert n_emotions >= 2 and len(table) == 2 * (1 + n_emotions)
+    assert set(table.alpha) == {0.0, 3.0} and set(table.step) == {0}
+    assert (table.n_tokens <= 4).all()
+    part = analysis_out / "generations" / "step-0.csv"
+    stamp = part.stat().st_mtime_ns
+    assert main(argv + ["--alphas", "3"]) == 0  # resumes: the finished step is reused
+    assert part.stat().st_mtime_ns == stamp
+    assert main(argv + ["--alphas", "5"]) != 0
+    assert "--overwrite" in capsys.readouterr().err
+    assert pd.read_csv(part).alpha.max() == 3.0  # nothing lost
+    assert main(argv + ["--alphas", "5", "--overwrite"]) == 0
+    assert pd.read_csv(analysis_out / "generations.csv").alpha.max() == 5.0
