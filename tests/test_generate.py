@@ -165,3 +165,23 @@ def test_generate_command_writes_resumes_and_refuses_other_settings(analysis_out
     assert pd.read_csv(part).alpha.max() == 3.0  # nothing lost
     assert main(argv + ["--alphas", "5", "--overwrite"]) == 0
     assert pd.read_csv(analysis_out / "generations.csv").alpha.max() == 5.0
+
+
+def test_report_shows_steered_text_heads_and_lens(analysis_out):
+    import html
+
+    import pandas as pd
+
+    from emolens.cli import main
+    from emolens.report.page import write_report
+
+    out, data = analysis_out
+    argv = ["generate", str(out), "--data", str(data), "--max-new-tokens", "3"]
+    assert main(argv + ["--alphas", "2", "--overwrite"]) == 0
+    page = write_report(out).read_text(encoding="utf-8")
+    for title in ("Steered text", "Per-head attribution", "Logit lens"):
+        assert f">{title}<" in page
+    assert "could not be shown as designed" not in page
+    table = pd.read_csv(out / "generations.csv", keep_default_na=False)
+    steered = table[(table.alpha == 2.0) & (table.prompt_id == table.prompt_id.iloc[0])]
+    assert any(html.escape(t) in page for t in steered.text if t.strip())

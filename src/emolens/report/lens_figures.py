@@ -143,3 +143,22 @@ def lens_depth_figure(lens: pd.DataFrame, value: str = "accuracy") -> go.Figure:
         title=f"Logit lens across the series: {value}, mean over gold labels",
         hover="step %{y}, layer %{x}<br>" + value + " %{z:.4g}<extra></extra>",
     )
+
+
+def generations_view(generations: pd.DataFrame, step, prompt_id=None) -> pd.DataFrame:
+    """One step's continuations of one prompt (default: the first) as a table: a row per
+    steered emotion (the unsteered one first), a column per alpha, the text in the cells."""
+    _require(generations, ("step", "emotion", "alpha", "prompt_id", "text"), "generations.csv")
+    part = generations[generations["step"] == step]
+    if part.empty:
+        raise ValueError(f"generations.csv has no rows for step {step}")
+    prompt_id = part["prompt_id"].iloc[0] if prompt_id is None else prompt_id
+    part = part[part["prompt_id"] == prompt_id]
+    emotions = list(dict.fromkeys(part["emotion"]))
+    wide = part.pivot_table(
+        index="emotion", columns="alpha", values="text", aggfunc="first"
+    ).reindex(emotions)
+    wide.columns = [f"alpha {a:g}" for a in wide.columns]
+    wide = wide.fillna("").reset_index()
+    wide.insert(0, "prompt", str(prompt_id))
+    return wide

@@ -31,6 +31,7 @@ OPTIONAL_TABLES: dict[str, str] = {
     "dla": "Direct logit attribution",
     "heads": "Per-head attribution",
     "logit_lens": "Logit lens",
+    "generations": "Steered text",
     "random_baseline": "Random-direction baseline",
     "geometry": "Geometry",
     "probes": "Linear probes",
@@ -1083,6 +1084,17 @@ _SECTION_BODIES: dict[str, Callable[[pd.DataFrame, dict], str]] = {
             "norm scale frozen at the full residual's; heads plus the projection bias add up "
             "to each layer's attention row above). Mean over gold labels.</p>",
             _safe_figure(lambda: lens_figures.heads_figure(frame), "the heads figure", 560),
+        ]
+    ),
+    "generations": lambda frame, ja: "\n".join(
+        [
+            "<p>Greedy continuations of a neutral prompt steered by each emotion "
+            "(<code>emolens generate</code>; alpha 0 is the unsteered text), at the first and "
+            "the last step:</p>"
+        ]
+        + [
+            _frame_table(lens_figures.generations_view(frame, step))
+            for step in dict.fromkeys([min(frame["step"]), max(frame["step"])])
         ]
     ),
     "logit_lens": lambda frame, ja: "\n".join(
