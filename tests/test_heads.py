@@ -87,3 +87,25 @@ def test_heads_frame_means_over_each_gold_label(tiny_model):
     total = frame[frame.label == "l5"].logit.sum()
     expected = float(heads.heads[2, :, :, 5].sum() + heads.attn_bias[2, :, 5].sum())
     assert total == pytest.approx(expected, abs=1e-5)
+
+
+def test_each_head_is_its_slice_of_w_o(tiny_model):
+    """Against the obvious computation: head h's z times its d_head columns of o_proj."""
+    from emolens.data.tokens import last_token_index, pad, pad_id
+    from emolens.model import hooks
+
+    ids, _, readout = _setup(tiny_model)
+    heads = head_attribution(tiny_model, ids, readout, batch_size=3)
+    layer = 2
+    tokens, mask = pad(ids, pad_id(tiny_model.tokenizer), "right")
+    last = last_token_index(mask)
+    _, cache = tiny_model.bridge.run_with_cache(tokens, attention_mask=mask)
+    rows = torch.arange(len(ids))
+    z = cache[hooks.attn_z(layer)][rows, last].double()  # [sample, head, d_head]
+    final = cache[hooks.resid_post(tiny_model.n_layers - 1)][rows, last].double()
+    w_o = tiny_model.hf_model.model.layers[layer].self_attn.o_proj.weight.double()
+    d_head = z.shape[-1]
+    for h in range(z.shape[1]):
+        out = z[:, h] @ w_o[:, h * d_head : (h + 1) * d_head].T  # [sample, d_model]
+        expected = (out @ readout.effective_rows.double().T) / readout.scale(final)[:, None]
+        assert torch.allclose(heads.heads[:, layer, h].double(), expected, atol=1e-5)
