@@ -128,6 +128,13 @@ def test_explanation_tables_are_written_for_the_series(series_out):
     assert ((own.logit_change - top.reindex(own.index)).abs() < 1e-4).all()
     dla = pd.read_csv(series_out / "dla.csv")
     assert set(dla.kind) == {"embed", "attn", "mlp"} and sorted(dla.step.unique()) == [0, 2, 4]
+    heads = pd.read_csv(series_out / "heads.csv")
+    per_layer = heads.groupby(["step", "label", "layer"]).logit.sum()
+    attn = dla[dla.kind == "attn"].set_index(["step", "label", "layer"]).logit
+    assert len(per_layer) == len(attn) > 0
+    assert ((per_layer - attn.reindex(per_layer.index)).abs() < 1e-4).all()
+    lens = pd.read_csv(series_out / "logit_lens.csv")
+    assert sorted(lens.step.unique()) == [0, 2, 4] and lens.layer.max() == 3
 
 
 def test_shards_merge_into_the_single_run(series_out, fake_run_dir, corpus, tmp_path):
@@ -146,6 +153,8 @@ def test_shards_merge_into_the_single_run(series_out, fake_run_dir, corpus, tmp_
         "attribution",
         "transfer",
         "dla",
+        "heads",
+        "logit_lens",
         "geometry",
         "probes",
         "random_baseline",

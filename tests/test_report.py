@@ -76,10 +76,42 @@ def _manifest(**extra) -> dict:
 
 
 #: Tables of the explanation analyses, in the pipeline's format, with their section headings.
+def make_heads() -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {"step": st, "label": lab, "layer": ly, "head": h, "logit": 0.1 * h + st, "margin": h}
+            for st in (0, 4)
+            for lab in ("joy", "trust")
+            for ly in (0, 1)
+            for h in (-1, 0, 1)
+        ]
+    )
+
+
+def make_logit_lens() -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {"step": st, "layer": ly, "label": lab, "accuracy": 0.25 * ly, "rank": 13 - ly}
+            for st in (0, 4)
+            for ly in (0, 1, 2, 3)
+            for lab in ("joy", "trust")
+        ]
+    )
+
+
+def make_generations() -> pd.DataFrame:
+    rows = [{"emotion": "none", "alpha": 0.0, "text": "unsteered words"}]
+    rows += [{"emotion": e, "alpha": 4.0, "text": f"{e} words"} for e in ("joy", "trust")]
+    return pd.DataFrame([{"step": st, "prompt_id": "s1", **r} for st in (0, 4) for r in rows])
+
+
 TABLE_MAKERS = {
     "attribution": make_attribution,
     "transfer": make_transfer,
     "dla": make_dla,
+    "heads": make_heads,
+    "logit_lens": make_logit_lens,
+    "generations": make_generations,
     "random_baseline": make_random_baseline,
     "geometry": make_geometry,
     "probes": make_probes,
@@ -211,6 +243,10 @@ def test_every_explanation_table_gets_its_dedicated_section(explained_report):
     transfer = _section_of(explained_report, "transfer")
     # model 4 with its own vectors: 10*4 + 4 + 50 (mean of joy and trust); with step 0's: 90
     assert "the step-4 model with its own vectors 94 and with the step-0 vectors 90" in transfer
+    steered = _section_of(explained_report, "generations")
+    assert "joy words" in steered and "unsteered words" in steered and "alpha 4" in steered
+    assert _section_of(explained_report, "logit-lens").count('class="plotly-graph-div"') == 2
+    assert _section_of(explained_report, "heads").count('class="plotly-graph-div"') == 1
     geometry = _section_of(explained_report, "geometry")
     assert "<h3>cosine_to_first</h3>" in geometry and "<h3>orthogonality</h3>" in geometry
     assert "<h3>within_gap</h3>" not in geometry  # not in this table

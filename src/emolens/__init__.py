@@ -17,6 +17,7 @@ _LAZY = {
     "Results": ("emolens.api", "Results"),
     "finetune": ("emolens.run.finetune", "finetune"),
     "analyze": ("emolens.run.pipeline", "analyze"),
+    "generate": ("emolens.run.generation", "generate"),
     "AnalysisConfig": ("emolens.run.pipeline", "AnalysisConfig"),
     "FinetuneConfig": ("emolens.run.finetune", "FinetuneConfig"),
     "load_model": ("emolens.model.loading", "load_model"),

@@ -26,6 +26,9 @@ TABLES = (
     "attribution",
     "transfer",
     "dla",
+    "heads",
+    "logit_lens",
+    "generations",
     "random_baseline",
     "change_summary",
     "localisation",
@@ -234,6 +237,16 @@ class Results:
         from emolens.report import figures
 
         return figures.dla_figure(self.dla, label, value, ja=self.ja)
+
+    def heads_figure(self, value: str = "margin"):
+        from emolens.report import lens_figures
+
+        return lens_figures.heads_figure(self.heads, value)
+
+    def lens_figure(self, value: str = "accuracy"):
+        from emolens.report import lens_figures
+
+        return lens_figures.lens_figure(self.logit_lens, value, ja=self.ja)
 
     def random_baseline_figure(self, alpha: float | None = None):
         from emolens.report import figures

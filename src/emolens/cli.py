@@ -315,6 +315,67 @@ def _merge_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_cmd_merge)
 
 
+def _cmd_generate(args) -> int:
+    from emolens.run.generation import generate
+    from emolens.run.pipeline import manifest_prompt
+    from emolens.store.files import read_json
+
+    manifest = read_json(f"{args.dir}/manifest.json")
+    corpus = _load_corpus(args, manifest_prompt(manifest).template.language)
+    table = generate(
+        args.dir,
+        corpus,
+        alphas=args.alphas,
+        layer=args.layer,
+        max_new_tokens=args.max_new_tokens,
+        steps=args.steps,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    print(f"{len(table)} continuations in {args.dir}/generations.csv")
+    return 0
+
+
+def _generate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="results folder written by analyze")
+    _data_options(p, language=None)
+    p.add_argument(
+        "--alphas",
+        type=float,
+        nargs="+",
+        default=None,
+        help="steering strengths, in the analysis' alpha unit (default: its alpha grid); "
+        "the unsteered continuation is always included",
+    )
+    p.add_argument(
+        "--layer", type=int, default=-1, help="block whose output is steered (-1: the last)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per continuation")
+    p.add_argument(
+        "--steps", type=int, nargs="+", default=None, help="only these steps (default: all)"
+    )
+    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16 or float16; None means float32 on CPU, bfloat16 on GPU",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="configurations generated at once per prompt"
+    )
+    p.add_argument("--seed", type=int, default=0, help="torch seed before generating")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace generations made with other settings (without it they are kept and "
+        "the run refused)",
+    )
+    p.set_defaults(func=_cmd_generate)
+
+
 def _report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="results folder written by analyze or demo")
     p.set_defaults(func=_cmd_report)
@@ -354,6 +415,10 @@ COMMANDS = {
         _analyze_options,
     ),
     "merge": ("combine the result folders of sharded analyze runs", _merge_options),
+    "generate": (
+        "steered greedy continuations of an analysis' neutral prompts, per step",
+        _generate_options,
+    ),
     "report": ("rebuild report.html from a results folder", _report_options),
     "labels": ("audit how each label tokenizes after the prompt", _labels_options),
     "data": ("corpus tools", _data_command_options),

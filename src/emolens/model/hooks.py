@@ -60,3 +60,10 @@ def check_layers(layers, n_layers: int) -> list[int]:
     if len(set(out)) != len(out):
         raise ValueError(f"layer list {list(layers)} names a layer twice")
     return out
+
+
+def attn_z(layer: int) -> str:
+    """Per-head attention outputs of block ``layer`` before ``W_O``, ``[batch, pos, head,
+    d_head]``: the input of the bridge's output projection (TL 4's name; ``attn.hook_z`` is
+    its HookedTransformer alias)."""
+    return f"blocks.{layer}.attn.o.hook_in"

@@ -29,7 +29,7 @@ from emolens.analysis.sensitivity import (
     diagonal_summary,
     select_sensitivity,
 )
-from emolens.report import figures, verdicts
+from emolens.report import figures, lens_figures, verdicts
 from emolens.report.markup import escape as _e
 from emolens.report.markup import names as _names
 from emolens.report.markup import note as _note
@@ -42,6 +42,9 @@ OPTIONAL_TABLES: dict[str, str] = {
     "attribution": "Logit attribution",
     "transfer": "Vector transfer",
     "dla": "Direct logit attribution",
+    "heads": "Per-head attribution",
+    "logit_lens": "Logit lens",
+    "generations": "Steered text",
     "random_baseline": "Random-direction baseline",
     "geometry": "Geometry",
     "probes": "Linear probes",
@@ -925,6 +928,34 @@ _SECTION_BODIES: dict[str, Callable[[pd.DataFrame, dict], str]] = {
     "attribution": _attribution_body,
     "transfer": _transfer_body,
     "dla": _dla_body,
+    "heads": lambda frame, ja: "\n".join(
+        [
+            "<p>Direct logit attribution per attention head (head outputs through W_O, final "
+            "norm scale frozen at the full residual's; heads plus the projection bias add up "
+            "to each layer's attention row above). Mean over gold labels.</p>",
+            _safe_figure(lambda: lens_figures.heads_figure(frame), "the heads figure", 560),
+        ]
+    ),
+    "generations": lambda frame, ja: "\n".join(
+        [
+            "<p>Greedy continuations of a neutral prompt steered by each emotion "
+            "(<code>emolens generate</code>; alpha 0 is the unsteered text), at the first and "
+            "the last step:</p>"
+        ]
+        + [
+            _frame_table(lens_figures.generations_view(frame, step))
+            for step in dict.fromkeys([min(frame["step"]), max(frame["step"])])
+        ]
+    ),
+    "logit_lens": lambda frame, ja: "\n".join(
+        [
+            "<p>Each layer's answer-position residual read through the model's own final norm "
+            "and unembedding: where in depth each label becomes readable (accuracy over the "
+            "labels), and how fine-tuning moves it.</p>",
+            _safe_figure(lambda: lens_figures.lens_depth_figure(frame), "the lens figure"),
+            _safe_figure(lambda: lens_figures.lens_figure(frame, ja=ja), "the lens figure", 560),
+        ]
+    ),
     "random_baseline": _random_baseline_body,
     "geometry": _geometry_body,
     "probes": _probes_body,

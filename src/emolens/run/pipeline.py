@@ -49,6 +49,8 @@ from emolens.data.labels import (
 )
 from emolens.measure.activations import Activations, collect_activations
 from emolens.measure.attribution import Readout, ReadoutCheckFailed, UnsupportedReadout
+from emolens.measure.heads import HeadsUnavailable, head_attribution, heads_frame
+from emolens.measure.lens import lens_frame, logit_lens
 from emolens.measure.steering import (
     SteeringEffect,
     final_layer_sensitivity,
@@ -650,6 +652,11 @@ def _vectors_and_sensitivity(
             )
         frames.append(effect_frame(effect, step=ckpt.step, alpha_unit=cfg.alpha_unit))
     write_csv(files.sensitivity, pd.concat(frames, ignore_index=True))
+    lens = logit_lens(model, acts, label_ids)
+    names = tuple(ctx.labels.names("en"))
+    write_csv(
+        folder / "logit_lens.csv", lens_frame(lens, ckpt.step, acts.gold, names, model.n_layers)
+    )
     readout_problem = _explain_step(ctx, model, ckpt, acts, label_ids, folder)
     write_csv(files.filtering, _filtering_frame(ctx, ckpt, acts, vec_keep, vectors.dropped))
     sizes = {
@@ -712,7 +719,7 @@ def _explain_step(
     ``readout_unavailable`` where the model's readout is not linear (soft-capping), by design.
     The step's other results stand either way."""
     files = layout.StepFiles(folder)
-    for stale in (files.readout, files.causal_metric, files.dla):
+    for stale in (files.readout, files.causal_metric, files.dla, folder / "heads.csv"):
         stale.unlink(missing_ok=True)
     try:
         readout = Readout.from_model(model, label_ids)
@@ -745,6 +752,15 @@ def _explain_step(
         ctx.config.batch_size,
     )
     write_csv(files.dla, frame)
+    try:
+        heads = head_attribution(model, tokens, readout, ctx.config.batch_size)
+    except HeadsUnavailable as exc:
+        log.warning("step %s: no per-head attribution: %s", ckpt.step, exc)
+        return {}
+    names = tuple(ctx.labels.names("en"))
+    write_csv(
+        folder / "heads.csv", heads_frame(heads, ckpt.step, acts.gold[chosen].tolist(), names)
+    )
     return {}
 
 
@@ -1284,6 +1300,9 @@ def combine_steps(
     dla_files = [layout.StepFiles(d).dla for d in done]
     dla = [pd.read_csv(f) for f in dla_files if f.exists()]
     tables["dla"] = pd.concat(dla, ignore_index=True) if dla else pd.DataFrame()
+    for name in ("heads", "logit_lens"):
+        found = [pd.read_csv(d / f"{name}.csv") for d in done if (d / f"{name}.csv").exists()]
+        tables[name] = pd.concat(found, ignore_index=True) if found else pd.DataFrame()
     steps = load_steps(done)
     if steps:
         alphas, unit = config.alphas, config.alpha_unit
