@@ -162,3 +162,9 @@ def test_example_notebook_runs_the_whole_study_on_the_tiny_model(tmp_path):
     assert np.isfinite(
         Results(tmp_path / "emolens-study" / "results").sensitivity["logit_change"]
     ).all()
+
+
+def test_every_table_property_is_declared_for_type_checkers():
+    declared = {n for n, t in Results.__annotations__.items() if t is pd.DataFrame}
+    assert declared == set(TABLES)
+    assert all(isinstance(getattr(Results, n), property) for n in TABLES)

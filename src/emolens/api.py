@@ -63,6 +63,21 @@ def _table_property(name: str) -> property:
 class Results:
     """A results folder: tables, manifest, per-step tensors and figures."""
 
+    # one read-only DataFrame property per name in TABLES, set on the class below; declared
+    # here for type checkers (tests check the two lists agree)
+    sensitivity: pd.DataFrame
+    filtering: pd.DataFrame
+    steps: pd.DataFrame
+    geometry: pd.DataFrame
+    probes: pd.DataFrame
+    attribution: pd.DataFrame
+    transfer: pd.DataFrame
+    dla: pd.DataFrame
+    random_baseline: pd.DataFrame
+    change_summary: pd.DataFrame
+    localisation: pd.DataFrame
+    accuracy: pd.DataFrame
+
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
         if not self.path.is_dir():

@@ -19,6 +19,7 @@ writer and reader need only the ``gguf`` package and write the format of repeng'
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,7 +128,7 @@ def to_steering_vector(
 
 
 def from_steering_vectors(
-    per_emotion: Mapping[str, object], neutral: str = "no-emotion"
+    per_emotion: Mapping[str, Any], neutral: str = "no-emotion"
 ) -> ConceptVectors:
     """:class:`ConceptVectors` from ``{emotion: SteeringVector}`` (``"decoder_block"`` only:
     other layer types are not block outputs)."""
@@ -180,7 +181,7 @@ def to_control_vector(
 
 
 def from_control_vectors(
-    per_emotion: Mapping[str, object], neutral: str = "no-emotion"
+    per_emotion: Mapping[str, Any], neutral: str = "no-emotion"
 ) -> ConceptVectors:
     """:class:`ConceptVectors` from ``{emotion: repeng ControlVector}``."""
     return from_directions({e: cv.directions for e, cv in per_emotion.items()}, "repeng", neutral)

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any, Literal, cast, overload
 
 from emolens.data.labels import STUDY_LABELS, Emotion, LabelSet
 
@@ -267,7 +268,8 @@ def read_corpus(
             f"{_list(empty)}; remove those rows, or pass text_column= to read another {kind}"
         )
 
-    emotions, unknown = {}, Counter()
+    emotions: dict[str, Emotion | None] = {}
+    unknown: Counter[str] = Counter()
     for _, _, _, raw in rows:
         if raw not in emotions:
             emotions[raw] = _lookup(labels, raw)
@@ -285,11 +287,13 @@ def read_corpus(
             f"labels, or pass label_column= if the labels are in another {kind}"
         )
 
-    samples, first = [], {}
+    known = cast(dict[str, Emotion], emotions)  # every label resolved: unknown ones raised above
+    samples: list[Sample] = []
+    first: dict[str, tuple[int, Sample]] = {}
     conflicts: dict[str, list[int]] = {}
     collapsed = 0
     for line, sample_id, text_value, raw in rows:
-        sample = Sample(sample_id, text_value, emotions[raw].en)
+        sample = Sample(sample_id, text_value, known[raw].en)
         if sample_id in first:
             first_line, first_sample = first[sample_id]
             if first_sample == sample:
@@ -389,8 +393,8 @@ def _decode(raw: bytes, path: Path, encoding: str | None) -> str:
             f"unreadable encoding: {path} is neither UTF-8 nor cp1252/Latin-1 text (line "
             f"{_line_of(raw, err.start)}); re-save it as UTF-8, or pass encoding="
         ) from None
-    for n, line in enumerate(text.split("\n"), 1):
-        if any(unicodedata.category(c) == "Cc" and c not in "\t\r\x0c" for c in line):
+    for n, text_line in enumerate(text.split("\n"), 1):
+        if any(unicodedata.category(c) == "Cc" and c not in "\t\r\x0c" for c in text_line):
             raise CorpusError(
                 f"unreadable encoding: {path} is not valid UTF-8, and read as cp1252/Latin-1 "
                 f"line {n} holds control characters, so it looks binary; re-save it as UTF-8, "
@@ -407,8 +411,13 @@ def _is_jsonl(path: Path, text: str) -> bool:
     return suffix not in (".tsv", ".csv", ".tab") and text.lstrip().startswith("{")
 
 
-def _parse_jsonl(text: str, path: Path):
-    records, columns = [], {}
+# a parsed file: its columns (in order), (line, record) pairs, the duplicated header names
+_Parsed = tuple[list[str], list[tuple[int, dict[str, Any]]], set[str]]
+
+
+def _parse_jsonl(text: str, path: Path) -> _Parsed:
+    records: list[tuple[int, dict[str, Any]]] = []
+    columns: dict[str, None] = {}
     for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
@@ -440,7 +449,7 @@ def _sniff_delimiter(text: str, path: Path) -> str:
     return best if count else by_extension or "\t"
 
 
-def _parse_delimited(text: str, path: Path):
+def _parse_delimited(text: str, path: Path) -> _Parsed:
     delimiter = _sniff_delimiter(text, path)
     try:
         header, rows = _csv_records(text, path, delimiter, csv.QUOTE_MINIMAL)
@@ -455,20 +464,23 @@ def _parse_delimited(text: str, path: Path):
         log.info("%s: read with quotes as plain text (quote-aware parsing failed)", path)
     counts = Counter(header)
     duplicated = {c for c, n in counts.items() if n > 1}
-    records = []
+    records: list[tuple[int, dict[str, Any]]] = []
     for line, fields in rows:
-        record = {}
+        record: dict[str, Any] = {}
         for name, value in zip(header, fields, strict=True):
             record.setdefault(name, value)
         records.append((line, record))
     return list(dict.fromkeys(header)), records, duplicated
 
 
-def _csv_records(text: str, path: Path, delimiter: str, quoting: int):
+def _csv_records(
+    text: str, path: Path, delimiter: str, quoting: Literal[0, 1, 2, 3]
+) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and the non-blank ``(line, fields)`` rows; ``quoting`` is a csv.QUOTE_*."""
     reader = csv.reader(
         io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting, strict=True
     )
-    records = []
+    records: list[tuple[int, list[str]]] = []
     start = 1
     try:
         for fields in reader:
@@ -521,7 +533,39 @@ def _match(columns: Sequence[str], wanted: str) -> str | None:
     return folded[0] if len(folded) == 1 else None
 
 
-def _pick(columns, wanted, candidates, option, what, path, kind, required=True):
+@overload
+def _pick(
+    columns: Sequence[str],
+    wanted: str | None,
+    candidates: Sequence[str],
+    option: str,
+    what: str,
+    path: Path,
+    kind: str,
+    required: Literal[True] = True,
+) -> str: ...
+@overload
+def _pick(
+    columns: Sequence[str],
+    wanted: str | None,
+    candidates: Sequence[str],
+    option: str,
+    what: str,
+    path: Path,
+    kind: str,
+    required: bool,
+) -> str | None: ...
+def _pick(
+    columns: Sequence[str],
+    wanted: str | None,
+    candidates: Sequence[str],
+    option: str,
+    what: str,
+    path: Path,
+    kind: str,
+    required: bool = True,
+) -> str | None:
+    """The column named ``wanted`` (case-insensitive), else the first of ``candidates``."""
     if wanted is not None:
         found = _match(columns, wanted)
         if found is None:
@@ -543,7 +587,14 @@ def _pick(columns, wanted, candidates, option, what, path, kind, required=True):
 
 
 def _value(
-    record: dict, column: str, line: int, path: Path, kind: str, *, label=False, ident=False
+    record: dict[str, Any],
+    column: str,
+    line: int,
+    path: Path,
+    kind: str,
+    *,
+    label: bool = False,
+    ident: bool = False,
 ) -> str:
     if column not in record:
         raise CorpusError(

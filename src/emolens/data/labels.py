@@ -6,10 +6,14 @@ label right after the prompt. That token is resolved from the tokenization of
 """
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, cast
 
 from emolens.data.tokens import encode
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ class LabelSet:
     def __len__(self) -> int:
         return len(self.emotions)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Emotion]:
         return iter(self.emotions)
 
     def names(self, language: str = "en") -> list[str]:
@@ -167,7 +171,7 @@ def render_prompts(
     texts: Sequence[str],
     template: PromptTemplate = JA_TEMPLATE,
     labels: LabelSet = STUDY_LABELS,
-    tokenizer=None,
+    tokenizer: "PreTrainedTokenizerBase | None" = None,
     chat: bool = False,
 ) -> list[str]:
     """Prompt strings for ``texts``; with ``chat`` the prompt is the user turn of the tokenizer's
@@ -177,9 +181,13 @@ def render_prompts(
         return prompts
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("chat=True needs a tokenizer with a chat template; this one has none")
+    # with tokenize=False the template gives a string (HF types the union of all returns)
     return [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        cast(
+            str,
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            ),
         )
         for p in prompts
     ]
@@ -259,7 +267,7 @@ _REFERENCE_TEXT = "今日は駅まで歩いた。"
 
 
 def resolve_label_tokens(
-    tokenizer,
+    tokenizer: "PreTrainedTokenizerBase",
     template: PromptTemplate = JA_TEMPLATE,
     labels: LabelSet = STUDY_LABELS,
     *,
@@ -296,7 +304,7 @@ def resolve_label_tokens(
                 en=emotion.en,
                 answer=answer,
                 first_token_id=int(answer_ids[0]),
-                first_token=tokenizer.decode([answer_ids[0]]),
+                first_token=cast(str, tokenizer.decode([answer_ids[0]])),  # one id: a str
                 n_tokens=len(answer_ids),
                 token_ids=[int(i) for i in answer_ids],
             )
@@ -379,15 +387,18 @@ class PromptSpec:
         special = self.add_special_tokens if new_chat == self.chat else None
         return PromptSpec(template, self.labels if labels is None else labels, new_chat, special)
 
-    def render(self, tokenizer, texts: Sequence[str]) -> list[str]:
+    def render(self, tokenizer: "PreTrainedTokenizerBase", texts: Sequence[str]) -> list[str]:
         """Prompt strings of ``texts`` (``tokenizer`` is needed only with ``chat``)."""
         return render_prompts(texts, self.template, self.labels, tokenizer, self.chat)
 
-    def encode(self, tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    def encode(self, tokenizer: "PreTrainedTokenizerBase", texts: Sequence[str]) -> list[list[int]]:
         """Token ids of the prompts of ``texts``, exactly as fine-tuning feeds them."""
+        assert self.add_special_tokens is not None  # set by __post_init__
         return encode(tokenizer, self.render(tokenizer, texts), self.add_special_tokens)
 
-    def label_tokens(self, tokenizer, *, allow_shared: bool = False) -> LabelTokens:
+    def label_tokens(
+        self, tokenizer: "PreTrainedTokenizerBase", *, allow_shared: bool = False
+    ) -> LabelTokens:
         """Each label's observed first token after this prompt."""
         return resolve_label_tokens(
             tokenizer,

@@ -8,13 +8,19 @@ ids, so it never prepends a BOS of its own.
 """
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def encode(tokenizer, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+
+def encode(
+    tokenizer: "PreTrainedTokenizerBase", texts: Sequence[str], add_special_tokens: bool = True
+) -> list[list[int]]:
     """Token ids of each string, with the tokenizer's default special tokens (or none)."""
     return [
         list(ids)
@@ -22,7 +28,7 @@ def encode(tokenizer, texts: Sequence[str], add_special_tokens: bool = True) -> 
     ]
 
 
-def pad_id(tokenizer) -> int:
+def pad_id(tokenizer: "PreTrainedTokenizerBase") -> int:
     """The id used for padding (the EOS id when the tokenizer has no pad token)."""
     pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return 0 if pid is None else int(pid)

@@ -24,7 +24,9 @@ This module imports nothing heavy: reading a study file is instant.
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -112,8 +114,10 @@ def _option_text(value, action: argparse.Action, where: str):
     if isinstance(value, bool) or isinstance(value, dict):
         raise StudyError(f"{where}: {action.dest} = {value!r} is not a value for {name}")
     if action.type is not None:
+        # the parsers here give ``type`` as a callable, never a registry name or FileType
+        convert = cast(Callable[[str], Any], action.type)
         try:
-            value = action.type(str(value)) if not isinstance(value, str) else action.type(value)
+            value = convert(str(value)) if not isinstance(value, str) else convert(value)
         except (TypeError, ValueError):
             raise StudyError(
                 f"{where}: {action.dest} = {value!r} is not valid for {name}"

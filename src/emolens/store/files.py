@@ -13,10 +13,11 @@ import os
 import platform
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -32,7 +33,7 @@ NUMERICS_NOTE = (
 
 
 @contextmanager
-def atomic_path(path: str | Path):
+def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,11 +52,11 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def write_json(path: str | Path, data) -> Path:
+def write_json(path: str | Path, data: object) -> Path:
     return write_text(path, json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n")
 
 
-def read_json(path: str | Path):
+def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
@@ -96,7 +97,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def stable_hash(data) -> str:
+def stable_hash(data: object) -> str:
     """A short sha256 of JSON-serialisable data (sorted keys): the key of a cached result."""
     text = json.dumps(data, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -127,7 +128,8 @@ def _read_holder(path: Path) -> dict:
             text = ""
         if text:
             try:
-                return json.loads(text)
+                holder: dict = json.loads(text)
+                return holder
             except json.JSONDecodeError:
                 pass
         time.sleep(0.05)
@@ -135,7 +137,7 @@ def _read_holder(path: Path) -> dict:
 
 
 @contextmanager
-def folder_lock(folder: str | Path, command: str = "analyze"):
+def folder_lock(folder: str | Path, command: str = "analyze") -> Iterator[Path]:
     """Hold ``folder/.emolens.lock`` for the duration: a second process gets
     :class:`FolderInUse` naming the holder's pid and host.
 

@@ -49,7 +49,8 @@ def accelerator() -> dict:
 
     info: dict = {"torch_cuda": torch.version.cuda, "cudnn": None, "gpus": []}
     if torch.cuda.is_available():
-        info["cudnn"] = torch.backends.cudnn.version()
+        # torch.backends.cudnn.version() carries no annotations
+        info["cudnn"] = torch.backends.cudnn.version()  # type: ignore[no-untyped-call]
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
             info["gpus"].append(

@@ -6,11 +6,12 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
 #: Shapes of the Sarashina 2.2 family, scaled down; the real sizes are read from config.json.
-TINY_SHAPES = {
+TINY_SHAPES: dict[str, dict[str, Any]] = {
     "llama": dict(
         hidden_size=64,
         intermediate_size=128,
@@ -96,7 +97,9 @@ def tiny_random_model(
     if (out / "config.json").exists() and (out / "tokenizer_config.json").exists():
         return out
     tokenizer = train_tokenizer(vocab_size)
-    config = LlamaConfig(
+    # rope_theta is a legacy keyword LlamaConfig still accepts (it becomes rope_parameters)
+    # but no longer declares in its typed signature
+    config = LlamaConfig(  # type: ignore[call-arg]
         vocab_size=len(tokenizer),
         max_position_embeddings=512,
         rope_theta=500000.0,
