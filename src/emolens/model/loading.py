@@ -312,7 +312,7 @@ class LoadedModel:
     """A model ready for analysis: the bridge, its tokenizer and where the weights came from."""
 
     bridge: object  # transformer_lens.model_bridge.TransformerBridge
-    tokenizer: object
+    tokenizer: "PreTrainedTokenizerBase"
     spec: str
     source: str
     weights_hash: str
@@ -647,6 +647,7 @@ def discover_series(
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedTokenizerBase
 
     #: What the measure functions take: a :class:`LoadedModel` or its bare ``TransformerBridge``
     #: (they reach the bridge with ``emolens.measure.activations.bridge_of``).

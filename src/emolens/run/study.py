@@ -105,7 +105,12 @@ def stage_values(study: dict, command: str, accepted: set[str] | None = None) ->
 def _option_text(value, action: argparse.Action, where: str):
     """``value`` from TOML as the default of ``action``, checked like a command-line value."""
     name = "--" + action.dest.replace("_", "-") if action.option_strings else action.dest
-    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+    switches = (
+        argparse._StoreTrueAction,
+        argparse._StoreFalseAction,
+        argparse.BooleanOptionalAction,
+    )
+    if isinstance(action, switches):
         if not isinstance(value, bool):
             raise StudyError(f"{where}: {action.dest} must be true or false, not {value!r}")
         return value

@@ -63,6 +63,8 @@ TABLES = (
     "change_summary",
     "figure2_bands",
     "sensitivity_trends",
+    "heads",
+    "logit_lens",
 )
 
 
@@ -76,14 +78,14 @@ def step_number(folder: str | Path) -> int:
     return int(Path(folder).name.split("-")[-1])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class StepFiles:
     """The files of one step folder (``DIR/steps/step-NNNNNN`` or its staging/failed twin)."""
 
     folder: Path
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "folder", Path(self.folder))
+    def __init__(self, folder: str | Path) -> None:
+        object.__setattr__(self, "folder", Path(folder))
 
     @property
     def done(self) -> Path:
@@ -138,14 +140,14 @@ class StepFiles:
         return self.done.exists()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ResultsLayout:
     """The files of a results folder ``root``."""
 
     root: Path
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
 
     @property
     def manifest(self) -> Path:
