@@ -120,7 +120,8 @@ def _readout_device(bridge) -> torch.device:
     return next(bridge.unembed.parameters()).device
 
 
-def _softcap(bridge) -> float | None:
+def logit_softcap(bridge) -> float | None:
+    """The HF config's ``final_logit_softcapping`` (None where the model has none)."""
     config = getattr(getattr(bridge, "original_model", None), "config", None)
     cap = getattr(config, "final_logit_softcapping", None)
     return float(cap) if cap else None
@@ -153,7 +154,7 @@ def answer_readout(
     device = _readout_device(bridge)
     dtype = next(unembed.parameters()).dtype
     chunk = chunk_rows or default_chunk_rows(bridge)
-    cap = _softcap(bridge)
+    cap = logit_softcap(bridge)
     label_idx = torch.as_tensor(list(label_token_ids), dtype=torch.long, device=device)
     outs: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
     for start in range(0, h.shape[0], chunk):
