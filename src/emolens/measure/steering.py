@@ -505,7 +505,7 @@ def layer_sensitivity(
     padding_side: str = "right",
     progress: bool = True,
 ) -> SteeringEffect:
-    """Sensitivity to steering at ``blocks.{layer}.hook_resid_post`` of the prompts
+    """Sensitivity to steering at ``blocks.{layer}.hook_out`` of the prompts
     ``token_ids``, by hooked forward passes.
 
     Every (emotion, alpha, prompt) configuration is one batch row with its own steering vector,
@@ -677,7 +677,7 @@ def layer_sensitivity_cached(
     prompt_ids: Sequence[str] | None = None,
     progress: bool = True,
 ) -> SteeringEffect:
-    """Sensitivity to steering the answer position only at ``blocks.{layer}.hook_resid_post``,
+    """Sensitivity to steering the answer position only at ``blocks.{layer}.hook_out``,
     reusing each prompt's key/value cache: equal to ``layer_sensitivity(...,
     positions="answer")`` and to the naive loop, for a fraction of the compute.
 
