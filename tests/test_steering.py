@@ -198,6 +198,33 @@ def test_prompt_kv_cache_holds_the_prefix_and_a_one_token_prompt_needs_none(tiny
     assert max_diff(cached, naive) <= 1e-4
 
 
+def test_kv_cache_workaround_is_needed_exactly_where_it_applies(tiny_model, setup, monkeypatch):
+    """Tells when upstream fixes it: without the workaround, the installed TransformerLens
+    leaves a cache passed to the bridge empty exactly when ``needs_kv_cache_workaround()`` says
+    so. If this fails because the cache fills by itself, TL reads ``cache=`` now: narrow
+    ``KV_CACHE_WORKAROUND_TL`` to the versions before the fix."""
+    from transformers import DynamicCache
+
+    import emolens.measure.steering as steering
+
+    prompts, *_ = setup
+    bridge = tiny_model.bridge
+    prefix = torch.as_tensor([prompts[1][:-1]])
+    cache = DynamicCache(config=bridge.original_model.config)
+    with torch.no_grad():
+        bridge(prefix, past_key_values=cache)
+    fills_by_itself = cache.get_seq_length() == prefix.shape[1]
+    assert fills_by_itself != steering.needs_kv_cache_workaround(), (
+        f"the bridge {'fills' if fills_by_itself else 'does not fill'} the cache without the "
+        "workaround; update KV_CACHE_WORKAROUND_TL"
+    )
+    # with the workaround switched off where it is needed, prompt_kv_cache refuses loudly
+    if not fills_by_itself:
+        monkeypatch.setattr(steering, "needs_kv_cache_workaround", lambda: False)
+        with pytest.raises(RuntimeError, match="KV_CACHE_WORKAROUND_TL"):
+            prompt_kv_cache(tiny_model, prompts[1][:-1])
+
+
 def test_zero_alpha_gives_zero_change(tiny_model, setup):
     prompts, label_ids, acts, vectors = setup
     last = tiny_model.n_layers - 1

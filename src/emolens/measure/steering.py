@@ -573,6 +573,24 @@ class _StopAfterLastBlock(Exception):
     """Raised by a hook once the rows needed from a forward pass are stored."""
 
 
+#: The TransformerLens versions whose attention bridges read only ``past_key_values=``, while
+#: transformers 5 hands attention modules the cache as ``cache=`` (checked up to TL 4.3.0;
+#: ``tests/test_steering.py`` fails once an installed TL in this range reads ``cache=`` itself).
+KV_CACHE_WORKAROUND_TL = (">=4.0", "<4.4")
+
+
+def needs_kv_cache_workaround() -> bool:
+    """Whether the installed TransformerLens and transformers are a pairing whose attention
+    ignores transformers 5's ``cache=`` argument (see :func:`attention_reads_kv_cache`)."""
+    from importlib.metadata import version
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    tl, hf = Version(version("transformer-lens")), Version(version("transformers"))
+    return tl in SpecifierSet(",".join(KV_CACHE_WORKAROUND_TL)) and hf.major >= 5
+
+
 @contextmanager
 def attention_reads_kv_cache(bridge) -> Iterator[None]:
     """Make the bridge's attention components fill and read a key/value cache.
@@ -580,11 +598,15 @@ def attention_reads_kv_cache(bridge) -> Iterator[None]:
     transformers 5.x hands each attention module the cache as ``cache=...``, while the
     attention that TransformerLens 4.3 reimplements (``AttentionBridge._update_kv_cache``)
     looks only for ``past_key_values=...``: without this, a cache passed to the bridge is never
-    filled nor read, and a cached step silently attends to itself alone. Inside the ``with``
-    block a forward pre-hook on every attention component copies ``cache`` to
-    ``past_key_values`` (a no-op where the caller already passes ``past_key_values``, as
-    transformers 4.x does); the pre-hooks are removed on exit.
+    filled nor read, and a cached step silently attends to itself alone. Where the installed
+    versions are such a pairing (:func:`needs_kv_cache_workaround`), inside the ``with`` block
+    a forward pre-hook on every attention component copies ``cache`` to ``past_key_values``;
+    the pre-hooks are removed on exit. Elsewhere it does nothing, and
+    :func:`prompt_kv_cache` still checks that the cache fills.
     """
+    if not needs_kv_cache_workaround():
+        yield
+        return
 
     def pre_hook(module, args, kwargs):
         if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
@@ -649,7 +671,8 @@ def prompt_kv_cache(model, prefix: Sequence[int]):
         raise RuntimeError(
             f"the key/value cache holds {cache.get_seq_length()} positions after "
             f"a pass over {len(prefix)} tokens: this model's attention does not "
-            "fill it; use layer_sensitivity instead"
+            "fill it (if TransformerLens was upgraded, KV_CACHE_WORKAROUND_TL in "
+            "emolens.measure.steering may need widening); use layer_sensitivity instead"
         )
     return cache
 

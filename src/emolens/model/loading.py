@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import shutil
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -160,6 +159,10 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: Path | None = None) -> Path:
         out_dir = cache_dir() / "hf" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
     if (out_dir / "config.json").exists() and (out_dir / "emolens_source.json").exists():
         return out_dir
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError(
+            f"converting {gguf_path.name} needs the gguf package: pip install 'emolens[gguf]'"
+        )
     log.warning(
         "converting %s to an HF folder in %s (once; later loads reuse it)", gguf_path.name, out_dir
     )
@@ -488,15 +491,15 @@ def load_model(
     hf_model.eval()
     # the bridge normalises the tokenizer it gets (e.g. sets a BOS); emolens keeps its own
     boot_kwargs = {"device_map": device_map} if device_map is not None else {"device": dev}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bridge = TransformerBridge.boot_transformers(
-            source,
-            hf_model=hf_model,
-            tokenizer=copy.deepcopy(tokenizer),
-            dtype=torch_dtype,
-            **boot_kwargs,
-        )
+    # no warning filter: booting gemma-3 and Llama models with TL 4.3 warns nothing,
+    # and a deprecation TransformerLens or transformers raises here must reach the user
+    bridge = TransformerBridge.boot_transformers(
+        source,
+        hf_model=hf_model,
+        tokenizer=copy.deepcopy(tokenizer),
+        dtype=torch_dtype,
+        **boot_kwargs,
+    )
     bridge.eval()
     return LoadedModel(
         bridge=bridge,
