@@ -198,3 +198,33 @@ def test_converting_a_gguf_file_without_the_gguf_package_says_how_to_install_it(
     gguf_file.write_bytes(b"GGUF")
     with pytest.raises(ModelLoadError, match=r"emolens\[gguf\]"):
         gguf_to_hf(gguf_file, tmp_path / "out")
+
+
+def test_a_series_reads_identical_tokenizer_files_once(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import transformers
+
+    from emolens.model import loading
+
+    copies = []
+    for name in ("a", "b", "c"):
+        shutil.copytree(tiny_model_dir, tmp_path / name)
+        copies.append(str(tmp_path / name))
+    config = tmp_path / "c" / "tokenizer_config.json"
+    config.write_text(config.read_text().replace("}", ', "emolens_test": 1}', 1))
+    calls = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def counting(source, *args, **kwargs):
+        calls.append(str(source))
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", counting)
+    monkeypatch.setattr(loading, "_TOKENIZERS", {})
+    first, second, third = (loading.load_tokenizer(c) for c in copies)
+    assert calls == [copies[0], copies[2]]  # b is a cache hit, c's files differ
+    assert first is not second
+    assert first("今日は雨")["input_ids"] == second("今日は雨")["input_ids"]
+    second.pad_token = second.unk_token or "x"  # a caller's change does not leak
+    assert loading.load_tokenizer(copies[1]).pad_token == first.pad_token
