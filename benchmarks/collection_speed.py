@@ -5,11 +5,11 @@ Speed: ``collect_activations`` (answer-position residuals after every block + la
 against a bare HF forward pass of a separately loaded copy of the model (no bridge, no hooks)
 over the same batches (sorted by length, right-padded, 8 rows), returning every hidden state
 (``output_hidden_states=True``) and the logits of the last position only (``logits_to_keep=1``,
-the work the collection does). The reference uses eager attention, the implementation the
-bridge's attention reproduces; the sdpa line shows HF's default kernel for information. On a
+the work the collection does), with eager and with SDPA attention; the floor is against the
+faster of the two (collection itself runs SDPA where the model supports it). On a
 shared machine whole seconds come and go with other people's jobs, so the unit of timing is one
 batch, run by the three contenders back to back (order alternating between rounds), and the
-ratio is the median of the per-batch ratios. Floor: at most 1.15.
+ratio is the median of the per-batch ratios. Floor: at most 1.05.
 
 Peak memory: each measurement runs in a fresh process that loads the model, resets the
 kernel's peak-RSS mark (``echo 5 > /proc/self/clear_refs``, after a garbage collection and a
@@ -40,7 +40,7 @@ import torch
 from emolens.data.corpus import load_corpus
 from emolens.data.labels import STUDY_PROMPT
 from emolens.data.tokens import pad, pad_id
-from emolens.measure.activations import collect_activations
+from emolens.measure.activations import attention_implementation, collect_activations
 from emolens.model.loading import load_model
 
 
@@ -200,15 +200,17 @@ def main() -> None:
             f"collection speed | {name}: {statistics.median(seconds[name]):.2f} s median per "
             f"batch, {total:.2f} s per pass over the {len(ids)} prompts (mean of rounds)"
         )
-    ratio = paired["hf-eager"]
+    fastest = max(paired, key=paired.get)  # the reference collection is slowest against
+    ratio = paired[fastest]
     print(
-        f"collection speed | ratio collect_activations / bare HF forward (eager, "
-        f"output_hidden_states, logits_to_keep=1): {ratio:.3f} (median of {n_units} paired "
-        f"per-batch ratios); floor <= 1.15: {'PASS' if ratio <= 1.15 else 'FAIL'}"
+        f"collection speed | collect_activations runs {attention_implementation(model)} "
+        f"attention; ratios collect_activations / bare HF forward (output_hidden_states, "
+        f"logits_to_keep=1), medians of {n_units} paired per-batch ratios: eager "
+        f"{paired['hf-eager']:.3f}, sdpa {paired['hf-sdpa']:.3f}"
     )
     print(
-        f"collection speed | ratio collect_activations / bare HF forward (sdpa, for "
-        f"information): {paired['hf-sdpa']:.3f}"
+        f"collection speed | against the fastest bare HF forward ({fastest}): {ratio:.3f}; "
+        f"floor <= 1.05: {'PASS' if ratio <= 1.05 else 'FAIL'}"
     )
     references.clear()  # free the copies before the memory runs
 

@@ -5,7 +5,7 @@ naive way is one hooked forward pass per configuration (``naive_sensitivity``: f
 every position, plus one unsteered pass per prompt). This script times, in one run:
 
 - final layer: ``final_layer_sensitivity`` (no forward pass: ``unembed(ln_final(h + alpha v))``)
-  against the naive loop; the floor is a 20x speed-up;
+  against the naive loop; the floor is a 100x speed-up, including the unsteered forward;
 - a middle layer, steering the answer position only: ``layer_sensitivity`` (configurations in
   the batch dimension) and ``layer_sensitivity_cached`` (the prompt's key/value cache, one token
   per configuration) against the naive loop and each other.
@@ -179,8 +179,8 @@ def main() -> None:
     speedup = naive_total / statistics.median(fast_total)
     print(
         f"final layer | speed-up fast path vs naive: {speedup:.0f}x including the unsteered "
-        f"forward ({naive_total / statistics.median(fast_read):.0f}x readout only); floor 20x: "
-        f"{'PASS' if speedup >= 20 else 'FAIL'}"
+        f"forward ({naive_total / statistics.median(fast_read):.0f}x readout only); floor 100x: "
+        f"{'PASS' if speedup >= 100 else 'FAIL'}"
     )
 
     # ------------------------------------------------------------------ middle layer

@@ -3,7 +3,13 @@ import torch
 
 from emolens.data.labels import STUDY_LABELS, render_prompts, resolve_label_tokens
 from emolens.data.tokens import encode
-from emolens.measure.activations import Activations, answer_readout, collect_activations
+from emolens.measure.activations import (
+    Activations,
+    answer_readout,
+    attention_implementation,
+    collect_activations,
+    hf_attention,
+)
 from emolens.model import hooks
 
 TEXTS = [
@@ -181,3 +187,35 @@ def test_answer_readout_chunking_does_not_change_results(tiny_model, label_ids):
     chunked = answer_readout(tiny_model, h, label_ids, chunk_rows=3)
     for a, b in zip(whole, chunked, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_collection_runs_sdpa_and_equals_the_eager_bridge(tiny_model, prompt_ids, label_ids):
+    """Collection reads block outputs only, so it runs HF's SDPA attention; a hook inside
+    attention (here on the pattern) makes it run the bridge's eager attention instead, with the
+    same numbers, and everything is restored afterwards."""
+    bridge = tiny_model.bridge
+    config = bridge.original_model.config
+    assert attention_implementation(bridge) == "sdpa"
+    fast = collect_activations(tiny_model, prompt_ids, label_ids, "all", progress=False)
+    assert fast.meta["attention"] == "sdpa"
+    seen = []
+
+    def pattern_hook(tensor, *, hook):
+        seen.append(tensor.shape)
+
+    with bridge.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", pattern_hook)]):
+        assert attention_implementation(bridge) == "eager"
+        with hf_attention(bridge) as used:
+            assert used == "eager"
+            assert config._attn_implementation == "eager"
+        eager = collect_activations(tiny_model, prompt_ids, label_ids, "all", progress=False)
+    assert seen  # the eager pass ran the bridge's own attention
+    for name in ("resid", "label_logits", "logsumexp", "mean_logit"):
+        torch.testing.assert_close(getattr(fast, name), getattr(eager, name), atol=1e-5, rtol=0)
+    with hf_attention(bridge) as used:
+        assert used == "sdpa" and config._attn_implementation == "sdpa"
+    assert config._attn_implementation == "eager"
+    seen.clear()
+    with bridge.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", pattern_hook)]), torch.no_grad():
+        bridge(torch.tensor([prompt_ids[0]]))
+    assert seen  # after the context, patterns fire again

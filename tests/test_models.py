@@ -9,6 +9,7 @@ from emolens.data.tokens import encode
 from emolens.model.loading import (
     ModelLoadError,
     discover_series,
+    gguf_to_hf,
     load_model,
     resolve_dtype,
     resolve_model_dir,
@@ -165,3 +166,65 @@ def test_smollm2_llama_from_its_registry_package():
     ids = _ids(model, "Consider the following list of emotions.")
     with torch.no_grad():
         assert torch.allclose(model.bridge(ids), model.hf_model(ids).logits, atol=1e-4)
+
+
+def test_a_warning_raised_while_booting_the_bridge_reaches_the_user(tiny_model_dir, monkeypatch):
+    """No blanket filter around booting: a deprecation from TransformerLens is seen."""
+    import warnings
+
+    from transformer_lens.model_bridge import TransformerBridge
+
+    boot = TransformerBridge.boot_transformers
+
+    def warning_boot(*args, **kwargs):
+        warnings.warn("hook_resid_post is deprecated", DeprecationWarning, stacklevel=2)
+        return boot(*args, **kwargs)
+
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", warning_boot)
+    with pytest.warns(DeprecationWarning, match="hook_resid_post is deprecated"):
+        load_model(tiny_model_dir, device="cpu")
+
+
+def test_converting_a_gguf_file_without_the_gguf_package_says_how_to_install_it(
+    tmp_path, monkeypatch
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a)
+    )
+    gguf_file = tmp_path / "m.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    with pytest.raises(ModelLoadError, match=r"emolens\[gguf\]"):
+        gguf_to_hf(gguf_file, tmp_path / "out")
+
+
+def test_a_series_reads_identical_tokenizer_files_once(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import transformers
+
+    from emolens.model import loading
+
+    copies = []
+    for name in ("a", "b", "c"):
+        shutil.copytree(tiny_model_dir, tmp_path / name)
+        copies.append(str(tmp_path / name))
+    config = tmp_path / "c" / "tokenizer_config.json"
+    config.write_text(config.read_text().replace("}", ', "emolens_test": 1}', 1))
+    calls = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def counting(source, *args, **kwargs):
+        calls.append(str(source))
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", counting)
+    monkeypatch.setattr(loading, "_TOKENIZERS", {})
+    first, second, third = (loading.load_tokenizer(c) for c in copies)
+    assert calls == [copies[0], copies[2]]  # b is a cache hit, c's files differ
+    assert first is not second
+    assert first("今日は雨")["input_ids"] == second("今日は雨")["input_ids"]
+    second.pad_token = second.unk_token or "x"  # a caller's change does not leak
+    assert loading.load_tokenizer(copies[1]).pad_token == first.pad_token

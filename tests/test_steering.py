@@ -3,10 +3,11 @@ import torch
 
 from emolens.data.labels import STUDY_LABELS, render_prompts, resolve_label_tokens
 from emolens.data.tokens import encode, last_token_index, pad
-from emolens.measure.activations import collect_activations
+from emolens.measure.activations import answer_readout, collect_activations
 from emolens.measure.steering import (
     SteeringEffect,
     alphas_from_norm_multiples,
+    final_layer_readout,
     final_layer_sensitivity,
     layer_sensitivity,
     layer_sensitivity_cached,
@@ -69,6 +70,66 @@ def test_final_layer_fast_path_matches_the_hooked_forward_pass(tiny_model, setup
     assert max_diff(fast, naive) <= 1e-4  # float32: in fact ~1e-6
     torch.testing.assert_close(fast.base_label_logits, naive.base_label_logits, atol=1e-5, rtol=0)
     assert fast.hook_name == naive.hook_name == hooks.resid_post(last)
+
+
+def explicit_rows(h, vectors, alphas):
+    """``h[p] + alpha[a] * v[e]`` in (emotion, alpha, prompt) order: the obvious rows."""
+    return torch.stack([h[p] + a * v for v in vectors for a in alphas for p in range(h.shape[0])])
+
+
+def assert_readouts_close(got, want, atol=2e-5):
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_factored_final_readout_equals_the_direct_readout_of_every_row(tiny_model, setup, softcap):
+    """Every row factored through the norm (RMSNorm), with and without logit soft-capping."""
+    _, label_ids, acts, vectors = setup
+    h = acts.layer(tiny_model.n_layers - 1)
+    config = tiny_model.hf_model.config
+    before = getattr(config, "final_logit_softcapping", None)
+    config.final_logit_softcapping = softcap
+    try:
+        *got, info = final_layer_readout(tiny_model, h, vectors, ALPHAS, label_ids, chunk_rows=5)
+        want = answer_readout(tiny_model, explicit_rows(h, vectors, ALPHAS), label_ids)
+    finally:
+        config.final_logit_softcapping = before
+    assert info == {"factored_rows": len(want[0]), "direct_rows": 0}
+    assert_readouts_close(got, want)
+    if softcap is not None:
+        assert float(got[0].abs().max()) <= softcap
+
+
+def test_factored_final_readout_falls_back_where_the_norm_is_of_another_form(
+    tiny_model, setup, monkeypatch
+):
+    """A final norm the two-term fit cannot reproduce: those rows are read out directly."""
+    import emolens.measure.activations as activations
+    import emolens.measure.steering as steering
+
+    _, label_ids, acts, vectors = setup
+    h = acts.layer(tiny_model.n_layers - 1)
+    ln, un = activations.readout_modules(tiny_model)
+
+    class Cubed(torch.nn.Module):
+        def forward(self, z):
+            return ln(z) ** 3
+
+    def patched(model):
+        return Cubed(), un
+
+    monkeypatch.setattr(activations, "readout_modules", patched)
+    monkeypatch.setattr(steering, "readout_modules", patched)
+    *got, info = final_layer_readout(tiny_model, h, vectors, ALPHAS, label_ids, chunk_rows=5)
+    want = answer_readout(tiny_model, explicit_rows(h, vectors, ALPHAS), label_ids)
+    n_zero_alpha_rows = int((ALPHAS == 0).sum()) * vectors.shape[0] * h.shape[0]
+    # alpha 0 rows are ln(h) itself, which the fit reproduces; every other row is not
+    assert info == {
+        "factored_rows": n_zero_alpha_rows,
+        "direct_rows": len(want[0]) - n_zero_alpha_rows,
+    }
+    assert_readouts_close(got, want)
 
 
 @pytest.mark.parametrize("positions", ["all", "answer"])
@@ -135,6 +196,33 @@ def test_prompt_kv_cache_holds_the_prefix_and_a_one_token_prompt_needs_none(tiny
     )
     naive = naive_sensitivity(tiny_model, one, 1, vectors, ALPHAS, label_ids, positions="answer")
     assert max_diff(cached, naive) <= 1e-4
+
+
+def test_kv_cache_workaround_is_needed_exactly_where_it_applies(tiny_model, setup, monkeypatch):
+    """Tells when upstream fixes it: without the workaround, the installed TransformerLens
+    leaves a cache passed to the bridge empty exactly when ``needs_kv_cache_workaround()`` says
+    so. If this fails because the cache fills by itself, TL reads ``cache=`` now: narrow
+    ``KV_CACHE_WORKAROUND_TL`` to the versions before the fix."""
+    from transformers import DynamicCache
+
+    import emolens.measure.steering as steering
+
+    prompts, *_ = setup
+    bridge = tiny_model.bridge
+    prefix = torch.as_tensor([prompts[1][:-1]])
+    cache = DynamicCache(config=bridge.original_model.config)
+    with torch.no_grad():
+        bridge(prefix, past_key_values=cache)
+    fills_by_itself = cache.get_seq_length() == prefix.shape[1]
+    assert fills_by_itself != steering.needs_kv_cache_workaround(), (
+        f"the bridge {'fills' if fills_by_itself else 'does not fill'} the cache without the "
+        "workaround; update KV_CACHE_WORKAROUND_TL"
+    )
+    # with the workaround switched off where it is needed, prompt_kv_cache refuses loudly
+    if not fills_by_itself:
+        monkeypatch.setattr(steering, "needs_kv_cache_workaround", lambda: False)
+        with pytest.raises(RuntimeError, match="KV_CACHE_WORKAROUND_TL"):
+            prompt_kv_cache(tiny_model, prompts[1][:-1])
 
 
 def test_zero_alpha_gives_zero_change(tiny_model, setup):

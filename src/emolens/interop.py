@@ -2,7 +2,7 @@
 ``ControlVector``, and the GGUF control-vector files that llama.cpp reads (``--control-vector``).
 
 One layer convention throughout: emolens layer ``L`` is the output of block ``L`` (TransformerLens
-``blocks.{L}.hook_resid_post``), which is what all three add to at index ``L``:
+``blocks.{L}.hook_out``), which is what all three add to at index ``L``:
 steering-vectors' ``"decoder_block"`` layer ``L`` (a forward hook on ``model.layers[L]``),
 repeng's ``directions[L]`` (``ControlModel`` wraps ``model.layers[L]``; repeng reads
 ``hidden_states[L + 1]``) and llama.cpp's ``direction.L`` (added after block ``L``; llama.cpp

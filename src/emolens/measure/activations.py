@@ -1,7 +1,7 @@
 """Residual-stream activations and label logits at the answer position.
 
 For each prompt, :func:`collect_activations` keeps the output of the requested blocks
-(``blocks.{l}.hook_resid_post``) at the answer position (the last real token) and the logits of
+(``blocks.{l}.hook_out``) at the answer position (the last real token) and the logits of
 each label's first token there. Hooks keep only the answer row of each batch and the forward pass
 stops after the last block, so memory grows with samples x layers x d_model, never with the
 sequence length, and the full ``[batch, seq, vocab]`` logits are never computed: the answer
@@ -11,8 +11,10 @@ forward pass (raw HF numerics unless the bridge is in compatibility mode).
 """
 
 import copy
+import types
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,7 +122,8 @@ def _readout_device(bridge) -> torch.device:
     return next(bridge.unembed.parameters()).device
 
 
-def _softcap(bridge) -> float | None:
+def logit_softcap(bridge) -> float | None:
+    """The HF config's ``final_logit_softcapping`` (None where the model has none)."""
     config = getattr(getattr(bridge, "original_model", None), "config", None)
     cap = getattr(config, "final_logit_softcapping", None)
     return float(cap) if cap else None
@@ -153,7 +156,7 @@ def answer_readout(
     device = _readout_device(bridge)
     dtype = next(unembed.parameters()).dtype
     chunk = chunk_rows or default_chunk_rows(bridge)
-    cap = _softcap(bridge)
+    cap = logit_softcap(bridge)
     label_idx = torch.as_tensor(list(label_token_ids), dtype=torch.long, device=device)
     outs: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
     for start in range(0, h.shape[0], chunk):
@@ -168,6 +171,79 @@ def answer_readout(
         n_labels = len(label_idx)
         return torch.zeros(0, n_labels), torch.zeros(0), torch.zeros(0)
     return torch.cat(outs[0]), torch.cat(outs[1]), torch.cat(outs[2])
+
+
+#: What :func:`hf_attention` asks of HF, where the model supports it.
+FAST_ATTENTION = "sdpa"
+
+
+def _attention_components(bridge) -> list:
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    return [m for m in bridge.modules() if isinstance(m, AttentionBridge)]
+
+
+def _attention_internals_hooked(bridge) -> bool:
+    """Whether a hook is attached inside an attention component (patterns, scores, rotated
+    queries, ...): only its ``hook_in`` / ``hook_out`` fire under :func:`hf_attention`."""
+    for name, point in bridge.hook_dict.items():
+        if ".attn" not in name or name.endswith(("attn.hook_in", "attn.hook_out")):
+            continue
+        if point.fwd_hooks or point.bwd_hooks:
+            return True
+    return False
+
+
+def attention_implementation(bridge) -> str:
+    """What :func:`hf_attention` would run for ``bridge`` now: ``"sdpa"`` or ``"eager"``."""
+    hf = getattr(bridge_of(bridge), "original_model", None)
+    if hf is None or not getattr(hf, "_supports_sdpa", False):
+        return "eager"
+    if not getattr(hf, "_can_set_attn_implementation", lambda: False)():
+        return "eager"
+    if not _attention_components(bridge_of(bridge)):
+        return "eager"
+    return "eager" if _attention_internals_hooked(bridge_of(bridge)) else FAST_ATTENTION
+
+
+@contextmanager
+def hf_attention(model) -> Iterator[str]:
+    """Run the bridge's attention components as HF's own attention with SDPA, where the model
+    supports it and no hook inside attention is attached; yields ``"sdpa"`` or ``"eager"``.
+
+    TransformerLens 4.3 forces eager attention and reimplements it step by step
+    (``PositionEmbeddingsAttentionBridge.forward``) so that ``hook_pattern`` and
+    ``hook_attn_scores`` fire. Passes that read only block inputs and outputs (collection,
+    steering at the residual stream) need neither: inside the ``with`` block each attention
+    component delegates to the HF module it wraps (``AttentionBridge.forward``: ``hook_in`` ->
+    HF -> ``hook_out``) and the HF config asks for SDPA (masks included). Numerics are HF's
+    SDPA ones (float32: within ~1e-6 relative of eager). Everything is restored on exit.
+    """
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    bridge = bridge_of(model)
+    if attention_implementation(bridge) == "eager":
+        yield "eager"
+        return
+    hf = bridge.original_model
+    configs = {}
+    for module in (hf, *hf.modules()):
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            configs[id(config)] = (config, config._attn_implementation)
+    components = _attention_components(bridge)
+    try:
+        hf.set_attn_implementation(FAST_ATTENTION)
+        for config, _ in configs.values():
+            config._attn_implementation = FAST_ATTENTION
+        for component in components:  # bridge components pass setattr through to HF's module
+            component.__dict__["forward"] = types.MethodType(AttentionBridge.forward, component)
+        yield FAST_ATTENTION
+    finally:
+        for component in components:
+            component.__dict__.pop("forward", None)
+        for config, before in configs.values():
+            config._attn_implementation = before
 
 
 class _StopForward(Exception):
@@ -195,9 +271,10 @@ def run_to_answer_rows(
     attention_mask: Int[Tensor, "sample seq"],
     layers: Sequence[int],
 ) -> dict[int, Float[Tensor, "sample d_model"]]:
-    """One forward pass keeping only ``blocks.{l}.hook_resid_post`` at the answer position for
+    """One forward pass keeping only ``blocks.{l}.hook_out`` at the answer position for
     each layer in ``layers`` (float32, CPU); it stops after the last of them, so neither later
-    blocks nor the unembedding run. Hooks already on the bridge (e.g. steering) stay active."""
+    blocks nor the unembedding run. Hooks already on the bridge (e.g. steering) stay active.
+    Attention runs as HF's SDPA where it can (:func:`hf_attention`)."""
     bridge = bridge_of(model)
     answer = last_token_index(attention_mask)
     wanted = sorted(set(layers))
@@ -207,7 +284,7 @@ def run_to_answer_rows(
         for layer in wanted
     ]
     device = input_device(bridge)
-    with bridge.hooks(fwd_hooks=fwd):
+    with bridge.hooks(fwd_hooks=fwd), hf_attention(bridge):
         try:
             bridge(input_ids.to(device), attention_mask=attention_mask.to(device))
         except _StopForward:
@@ -412,6 +489,7 @@ def collect_activations(
         "padding_side": padding_side,
         "readout": "unembed(ln_final(resid_post[-1]))",
         "readout_dtype": str(readout_dtype(bridge)).split(".")[-1],
+        "attention": attention_implementation(bridge),
         "n_layers": n_layers,
     }
     for key in ("spec", "weights_hash", "dtype", "device"):

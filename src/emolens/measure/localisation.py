@@ -1,7 +1,7 @@
 """Localisation by intervention: at which depth does the answer depend on each emotion's concept
 direction?
 
-Two interventions on the residual stream (``blocks.{l}.hook_resid_post``) at each layer ``l`` of
+Two interventions on the residual stream (``blocks.{l}.hook_out``) at each layer ``l`` of
 a window of consecutive layers, with ``u_l`` the unit vector of ``directions[l]``:
 
 - :func:`ablate_direction` projects the direction out, ``h <- h - (h . u_l) u_l``, at every
@@ -79,7 +79,7 @@ def ablate_direction(
     positions: Positions = "all",
     answer_index: Int[Tensor, " sample"] | None = None,
 ) -> Iterator[None]:
-    """Project ``directions[i]`` out of ``blocks.{layers[i]}.hook_resid_post`` for the forward
+    """Project ``directions[i]`` out of ``blocks.{layers[i]}.hook_out`` for the forward
     passes inside the ``with`` block: ``h <- h - (h . u) u`` with ``u`` the unit direction.
 
     ``directions`` is ``[layer, d_model]`` (the same for every row) or ``[layer, sample,
@@ -129,7 +129,7 @@ def patch_mean(
     | Float[Tensor, "layer sample d_model"]
     | None = None,
 ) -> Iterator[None]:
-    """Patch a source mean into ``blocks.{layers[i]}.hook_resid_post`` at the answer position
+    """Patch a source mean into ``blocks.{layers[i]}.hook_out`` at the answer position
     ``answer_index[row]`` for the forward passes inside the ``with`` block.
 
     With ``directions``: ``h <- h + ((m - h) . u) u``, ``u`` the unit ``directions[i]`` and

@@ -39,7 +39,9 @@ from emolens.measure.activations import (
     default_chunk_rows,
     input_device,
     load_artifact,
+    logit_softcap,
     numerics_mode,
+    readout_modules,
     run_to_answer_rows,
     save_artifact,
 )
@@ -313,6 +315,113 @@ def _config_index(flat: Tensor, n_alphas: int, n_prompts: int) -> tuple[Tensor, 
 # --------------------------------------------------------------------------- final layer
 
 
+#: A steered row whose ``ln_final`` output departs from the two-term fit by more than this
+#: (relative L2) is read out directly (see :func:`final_layer_readout`).
+FACTOR_TOL = 1e-5
+
+
+def _fit_two_terms(
+    x: Float[Tensor, "row d_model"],
+    y: Float[Tensor, "row d_model"],
+    u: Float[Tensor, "row d_model"],
+) -> tuple[Float[Tensor, " row"], Float[Tensor, " row"], Float[Tensor, " row"]]:
+    """Least-squares ``x ~ s1 * y + s2 * u`` per row (float64); also the relative residual."""
+    x, y, u = x.double(), y.double(), u.double()
+    yy, uu, yu = (y * y).sum(-1), (u * u).sum(-1), (y * u).sum(-1)
+    xy, xu = (x * y).sum(-1), (x * u).sum(-1)
+    det = yy * uu - yu * yu
+    regular = det > 1e-12 * yy * uu
+    safe = torch.where(regular, det, torch.ones_like(det))
+    s1 = torch.where(regular, (xy * uu - xu * yu) / safe, xy / yy.clamp_min(1e-300))
+    s2 = torch.where(regular, (xu * yy - xy * yu) / safe, torch.zeros_like(det))
+    fit = s1[:, None] * y + s2[:, None] * u
+    resid = (x - fit).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-300)
+    return s1.float(), s2.float(), resid.float()
+
+
+@torch.no_grad()
+def final_layer_readout(
+    model,
+    h: Float[Tensor, "prompt d_model"],
+    vectors: Float[Tensor, "emotion d_model"],
+    alphas: Float[Tensor, " alpha"],
+    label_token_ids: Sequence[int],
+    *,
+    chunk_rows: int | None = None,
+    progress: bool = False,
+) -> tuple[Float[Tensor, "row label"], Float[Tensor, " row"], Float[Tensor, " row"], dict]:
+    """:func:`emolens.measure.activations.answer_readout` of ``h[p] + alpha[a] * v[e]`` for every
+    (emotion, alpha, prompt) row, in that order, without a ``[rows, d_model] x [d_model, vocab]``
+    product per row.
+
+    The final norm (RMSNorm or LayerNorm, the model's own ``ln_final``) maps ``z`` to
+    ``beta + g * P z / r(z)`` (``P`` centring or identity, ``r`` a scalar, ``beta`` its output at
+    zero), so ``ln_final(h + a v) - beta = s1 * (ln_final(h) - beta) + s2 * (ln_final(v) - beta)``
+    with two numbers per row, fitted by least squares on the rows' actual ``ln_final`` outputs
+    (cheap: ``[rows, d_model]``). The unembedding (``W x + b``) is linear, so the logits are
+    ``unembed(beta) + s1 * W(ln_final(h) - beta) + s2 * W(ln_final(v) - beta)``: one product for
+    the ``prompt + emotion`` rows, then elementwise work per configuration (soft-capping, if the
+    model has it, applied after). The mean logit is then ``O(1)`` per row without soft-capping;
+    label logits read the label columns; only the logsumexp touches the whole vocabulary, in
+    chunks of ``chunk_rows`` rows. A row whose ``ln_final`` output the fit does not reproduce to
+    :data:`FACTOR_TOL` (a final norm of another form) is read out directly with
+    ``answer_readout``. Returns label logits, logsumexp, mean logit (float32, CPU) and
+    ``{"factored_rows": n, "direct_rows": m}``.
+    """
+    bridge = bridge_of(model)
+    ln_final, unembed = readout_modules(bridge)
+    device = next(unembed.parameters()).device
+    dtype = next(unembed.parameters()).dtype
+    chunk = chunk_rows or default_chunk_rows(bridge)
+    cap = logit_softcap(bridge)
+    n_e, n_a, n_p = vectors.shape[0], alphas.shape[0], h.shape[0]
+    d = h.shape[-1]
+    h, v, al = (t.to(device=device, dtype=dtype) for t in (h, vectors, alphas))
+
+    def norm(z: Tensor) -> Tensor:
+        return ln_final(z[:, None, :])[:, 0, :]
+
+    def unembed_rows(z: Tensor) -> Tensor:
+        return unembed(z[:, None, :])[:, 0, :].float()
+
+    zero = torch.zeros(1, d, device=device, dtype=dtype)
+    beta = norm(zero)  # [1, d_model]
+    y = norm(h) - beta  # [prompt, d_model]
+    u = norm(v) - beta  # [emotion, d_model]
+    flat = torch.arange(n_e * n_a * n_p, device=device)
+    e, a, p = _config_index(flat, n_a, n_p)
+    x = norm(h[p] + al[a, None] * v[e]) - beta  # [row, d_model], cheap
+    s1, s2, resid = _fit_two_terms(x, y[p], u[e])
+    direct = resid > FACTOR_TOL
+    bias = unembed_rows(zero)  # [1, vocab]
+    offset = unembed_rows(beta)[0]  # [vocab]: W beta + b
+    wy = unembed_rows(y) - bias  # [prompt, vocab]
+    wu = unembed_rows(u) - bias  # [emotion, vocab]
+    label_idx = torch.as_tensor(list(label_token_ids), dtype=torch.long, device=device)
+    labels = torch.empty(len(flat), len(label_idx), device=device)
+    lse = torch.empty(len(flat), device=device)
+    mean = torch.empty(len(flat), device=device)
+    starts = range(0, len(flat), chunk)
+    for start in tqdm(starts, desc="final-layer steering", disable=not progress, leave=False):
+        rows = slice(start, start + chunk)
+        logits = torch.addcmul(offset, s1[rows, None], wy[p[rows]])
+        logits.addcmul_(s2[rows, None], wu[e[rows]])
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+            mean[rows] = logits.mean(-1)
+        labels[rows] = logits[:, label_idx]
+        lse[rows] = torch.logsumexp(logits, dim=-1)
+    if cap is None:  # the mean of a linear function of the logits: O(1) per row
+        mean = offset.mean() + s1 * wy.mean(-1)[p] + s2 * wu.mean(-1)[e]
+    if bool(direct.any()):
+        idx = direct.nonzero().flatten()
+        rows_h = (h[p[idx]] + al[a[idx], None] * v[e[idx]]).float().cpu()
+        out = answer_readout(bridge, rows_h, label_token_ids, chunk_rows=chunk)
+        labels[idx], lse[idx], mean[idx] = (t.to(device) for t in out)
+    info = {"factored_rows": int((~direct).sum()), "direct_rows": int(direct.sum())}
+    return labels.cpu(), lse.cpu(), mean.cpu(), info
+
+
 @torch.no_grad()
 def final_layer_sensitivity(
     model,
@@ -332,28 +441,22 @@ def final_layer_sensitivity(
     ``h_final`` are the unsteered final-block outputs at the answer position (e.g.
     ``acts.layer(n_layers - 1)``). Steering there changes the answer logits only through
     ``unembed(ln_final(h + alpha * v))``, computed with the model's own modules for every
-    (emotion, alpha, prompt) in chunks of ``chunk_rows`` rows of full-vocabulary logits (by
-    default as many as fit in 256 MiB). Equals the hooked forward pass with positions "all" or
-    "answer" alike (steering other positions cannot reach the answer after the last block).
+    (emotion, alpha, prompt) by :func:`final_layer_readout` (one vocabulary product per prompt
+    and per emotion, not per configuration; ``chunk_rows`` rows of full-vocabulary work at a
+    time, by default as many as fit in 256 MiB). Equals the hooked forward pass with positions
+    "all" or "answer" alike (steering other positions cannot reach the answer after the last
+    block).
     """
     bridge = bridge_of(model)
     n_e, n_a, n_p = vectors.shape[0], alphas.shape[0], h_final.shape[0]
     chunk = chunk_rows or default_chunk_rows(bridge)
     h, v, al = h_final.float().cpu(), vectors.float().cpu(), alphas.float().cpu()
     base = answer_readout(bridge, h, label_token_ids, chunk_rows=chunk)
-    total = n_e * n_a * n_p
-    parts: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
-    starts = range(0, total, chunk)
-    for start in tqdm(starts, desc="final-layer steering", disable=not progress, leave=False):
-        flat = torch.arange(start, min(start + chunk, total))
-        e, a, p = _config_index(flat, n_a, n_p)
-        rows = h[p] + al[a, None] * v[e]
-        out = answer_readout(bridge, rows, label_token_ids, chunk_rows=chunk)
-        for part, value in zip(parts, out, strict=True):
-            part.append(value)
-    steered = tuple(torch.cat(part) for part in parts)
+    *steered, _ = final_layer_readout(
+        bridge, h, v, al, label_token_ids, chunk_rows=chunk, progress=progress
+    )
     return _effect(
-        steered,
+        tuple(steered),
         base,
         n_e,
         n_a,
@@ -364,7 +467,7 @@ def final_layer_sensitivity(
         prompt_ids=prompt_ids,
         layer=int(bridge.cfg.n_layers) - 1,
         positions="all",
-        method="final-layer readout: unembed(ln_final(h + alpha v))",
+        method="final-layer readout: unembed(ln_final(h + alpha v)), factored through the norm",
         model=model,
     )
 
@@ -402,7 +505,7 @@ def layer_sensitivity(
     padding_side: str = "right",
     progress: bool = True,
 ) -> SteeringEffect:
-    """Sensitivity to steering at ``blocks.{layer}.hook_resid_post`` of the prompts
+    """Sensitivity to steering at ``blocks.{layer}.hook_out`` of the prompts
     ``token_ids``, by hooked forward passes.
 
     Every (emotion, alpha, prompt) configuration is one batch row with its own steering vector,
@@ -470,6 +573,24 @@ class _StopAfterLastBlock(Exception):
     """Raised by a hook once the rows needed from a forward pass are stored."""
 
 
+#: The TransformerLens versions whose attention bridges read only ``past_key_values=``, while
+#: transformers 5 hands attention modules the cache as ``cache=`` (checked up to TL 4.3.0;
+#: ``tests/test_steering.py`` fails once an installed TL in this range reads ``cache=`` itself).
+KV_CACHE_WORKAROUND_TL = (">=4.0", "<4.4")
+
+
+def needs_kv_cache_workaround() -> bool:
+    """Whether the installed TransformerLens and transformers are a pairing whose attention
+    ignores transformers 5's ``cache=`` argument (see :func:`attention_reads_kv_cache`)."""
+    from importlib.metadata import version
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    tl, hf = Version(version("transformer-lens")), Version(version("transformers"))
+    return tl in SpecifierSet(",".join(KV_CACHE_WORKAROUND_TL)) and hf.major >= 5
+
+
 @contextmanager
 def attention_reads_kv_cache(bridge) -> Iterator[None]:
     """Make the bridge's attention components fill and read a key/value cache.
@@ -477,11 +598,15 @@ def attention_reads_kv_cache(bridge) -> Iterator[None]:
     transformers 5.x hands each attention module the cache as ``cache=...``, while the
     attention that TransformerLens 4.3 reimplements (``AttentionBridge._update_kv_cache``)
     looks only for ``past_key_values=...``: without this, a cache passed to the bridge is never
-    filled nor read, and a cached step silently attends to itself alone. Inside the ``with``
-    block a forward pre-hook on every attention component copies ``cache`` to
-    ``past_key_values`` (a no-op where the caller already passes ``past_key_values``, as
-    transformers 4.x does); the pre-hooks are removed on exit.
+    filled nor read, and a cached step silently attends to itself alone. Where the installed
+    versions are such a pairing (:func:`needs_kv_cache_workaround`), inside the ``with`` block
+    a forward pre-hook on every attention component copies ``cache`` to ``past_key_values``;
+    the pre-hooks are removed on exit. Elsewhere it does nothing, and
+    :func:`prompt_kv_cache` still checks that the cache fills.
     """
+    if not needs_kv_cache_workaround():
+        yield
+        return
 
     def pre_hook(module, args, kwargs):
         if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
@@ -546,7 +671,8 @@ def prompt_kv_cache(model, prefix: Sequence[int]):
         raise RuntimeError(
             f"the key/value cache holds {cache.get_seq_length()} positions after "
             f"a pass over {len(prefix)} tokens: this model's attention does not "
-            "fill it; use layer_sensitivity instead"
+            "fill it (if TransformerLens was upgraded, KV_CACHE_WORKAROUND_TL in "
+            "emolens.measure.steering may need widening); use layer_sensitivity instead"
         )
     return cache
 
@@ -574,7 +700,7 @@ def layer_sensitivity_cached(
     prompt_ids: Sequence[str] | None = None,
     progress: bool = True,
 ) -> SteeringEffect:
-    """Sensitivity to steering the answer position only at ``blocks.{layer}.hook_resid_post``,
+    """Sensitivity to steering the answer position only at ``blocks.{layer}.hook_out``,
     reusing each prompt's key/value cache: equal to ``layer_sensitivity(...,
     positions="answer")`` and to the naive loop, for a fraction of the compute.
 

@@ -1,34 +1,57 @@
 """Hook names, from one place: never hand-write a module path elsewhere."""
 
+#: TransformerLens 4's own name of a block's output; ``blocks.{layer}.hook_resid_post`` is the
+#: HookedTransformer alias TL 4.3 marks deprecated (``BlockBridge.hook_aliases``).
+RESID_POST = "blocks.{layer}.hook_out"
+RESID_PRE = "blocks.{layer}.hook_in"
+RESID_MID = "blocks.{layer}.ln2.hook_in"
+ATTN_OUT = "blocks.{layer}.attn.hook_out"
+MLP_OUT = "blocks.{layer}.mlp.hook_out"
+EMBED_OUT = "embed.hook_out"
+FINAL_NORM = "ln_final.hook_normalized"
+
+#: Each name above and the HookedTransformer alias it replaces (same hook point on the bridge).
+ALIASES = {
+    RESID_POST: "blocks.{layer}.hook_resid_post",
+    RESID_PRE: "blocks.{layer}.hook_resid_pre",
+    RESID_MID: "blocks.{layer}.hook_resid_mid",
+    ATTN_OUT: "blocks.{layer}.hook_attn_out",
+    MLP_OUT: "blocks.{layer}.hook_mlp_out",
+    EMBED_OUT: "hook_embed",
+}
+
 
 def resid_post(layer: int) -> str:
-    """Output of block ``layer`` (the residual stream after it)."""
-    return f"blocks.{layer}.hook_resid_post"
+    """Output of block ``layer`` (the residual stream after it): ``blocks.{layer}.hook_out``."""
+    return RESID_POST.format(layer=layer)
 
 
 def resid_pre(layer: int) -> str:
     """Input of block ``layer``."""
-    return f"blocks.{layer}.hook_resid_pre"
+    return RESID_PRE.format(layer=layer)
 
 
 def resid_mid(layer: int) -> str:
-    """Residual stream of block ``layer`` after its attention, before its MLP."""
-    return f"blocks.{layer}.hook_resid_mid"
+    """Residual stream of block ``layer`` after its attention, before its MLP (the second
+    norm's input)."""
+    return RESID_MID.format(layer=layer)
 
 
 def attn_out(layer: int) -> str:
-    return f"blocks.{layer}.hook_attn_out"
+    return ATTN_OUT.format(layer=layer)
 
 
 def mlp_out(layer: int) -> str:
-    return f"blocks.{layer}.hook_mlp_out"
+    return MLP_OUT.format(layer=layer)
 
 
 def embed_out() -> str:
-    return "hook_embed"
+    return EMBED_OUT
 
 
-FINAL_NORM = "ln_final.hook_normalized"
+def manifest_names() -> dict[str, str]:
+    """The hook names the analysis reads and steers at, as the manifest records them."""
+    return {"vectors": f"{RESID_POST} (answer position)", "steering": RESID_POST}
 
 
 def check_layers(layers, n_layers: int) -> list[int]:

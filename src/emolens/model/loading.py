@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import shutil
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -161,6 +160,10 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: Path | None = None) -> Path:
         out_dir = cache_dir() / "hf" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
     if (out_dir / "config.json").exists() and (out_dir / "emolens_source.json").exists():
         return out_dir
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError(
+            f"converting {gguf_path.name} needs the gguf package: pip install 'emolens[gguf]'"
+        )
     log.warning(
         "converting %s to an HF folder in %s (once; later loads reuse it)", gguf_path.name, out_dir
     )
@@ -350,16 +353,50 @@ def weights_hash(model: torch.nn.Module) -> str:
     for name, p in sorted(model.state_dict().items()):
         t = p.detach().to("cpu").contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())  # the buffer itself: no bytes copy
     return h.hexdigest()[:16]
 
 
+#: Files of a model folder that never affect its tokenizer (weights, training state).
+_NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+_TOKENIZERS: dict[str, object] = {}
+_TOKENIZER_CACHE_SIZE = 4
+
+
+def _tokenizer_key(source: str) -> str | None:
+    """A sha256 over the names and bytes of a local folder's files other than weights and
+    training state (tokenizer files, configs): equal keys load equal tokenizers."""
+    path = Path(source)
+    if not path.is_dir():
+        return None
+    h = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if not file.is_file() or file.name.endswith(_NOT_TOKENIZER):
+            continue
+        if file.name in ("trainer_state.json", "training_args.bin", "emolens_source.json"):
+            continue
+        h.update(f"{file.name}:{file.stat().st_size}".encode())
+        h.update(file.read_bytes())
+    return h.hexdigest()
+
+
 def load_tokenizer(source: str):
+    """The tokenizer of ``source`` (pad token set to EOS where it has none). The checkpoints of
+    a series carry identical tokenizer files: those are read once per process, and each call
+    returns its own copy."""
     from transformers import AutoTokenizer
 
+    key = _tokenizer_key(source)
+    if key is not None and key in _TOKENIZERS:
+        return copy.deepcopy(_TOKENIZERS[key])
     tok = AutoTokenizer.from_pretrained(source)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if key is not None:
+        while len(_TOKENIZERS) >= _TOKENIZER_CACHE_SIZE:
+            _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
+        _TOKENIZERS[key] = copy.deepcopy(tok)
     return tok
 
 
@@ -489,15 +526,15 @@ def load_model(
     hf_model.eval()
     # the bridge normalises the tokenizer it gets (e.g. sets a BOS); emolens keeps its own
     boot_kwargs = {"device_map": device_map} if device_map is not None else {"device": dev}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bridge = TransformerBridge.boot_transformers(
-            source,
-            hf_model=hf_model,
-            tokenizer=copy.deepcopy(tokenizer),
-            dtype=torch_dtype,
-            **boot_kwargs,
-        )
+    # no warning filter: booting gemma-3 and Llama models with TL 4.3 warns nothing,
+    # and a deprecation TransformerLens or transformers raises here must reach the user
+    bridge = TransformerBridge.boot_transformers(
+        source,
+        hf_model=hf_model,
+        tokenizer=copy.deepcopy(tokenizer),
+        dtype=torch_dtype,
+        **boot_kwargs,
+    )
     bridge.eval()
     return LoadedModel(
         bridge=bridge,

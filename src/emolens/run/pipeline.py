@@ -1239,10 +1239,7 @@ def _analyze_locked(
         },
         identity=identity,
         steered_prompts=[corpus.samples[i].id for i in prompt_index],
-        hook_names={
-            "vectors": "blocks.{layer}.hook_resid_post (answer position)",
-            "steering": "blocks.{layer}.hook_resid_post",
-        },
+        hook_names=hooks.manifest_names(),
         numerics=NUMERICS_MODE,
         numerics_note=NUMERICS_NOTE,
         readout_dtype="float32 (unembed(ln_final(h)) upcast whatever the model dtype)",
