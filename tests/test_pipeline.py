@@ -56,6 +56,10 @@ def test_analysis_writes_long_tables_for_every_step(series_out):
     manifest = json.loads((series_out / "manifest.json").read_text())
     assert manifest["numerics"] == "raw-hf"
     assert manifest["failures"] == [] and manifest["series_problems"]
+    # provenance: the git commit of this checkout and the accelerator (none here: cpu)
+    assert (
+        manifest["provenance"]["git"]["commit"] and "gpus" in manifest["provenance"]["accelerator"]
+    )
     assert manifest["data"]["sha256"]
     assert len(manifest["steered_prompts"]) == 3
 

@@ -73,6 +73,9 @@ class Results:
     attribution: pd.DataFrame
     transfer: pd.DataFrame
     dla: pd.DataFrame
+    heads: pd.DataFrame
+    logit_lens: pd.DataFrame
+    generations: pd.DataFrame
     random_baseline: pd.DataFrame
     change_summary: pd.DataFrame
     localisation: pd.DataFrame

@@ -70,7 +70,7 @@ from emolens.model.loading import (
     resolve_device,
     resolve_dtype,
 )
-from emolens.store import layout
+from emolens.store import layout, provenance
 from emolens.store.files import (
     NUMERICS_MODE,
     NUMERICS_NOTE,
@@ -1250,6 +1250,7 @@ def _analyze_locked(
         failures=failures,
         series_problems=list(series.problems),
         seconds_this_run=round(time.time() - started, 1),
+        provenance=provenance.manifest(),
     ).write(layout.ResultsLayout(out).manifest)
     return out
 

@@ -48,12 +48,15 @@ class Manifest:
     series_problems: list[str]
     seconds_this_run: float
     merged_from: list[str] | None = None
+    #: the emolens git commit (when run from a checkout) and the accelerator: provenance.manifest()
+    provenance: JsonDict | None = None
     extra: JsonDict = field(default_factory=dict)
 
     def to_dict(self) -> JsonDict:
         out: JsonDict = {}
         for f in fields(self):
-            if f.name == "extra" or (f.name == "merged_from" and self.merged_from is None):
+            optional = f.name in ("merged_from", "provenance")
+            if f.name == "extra" or (optional and getattr(self, f.name) is None):
                 continue
             out[f.name] = getattr(self, f.name)
         out.update(self.extra)
@@ -65,7 +68,7 @@ class Manifest:
         if not isinstance(data, dict):
             raise ValueError("a manifest is a JSON object")
         names = [f.name for f in fields(cls) if f.name != "extra"]
-        required = [n for n in names if n != "merged_from"]
+        required = [n for n in names if n not in ("merged_from", "provenance")]
         missing = [n for n in required if n not in data]
         if missing:
             raise ValueError(f"the manifest lacks {', '.join(missing)}")
