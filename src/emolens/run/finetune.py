@@ -540,7 +540,13 @@ def _callback_types() -> dict[str, type]:
         def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
             if lr_scheduler is not None:
                 with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+                    # fast-forwarding the schedule steps it before any optimizer step, on purpose
+                    warnings.filterwarnings(
+                        "ignore",
+                        message=r"Detected call of `lr_scheduler.step\(\)` before "
+                        r"`optimizer.step\(\)`",
+                        category=UserWarning,
+                    )
                     for _ in range(self.steps):
                         lr_scheduler.step()
             return control
