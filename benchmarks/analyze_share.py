@@ -20,7 +20,8 @@ import torch
 from emolens.data.corpus import load_corpus
 from emolens.measure import activations, steering
 from emolens.model import loading
-from emolens.run.pipeline import AnalysisConfig, analyze
+from emolens.run.analyze import analyze
+from emolens.run.config import AnalysisConfig
 
 SPENT: dict[str, float] = defaultdict(float)
 
@@ -60,9 +61,9 @@ def main(argv=None) -> None:
     # the demo's settings (vectors from every sample: the 270M base model answers too few
     # neutral samples correctly for the paper's filter), steering at the final layer
     config = AnalysisConfig(layers="all", steer_layers="-1", filter_mode="none", n_boot=200)
-    from emolens.run import pipeline
+    from emolens.run import analyze as analyze_module
 
-    pipeline.combine_steps = timed("tables", pipeline.combine_steps)
+    analyze_module.combine_steps = timed("tables", analyze_module.combine_steps)
     start = time.perf_counter()
     analyze(
         args.run,

@@ -42,7 +42,7 @@ from emolens.measure.steering import (
 )
 from emolens.measure.vectors import concept_vectors
 from emolens.model.loading import load_model
-from emolens.run.pipeline import choose_prompts
+from emolens.run.prompt import choose_prompts
 
 QUANTITIES = ("logit_change", "logprob_change", "centered_change")
 

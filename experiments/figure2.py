@@ -1,6 +1,6 @@
 """Reproduce the paper's Figure 2: steering sensitivity of each emotion over fine-tuning steps.
 
-Runs :func:`emolens.run.pipeline.analyze` over a fine-tuning run folder (or one model) with the
+Runs :func:`emolens.run.analyze.analyze` over a fine-tuning run folder (or one model) with the
 paper's settings (final block output, 10 neutral prompts, filtering by the model's own
 answers; no DLA, no causal geometry), then writes ``OUT/figures/figure2.html``. Every
 ``emolens analyze`` option can override them::
@@ -17,12 +17,9 @@ import pandas as pd
 from emolens.data.corpus import load_corpus
 from emolens.report import figures
 from emolens.report.page import write_figure
-from emolens.run.pipeline import (
-    AnalysisConfig,
-    add_analysis_options,
-    analyze,
-    prompt_language,
-)
+from emolens.run.analyze import analyze
+from emolens.run.config import AnalysisConfig, add_analysis_options
+from emolens.run.prompt import prompt_language
 from emolens.store.files import read_json
 
 

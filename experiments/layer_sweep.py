@@ -1,6 +1,6 @@
 """Mid-layer localisation (the paper's future work, issue 6): steer and probe at every layer.
 
-With ``--model`` runs :func:`emolens.run.pipeline.analyze` with ``--layers all --steer-layers all``
+With ``--model`` runs :func:`emolens.run.analyze.analyze` with ``--layers all --steer-layers all``
 (other ``emolens analyze`` options apply) into OUT first; then, from OUT, writes
 ``OUT/layer_summary.csv`` (per step and emotion, the most steerable and the most decodable
 layer) and to ``OUT/figures/``: ``layer_summary.html`` and one layer x step heatmap of the
@@ -19,12 +19,9 @@ from emolens.analysis.frames import label_order
 from emolens.data.corpus import load_corpus
 from emolens.report import figures
 from emolens.report.page import write_figure
-from emolens.run.pipeline import (
-    AnalysisConfig,
-    add_analysis_options,
-    analyze,
-    prompt_language,
-)
+from emolens.run.analyze import analyze
+from emolens.run.config import AnalysisConfig, add_analysis_options
+from emolens.run.prompt import prompt_language
 from emolens.store.files import write_csv
 
 

@@ -15,7 +15,8 @@ import _args  # experiments/_args.py: the shared argument shape
 from emolens.data.corpus import load_corpus
 from emolens.report import figures
 from emolens.report.page import write_figure
-from emolens.run.pipeline import localise, manifest_prompt
+from emolens.run.localise import localise
+from emolens.run.prompt import manifest_prompt
 from emolens.store.files import read_json
 
 

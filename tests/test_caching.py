@@ -7,7 +7,8 @@ import pytest
 import emolens
 from emolens.data.corpus import load_corpus
 from emolens.data.labels import STUDY_LABELS
-from emolens.run.pipeline import AnalysisConfig, analyze
+from emolens.run.analyze import analyze
+from emolens.run.config import AnalysisConfig
 
 CONFIG = AnalysisConfig(
     layers="1,-1",

@@ -114,7 +114,8 @@ def test_steered_generations_table(tiny_model, prompts, hf_reference):
 @pytest.fixture(scope="module")
 def analysis_out(tmp_path_factory, tiny_model_dir):
     from emolens.data.corpus import bundled_corpus_path, read_corpus
-    from emolens.run.pipeline import AnalysisConfig, analyze
+    from emolens.run.analyze import analyze
+    from emolens.run.config import AnalysisConfig
 
     header, *lines = bundled_corpus_path().read_text(encoding="utf-8").splitlines()
     seen: dict[str, int] = {}

@@ -26,7 +26,8 @@ from emolens.measure.attribution import ReadoutCheckFailed
 from emolens.measure.steering import final_layer_sensitivity, naive_sensitivity
 from emolens.measure.vectors import ConceptVectors
 from emolens.model.loading import load_model
-from emolens.run.pipeline import AnalysisConfig, analyze
+from emolens.run.analyze import analyze
+from emolens.run.config import AnalysisConfig
 from emolens.testing.tiny import tiny_random_gpt2, tiny_random_model
 
 N_LAYERS = 4  # the tiny Llama

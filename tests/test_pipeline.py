@@ -5,7 +5,9 @@ import pytest
 
 from emolens.data.corpus import load_corpus
 from emolens.data.labels import STUDY_LABELS
-from emolens.run.pipeline import AnalysisConfig, analyze, choose_prompts
+from emolens.run.analyze import analyze
+from emolens.run.config import AnalysisConfig
+from emolens.run.prompt import choose_prompts
 
 CONFIG = AnalysisConfig(
     layers="1,-1",
@@ -142,7 +144,7 @@ def test_explanation_tables_are_written_for_the_series(series_out):
 
 
 def test_shards_merge_into_the_single_run(series_out, fake_run_dir, corpus, tmp_path):
-    from emolens.run.pipeline import merge
+    from emolens.run.merge import merge
 
     shards = []
     for i in range(2):
@@ -264,7 +266,7 @@ def test_answer_only_steering_uses_the_kv_cache_and_matches_the_plain_pass(
 def test_localisation_sweeps_windows_for_every_step(series_out, corpus, tmp_path):
     import shutil
 
-    from emolens.run.pipeline import localise
+    from emolens.run.localise import localise
 
     config = AnalysisConfig(**{**CONFIG.to_dict(), "layers": "all"})
     out = tmp_path / "all-layers"

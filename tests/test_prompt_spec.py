@@ -4,6 +4,7 @@ finetune flag has an effect, and the two accuracy paths agree sample by sample."
 
 import json
 from dataclasses import replace
+from typing import get_args
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ from emolens.data.labels import (
 )
 from emolens.data.tokens import encode
 from emolens.model.loading import ModelLoadError, load_model, load_tokenizer
+from emolens.run.analyze import analyze
+from emolens.run.config import AnalysisConfig
 from emolens.run.finetune import (
     TINY,
     FinetuneError,
@@ -27,7 +30,7 @@ from emolens.run.finetune import (
     run_prompt,
     training_arguments,
 )
-from emolens.run.pipeline import AnalysisConfig, analyze, step_dir
+from emolens.store.layout import ResultsLayout
 
 FAST = AnalysisConfig(
     layers="-1",
@@ -226,7 +229,7 @@ def test_analyze_with_chat_reads_the_single_bos_prompt(
     )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["prompt"]["chat"] is True and manifest["prompt"]["add_special_tokens"] is False
-    acts = Activations.load(step_dir(out, 0))
+    acts = Activations.load(ResultsLayout(out).step(0).folder)
     spec = PromptSpec(chat=True)
     ids = spec.encode(bos_tokenizer, small_corpus.texts()[:3])
     label_ids = spec.label_tokens(bos_tokenizer).ids
@@ -240,7 +243,7 @@ def test_analyze_with_chat_reads_the_single_bos_prompt(
 def test_localise_encodes_with_the_analysis_chat_prompt(bos_model_dir, small_corpus, tmp_path):
     from emolens.measure.localisation import window_sweep
     from emolens.measure.vectors import ConceptVectors
-    from emolens.run.pipeline import localise
+    from emolens.run.localise import localise
 
     out = analyze(
         bos_model_dir,
@@ -250,7 +253,7 @@ def test_localise_encodes_with_the_analysis_chat_prompt(bos_model_dir, small_cor
         device="cpu",
     )
     table = localise(out, small_corpus, window=2, per_label=1, device="cpu")
-    folder = step_dir(out, 0)
+    folder = ResultsLayout(out).step(0).folder
     audit = json.loads((folder / "label_audit.json").read_text())
     label_ids = [e["first_token_id"] for e in audit["entries"]]
     model = load_model(bos_model_dir, device="cpu")
@@ -467,9 +470,10 @@ def test_finetune_dtype_bfloat16_trains_in_bf16(en_run, tiny_model_dir, en_corpu
 
 def test_one_definition_of_the_filter_modes():
     from emolens.measure import vectors
-    from emolens.run import pipeline
+    from emolens.run import config
 
-    assert pipeline.FILTER_MODES is vectors.FILTER_MODES
+    assert config.FILTER_MODES is vectors.FILTER_MODES
+    assert get_args(config.FilterMode) == vectors.FILTER_MODES  # the type names the same modes
     assert set(vectors.FILTER_MODES) == {"self", "base", "all", "none"}
     from emolens.measure.activations import Activations
 
@@ -497,7 +501,7 @@ def test_finetune_accuracy_and_analysis_predict_the_same_label_per_sample(
     out = analyze(
         bos_model_dir, small_corpus, tmp_path / "a", replace(FAST, chat=chat), device="cpu"
     )
-    acts = Activations.load(step_dir(out, 0))
+    acts = Activations.load(ResultsLayout(out).step(0).folder)
     model = load_model(bos_model_dir, device="cpu")
     result = evaluate_accuracy(
         model, model.tokenizer, small_corpus, PromptSpec(chat=chat), batch_size=5
@@ -513,7 +517,7 @@ def test_accuracy_paths_agree_on_a_fine_tuned_english_checkpoint(en_run, en_corp
 
     test = read_corpus(en_corpus_file)
     out = analyze(en_run, test, tmp_path / "a", FAST, device="cpu", steps=[4])
-    acts = Activations.load(step_dir(out, 4))
+    acts = Activations.load(ResultsLayout(out).step(4).folder)
     model = load_model(en_run / "checkpoint-4", device="cpu")
     result = evaluate_accuracy(model, model.tokenizer, test, run_prompt(en_run), batch_size=4)
     names = STUDY_LABELS.names("en")

@@ -16,7 +16,10 @@ import torch
 from emolens.cli import main
 from emolens.data.corpus import load_corpus
 from emolens.model.loading import ModelLoadError, resolve_device, resolve_dtype
-from emolens.run.pipeline import AnalysisConfig, IdentityMismatch, analyze, merge
+from emolens.run.analyze import analyze
+from emolens.run.config import AnalysisConfig
+from emolens.run.identity import IdentityMismatch
+from emolens.run.merge import merge
 from emolens.store.files import FolderInUse, folder_lock
 
 CONFIG = AnalysisConfig(
@@ -406,7 +409,7 @@ def test_texts_longer_than_the_context_are_refused_naming_them(tiny_model_dir, t
     long = Sample(id="very-long", text="あ" * 2000, label="joy")
     corpus = Corpus((*base.samples, long), "test", "sha-long")
     analyze(tiny_model_dir, corpus, tmp_path / "out", CONFIG, device="cpu")
-    from emolens.run.pipeline import failure_summary
+    from emolens.run.analyze import failure_summary
 
     summary = failure_summary(tmp_path / "out")
     assert "longer than the model's context" in summary and "very-long" in summary

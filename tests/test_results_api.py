@@ -21,7 +21,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 @pytest.fixture(scope="module")
 def results_dir(fake_run_dir, tmp_path_factory) -> Path:
     from emolens.data.corpus import load_corpus
-    from emolens.run.pipeline import AnalysisConfig, analyze
+    from emolens.run.analyze import analyze
+    from emolens.run.config import AnalysisConfig
 
     config = AnalysisConfig(
         layers="all",
@@ -124,8 +125,8 @@ def test_effects_without_xarray_is_an_error_naming_the_extra(results_dir, monkey
 
 def test_top_level_names_are_the_library_functions():
     from emolens.model.loading import load_model
+    from emolens.run.analyze import analyze
     from emolens.run.finetune import finetune
-    from emolens.run.pipeline import analyze
 
     assert emolens.analyze is analyze and emolens.load_model is load_model
     # emolens.finetune is the function (its module is emolens.run.finetune, so the names no

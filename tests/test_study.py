@@ -22,7 +22,7 @@ def write(tmp_path: Path, text: str, name: str = "study.toml") -> Path:
 def test_demo_study_is_what_emolens_demo_runs():
     from emolens.demo import DEMO_ANALYSIS, demo_settings
     from emolens.model.loading import DEFAULT_MODEL
-    from emolens.run.pipeline import AnalysisConfig
+    from emolens.run.config import AnalysisConfig
 
     study = str(STUDIES / "demo.toml")
     ft = parse_args(["finetune", "--config", study])
@@ -43,8 +43,8 @@ def test_demo_study_is_what_emolens_demo_runs():
 
 def test_paper_study_is_the_papers_protocol():
     from emolens.model.loading import SARASHINA_1B
+    from emolens.run.config import AnalysisConfig
     from emolens.run.finetune import PRESETS
-    from emolens.run.pipeline import AnalysisConfig
 
     study = str(STUDIES / "paper.toml")
     ft = parse_args(["finetune", "--config", study])

@@ -16,9 +16,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "Results": ("emolens.api", "Results"),
     "finetune": ("emolens.run.finetune", "finetune"),
-    "analyze": ("emolens.run.pipeline", "analyze"),
+    "analyze": ("emolens.run.analyze", "analyze"),
     "generate": ("emolens.run.generation", "generate"),
-    "AnalysisConfig": ("emolens.run.pipeline", "AnalysisConfig"),
+    "AnalysisConfig": ("emolens.run.config", "AnalysisConfig"),
     "FinetuneConfig": ("emolens.run.finetune", "FinetuneConfig"),
     "load_model": ("emolens.model.loading", "load_model"),
     "load_corpus": ("emolens.data.corpus", "load_corpus"),

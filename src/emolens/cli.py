@@ -165,13 +165,14 @@ def _cmd_finetune(args) -> int:
 
 
 def _analysis_config(args):
-    from emolens.run.pipeline import AnalysisConfig
+    from emolens.run.config import AnalysisConfig
 
     return AnalysisConfig.from_cli(args)
 
 
 def _cmd_analyze(args) -> int:
-    from emolens.run.pipeline import analyze, prompt_language
+    from emolens.run.analyze import analyze
+    from emolens.run.prompt import prompt_language
 
     shard = None
     if args.shard:
@@ -203,7 +204,7 @@ def _cmd_analyze(args) -> int:
 
 def _finish(results_dir, message: str) -> int:
     """Print where the results are; exit 1 with one line if steps of the run failed."""
-    from emolens.run.pipeline import failure_summary
+    from emolens.run.analyze import failure_summary
 
     summary = failure_summary(results_dir)
     if summary is None:
@@ -215,7 +216,7 @@ def _finish(results_dir, message: str) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from emolens.run.pipeline import merge
+    from emolens.run.merge import merge
 
     print(f"merged into {merge(args.shards, args.out)}")
     return 0
@@ -286,7 +287,7 @@ def _analyze_options(p: argparse.ArgumentParser) -> None:
     _model_options(p, default=None)
     _data_options(p, language=None)
     p.add_argument("--out", required=True, help="results folder (re-running resumes)")
-    from emolens.run.pipeline import add_analysis_options
+    from emolens.run.config import add_analysis_options
 
     add_analysis_options(p)
     p.add_argument(
@@ -317,7 +318,7 @@ def _merge_options(p: argparse.ArgumentParser) -> None:
 
 def _cmd_generate(args) -> int:
     from emolens.run.generation import generate
-    from emolens.run.pipeline import manifest_prompt
+    from emolens.run.prompt import manifest_prompt
     from emolens.store.files import read_json
 
     manifest = read_json(f"{args.dir}/manifest.json")

@@ -12,8 +12,9 @@ from pathlib import Path
 from emolens.data.corpus import load_corpus
 from emolens.model.loading import DEFAULT_MODEL, cache_dir
 from emolens.report.page import write_report
+from emolens.run.analyze import analyze
+from emolens.run.config import AnalysisConfig
 from emolens.run.finetune import PRESETS, finetune
-from emolens.run.pipeline import AnalysisConfig, analyze
 from emolens.store.files import write_json
 
 log = logging.getLogger(__name__)

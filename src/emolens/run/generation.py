@@ -19,8 +19,10 @@ from emolens.measure.steering import steering_vectors
 from emolens.measure.vectors import ConceptVectors
 from emolens.model import hooks
 from emolens.model.loading import Checkpoint, CheckpointSeries
-from emolens.run.pipeline import _loaded, manifest_prompt, step_dir
+from emolens.run.prompt import manifest_prompt
+from emolens.run.step import loaded_model
 from emolens.store.files import read_json, write_csv, write_json
+from emolens.store.layout import ResultsLayout
 
 GENERATIONS_DIR = "generations"
 COLUMNS = ["step", "emotion", "alpha", "prompt_id", "text", "n_tokens"]
@@ -88,7 +90,8 @@ def generate(
     checkpoints = [
         c
         for c in series.checkpoints
-        if (step_dir(out, c.step) / "done.json").exists() and (wanted is None or c.step in wanted)
+        if (ResultsLayout(out).step(c.step).folder / "done.json").exists()
+        and (wanted is None or c.step in wanted)
     ]
     if wanted is not None and len(checkpoints) != len(wanted):
         found = {c.step for c in checkpoints}
@@ -101,10 +104,10 @@ def generate(
         if part.exists():
             frames.append(pd.read_csv(part, keep_default_na=False))
             continue
-        step_folder = step_dir(out, ckpt.step)
+        step_folder = ResultsLayout(out).step(ckpt.step).folder
         vectors = ConceptVectors.load(step_folder)
         acts = Activations.load(step_folder)
-        with _loaded(series, ckpt, {"device": device, "dtype": dtype}) as model:
+        with loaded_model(series, ckpt, {"device": device, "dtype": dtype}) as model:
             (index,) = hooks.check_layers([layer], model.n_layers)
             if index not in acts.layers:
                 raise ValueError(

@@ -175,7 +175,7 @@ def layer_summary_figure(
 
 def localisation_heatmap(localisation: pd.DataFrame, value: str = "gold_logit_drop") -> go.Figure:
     """Window (first and last layer) x step heatmap of what removing the concept direction over
-    that window costs (``localisation.csv`` of :func:`emolens.run.pipeline.localise`)."""
+    that window costs (``localisation.csv`` of :func:`emolens.run.localise.localise`)."""
     require_columns(localisation, ["step", "start_layer", "end_layer", value], "localisation")
     table = localisation.pivot_table(
         index=["start_layer", "end_layer"], columns="step", values=value, aggfunc="mean"

@@ -1,0 +1,169 @@
+"""What ``analyze`` is asked to compute: :class:`AnalysisConfig` and its command-line options."""
+
+import argparse
+import logging
+from dataclasses import asdict, dataclass, fields
+from typing import Literal, get_args
+
+import numpy as np
+
+from emolens.measure.vectors import FILTER_MODES
+from emolens.model import hooks
+
+log = logging.getLogger(__name__)
+
+
+#: How alpha is measured: absolute (h + alpha*v) or in units of the mean residual norm.
+AlphaUnit = Literal["absolute", "norm"]
+#: Where the steering vector is added: every position of the prompt, or only the answer's.
+Positions = Literal["all", "answer"]
+#: Which model decides that a sample is correctly classified (see ``FILTER_MODES``).
+FilterMode = Literal["self", "base", "all", "none"]
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """What ``analyze`` computes. Layers may be negative (from the end) or ``"all"``."""
+
+    layers: str = "all"  # layers whose residuals (and concept vectors) are kept, + the final
+    steer_layers: str = "-1"  # layers steered for sensitivity; -1 is the final block output
+    alphas: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 6.0, 8.0)
+    alpha_unit: AlphaUnit = "absolute"  # or "norm": alpha * mean |h| along v / |v|
+    positions: Positions = "all"  # steer at every position, or "answer" only
+    n_prompts: int = 10  # neutral prompts steered, sampled once with prompt_seed
+    prompt_seed: int = 0
+    filter_mode: FilterMode = "self"  # who decides a sample is correct: self, base, all (or none)
+    min_count: int = 3  # a label with fewer kept samples drops out (with a warning)
+    batch_size: int = 8
+    language: str | None = None  # prompt language; None: the run's recorded prompt, else ja
+    chat: bool | None = None  # chat template; None: the run's recorded prompt, else off
+    allow_shared_tokens: bool = False
+    dla_per_label: int = 8  # samples per label for the direct logit attribution (0: none)
+    transfer_alpha: float | None = None  # alpha of the transfer table (default: the largest)
+    causal_geometry: bool = True  # also measure geometry in Park et al.'s causal inner product
+    n_boot: int = 200  # bootstrap replicates for the confidence intervals
+    seed: int = 0  # seed of the bootstraps, probe splits and random directions
+
+    def __post_init__(self) -> None:
+        if self.filter_mode not in FILTER_MODES:
+            raise ValueError(f"filter mode {self.filter_mode!r} unknown; use {FILTER_MODES}")
+        if self.alpha_unit not in get_args(AlphaUnit):
+            raise ValueError("alpha_unit must be 'absolute' or 'norm'")
+        if self.positions not in get_args(Positions):
+            raise ValueError("positions must be 'all' or 'answer'")
+        if not self.alphas or not all(np.isfinite(a) for a in self.alphas):
+            raise ValueError(
+                f"the alpha grid {self.alphas} must be a non-empty list of finite numbers"
+            )
+        if self.n_prompts < 1 or self.batch_size < 1 or self.min_count < 1:
+            raise ValueError("n_prompts, batch_size and min_count must be at least 1")
+        if self.n_boot < 1:
+            raise ValueError(
+                f"--n-boot {self.n_boot} would leave every confidence interval "
+                "empty; give at least 1 (200 is the default)"
+            )
+        if self.dla_per_label < 0:
+            raise ValueError("--dla-per-label must be 0 (no attribution) or more")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace) -> "AnalysisConfig":
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        if isinstance(values.get("alphas"), str):
+            try:
+                values["alphas"] = tuple(float(a) for a in values["alphas"].split(","))
+            except ValueError:
+                raise ValueError(
+                    f"cannot read --alphas {values['alphas']!r}: give numbers "
+                    "separated by commas, e.g. 0,1,2,4"
+                ) from None
+        return cls(**values)
+
+
+def add_analysis_options(p: argparse.ArgumentParser) -> None:
+    d = AnalysisConfig()
+    p.add_argument(
+        "--layers",
+        default=d.layers,
+        help="layers whose residuals and vectors are kept: 'all' or e.g. 6,12,-1 "
+        "(the final layer is always kept too: the final-layer tables read it)",
+    )
+    p.add_argument(
+        "--steer-layers",
+        default=d.steer_layers,
+        help="layers to steer at (comma-separated; -1 = final block output)",
+    )
+    p.add_argument(
+        "--alphas",
+        default=",".join(f"{a:g}" for a in d.alphas),
+        help="steering strengths, comma-separated",
+    )
+    p.add_argument(
+        "--alpha-unit",
+        default=d.alpha_unit,
+        choices=["absolute", "norm"],
+        help="absolute: h + alpha*v; norm: h + alpha*|h|mean*v/|v|",
+    )
+    p.add_argument(
+        "--positions",
+        default=d.positions,
+        choices=["all", "answer"],
+        help="steer every position or only the answer position",
+    )
+    p.add_argument(
+        "--n-prompts", type=int, default=d.n_prompts, help="neutral prompts to steer (sampled once)"
+    )
+    p.add_argument("--prompt-seed", type=int, default=d.prompt_seed, help="seed of that sample")
+    p.add_argument(
+        "--filter-mode",
+        default=d.filter_mode,
+        choices=list(FILTER_MODES),
+        help="which model decides that a sample is correctly classified",
+    )
+    p.add_argument(
+        "--min-count", type=int, default=d.min_count, help="labels with fewer kept samples drop out"
+    )
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="forward batch size")
+    p.add_argument(
+        "--dla-per-label",
+        type=int,
+        default=d.dla_per_label,
+        help="samples per label for the direct logit attribution (0: skip it)",
+    )
+    p.add_argument(
+        "--n-boot", type=int, default=d.n_boot, help="bootstrap replicates for confidence intervals"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="seed of bootstraps, probe splits and random baseline directions",
+    )
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap prompts in the chat template (when not given: as the run was "
+        "fine-tuned, recorded in RUN/prompt.json; off for a plain model)",
+    )
+    p.add_argument(
+        "--allow-shared-tokens", action="store_true", help="accept labels that share a first token"
+    )
+    p.add_argument(
+        "--override-prompt",
+        action="store_true",
+        help="analyse with the --language/--chat prompt even where it differs from "
+        "the one the run was fine-tuned with (recorded in the manifest)",
+    )
+
+
+#: Settings used only by the cross-step tables, rebuilt from disk on every run.
+OFFLINE_SETTINGS = ("n_boot", "seed", "transfer_alpha")
+
+
+def collected_layers(layers: str, n_layers: int) -> list[int]:
+    """The layers ``analyze`` collects: those asked for and always the final one, which the
+    final-layer tables (attribution, transfer, random baseline) read."""
+    return sorted(set(hooks.check_layers(layers, n_layers)) | {n_layers - 1})

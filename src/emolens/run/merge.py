@@ -1,0 +1,292 @@
+"""The cross-step tables, rebuilt from the finished step folders, and the merge of shards."""
+
+import logging
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+
+from emolens.analysis._common import Replicates
+from emolens.analysis.baselines import random_baseline_frame
+from emolens.analysis.change_summary import change_summary
+from emolens.analysis.figure2 import figure2_frame
+from emolens.analysis.geometry_tables import causal_geometry_frame, geometry_frame
+from emolens.analysis.probe_tables import probes_frame
+from emolens.analysis.steps import (
+    StepData,
+    attribution_frame,
+    load_steps,
+    transfer_frame,
+    with_readout,
+)
+from emolens.model import hooks
+from emolens.run.config import AnalysisConfig
+from emolens.run.identity import identity_differences
+from emolens.store import layout
+from emolens.store.files import (
+    folder_lock,
+    read_json,
+    write_csv,
+    write_json,
+)
+from emolens.store.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+
+def combine_steps(
+    out: Path,
+    prompt_ids: list[str],
+    labels: tuple[str, ...],
+    config: AnalysisConfig,
+    folders: list[Path] | None = None,
+) -> dict[str, pd.DataFrame]:
+    """Rebuild the top-level tables from the finished step folders (``folders``, default every
+    one with a ``done.json``; the cross-step ones, attribution, transfer, geometry, probes,
+    random baseline, need only what is on disk)."""
+    done = (
+        sorted(folders)
+        if folders is not None
+        else [s.folder for s in layout.ResultsLayout(out).finished_steps()]
+    )
+    tables = _per_step_tables(done)
+    steps = load_steps(done)
+    if steps:
+        tables.update(_cross_step_tables(steps, prompt_ids, labels, config))
+    results = layout.ResultsLayout(out)
+    for name, frame in tables.items():
+        write_csv(results.table(name), frame)
+    for name in CROSS_STEP_TABLES:  # none this time: a stale one would contradict the steps
+        if name not in tables:
+            results.table(name).unlink(missing_ok=True)
+    return tables
+
+
+def _per_step_tables(done: list[Path]) -> dict[str, pd.DataFrame]:
+    """The tables that concatenate what each finished step folder in ``done`` wrote."""
+    sens = [pd.read_csv(layout.StepFiles(d).sensitivity) for d in done]
+    filt = [pd.read_csv(layout.StepFiles(d).filtering) for d in done]
+    rows = []
+    for d in done:
+        info = read_json(layout.StepFiles(d).done)
+        ck = info["checkpoint"]
+        rows.append(
+            {
+                "step": info["step"],
+                "kind": ck["kind"],
+                "spec": ck["spec"],
+                "eval_loss": ck.get("eval_loss"),
+                "accuracy": info["accuracy"],
+                "n_samples": info["n_samples"],
+                "weights_hash": info["weights_hash"],
+            }
+        )
+    tables = {
+        "sensitivity": pd.concat(sens, ignore_index=True) if sens else pd.DataFrame(),
+        "filtering": pd.concat(filt, ignore_index=True) if filt else pd.DataFrame(),
+        "steps": pd.DataFrame(
+            rows,
+            columns=["step", "kind", "spec", "eval_loss", "accuracy", "n_samples", "weights_hash"],
+        ),
+    }
+    dla_files = [layout.StepFiles(d).dla for d in done]
+    dla = [pd.read_csv(f) for f in dla_files if f.exists()]
+    tables["dla"] = pd.concat(dla, ignore_index=True) if dla else pd.DataFrame()
+    for name in ("heads", "logit_lens"):
+        found = [pd.read_csv(d / f"{name}.csv") for d in done if (d / f"{name}.csv").exists()]
+        tables[name] = pd.concat(found, ignore_index=True) if found else pd.DataFrame()
+    return tables
+
+
+def _cross_step_tables(
+    steps: list[StepData], prompt_ids: list[str], labels: tuple[str, ...], config: AnalysisConfig
+) -> dict[str, pd.DataFrame]:
+    """The tables that compare steps (attribution, transfer, random baseline, geometry,
+    probes, change summary, Figure 2 bands), from the loaded step data."""
+    tables: dict[str, pd.DataFrame] = {}
+    alphas, unit = config.alphas, config.alpha_unit
+    if with_readout(steps):
+        tables["attribution"] = attribution_frame(steps, prompt_ids, alphas, labels, unit)
+        alpha = config.transfer_alpha if config.transfer_alpha is not None else max(alphas)
+        tables["transfer"] = transfer_frame(steps, prompt_ids, alpha, labels, unit)
+        tables["random_baseline"] = random_baseline_frame(
+            steps, prompt_ids, alphas, labels, seed=config.seed, alpha_unit=unit
+        )
+    neutral = labels[-1] if "no-emotion" not in labels else "no-emotion"
+    keep = {s.step: s.keep for s in steps if s.keep is not None}
+    geometry = [
+        geometry_frame(
+            steps,
+            labels,
+            neutral,
+            keep_masks=keep,
+            n_boot=config.n_boot,
+            seed=config.seed,
+            return_replicates=True,
+        )
+    ]
+    metrics = {s.step: s.metric for s in steps if s.metric is not None}
+    if len(metrics) == len(steps):
+        geometry.append(
+            causal_geometry_frame(
+                steps,
+                metrics,
+                labels,
+                neutral,
+                keep_masks=keep,
+                n_boot=config.n_boot,
+                seed=config.seed,
+                return_replicates=True,
+            )
+        )
+    tables["geometry"] = pd.concat([g for g, _ in geometry], ignore_index=True)
+    geometry_reps = Replicates.concat([r for _, r in geometry])
+    tables["probes"], probe_reps = probes_frame(
+        steps, labels, seed=config.seed, n_boot=config.n_boot, return_replicates=True
+    )
+    tables["change_summary"] = pd.concat(
+        [
+            change_summary(tables["geometry"], geometry_reps, seed=config.seed).assign(
+                table="geometry"
+            ),
+            change_summary(tables["probes"], probe_reps, seed=config.seed).assign(table="probes"),
+        ],
+        ignore_index=True,
+    )
+    # the bands read the final layer through the readout: steps without one are left out
+    tables["figure2_bands"], tables["sensitivity_trends"] = figure2_frame(
+        with_readout(steps),
+        prompt_ids,
+        alphas,
+        labels,
+        neutral,
+        keep_masks=keep,
+        n_boot=config.n_boot,
+        seed=config.seed,
+    )
+    return tables
+
+
+#: Tables :func:`combine_steps` writes only when some step can feed them.
+CROSS_STEP_TABLES = (
+    "attribution",
+    "transfer",
+    "random_baseline",
+    "geometry",
+    "probes",
+    "change_summary",
+)
+
+
+def merge(shard_dirs: list[str | Path], out_dir: str | Path) -> Path:
+    """Combine the result folders of ``analyze(..., shard=(i, n))`` runs into ``out_dir``.
+
+    The shards must agree on model, data, labels, prompt, dtype and settings, and ``out_dir``
+    must be new or empty; the merged tables equal those of a single run over the whole series.
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not empty; merge into a new folder")
+    manifests = []
+    for d in map(Path, shard_dirs):
+        try:
+            manifests.append(read_json(layout.ResultsLayout(d).manifest))
+        except FileNotFoundError:
+            raise ValueError(
+                f"{d} holds no {layout.MANIFEST}: is it an emolens analyze folder?"
+            ) from None
+        except ValueError as exc:
+            raise ValueError(f"{layout.ResultsLayout(d).manifest} is unreadable ({exc})") from None
+    if len({str(Path(d).resolve()) for d in shard_dirs}) != len(shard_dirs):
+        raise ValueError("a shard folder is named twice; give each once")
+    for shard_dir, m in zip(shard_dirs, manifests):
+        if not isinstance(m.get("identity"), dict):
+            raise ValueError(
+                f"{shard_dir}/manifest.json records no identity (an older emolens wrote "
+                "it); re-run that shard with this version"
+            )
+    ref = {k: v for k, v in manifests[0]["identity"].items() if k != "shard"}
+    for shard_dir, m in zip(shard_dirs[1:], manifests[1:]):
+        other = {k: v for k, v in m["identity"].items() if k != "shard"}
+        differ = identity_differences(ref, other)
+        if m.get("steered_prompts") != manifests[0].get("steered_prompts"):
+            differ.append("steered prompts")
+        if differ:
+            raise ValueError(
+                f"{shard_dir} is not a shard of the analysis in {shard_dirs[0]} "
+                f"({'; '.join(differ[:4])}); only shards of one analysis merge"
+            )
+    with folder_lock(out, "merge"):
+        for d in map(Path, shard_dirs):
+            for step_files in layout.ResultsLayout(d).finished_steps():
+                step = step_files.folder
+                target = layout.ResultsLayout(out).steps_dir / step.name
+                if target.exists():
+                    raise ValueError(
+                        f"step {step.name} is in more than one shard "
+                        f"({step.parent.parent} and another); merge shards of "
+                        "one --shard i/n split"
+                    )
+                shutil.copytree(step, target)
+        first = manifests[0]
+        settings = {**first["settings"], "alphas": tuple(first["settings"]["alphas"])}
+        tables = combine_steps(
+            out,
+            prompt_ids=first["steered_prompts"],
+            labels=tuple(e["en"] for e in first["labels"]["emotions"]),
+            config=AnalysisConfig(**settings),
+        )
+        results = layout.ResultsLayout(out)
+        audit = next(
+            (s.label_audit for s in results.step_folders() if s.label_audit.exists()), None
+        )
+        if audit is not None:
+            write_json(results.label_audit, read_json(audit))
+        done = sorted(int(x) for x in tables["steps"]["step"]) if len(tables["steps"]) else []
+        replace(
+            Manifest.from_dict(first),
+            shard=None,
+            merged_from=[str(d) for d in shard_dirs],
+            identity={**ref, "shard": None},
+            updated=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            steps_done=done,
+            final_layer_tables=final_layer_record(out),
+            failures=[f for m in manifests for f in m.get("failures", []) if f["step"] not in done]
+            + readout_failures(out),
+        ).write(results.manifest)
+    return out
+
+
+def readout_failures(out: Path) -> list[dict]:
+    """One ``failures`` entry per finished step whose readout check failed (from its
+    ``done.json``, so a resumed run reports it again)."""
+    found = []
+    for marker in (s.done for s in layout.ResultsLayout(out).finished_steps()):
+        info = read_json(marker)
+        if info.get("readout_error"):
+            found.append(
+                {
+                    "step": info["step"],
+                    "spec": info["checkpoint"]["spec"],
+                    "stage": "readout",
+                    "error": info["readout_error"],
+                }
+            )
+    return found
+
+
+def final_layer_record(out: Path) -> dict | None:
+    """Which layer the final-layer tables read (and which were collected), for the manifest."""
+    first = next(iter(layout.ResultsLayout(out).finished_steps()), None)
+    if first is None:
+        return None
+    acts_meta = read_json(first.activations_meta)
+    n_layers = read_json(first.done)["model"]["n_layers"]
+    return {
+        "final_layer": n_layers - 1,
+        "hook": hooks.resid_post(n_layers - 1),
+        "collected_layers": acts_meta["layers"],
+        "tables": ["attribution", "transfer", "random_baseline", "dla"],
+    }
