@@ -3,7 +3,7 @@
 import argparse
 import logging
 from dataclasses import asdict, dataclass, fields
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -14,11 +14,15 @@ log = logging.getLogger(__name__)
 
 
 #: How alpha is measured: absolute (h + alpha*v) or in units of the mean residual norm.
-AlphaUnit = Literal["absolute", "norm"]
+ALPHA_UNITS = ("absolute", "norm")
 #: Where the steering vector is added: every position of the prompt, or only the answer's.
-Positions = Literal["all", "answer"]
-#: Which model decides that a sample is correctly classified (see ``FILTER_MODES``).
-FilterMode = Literal["self", "base", "all", "none"]
+POSITIONS = ("all", "answer")
+if TYPE_CHECKING:  # the type checker sees the choices; at run time __post_init__ checks them
+    AlphaUnit = Literal["absolute", "norm"]
+    Positions = Literal["all", "answer"]
+    FilterMode = Literal["self", "base", "all", "none"]
+else:  # (a runtime type checker would refuse a bad choice before the clear message)
+    AlphaUnit = Positions = FilterMode = str
 
 
 @dataclass(frozen=True)
@@ -47,9 +51,9 @@ class AnalysisConfig:
     def __post_init__(self) -> None:
         if self.filter_mode not in FILTER_MODES:
             raise ValueError(f"filter mode {self.filter_mode!r} unknown; use {FILTER_MODES}")
-        if self.alpha_unit not in get_args(AlphaUnit):
+        if self.alpha_unit not in ALPHA_UNITS:
             raise ValueError("alpha_unit must be 'absolute' or 'norm'")
-        if self.positions not in get_args(Positions):
+        if self.positions not in POSITIONS:
             raise ValueError("positions must be 'all' or 'answer'")
         if not self.alphas or not all(np.isfinite(a) for a in self.alphas):
             raise ValueError(
