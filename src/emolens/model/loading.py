@@ -193,9 +193,9 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: Path | None = None) -> Path:
     return out_dir
 
 
-def resolve_model_dir(spec: str | Path) -> str:
+def resolve_model_dir(spec: str | os.PathLike[str]) -> str:
     """Turn a spec into something ``from_pretrained`` reads: a local folder or a hub id."""
-    spec = str(spec)
+    spec = os.fspath(spec)
     if spec == "tiny-random":
         from emolens.testing.tiny import tiny_random_model
 

@@ -284,7 +284,7 @@ def dla_figure(
     if value not in ("logit", "margin"):
         raise ValueError(f"value must be 'logit' or 'margin', got {value!r}")
     require_columns(dla, ("step", "label", "component", value), "the DLA table")
-    layer_of = {}
+    layer_of: dict[str, float | None] = {}
     for comp, lay in zip(
         dla["component"], dla["layer"] if "layer" in dla else [None] * len(dla), strict=True
     ):
