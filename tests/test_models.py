@@ -95,6 +95,22 @@ def test_series_without_a_known_base_asks_for_one(fake_run_dir, tmp_path):
     assert discover_series(run, base="x/y").problems  # no weights in checkpoint-3
 
 
+def test_series_skips_non_checkpoint_folders_and_rejects_a_non_string_base(tmp_path):
+    """A ``checkpoint-final/`` folder (not ``checkpoint-N``) is no checkpoint, even with a
+    trainer_state.json; a base model recorded as a non-string is a clear error."""
+    run = tmp_path / "run"
+    for name in ("checkpoint-3", "checkpoint-final"):
+        (run / name).mkdir(parents=True)
+        state = {"log_history": [{"step": 3, "eval_loss": 1.5}]}
+        (run / name / "trainer_state.json").write_text(json.dumps(state))
+    series = discover_series(run, base="x/y")
+    assert series.steps == [0] and series.checkpoints[0].eval_loss is None
+    assert series.problems == ("checkpoint-3: no model weights or config.json (half-written?)",)
+    (run / "emolens_run.json").write_text(json.dumps({"base_model": 7}))
+    with pytest.raises(ModelLoadError, match="not a model spec string"):
+        discover_series(run)
+
+
 def test_missing_and_half_written_models_are_clear_errors(tmp_path, fake_run_dir):
     with pytest.raises(ModelLoadError, match="does not exist"):
         resolve_model_dir(str(tmp_path / "nope"))

@@ -4,6 +4,7 @@ finetune flag has an effect, and the two accuracy paths agree sample by sample."
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -304,76 +305,30 @@ def test_finetune_language_en_trains_and_records_the_english_prompt(en_run, tiny
     )  # " joy", not 喜び
 
 
+def _analyze_cli(run: Path, corpus_file: Path, out: Path, *options: str) -> int:
+    """``emolens analyze`` of ``run`` on ``corpus_file`` into ``out`` on the CPU with the fast
+    settings and ``options``; returns the exit status."""
+    args = ["--model", str(run), "--data", str(corpus_file), "--out", str(out)]
+    return main(["analyze", *args, "--device", "cpu", *options, *FAST_ARGS])
+
+
 def test_analyze_uses_the_recorded_prompt_and_refuses_another(
     en_run, en_corpus_file, tmp_path, capsys
 ):
     out = tmp_path / "res"
-    assert (
-        main(
-            [
-                "analyze",
-                "--model",
-                str(en_run),
-                "--data",
-                str(en_corpus_file),
-                "--out",
-                str(out),
-                "--device",
-                "cpu",
-                *FAST_ARGS,
-            ]
-        )
-        == 0
-    )
+    assert _analyze_cli(en_run, en_corpus_file, out) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["settings"]["language"] == "en" and manifest["prompt_source"] == "run"
     assert manifest["prompt"] == run_prompt(en_run).to_dict()
     assert manifest["prompt_override"] is None
     capsys.readouterr()
     other = tmp_path / "res-ja"
-    assert (
-        main(
-            [
-                "analyze",
-                "--model",
-                str(en_run),
-                "--data",
-                str(en_corpus_file),
-                "--out",
-                str(other),
-                "--device",
-                "cpu",
-                "--language",
-                "ja",
-                *FAST_ARGS,
-            ]
-        )
-        == 1
-    )
+    assert _analyze_cli(en_run, en_corpus_file, other, "--language", "ja") == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "language=en" in err and "language=ja" in err and "--override-prompt" in err
     assert not (other / "manifest.json").exists()
-    assert (
-        main(
-            [
-                "analyze",
-                "--model",
-                str(en_run),
-                "--data",
-                str(en_corpus_file),
-                "--out",
-                str(other),
-                "--device",
-                "cpu",
-                "--language",
-                "ja",
-                "--override-prompt",
-                *FAST_ARGS,
-            ]
-        )
-        == 0
-    )
+    assert _analyze_cli(en_run, en_corpus_file, other, "--language", "ja", "--override-prompt") == 0
     manifest = json.loads((other / "manifest.json").read_text())
     assert manifest["settings"]["language"] == "ja" and manifest["prompt_source"] == "options"
     assert manifest["prompt"]["template"]["language"] == "ja"

@@ -71,7 +71,8 @@ def figure2_frame(
         return band.frame(), Columns(TREND_COLUMNS).frame()
     labels = list(labels)
     emotions = [e for e in steps[0].vectors.emotions if all(e in s.vectors.emotions for s in steps)]
-    keys, per_alpha = [], {float(a): [] for a in alphas}
+    keys: list[str] = []
+    per_alpha: dict[float, list[change_tests.Figure2Bootstrap]] = {float(a): [] for a in alphas}
     with threads(num_threads):
         for s in steps:
             key, boots = _step_bootstraps(
@@ -134,7 +135,7 @@ def _step_bootstraps(
             e_lab,
             u,
             prompts,
-            s.readout.logits,
+            s.final_readout.logits,
             e_lab,
             a,
             n_boot,
@@ -148,7 +149,7 @@ def _step_bootstraps(
 
 
 def _trend_blocks(
-    per_alpha: dict[float, list],
+    per_alpha: dict[float, list[change_tests.Figure2Bootstrap]],
     *,
     keys: list[str],
     step_numbers: list[int],

@@ -16,6 +16,7 @@ import torch
 from emolens.analysis.geometry import CausalInnerProduct
 from emolens.measure.activations import Activations
 from emolens.measure.attribution import (
+    PushChange,
     Readout,
     component_attribution,
     decompose_steering,
@@ -24,6 +25,7 @@ from emolens.measure.attribution import (
 )
 from emolens.measure.steering import steering_vectors
 from emolens.measure.vectors import ConceptVectors
+from emolens.model.loading import LoadedModel, Model
 from emolens.store import layout
 from emolens.store.files import load_tensors, read_json, save_tensors
 
@@ -52,7 +54,7 @@ def load_metric(path: Path) -> CausalInnerProduct:
     )
 
 
-def causal_metric(model, gain: torch.Tensor) -> CausalInnerProduct:
+def causal_metric(model: LoadedModel, gain: torch.Tensor) -> CausalInnerProduct:
     """Park et al.'s causal inner product from the model's effective unembedding
     (``W_U * gain``), in the dual form (``Cov^{1/2}``) that applies to residual-space vectors
     such as concept vectors."""
@@ -95,6 +97,16 @@ class StepData:
                 "collects it"
             )
         return final
+
+    @property
+    def final_readout(self) -> Readout:
+        """The readout of a step that has one (see :func:`with_readout`); raises otherwise."""
+        if self.readout is None:
+            raise ValueError(
+                f"step {self.step} has no {READOUT_FILE}: the final-layer tables leave it out "
+                "(filter the steps with with_readout)"
+            )
+        return self.readout
 
     def prompt_resid(self, prompt_ids: list[str]) -> torch.Tensor:
         """``[prompt, d_model]`` final-layer residuals of the steered prompts."""
@@ -143,9 +155,23 @@ def with_readout(steps: list[StepData]) -> list[StepData]:
     return [s for s in steps if s.readout is not None]
 
 
-def _diag_rows(readout: Readout, labels: tuple[str, ...], emotions: tuple[str, ...]):
+def _diag_rows(
+    readout: Readout, labels: tuple[str, ...], emotions: tuple[str, ...]
+) -> tuple[torch.Tensor, list[int]]:
+    """``[emotion, d_model]`` effective readout rows of ``emotions`` and their label indices."""
     idx = [labels.index(e) for e in emotions]
     return readout.effective_rows[idx], idx
+
+
+_PUSH_COLUMNS = ("push_change", "push_vector", "push_readout", "push_scale")
+
+
+def _push_columns(push: PushChange | None, k: int | None) -> dict[str, float]:
+    """The direct-push change columns of emotion ``k`` of ``push``; NaN where there is none."""
+    if push is None or k is None:
+        return dict.fromkeys(_PUSH_COLUMNS, float("nan"))
+    parts = (push.total, push.vector, push.readout, push.scale)
+    return {name: float(part[k]) for name, part in zip(_PUSH_COLUMNS, parts, strict=True)}
 
 
 def attribution_frame(
@@ -175,18 +201,18 @@ def attribution_frame(
         h = s.prompt_resid(prompt_ids)
         v = s.steered_vectors(alpha_unit)
         raw_norm = s.vectors.layer(layer).norm(dim=-1)
-        parts = decompose_steering(s.readout, h, v, a)
+        parts = decompose_steering(s.final_readout, h, v, a)
         common = [e for e in s.vectors.emotions if e in ref.vectors.emotions]
-        w_t, _ = _diag_rows(s.readout, labels, tuple(common))
-        w_0, _ = _diag_rows(ref.readout, labels, tuple(common))
-        v_t = torch.stack([v[s.vectors.emotions.index(e)] for e in common]) if common else None
+        w_t, _ = _diag_rows(s.final_readout, labels, tuple(common))
+        w_0, _ = _diag_rows(ref.final_readout, labels, tuple(common))
         v_ref = ref.steered_vectors(alpha_unit)
-        v_0 = (
-            torch.stack([v_ref[ref.vectors.emotions.index(e)] for e in common]) if common else None
-        )
         r_t = float(parts.resid_scale.mean())
-        r_0 = float(ref.readout.scale(ref.prompt_resid(prompt_ids)).mean())
-        push = direct_push_change(w_0, v_0, r_0, w_t, v_t, r_t) if common else None
+        r_0 = float(ref.final_readout.scale(ref.prompt_resid(prompt_ids)).mean())
+        push = None
+        if common:
+            v_t = torch.stack([v[s.vectors.emotions.index(e)] for e in common])
+            v_0 = torch.stack([v_ref[ref.vectors.emotions.index(e)] for e in common])
+            push = direct_push_change(w_0, v_0, r_0, w_t, v_t, r_t)
         for i, emotion in enumerate(s.vectors.emotions):
             j = labels.index(emotion)
             k = common.index(emotion) if emotion in common else None
@@ -206,10 +232,7 @@ def attribution_frame(
                         "steered_norm": float(parts.vector_norm[i]),
                         "readout_norm": float(parts.row_norm[j]),
                         "resid_scale": r_t,
-                        "push_change": float(push.total[k]) if k is not None else float("nan"),
-                        "push_vector": float(push.vector[k]) if k is not None else float("nan"),
-                        "push_readout": float(push.readout[k]) if k is not None else float("nan"),
-                        "push_scale": float(push.scale[k]) if k is not None else float("nan"),
+                        **_push_columns(push, k),
                     }
                 )
     return pd.DataFrame(rows)
@@ -233,7 +256,7 @@ def transfer_frame(
         h = t.prompt_resid(prompt_ids)
         for s in steps:
             v = s.steered_vectors(alpha_unit, norm_of=t)
-            change = transfer_effect(t.readout, h, v, alpha)  # [emotion, prompt, label]
+            change = transfer_effect(t.final_readout, h, v, alpha)  # [emotion, prompt, label]
             for i, emotion in enumerate(s.vectors.emotions):
                 rows.append(
                     {
@@ -250,7 +273,7 @@ def transfer_frame(
 
 
 def dla_frame(
-    model,
+    model: Model,
     step: int,
     token_ids: list[list[int]],
     gold: list[int],

@@ -246,6 +246,7 @@ def intervened_label_logits(
         if mode == "ablate":
             edit = ablate_direction(bridge, layers, directions[:, batch], positions, answer)
         else:
+            assert source_means is not None  # mode="patch" without them is refused above
             edit = patch_mean(
                 bridge,
                 layers,
@@ -397,6 +398,7 @@ def window_sweep(
         padding_side=padding_side,
     )
     if mode == "patch":
+        assert source is not None  # the patch mode's source label was set above
         src_rows = (gold_t == names.index(source)).nonzero().flatten()
         if len(src_rows) == 0:
             raise ValueError(

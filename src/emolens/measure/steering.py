@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -46,6 +46,10 @@ from emolens.measure.activations import (
     save_artifact,
 )
 from emolens.model import hooks
+from emolens.model.loading import Model
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
 Positions = Literal["all", "answer"]
 POSITIONS: tuple[str, ...] = ("all", "answer")
@@ -260,6 +264,15 @@ def _names(given: Sequence[str] | None, n: int, prefix: str) -> tuple[str, ...]:
     return tuple(str(g) for g in given)
 
 
+def _stack_readouts(
+    parts: Sequence[tuple[Tensor, Tensor, Tensor]],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Stack per-row ``(label logits [label], logsumexp [], mean logit [])`` readouts into
+    ``([row, label], [row], [row])``."""
+    label_logits, logsumexp, mean_logit = zip(*parts, strict=True)
+    return torch.stack(label_logits), torch.stack(logsumexp), torch.stack(mean_logit)
+
+
 def _effect(
     steered: tuple[Tensor, Tensor, Tensor],
     base: tuple[Tensor, Tensor, Tensor],
@@ -274,7 +287,7 @@ def _effect(
     layer: int,
     positions: str,
     method: str,
-    model,
+    model: Model,
 ) -> SteeringEffect:
     """Assemble a :class:`SteeringEffect` from steered readouts (rows in (emotion, alpha,
     prompt) order) and unsteered readouts (one row per prompt)."""
@@ -341,7 +354,7 @@ def _fit_two_terms(
 
 @torch.no_grad()
 def final_layer_readout(
-    model,
+    model: Model,
     h: Float[Tensor, "prompt d_model"],
     vectors: Float[Tensor, "emotion d_model"],
     alphas: Float[Tensor, " alpha"],
@@ -424,7 +437,7 @@ def final_layer_readout(
 
 @torch.no_grad()
 def final_layer_sensitivity(
-    model,
+    model: Model,
     h_final: Float[Tensor, "prompt d_model"],
     vectors: Float[Tensor, "emotion d_model"],
     alphas: Float[Tensor, " alpha"],
@@ -452,11 +465,11 @@ def final_layer_sensitivity(
     chunk = chunk_rows or default_chunk_rows(bridge)
     h, v, al = h_final.float().cpu(), vectors.float().cpu(), alphas.float().cpu()
     base = answer_readout(bridge, h, label_token_ids, chunk_rows=chunk)
-    *steered, _ = final_layer_readout(
+    label_logits, logsumexp, mean_logit, _ = final_layer_readout(
         bridge, h, v, al, label_token_ids, chunk_rows=chunk, progress=progress
     )
     return _effect(
-        tuple(steered),
+        (label_logits, logsumexp, mean_logit),
         base,
         n_e,
         n_a,
@@ -490,7 +503,7 @@ def _final_rows(
 
 @torch.no_grad()
 def layer_sensitivity(
-    model,
+    model: Model,
     token_ids: Sequence[Sequence[int]],
     layer: int,
     vectors: Float[Tensor, "emotion d_model"],
@@ -652,7 +665,7 @@ def _cached_forward_rows(
     return store["h"]
 
 
-def prompt_kv_cache(model, prefix: Sequence[int]):
+def prompt_kv_cache(model: Model, prefix: Sequence[int]) -> "DynamicCache":
     """The key/value cache (a transformers ``DynamicCache``, batch 1) of the token ids
     ``prefix``, from one forward pass that stops after the last block.
 
@@ -687,7 +700,7 @@ def _expanded(cache, rows: int):
 
 @torch.no_grad()
 def layer_sensitivity_cached(
-    model,
+    model: Model,
     token_ids: Sequence[Sequence[int]],
     layer: int,
     vectors: Float[Tensor, "emotion d_model"],
@@ -767,7 +780,7 @@ def layer_sensitivity_cached(
 
 @torch.no_grad()
 def naive_sensitivity(
-    model,
+    model: Model,
     token_ids: Sequence[Sequence[int]],
     layer: int,
     vectors: Float[Tensor, "emotion d_model"],
@@ -808,8 +821,8 @@ def naive_sensitivity(
     rows = [
         steered_parts[p][e * n_a + a] for e in range(n_e) for a in range(n_a) for p in range(n_p)
     ]
-    steered = tuple(torch.stack([r[i] for r in rows]) for i in range(3))
-    base = tuple(torch.stack([r[i] for r in base_parts]) for i in range(3))
+    steered = _stack_readouts(rows)
+    base = _stack_readouts(base_parts)
     return _effect(
         steered,
         base,

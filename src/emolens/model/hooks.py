@@ -1,5 +1,7 @@
 """Hook names, from one place: never hand-write a module path elsewhere."""
 
+from collections.abc import Sequence
+
 #: TransformerLens 4's own name of a block's output; ``blocks.{layer}.hook_resid_post`` is the
 #: HookedTransformer alias TL 4.3 marks deprecated (``BlockBridge.hook_aliases``).
 RESID_POST = "blocks.{layer}.hook_out"
@@ -54,10 +56,10 @@ def manifest_names() -> dict[str, str]:
     return {"vectors": f"{RESID_POST} (answer position)", "steering": RESID_POST}
 
 
-def check_layers(layers, n_layers: int) -> list[int]:
-    """Validate a layer list: negative counts from the end, ``"all"`` is every layer, ``"mid"``
-    the middle layer (``n_layers // 2``); a string is comma-separated (``"mid,-1"``)."""
-    if layers in (None, "all"):
+def check_layers(layers: str | Sequence[int] | None, n_layers: int) -> list[int]:
+    """Validate a layer list: negative counts from the end, ``"all"`` (or None) is every layer,
+    ``"mid"`` the middle layer (``n_layers // 2``); a string is comma-separated (``"mid,-1"``)."""
+    if layers is None or layers == "all":
         return list(range(n_layers))
     if isinstance(layers, str):
         try:

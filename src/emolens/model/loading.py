@@ -20,11 +20,16 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import torch
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +143,7 @@ def alias_gguf(alias: str) -> Path:
     raise ModelLoadError(f"unknown alias {alias!r}; known: {', '.join(ALIASES)}")
 
 
-def _atomic_folder(final: Path):
+def _atomic_folder(final: Path) -> Path:
     """A temporary folder beside ``final`` that becomes ``final`` when filled."""
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
     if tmp.exists():
@@ -172,10 +177,11 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: Path | None = None) -> Path:
     model = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
     )
-    model.hf_quantizer = None
+    # transformers sets these two per instance; PreTrainedModel declares neither
+    model.hf_quantizer = None  # type: ignore[assignment]  # undeclared transformers attribute
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
-    model.is_quantized = False
+    model.is_quantized = False  # type: ignore[assignment]  # undeclared transformers attribute
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(tmp)
@@ -187,9 +193,9 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: Path | None = None) -> Path:
     return out_dir
 
 
-def resolve_model_dir(spec: str | Path) -> str:
+def resolve_model_dir(spec: str | os.PathLike[str]) -> str:
     """Turn a spec into something ``from_pretrained`` reads: a local folder or a hub id."""
-    spec = str(spec)
+    spec = os.fspath(spec)
     if spec == "tiny-random":
         from emolens.testing.tiny import tiny_random_model
 
@@ -314,7 +320,7 @@ def check_model_source(spec: str | Path, base: str | None = None) -> int | None:
 class LoadedModel:
     """A model ready for analysis: the bridge, its tokenizer and where the weights came from."""
 
-    bridge: object  # transformer_lens.model_bridge.TransformerBridge
+    bridge: "TransformerBridge"
     tokenizer: "PreTrainedTokenizerBase"
     spec: str
     source: str
@@ -323,8 +329,10 @@ class LoadedModel:
     device: str
 
     @property
-    def hf_model(self):
-        return self.bridge.original_model
+    def hf_model(self) -> "PreTrainedModel":
+        """The wrapped HF causal LM."""
+        # TL types it nn.Module; load_model boots the bridge around a PreTrainedModel
+        return cast("PreTrainedModel", self.bridge.original_model)
 
     @property
     def n_layers(self) -> int:
@@ -360,7 +368,7 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 #: Files of a model folder that never affect its tokenizer (weights, training state).
 _NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
-_TOKENIZERS: dict[str, object] = {}
+_TOKENIZERS: "dict[str, PreTrainedTokenizerBase]" = {}
 _TOKENIZER_CACHE_SIZE = 4
 
 
@@ -381,7 +389,7 @@ def _tokenizer_key(source: str) -> str | None:
     return h.hexdigest()
 
 
-def load_tokenizer(source: str):
+def load_tokenizer(source: str) -> "PreTrainedTokenizerBase":
     """The tokenizer of ``source`` (pad token set to EOS where it has none). The checkpoints of
     a series carry identical tokenizer files: those are read once per process, and each call
     returns its own copy."""
@@ -406,7 +414,7 @@ def load_hf_model(
     dtype: torch.dtype = torch.float32,
     device_map: str | dict | None = None,
     base: str | None = None,
-):
+) -> "PreTrainedModel":
     """The HF causal LM of a resolved source; a PEFT adapter folder is merged into its base."""
     from transformers import AutoModelForCausalLM
 
@@ -433,7 +441,9 @@ def load_hf_model(
                 "pass the base model (--base)"
             )
         base_model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(base_spec), **kwargs)
-        return PeftModel.from_pretrained(base_model, str(path)).merge_and_unload()
+        merged = PeftModel.from_pretrained(base_model, str(path)).merge_and_unload()
+        # peft declares nn.Module; merging unwraps the adapter and returns the base HF model
+        return cast("PreTrainedModel", merged)
     try:
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
@@ -474,7 +484,7 @@ def estimated_model_bytes(source: str, dtype: torch.dtype) -> int | None:
     return n * torch.tensor([], dtype=dtype).element_size()
 
 
-def _numel(shape) -> int:
+def _numel(shape: Sequence[int]) -> int:
     out = 1
     for s in shape:
         out *= int(s)
@@ -523,7 +533,7 @@ def load_model(
     tokenizer = load_tokenizer(tok_source)
     if not getattr(hf_model.config, "architectures", None):
         hf_model.config.architectures = [type(hf_model).__name__]
-    hf_model.eval()
+    hf_model.eval()  # type: ignore[no-untyped-call]  # PreTrainedModel.eval is unannotated
     # the bridge normalises the tokenizer it gets (e.g. sets a BOS); emolens keeps its own
     boot_kwargs = {"device_map": device_map} if device_map is not None else {"device": dev}
     # no warning filter: booting gemma-3 and Llama models with TL 4.3 warns nothing,
@@ -576,7 +586,7 @@ class CheckpointSeries:
     def steps(self) -> list[int]:
         return [c.step for c in self.checkpoints]
 
-    def load(self, checkpoint: Checkpoint, **kwargs) -> LoadedModel:
+    def load(self, checkpoint: Checkpoint, **kwargs: Any) -> LoadedModel:
         """Load one checkpoint (LoRA adapters over the series' base)."""
         if checkpoint.kind == "lora":
             return load_model(checkpoint.spec, base=self.base, **kwargs)
@@ -595,18 +605,29 @@ RUN_INFO = "emolens_run.json"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 
 
+def _checkpoint_step(name: str) -> int | None:
+    """The step N of a ``checkpoint-N`` folder name; None for any other name."""
+    match = _CHECKPOINT.search(name)
+    return None if match is None else int(match.group(1))
+
+
 def is_run_dir(path: str | Path) -> bool:
     path = Path(path)
-    return path.is_dir() and any(_CHECKPOINT.search(p.name) for p in path.iterdir() if p.is_dir())
+    return path.is_dir() and any(
+        _checkpoint_step(p.name) is not None for p in path.iterdir() if p.is_dir()
+    )
 
 
 def read_eval_losses(run_dir: Path) -> dict[int, float]:
-    """Eval loss per step from every ``trainer_state.json`` in the run (latest wins)."""
+    """Eval loss per step from every ``trainer_state.json`` in the run's ``checkpoint-N/``
+    folders and its top level (latest wins)."""
     losses: dict[int, float] = {}
-    states = sorted(
-        run_dir.glob("checkpoint-*/trainer_state.json"),
-        key=lambda p: int(_CHECKPOINT.search(p.parent.name).group(1)),
-    )
+    steps = {
+        p: step
+        for p in run_dir.glob("checkpoint-*/trainer_state.json")
+        if (step := _checkpoint_step(p.parent.name)) is not None
+    }
+    states = sorted(steps, key=steps.__getitem__)
     if (run_dir / "trainer_state.json").exists():
         states.append(run_dir / "trainer_state.json")
     for state in states:
@@ -630,13 +651,26 @@ def _base_of_run(run_dir: Path, checkpoint_dirs: list[Path]) -> str | None:
                 f"{run_dir / RUN_INFO} is not valid JSON ({exc}); fix it or "
                 "pass the base model with --base"
             ) from None
-        return info.get("base_model") if isinstance(info, dict) else None
+        return (
+            _model_name(info.get("base_model"), run_dir / RUN_INFO)
+            if isinstance(info, dict)
+            else None
+        )
     for ckpt in checkpoint_dirs:
         if (ckpt / "adapter_config.json").exists():
-            return json.loads((ckpt / "adapter_config.json").read_text()).get(
-                "base_model_name_or_path"
-            )
+            adapter = json.loads((ckpt / "adapter_config.json").read_text())
+            return _model_name(adapter.get("base_model_name_or_path"), ckpt / "adapter_config.json")
     return None
+
+
+def _model_name(value: object, where: Path) -> str | None:
+    """A base-model entry read from JSON: a model spec string, or None where it is absent."""
+    if value is None or isinstance(value, str):
+        return value
+    raise ModelLoadError(
+        f"{where} names the base model as {value!r}, not a model spec string; fix it or "
+        "pass the base model with --base"
+    )
 
 
 def discover_series(
@@ -651,17 +685,20 @@ def discover_series(
     run = Path(run_dir)
     if not run.is_dir():
         raise ModelLoadError(f"run folder {run} does not exist")
-    dirs = sorted(
-        (p for p in run.iterdir() if p.is_dir() and _CHECKPOINT.search(p.name)),
-        key=lambda p: int(_CHECKPOINT.search(p.name).group(1)),
-    )
+    steps = {
+        p: step
+        for p in run.iterdir()
+        if p.is_dir() and (step := _checkpoint_step(p.name)) is not None
+    }
+    dirs = sorted(steps, key=steps.__getitem__)
     if not dirs:
         raise ModelLoadError(f"{run} has no checkpoint-N/ folders; is it a fine-tuning run?")
     losses = read_eval_losses(run)
     base_spec = base or _base_of_run(run, dirs)
-    checkpoints, problems = [], []
+    checkpoints: list[Checkpoint] = []
+    problems: list[str] = []
     for d in dirs:
-        step = int(_CHECKPOINT.search(d.name).group(1))
+        step = steps[d]
         if (d / "adapter_config.json").exists():
             kind = "lora"
             weights = list(d.glob("adapter_model.*"))
@@ -683,9 +720,6 @@ def discover_series(
 
 
 if TYPE_CHECKING:
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import PreTrainedTokenizerBase
-
     #: What the measure functions take: a :class:`LoadedModel` or its bare ``TransformerBridge``
     #: (they reach the bridge with ``emolens.measure.activations.bridge_of``).
     Model: TypeAlias = "LoadedModel | TransformerBridge"

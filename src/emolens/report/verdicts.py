@@ -76,7 +76,8 @@ def push_verdict(frame: pd.DataFrame) -> str:
     if len(steps) < 2:
         return note("One step only: nothing to compare the push with.")
     last = means[means["step"] == steps[-1]].dropna(subset=["push_change"])
-    fell, rose = [], []
+    fell: list[str] = []
+    rose: list[str] = []
     for emotion in label_order(last["emotion"]):
         row = last[last["emotion"] == emotion].iloc[0]
         total = float(row["push_change"])

@@ -1,6 +1,7 @@
 """The concept space: geometry, probes and the random-direction baseline over steps."""
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -54,41 +55,8 @@ def geometry_figure(
     fig = go.Figure()
     for emotion in label_order(frame["emotion"].dropna()):
         rows = frame[frame["emotion"] == emotion].sort_values("step")
-        color = _series_color(emotion)
-        steps = rows["step"].tolist()
-        if has_ci:
-            band = _band(
-                steps,
-                rows["ci_low"].to_numpy(float),
-                rows["ci_high"].to_numpy(float),
-                color,
-                name=f"{emotion} interval",
-                group=emotion,
-                meta=emotion,
-            )
-            if band is not None:
-                fig.add_trace(band)
-        ci = (
-            np.column_stack([rows["ci_low"].to_numpy(float), rows["ci_high"].to_numpy(float)])
-            if has_ci
-            else np.full((len(rows), 2), np.nan)
-        )
-        fig.add_trace(
-            go.Scatter(
-                x=steps,
-                y=rows["value"].tolist(),
-                mode="lines+markers",
-                name=emotion,
-                legendgroup=emotion,
-                line={"color": color},
-                marker={"color": color, "size": 6},
-                meta=emotion,
-                customdata=ci,
-                hovertemplate=f"<b>{display_name(emotion, ja)}</b><br>step %{{x}}<br>"
-                f"{measure} %{{y:.4g}} [%{{customdata[0]:.3g}}, %{{customdata[1]:.3g}}]"
-                "<extra></extra>",
-            )
-        )
+        for trace in _geometry_traces(rows, emotion, measure, has_ci, ja):
+            fig.add_trace(trace)
     where = f"layer {format_value(layer)}" + (f", {inner} inner product" if inner else "")
     fig.update_layout(
         title={"text": f"Geometry: {measure} ({where}); bands: bootstrap intervals"},
@@ -98,6 +66,54 @@ def geometry_figure(
         margin={"t": 70},
     )
     return fig
+
+
+def _geometry_traces(
+    rows: pd.DataFrame,
+    emotion: str,
+    measure: str,
+    has_ci: bool,
+    ja: Mapping[str, str] | None,
+) -> list[go.Scatter]:
+    """One emotion's geometry line over steps (``rows``: ``step, value`` and, where
+    ``has_ci``, ``ci_low, ci_high``), after its interval band where it has one."""
+    color = _series_color(emotion)
+    steps = rows["step"].tolist()
+    traces = []
+    if has_ci:
+        band = _band(
+            steps,
+            rows["ci_low"].to_numpy(float),
+            rows["ci_high"].to_numpy(float),
+            color,
+            name=f"{emotion} interval",
+            group=emotion,
+            meta=emotion,
+        )
+        if band is not None:
+            traces.append(band)
+    ci = (
+        np.column_stack([rows["ci_low"].to_numpy(float), rows["ci_high"].to_numpy(float)])
+        if has_ci
+        else np.full((len(rows), 2), np.nan)
+    )
+    traces.append(
+        go.Scatter(
+            x=steps,
+            y=rows["value"].tolist(),
+            mode="lines+markers",
+            name=emotion,
+            legendgroup=emotion,
+            line={"color": color},
+            marker={"color": color, "size": 6},
+            meta=emotion,
+            customdata=ci,
+            hovertemplate=f"<b>{display_name(emotion, ja)}</b><br>step %{{x}}<br>"
+            f"{measure} %{{y:.4g}} [%{{customdata[0]:.3g}}, %{{customdata[1]:.3g}}]"
+            "<extra></extra>",
+        )
+    )
+    return traces
 
 
 def probe_rows(probes: pd.DataFrame, measure: str, own: bool | None = True) -> pd.DataFrame:
@@ -134,88 +150,11 @@ def probes_figure(probes: pd.DataFrame, layer: int | None = None) -> go.Figure:
     has_ci = {"ci_low", "ci_high"} <= set(probes.columns)
     chance = probes[probes["measure"] == "chance"].groupby("step", sort=True)["value"].mean()
     fig = go.Figure()
-
-    def line(rows, name, color, dash, *, group, meta, band=True, width=2.0):
-        idx = []
-        steps = rows["step"].tolist()
-        if band and has_ci:
-            b = _band(
-                steps,
-                rows["ci_low"].to_numpy(float),
-                rows["ci_high"].to_numpy(float),
-                color,
-                name=f"{name} interval",
-                group=group,
-                meta=meta,
-            )
-            if b is not None:
-                fig.add_trace(b)
-                idx.append(len(fig.data) - 1)
-        fig.add_trace(
-            go.Scatter(
-                x=steps,
-                y=rows["value"].tolist(),
-                mode="lines+markers",
-                name=name,
-                legendgroup=group,
-                line={"color": color, "dash": dash, "width": width},
-                marker={"color": color, "size": 5},
-                meta=meta,
-                hovertemplate=f"{name}<br>step %{{x}}<br>accuracy %{{y:.3f}}<extra></extra>",
-            )
-        )
-        idx.append(len(fig.data) - 1)
-        return idx
-
-    def chance_line(meta):
-        if chance.empty:
-            return []
-        fig.add_trace(
-            go.Scatter(
-                x=chance.index.tolist(),
-                y=chance.tolist(),
-                mode="lines",
-                name="chance",
-                line={"color": _CHANCE_COLOR, "dash": "dash", "width": 1.5},
-                meta=meta,
-                hovertemplate="chance (majority label) %{y:.3f}<extra></extra>",
-            )
-        )
-        return [len(fig.data) - 1]
-
     views = []
     if len(layers) > 1:
-        idx = []
-        for lay, color in zip(layers, _layer_colors(len(layers)), strict=True):
-            rows = own_all[own_all["layer"] == lay]
-            idx += line(
-                rows,
-                f"layer {lay}",
-                color,
-                "solid",
-                group=f"layer {lay}",
-                meta={"view": "all", "layer": lay, "kind": "own"},
-                band=False,
-            )
-        idx += chance_line({"view": "all", "kind": "chance"})
-        views.append(("all layers", idx))
-    styles = (
-        ("accuracy", True, "own probe", "#1f77b4", "solid"),
-        ("accuracy", False, f"step-{first} probe", "#ff7f0e", "dashdot"),
-        ("shuffled_accuracy", None, "shuffled labels", "#7f7f7f", "dot"),
-    )
+        views.append(_probe_all_layers_view(fig, own_all, layers, chance))
     for lay in layers:
-        idx = []
-        for measure, own, name, color, dash in styles:
-            rows = probe_rows(probes, measure, own)
-            rows = rows[rows["layer"] == lay]
-            if rows.empty:
-                continue
-            idx += line(
-                rows, name, color, dash, group=name, meta={"view": lay, "layer": lay, "kind": name}
-            )
-        idx += chance_line({"view": lay, "kind": "chance"})
-        views.append((f"layer {lay}", idx))
+        views.append(_probe_layer_view(fig, probes, lay, first, has_ci, chance))
     active = 0 if layer is None else [v[0] for v in views].index(f"layer {int(layer)}")
     _add_view_menu(fig, views, active)
     fig.update_layout(
@@ -225,6 +164,127 @@ def probes_figure(probes: pd.DataFrame, layer: int | None = None) -> go.Figure:
         margin={"t": 90},
     )
     return fig
+
+
+def _probe_all_layers_view(
+    fig: go.Figure, own_all: pd.DataFrame, layers: list[int], chance: pd.Series
+) -> tuple[str, list[int]]:
+    """The "all layers" view: each layer's own-probe accuracy as one line (no bands), shallow
+    to deep, and chance; returns the view's name and trace indices."""
+    idx = []
+    for lay, color in zip(layers, _layer_colors(len(layers)), strict=True):
+        rows = own_all[own_all["layer"] == lay]
+        idx += _add_probe_line(
+            fig,
+            rows,
+            f"layer {lay}",
+            color,
+            "solid",
+            has_ci=False,
+            group=f"layer {lay}",
+            meta={"view": "all", "layer": lay, "kind": "own"},
+        )
+    idx += _add_chance_line(fig, chance, {"view": "all", "kind": "chance"})
+    return "all layers", idx
+
+
+def _probe_layer_view(
+    fig: go.Figure,
+    probes: pd.DataFrame,
+    lay: int,
+    first: int,
+    has_ci: bool,
+    chance: pd.Series,
+) -> tuple[str, list[int]]:
+    """One layer's view: its own probe, the first step's probe, the shuffled-label baseline
+    (each with its interval where ``has_ci``) and chance; returns its name and trace indices."""
+    styles = (
+        ("accuracy", True, "own probe", "#1f77b4", "solid"),
+        ("accuracy", False, f"step-{first} probe", "#ff7f0e", "dashdot"),
+        ("shuffled_accuracy", None, "shuffled labels", "#7f7f7f", "dot"),
+    )
+    idx = []
+    for measure, own, name, color, dash in styles:
+        rows = probe_rows(probes, measure, own)
+        rows = rows[rows["layer"] == lay]
+        if rows.empty:
+            continue
+        idx += _add_probe_line(
+            fig,
+            rows,
+            name,
+            color,
+            dash,
+            has_ci=has_ci,
+            group=name,
+            meta={"view": lay, "layer": lay, "kind": name},
+        )
+    idx += _add_chance_line(fig, chance, {"view": lay, "kind": "chance"})
+    return f"layer {lay}", idx
+
+
+def _add_probe_line(
+    fig: go.Figure,
+    rows: pd.DataFrame,
+    name: str,
+    color: str,
+    dash: str,
+    *,
+    has_ci: bool,
+    group: str,
+    meta: dict[str, Any],
+) -> list[int]:
+    """Add one accuracy line over steps (``rows``: ``step, value`` and, where ``has_ci``,
+    ``ci_low, ci_high``), after its interval band; returns the indices of the added traces."""
+    idx = []
+    steps = rows["step"].tolist()
+    if has_ci:
+        b = _band(
+            steps,
+            rows["ci_low"].to_numpy(float),
+            rows["ci_high"].to_numpy(float),
+            color,
+            name=f"{name} interval",
+            group=group,
+            meta=meta,
+        )
+        if b is not None:
+            fig.add_trace(b)
+            idx.append(len(fig.data) - 1)
+    fig.add_trace(
+        go.Scatter(
+            x=steps,
+            y=rows["value"].tolist(),
+            mode="lines+markers",
+            name=name,
+            legendgroup=group,
+            line={"color": color, "dash": dash, "width": 2.0},
+            marker={"color": color, "size": 5},
+            meta=meta,
+            hovertemplate=f"{name}<br>step %{{x}}<br>accuracy %{{y:.3f}}<extra></extra>",
+        )
+    )
+    idx.append(len(fig.data) - 1)
+    return idx
+
+
+def _add_chance_line(fig: go.Figure, chance: pd.Series, meta: dict[str, Any]) -> list[int]:
+    """Add the chance accuracy (majority label) per step as a dashed grey line, if known;
+    returns the indices of the added traces."""
+    if chance.empty:
+        return []
+    fig.add_trace(
+        go.Scatter(
+            x=chance.index.tolist(),
+            y=chance.tolist(),
+            mode="lines",
+            name="chance",
+            line={"color": _CHANCE_COLOR, "dash": "dash", "width": 1.5},
+            meta=meta,
+            hovertemplate="chance (majority label) %{y:.3f}<extra></extra>",
+        )
+    )
+    return [len(fig.data) - 1]
 
 
 def random_baseline_figure(
@@ -251,64 +311,7 @@ def random_baseline_figure(
     for k, emotion in enumerate(emotions):
         rows = frame[frame["emotion"] == emotion].sort_values("step")
         row, col = cell(k)
-        steps = rows["step"].tolist()
-        color = emotion_color(emotion)
-        mean = rows["logit_change_random_mean"].to_numpy(float)
-        sd = (
-            rows["logit_change_random_sd"].to_numpy(float)
-            if "logit_change_random_sd" in rows
-            else np.full(len(rows), np.nan)
-        )
-        traces = [
-            _band(
-                steps,
-                mean - sd,
-                mean + sd,
-                _RANDOM_COLOR,
-                name="random ± sd",
-                group="random",
-                meta=emotion,
-            ),
-            go.Scatter(
-                x=steps,
-                y=mean.tolist(),
-                mode="lines",
-                name="random directions (mean ± sd)",
-                legendgroup="random",
-                showlegend=k == 0,
-                meta=emotion,
-                line={"color": _RANDOM_COLOR, "dash": "dash"},
-                hovertemplate="random directions<br>step %{x}<br>mean %{y:.4g}<extra></extra>",
-            ),
-        ]
-        if {"concept_ci_low", "concept_ci_high"} <= set(rows.columns):
-            traces.append(
-                _band(
-                    steps,
-                    rows["concept_ci_low"].to_numpy(float),
-                    rows["concept_ci_high"].to_numpy(float),
-                    color,
-                    name="concept interval",
-                    group="concept",
-                    meta=emotion,
-                )
-            )
-        traces.append(
-            go.Scatter(
-                x=steps,
-                y=rows["logit_change_concept"].tolist(),
-                mode="lines+markers",
-                name="concept vector",
-                legendgroup="concept",
-                showlegend=k == 0,
-                meta=emotion,
-                line={"color": color},
-                marker={"color": color, "size": 5},
-                hovertemplate=f"<b>{display_name(emotion, ja)}</b> concept vector<br>step %{{x}}"
-                "<br>logit change %{y:.4g}<extra></extra>",
-            )
-        )
-        for trace in traces:
+        for trace in _random_baseline_traces(rows, emotion, first_panel=k == 0, ja=ja):
             if trace is not None:
                 fig.add_trace(trace, row=row, col=col)
     setting = _setting_text(layer, alpha)
@@ -322,3 +325,80 @@ def random_baseline_figure(
     fig.update_yaxes(title_text="own-label logit change", col=1)
     fig.update_xaxes(**_step_ticks(frame["step"]))
     return fig
+
+
+def _random_baseline_traces(
+    rows: pd.DataFrame, emotion: str, *, first_panel: bool, ja: Mapping[str, str] | None
+) -> list[go.Scatter | None]:
+    """One emotion's panel of the random baseline over steps: the random directions' mean ±
+    one standard deviation, then the concept vector's logit change after its interval (a
+    band is None where it has no finite point); the legend entries come from the first
+    panel."""
+    steps = rows["step"].tolist()
+    mean = rows["logit_change_random_mean"].to_numpy(float)
+    sd = (
+        rows["logit_change_random_sd"].to_numpy(float)
+        if "logit_change_random_sd" in rows
+        else np.full(len(rows), np.nan)
+    )
+    traces = [
+        _band(
+            steps,
+            mean - sd,
+            mean + sd,
+            _RANDOM_COLOR,
+            name="random ± sd",
+            group="random",
+            meta=emotion,
+        ),
+        go.Scatter(
+            x=steps,
+            y=mean.tolist(),
+            mode="lines",
+            name="random directions (mean ± sd)",
+            legendgroup="random",
+            showlegend=first_panel,
+            meta=emotion,
+            line={"color": _RANDOM_COLOR, "dash": "dash"},
+            hovertemplate="random directions<br>step %{x}<br>mean %{y:.4g}<extra></extra>",
+        ),
+    ]
+    return traces + _concept_traces(rows, emotion, first_panel=first_panel, ja=ja)
+
+
+def _concept_traces(
+    rows: pd.DataFrame, emotion: str, *, first_panel: bool, ja: Mapping[str, str] | None
+) -> list[go.Scatter | None]:
+    """The concept vector's own-label logit change over steps, after its bootstrap interval
+    where the table has one (None where that band has no finite point)."""
+    steps = rows["step"].tolist()
+    color = emotion_color(emotion)
+    traces: list[go.Scatter | None] = []
+    if {"concept_ci_low", "concept_ci_high"} <= set(rows.columns):
+        traces.append(
+            _band(
+                steps,
+                rows["concept_ci_low"].to_numpy(float),
+                rows["concept_ci_high"].to_numpy(float),
+                color,
+                name="concept interval",
+                group="concept",
+                meta=emotion,
+            )
+        )
+    traces.append(
+        go.Scatter(
+            x=steps,
+            y=rows["logit_change_concept"].tolist(),
+            mode="lines+markers",
+            name="concept vector",
+            legendgroup="concept",
+            showlegend=first_panel,
+            meta=emotion,
+            line={"color": color},
+            marker={"color": color, "size": 5},
+            hovertemplate=f"<b>{display_name(emotion, ja)}</b> concept vector<br>step %{{x}}"
+            "<br>logit change %{y:.4g}<extra></extra>",
+        )
+    )
+    return traces

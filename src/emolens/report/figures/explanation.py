@@ -56,40 +56,8 @@ def _stacked_parts_figure(
     for k, emotion in enumerate(emotions):
         rows = means[means["emotion"] == emotion].sort_values("step")
         row, col = cell(k)
-        steps = rows["step"].tolist()
-        for column, name, color in parts:
-            fig.add_trace(
-                go.Bar(
-                    x=steps,
-                    y=rows[column].tolist(),
-                    name=name,
-                    legendgroup=column,
-                    showlegend=k == 0,
-                    marker={"color": color},
-                    meta=emotion,
-                    hovertemplate=f"<b>{display_name(emotion, ja)}</b><br>step %{{x}}<br>"
-                    f"{name}: %{{y:.4g}}<extra></extra>",
-                ),
-                row=row,
-                col=col,
-            )
-        fig.add_trace(
-            go.Scatter(
-                x=steps,
-                y=rows[total[0]].tolist(),
-                name=total[1],
-                legendgroup=total[0],
-                showlegend=k == 0,
-                mode="lines+markers",
-                line={"color": _MEASURED_COLOR, "width": 1.5},
-                marker={"color": _MEASURED_COLOR, "size": 5},
-                meta=emotion,
-                hovertemplate=f"<b>{display_name(emotion, ja)}</b><br>step %{{x}}<br>"
-                f"{total[1]}: %{{y:.4g}}<extra></extra>",
-            ),
-            row=row,
-            col=col,
-        )
+        for trace in _stacked_parts_traces(rows, emotion, parts, total, first_panel=k == 0, ja=ja):
+            fig.add_trace(trace, row=row, col=col)
     fig.update_layout(
         barmode="relative",
         title={"text": title},
@@ -99,6 +67,50 @@ def _stacked_parts_figure(
     fig.update_yaxes(zeroline=True, zerolinecolor="#bbbbbb")
     fig.update_yaxes(title_text=yaxis, col=1)
     return fig
+
+
+def _stacked_parts_traces(
+    rows: pd.DataFrame,
+    emotion: str,
+    parts: Sequence[tuple[str, str, str]],
+    total: tuple[str, str],
+    *,
+    first_panel: bool,
+    ja: Mapping[str, str] | None,
+) -> list[go.Bar | go.Scatter]:
+    """One emotion's panel: a bar over steps per ``(column, name, colour)`` part, then the
+    total ``(column, name)`` as a black line; the legend entries come from the first panel."""
+    steps = rows["step"].tolist()
+    traces: list[go.Bar | go.Scatter] = [
+        go.Bar(
+            x=steps,
+            y=rows[column].tolist(),
+            name=name,
+            legendgroup=column,
+            showlegend=first_panel,
+            marker={"color": color},
+            meta=emotion,
+            hovertemplate=f"<b>{display_name(emotion, ja)}</b><br>step %{{x}}<br>"
+            f"{name}: %{{y:.4g}}<extra></extra>",
+        )
+        for column, name, color in parts
+    ]
+    traces.append(
+        go.Scatter(
+            x=steps,
+            y=rows[total[0]].tolist(),
+            name=total[1],
+            legendgroup=total[0],
+            showlegend=first_panel,
+            mode="lines+markers",
+            line={"color": _MEASURED_COLOR, "width": 1.5},
+            marker={"color": _MEASURED_COLOR, "size": 5},
+            meta=emotion,
+            hovertemplate=f"<b>{display_name(emotion, ja)}</b><br>step %{{x}}<br>"
+            f"{total[1]}: %{{y:.4g}}<extra></extra>",
+        )
+    )
+    return traces
 
 
 def attribution_figure(
@@ -284,7 +296,7 @@ def dla_figure(
     if value not in ("logit", "margin"):
         raise ValueError(f"value must be 'logit' or 'margin', got {value!r}")
     require_columns(dla, ("step", "label", "component", value), "the DLA table")
-    layer_of = {}
+    layer_of: dict[str, float | None] = {}
     for comp, lay in zip(
         dla["component"], dla["layer"] if "layer" in dla else [None] * len(dla), strict=True
     ):

@@ -1,6 +1,7 @@
 """Layer sweeps: measures over layer and step, the layer summary and localisation."""
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -136,29 +137,9 @@ def layer_summary_figure(
         horizontal_spacing=0.06,
     )
     for k, (column, value, title) in enumerate(panels):
-        z = summary.pivot_table(index="emotion", columns="step", values=column, aggfunc="first")
-        z = z.reindex(index=emotions, columns=steps)
-        v = summary.pivot_table(index="emotion", columns="step", values=value, aggfunc="first")
-        v = v.reindex(index=emotions, columns=steps) if value in summary else z * np.nan
-        zz = z.to_numpy(dtype=float)
-        vv = v.to_numpy(dtype=float)
         fig.add_trace(
-            go.Heatmap(
-                z=[[None if not np.isfinite(a) else a for a in row] for row in zz],
-                x=[format_value(s) for s in steps],
-                y=emotions,
-                text=[["" if not np.isfinite(a) else str(int(a)) for a in row] for row in zz],
-                texttemplate="%{text}",
-                customdata=vv,
-                zmin=lo,
-                zmax=hi,
-                colorscale="Viridis",
-                showscale=k == 0,
-                colorbar={"title": {"text": "layer"}, "dtick": 1},
-                name=title,
-                hovertemplate="%{y}<br>step %{x}<br>layer %{text}<br>"
-                + value.replace("_", " ")
-                + " %{customdata:.4g}<extra></extra>",
+            _layer_panel(
+                summary, column, value, title, emotions, steps, (lo, hi), show_scale=k == 0
             ),
             row=1,
             col=k + 1,
@@ -171,6 +152,44 @@ def layer_summary_figure(
         margin={"t": 90},
     )
     return fig
+
+
+def _layer_panel(
+    summary: pd.DataFrame,
+    column: str,
+    value: str,
+    title: str,
+    emotions: list[str],
+    steps: list[Any],
+    zrange: tuple[float, float],
+    *,
+    show_scale: bool,
+) -> go.Heatmap:
+    """Emotion x step heatmap of the layer in ``column``, its number written in each cell,
+    and ``value`` (the effect or recall there) in the hover; colours span ``zrange``."""
+    z = summary.pivot_table(index="emotion", columns="step", values=column, aggfunc="first")
+    z = z.reindex(index=emotions, columns=steps)
+    v = summary.pivot_table(index="emotion", columns="step", values=value, aggfunc="first")
+    v = v.reindex(index=emotions, columns=steps) if value in summary else z * np.nan
+    zz = z.to_numpy(dtype=float)
+    vv = v.to_numpy(dtype=float)
+    return go.Heatmap(
+        z=[[None if not np.isfinite(a) else a for a in row] for row in zz],
+        x=[format_value(s) for s in steps],
+        y=emotions,
+        text=[["" if not np.isfinite(a) else str(int(a)) for a in row] for row in zz],
+        texttemplate="%{text}",
+        customdata=vv,
+        zmin=zrange[0],
+        zmax=zrange[1],
+        colorscale="Viridis",
+        showscale=show_scale,
+        colorbar={"title": {"text": "layer"}, "dtick": 1},
+        name=title,
+        hovertemplate="%{y}<br>step %{x}<br>layer %{text}<br>"
+        + value.replace("_", " ")
+        + " %{customdata:.4g}<extra></extra>",
+    )
 
 
 def localisation_heatmap(localisation: pd.DataFrame, value: str = "gold_logit_drop") -> go.Figure:

@@ -1,6 +1,7 @@
 """Figure 2 and the steering sensitivity heatmaps (``sensitivity.csv``)."""
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,7 @@ from emolens.analysis.frames import (
     require_columns,
 )
 from emolens.analysis.sensitivity import (
+    Selection,
     diagonal_summary,
     select_sensitivity,
 )
@@ -50,80 +52,18 @@ def figure2(
     summary, sel = diagonal_summary(
         sensitivity, layer, alpha, measure, alpha_unit=alpha_unit, positions=positions
     )
-    band_rows = None
-    if (
-        bands is not None
-        and measure == "logit_change"
-        and (sel.alpha_unit or "absolute") == ("absolute")
-    ):
-        require_columns(bands, ("step", "layer", "emotion", "alpha", "ci_low", "ci_high"),
-                        "the Figure 2 bands table")  # fmt: skip
-        band_rows = bands[(bands["alpha"] == sel.alpha)]
-        if sel.layer is not None:
-            band_rows = band_rows[band_rows["layer"] == sel.layer]
+    band_rows = _figure2_band_rows(bands, sel, measure)
     fig = go.Figure()
     for emotion in label_order(summary["emotion"]):
         rows = summary[summary["emotion"] == emotion].sort_values("step")
         color = emotion_color(emotion)
         if band_rows is not None:
-            b = band_rows[band_rows["emotion"] == emotion].sort_values("step")
-            band = _band(
-                b["step"].tolist(),
-                b["ci_low"].to_numpy(dtype=float),
-                b["ci_high"].to_numpy(dtype=float),
-                color,
-                name=f"{emotion} 95% band",
-                group=emotion,
-                meta=emotion,
-            )
+            band = _emotion_band(band_rows, emotion, color)
             if band is not None:
                 fig.add_trace(band)
-        fig.add_trace(
-            go.Scatter(
-                x=rows["step"].tolist(),
-                y=rows["mean"].tolist(),
-                mode="lines+markers",
-                name=emotion,
-                legendgroup=emotion,
-                line={"color": color},
-                marker={"color": color, "size": 7},
-                error_y={
-                    "type": "data",
-                    "array": rows["se"].fillna(0).tolist(),
-                    "visible": True,
-                    "thickness": 1.2,
-                    "width": 3,
-                },
-                customdata=np.column_stack([rows["se"].to_numpy(), rows["n"].to_numpy()]),
-                hovertemplate=(
-                    f"<b>{display_name(emotion, ja)}</b><br>step %{{x}}<br>"
-                    f"{measure} %{{y:.4g}} ± %{{customdata[0]:.3g}} (SE)<br>"
-                    "%{customdata[1]} prompts<extra></extra>"
-                ),
-            )
-        )
+        fig.add_trace(_emotion_line(rows, emotion, color, measure, ja))
     fig.add_hline(y=0, line={"color": "#bbbbbb", "width": 1})
-    ev = _steps_eval_loss(steps_table)
-    layout = {}
-    if ev is not None:
-        fig.add_trace(
-            go.Scatter(
-                x=ev["step"].tolist(),
-                y=ev["eval_loss"].tolist(),
-                mode="lines+markers",
-                name="eval loss",
-                yaxis="y2",
-                line={"color": _EVAL_LOSS_COLOR, "dash": "dash", "width": 1.5},
-                marker={"color": _EVAL_LOSS_COLOR, "size": 5, "symbol": "diamond"},
-                hovertemplate="step %{x}<br>eval loss %{y:.4g}<extra></extra>",
-            )
-        )
-        layout["yaxis2"] = {
-            "title": {"text": "eval loss"},
-            "overlaying": "y",
-            "side": "right",
-            "showgrid": False,
-        }
+    layout = _add_eval_loss_axis(fig, steps_table)
     fig.update_layout(
         title={"text": f"Steering sensitivity (Figure 2): {sel.describe()}"},
         xaxis={"title": {"text": _AXIS_STEP}},
@@ -134,6 +74,96 @@ def figure2(
         **layout,
     )
     return fig
+
+
+def _figure2_band_rows(
+    bands: pd.DataFrame | None, sel: Selection, measure: str
+) -> pd.DataFrame | None:
+    """The rows of ``figure2_bands.csv`` at the plotted alpha and layer; None where there are
+    no bands or they do not apply (bands are of the absolute logit change only)."""
+    if bands is None or measure != "logit_change" or (sel.alpha_unit or "absolute") != "absolute":
+        return None
+    require_columns(bands, ("step", "layer", "emotion", "alpha", "ci_low", "ci_high"),
+                    "the Figure 2 bands table")  # fmt: skip
+    band_rows = bands[(bands["alpha"] == sel.alpha)]
+    if sel.layer is not None:
+        band_rows = band_rows[band_rows["layer"] == sel.layer]
+    return band_rows
+
+
+def _emotion_band(band_rows: pd.DataFrame, emotion: str, color: str) -> go.Scatter | None:
+    """The shaded bootstrap interval of one emotion over steps, or None where it has none."""
+    b = band_rows[band_rows["emotion"] == emotion].sort_values("step")
+    return _band(
+        b["step"].tolist(),
+        b["ci_low"].to_numpy(dtype=float),
+        b["ci_high"].to_numpy(dtype=float),
+        color,
+        name=f"{emotion} 95% band",
+        group=emotion,
+        meta=emotion,
+    )
+
+
+def _emotion_line(
+    rows: pd.DataFrame,
+    emotion: str,
+    color: str,
+    measure: str,
+    ja: Mapping[str, str] | None,
+) -> go.Scatter:
+    """One emotion's mean over prompts against step (``rows``: ``step, mean, se, n``), with
+    error bars of one standard error."""
+    return go.Scatter(
+        x=rows["step"].tolist(),
+        y=rows["mean"].tolist(),
+        mode="lines+markers",
+        name=emotion,
+        legendgroup=emotion,
+        line={"color": color},
+        marker={"color": color, "size": 7},
+        error_y={
+            "type": "data",
+            "array": rows["se"].fillna(0).tolist(),
+            "visible": True,
+            "thickness": 1.2,
+            "width": 3,
+        },
+        customdata=np.column_stack([rows["se"].to_numpy(), rows["n"].to_numpy()]),
+        hovertemplate=(
+            f"<b>{display_name(emotion, ja)}</b><br>step %{{x}}<br>"
+            f"{measure} %{{y:.4g}} ± %{{customdata[0]:.3g}} (SE)<br>"
+            "%{customdata[1]} prompts<extra></extra>"
+        ),
+    )
+
+
+def _add_eval_loss_axis(fig: go.Figure, steps_table: pd.DataFrame | None) -> dict[str, Any]:
+    """Draw the eval losses of ``steps_table`` (if it has any) as a dashed grey line on a
+    second y axis; returns the layout entries of that axis (empty without eval losses)."""
+    ev = _steps_eval_loss(steps_table)
+    if ev is None:
+        return {}
+    fig.add_trace(
+        go.Scatter(
+            x=ev["step"].tolist(),
+            y=ev["eval_loss"].tolist(),
+            mode="lines+markers",
+            name="eval loss",
+            yaxis="y2",
+            line={"color": _EVAL_LOSS_COLOR, "dash": "dash", "width": 1.5},
+            marker={"color": _EVAL_LOSS_COLOR, "size": 5, "symbol": "diamond"},
+            hovertemplate="step %{x}<br>eval loss %{y:.4g}<extra></extra>",
+        )
+    )
+    return {
+        "yaxis2": {
+            "title": {"text": "eval loss"},
+            "overlaying": "y",
+            "side": "right",
+            "showgrid": False,
+        }
+    }
 
 
 def selectivity_heatmap(

@@ -1,5 +1,7 @@
 """Training and filtering: loss and accuracy over steps, kept samples per label."""
 
+from collections.abc import Mapping
+
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -32,31 +34,7 @@ def filtering_bars(filtering: pd.DataFrame) -> go.Figure:
     for step, color in zip(steps, _step_colors(len(steps)), strict=True):
         rows = frame[frame["step"] == step].drop_duplicates("label").set_index("label")
         rows = rows.reindex([lab for lab in labels if lab in rows.index])
-        drop = rows["dropped"].tolist()
-        extra = [
-            f"{display_name(lab, ja)}<br>step {step}<br>kept {format_value(r.n_kept)}"
-            + (
-                f" of {format_value(r.n_samples)}"
-                if "n_samples" in rows and pd.notna(r.n_samples)
-                else ""
-            )
-            + (f", correct {format_value(r.n_correct)}" if "n_correct" in rows else "")
-            + ("<br><b>dropped</b>" if d else "")
-            for lab, r, d in zip(rows.index, rows.itertuples(), drop, strict=True)
-        ]
-        fig.add_trace(
-            go.Bar(
-                x=rows.index.tolist(),
-                y=rows["n_kept"].tolist(),
-                name=f"step {step}",
-                marker={"color": color, "pattern": {"shape": ["x" if d else "" for d in drop]}},
-                text=["dropped" if d else "" for d in drop],
-                textposition="outside",
-                textangle=-90,
-                customdata=extra,
-                hovertemplate="%{customdata}<extra></extra>",
-            )
-        )
+        fig.add_trace(_kept_bars(rows, step, color, ja))
     fig.update_layout(
         barmode="group",
         title={
@@ -75,6 +53,34 @@ def filtering_bars(filtering: pd.DataFrame) -> go.Figure:
         margin={"t": 70},
     )
     return fig
+
+
+def _kept_bars(rows: pd.DataFrame, step: int, color: str, ja: Mapping[str, str]) -> go.Bar:
+    """One step's bars of kept samples per label (``rows`` indexed by label, in plot order);
+    a dropped label's bar is hatched and marked "dropped"."""
+    drop = rows["dropped"].tolist()
+    extra = [
+        f"{display_name(lab, ja)}<br>step {step}<br>kept {format_value(r.n_kept)}"
+        + (
+            f" of {format_value(r.n_samples)}"
+            if "n_samples" in rows and pd.notna(r.n_samples)
+            else ""
+        )
+        + (f", correct {format_value(r.n_correct)}" if "n_correct" in rows else "")
+        + ("<br><b>dropped</b>" if d else "")
+        for lab, r, d in zip(rows.index, rows.itertuples(), drop, strict=True)
+    ]
+    return go.Bar(
+        x=rows.index.tolist(),
+        y=rows["n_kept"].tolist(),
+        name=f"step {step}",
+        marker={"color": color, "pattern": {"shape": ["x" if d else "" for d in drop]}},
+        text=["dropped" if d else "" for d in drop],
+        textposition="outside",
+        textangle=-90,
+        customdata=extra,
+        hovertemplate="%{customdata}<extra></extra>",
+    )
 
 
 def loss_curve(trainer_log: pd.DataFrame) -> go.Figure:
