@@ -485,6 +485,11 @@ def read_eval_metrics(run_dir):
 EVAL_COLUMNS = ("step", "eval_loss", "first_token_ce", "first_token_accuracy")
 
 
+def _metric_key(column: str) -> str:
+    """The Trainer's name of an :data:`EVAL_COLUMNS` column (it prefixes ``eval_``)."""
+    return column if column.startswith("eval_") else f"eval_{column}"
+
+
 # --------------------------------------------------------------------------- model set-up
 
 
@@ -752,7 +757,7 @@ def _callback_types() -> dict[str, type]:
             }
             rows[state.global_step] = {
                 "step": state.global_step,
-                **{c: metrics.get(f"eval_{c}", float("nan")) for c in EVAL_COLUMNS[1:]},
+                **{c: metrics.get(_metric_key(c), float("nan")) for c in EVAL_COLUMNS[1:]},
             }
             frame = pd.DataFrame([rows[k] for k in sorted(rows)], columns=list(EVAL_COLUMNS))
             write_csv(path, frame)
@@ -1017,10 +1022,11 @@ def finetune_seeds(
 ) -> list[Path]:
     """One :func:`finetune` run per training seed, ``OUT/seed-<k>/`` each (a normal run
     folder and checkpoint series), all on the same data split: the corpus is split once with
-    ``config.split_seed`` (None: the first seed), which every run records.
+    ``config.split_seed`` (None: the folder's recorded split seed, else the first seed), which
+    every run records.
     ``OUT/emolens_seeds.json`` lists the seeds, the split seed and the run folders; running
     again with more seeds adds runs (finished ones are kept, interrupted ones continue).
-    Other keyword arguments go to :func:`finetune`. Returns the run folders in the order of ``seeds``."""
+    Other keyword arguments go to :func:`finetune`. Returns the run folders, as ``seeds``."""
     config = config or PAPER
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
@@ -1035,6 +1041,8 @@ def finetune_seeds(
     known: list[int] = []
     if index_path.exists():
         index = read_json(index_path)
+        if config.split_seed is None:  # more seeds for a folder: its split
+            split_seed = int(index["split_seed"])
         if index.get("split_seed") != split_seed:
             raise FinetuneError(
                 f"{out} holds seed runs split with split_seed {index.get('split_seed')}, not "
