@@ -139,15 +139,23 @@ def _cmd_data_inspect(args) -> int:
     return 0
 
 
-def _cmd_finetune(args) -> int:
+def finetune_config(args):
+    """The :class:`~emolens.run.finetune.FinetuneConfig` of parsed ``finetune`` arguments: the
+    preset, with each field given as a flag (or in the study file) replaced."""
     from dataclasses import fields, replace
 
-    from emolens.run.finetune import PRESETS, FinetuneConfig, finetune, finetune_seeds
+    from emolens.run.finetune import PRESETS, FinetuneConfig
 
     given = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig) if hasattr(args, f.name)}
-    config = replace(PRESETS[args.preset], **given)
+    return replace(PRESETS[args.preset], **given)
+
+
+def _cmd_finetune(args) -> int:
+    from emolens.run.finetune import finetune, finetune_seeds
+
+    config = finetune_config(args)
     seeds = getattr(args, "seeds", None)
-    if seeds is not None and "seed" in given:
+    if seeds is not None and hasattr(args, "seed"):
         raise ValueError("give --seed (one run in --out) or --seeds (OUT/seed-<k>/), not both")
     corpus = _load_corpus(args)
     common = {"device": args.device, "dtype": args.dtype}
