@@ -358,7 +358,7 @@ def _finetune_options(p: argparse.ArgumentParser) -> None:
         type=_seed_list,
         default=None,
         help="several training seeds, e.g. 0,1,2: one run per seed in OUT/seed-<k>/, all on "
-        "the split of --split-seed (default: the first seed); instead of --seed",
+        "the split of --split-seed (if not given: the first seed); instead of --seed",
     )
     _config_options(p, FinetuneConfig, PRESETS, skip=("language",))
     p.set_defaults(func=_cmd_finetune)
