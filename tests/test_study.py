@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from emolens.cli import main, parse_args
+from emolens.cli import finetune_config, main, parse_args
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
@@ -23,6 +23,7 @@ def test_demo_study_is_what_emolens_demo_runs():
     from emolens.demo import DEMO_ANALYSIS, demo_settings
     from emolens.model.loading import DEFAULT_MODEL
     from emolens.run.config import AnalysisConfig
+    from emolens.run.finetune import PRESETS
 
     study = str(STUDIES / "demo.toml")
     ft = parse_args(["finetune", "--config", study])
@@ -33,7 +34,7 @@ def test_demo_study_is_what_emolens_demo_runs():
         "bundled",
         "emolens-demo/run",
     )
-    assert (ft.method, ft.max_steps, ft.save_steps, ft.learning_rate, ft.seed) == (None,) * 5
+    assert finetune_config(ft) == PRESETS[preset]  # no setting but the preset's
     an = parse_args(["analyze", "--config", study])
     assert (an.model, an.out, an.split) == ("emolens-demo/run", "emolens-demo/results", "all")
     assert AnalysisConfig.from_cli(an) == analysis == DEMO_ANALYSIS
@@ -49,7 +50,8 @@ def test_paper_study_is_the_papers_protocol():
     study = str(STUDIES / "paper.toml")
     ft = parse_args(["finetune", "--config", study])
     assert ft.model == SARASHINA_1B and ft.preset == "paper" and ft.max_steps == 990
-    config = replace(PRESETS[ft.preset], max_steps=ft.max_steps)
+    config = finetune_config(ft)
+    assert config == replace(PRESETS["paper"], max_steps=990)
     assert (config.batch_size, config.save_steps, config.split) == (16, 30, (0.8, 0.1, 0.1))
     an = parse_args(["analyze", "--config", study])
     assert (an.model, an.split, an.dtype) == ("runs/sarashina-paper/run", "test", "bfloat16")

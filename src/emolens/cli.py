@@ -139,28 +139,32 @@ def _cmd_data_inspect(args) -> int:
     return 0
 
 
+def finetune_config(args):
+    """The :class:`~emolens.run.finetune.FinetuneConfig` of parsed ``finetune`` arguments: the
+    preset, with each field given as a flag (or in the study file) replaced."""
+    from dataclasses import fields, replace
+
+    from emolens.run.finetune import PRESETS, FinetuneConfig
+
+    given = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig) if hasattr(args, f.name)}
+    return replace(PRESETS[args.preset], **given)
+
+
 def _cmd_finetune(args) -> int:
-    from dataclasses import replace
+    from emolens.run.finetune import finetune, finetune_seeds
 
-    from emolens.run.finetune import PRESETS, finetune
-
-    config = PRESETS[args.preset]
-    overrides = {
-        k: v
-        for k, v in {
-            "method": args.method,
-            "max_steps": args.max_steps,
-            "save_steps": args.save_steps,
-            "seed": args.seed,
-            "learning_rate": args.learning_rate,
-        }.items()
-        if v is not None
-    }
-    config = replace(config, **overrides, language=args.language, chat=args.chat)
-    run = finetune(
-        args.model, _load_corpus(args), args.out, config, device=args.device, dtype=args.dtype
-    )
-    print(f"run folder: {run}")
+    config = finetune_config(args)
+    seeds = getattr(args, "seeds", None)
+    if seeds is not None and hasattr(args, "seed"):
+        raise ValueError("give --seed (one run in --out) or --seeds (OUT/seed-<k>/), not both")
+    corpus = _load_corpus(args)
+    common = {"device": args.device, "dtype": args.dtype}
+    if seeds is None:
+        run = finetune(args.model, corpus, args.out, config, **common)
+        print(f"run folder: {run}")
+        return 0
+    runs = finetune_seeds(args.model, corpus, args.out, config, seeds, **common)
+    print(f"run folders ({len(runs)} seeds): " + ", ".join(str(r) for r in runs))
     return 0
 
 
@@ -255,31 +259,109 @@ def _demo_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _setting_type(annotation):
+    """The argparse ``type`` of a config field's annotation: int, float, str, a number that may
+    be either (``float | int``: an int when written as one), a comma-separated tuple, and
+    ``X | None`` (``none`` gives None). None for a bool (a switch)."""
+    import types
+    import typing
+
+    if annotation is bool:
+        return None
+    origin, parts = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [a for a in parts if a is not type(None)]
+        inner = _number if set(kinds) == {int, float} else _setting_type(kinds[0])
+        if len(kinds) == len(parts):
+            return inner
+        return lambda text: None if text.strip().lower() == "none" else inner(text)
+    if origin is tuple:
+        element = _setting_type(parts[0])
+        return lambda text: tuple(element(t.strip()) for t in text.split(",") if t.strip())
+    return annotation
+
+
+def _number(text: str) -> int | float:
+    """An int when the text is one (``30`` steps), else a float (``0.03``: a fraction)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _config_options(
+    p: argparse.ArgumentParser, config_type, presets: dict, skip: tuple[str, ...] = ()
+) -> None:
+    """One flag per field of the dataclass ``config_type`` (``--lora-r`` for ``lora_r``), from
+    its type and ``metadata["help"]`` / ``["choices"]``: so a new field is a new flag (and a new
+    study-file key). A flag not given leaves the preset's value (shown in the help)."""
+    import dataclasses
+    import typing
+
+    for f in dataclasses.fields(config_type):
+        if f.name in skip:
+            continue
+        values = {name: _shown(getattr(c, f.name)) for name, c in presets.items()}
+        if len(set(values.values())) == 1:
+            by_preset = next(iter(values.values()))
+        else:
+            by_preset = ", ".join(f"{name} {value}" for name, value in values.items())
+        kwargs: dict = {
+            "dest": f.name,
+            "default": argparse.SUPPRESS,
+            "help": f"{f.metadata.get('help', f.name)} (preset: {by_preset})",
+        }
+        kind = _setting_type(f.type)
+        if kind is None:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            if "choices" in f.metadata:
+                optional = type(None) in typing.get_args(f.type)
+                kwargs["choices"] = (*f.metadata["choices"], *([None] if optional else []))
+                kwargs["metavar"] = "|".join(f.metadata["choices"]) + ("|none" if optional else "")
+        p.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def _shown(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--seeds takes integers like 0,1,2, not {text!r}"
+        ) from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds needs distinct integers, got {text!r}")
+    return seeds
+
+
 def _finetune_options(p: argparse.ArgumentParser) -> None:
+    from emolens.run.finetune import PRESETS, FinetuneConfig
+
     _training_options(p)
-    _data_options(p)
-    p.add_argument(
-        "--chat",
-        action="store_true",
-        help="train on the prompt wrapped in the tokenizer's chat template",
-    )
+    _data_options(p)  # --language (the prompt's and the bundled corpus')
     p.add_argument("--out", required=True, help="run folder (checkpoint-N/ go there)")
     p.add_argument(
         "--preset",
         default="demo",
-        choices=["paper", "demo", "tiny"],
-        help="training schedule; 'paper' is 3 epochs, batch 16, 80/10/10 split",
+        choices=list(PRESETS),
+        help="training schedule the flags below override; 'paper' is 3 epochs, batch 16, "
+        "80/10/10 split",
     )
     p.add_argument(
-        "--method",
+        "--seeds",
+        type=_seed_list,
         default=None,
-        choices=["full", "full-frozen-embeddings", "lora"],
-        help="override the preset's method",
+        help="several training seeds, e.g. 0,1,2: one run per seed in OUT/seed-<k>/, all on "
+        "the split of --split-seed (if not given: the first seed); instead of --seed",
     )
-    p.add_argument("--max-steps", type=int, default=None, help="override the preset's steps")
-    p.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps")
-    p.add_argument("--learning-rate", type=float, default=None, help="override the preset's")
-    p.add_argument("--seed", type=int, default=None, help="override the preset's seed")
+    _config_options(p, FinetuneConfig, PRESETS, skip=("language",))
     p.set_defaults(func=_cmd_finetune)
 
 

@@ -20,11 +20,14 @@ positions (the unembedding of a 100k-260k vocabulary would otherwise dominate a 
 padding gets explicit ``position_ids`` (cumulative attention mask - 1), so a padded row computes
 exactly what it computes alone.
 
-Training is the transformers ``Trainer`` (``accelerate launch`` / ``torchrun`` work unchanged):
-seeded, eval loss at every save, ``RUN/checkpoint-N/`` with ``trainer_state.json`` and the
-tokenizer (each checkpoint loads on its own), and ``RUN/emolens_run.json`` written before the
-first step, so an interrupted run is still a series :func:`emolens.model.loading.discover_series`
-reads. LoRA checkpoints hold adapters (``adapter_config.json`` + ``adapter_model.safetensors``).
+Training is the transformers ``Trainer`` (``accelerate launch`` / ``torchrun`` work unchanged),
+with SDPA attention where the model has it: seeded, an evaluation at every save (eval loss,
+and the first-token cross-entropy and accuracy the analysis observes, in the trainer log and
+``RUN/eval_metrics.csv``), ``RUN/checkpoint-N/`` with ``trainer_state.json`` and the tokenizer
+(each checkpoint loads on its own), and ``RUN/emolens_run.json`` written before the first step,
+so an interrupted run is still a series :func:`emolens.model.loading.discover_series` reads.
+LoRA checkpoints hold adapters (``adapter_config.json`` + ``adapter_model.safetensors``).
+:func:`finetune_seeds` makes one such run per seed, ``OUT/seed-<k>/``, on one shared split.
 """
 
 import functools
@@ -35,7 +38,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -72,6 +75,9 @@ IGNORE_INDEX = -100
 ACCURACY_CSV = "accuracy.csv"
 PROMPT_FILE = "prompt.json"  # the run's PromptSpec
 PRECISIONS = ("float32", "bfloat16", "float16")
+REPORT_TO = ("none", "tensorboard", "wandb")
+EVAL_CSV = "eval_metrics.csv"  # per evaluation: eval loss, first-token cross-entropy, accuracy
+SEEDS_FILE = "emolens_seeds.json"  # OUT/ of a several-seed run: seeds, split seed, run folders
 
 
 class FinetuneError(RuntimeError):
@@ -81,34 +87,69 @@ class FinetuneError(RuntimeError):
 # --------------------------------------------------------------------------- configuration
 
 
+def _setting(default, help: str, *, choices: tuple | None = None, identity: bool = True):
+    """A :class:`FinetuneConfig` field: ``help`` (and ``choices``) become its ``emolens finetune``
+    flag and study-file key; ``identity=False`` marks a setting that does not change what is
+    trained (a run folder made with another value can still be continued)."""
+    meta = {"help": help, "identity": identity}
+    if choices is not None:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """How to fine-tune. Evaluation (validation loss) runs at every save: ``eval_steps`` is
-    ``save_steps``. ``warmup`` is a number of steps, or a fraction of all steps when below 1.
-    ``max_steps`` (when set) overrides ``epochs``. ``save_dtype`` stores checkpoint weights in
-    another dtype than training used (``"bfloat16"`` halves the disk of a full fine-tune; the
-    optimizer still works on float32 weights). ``split`` is (train, validation, test)."""
+    """How to fine-tune. Evaluation (validation loss, first-token cross-entropy and accuracy)
+    runs at every save: ``eval_steps`` is ``save_steps``. ``warmup`` is a number of steps, or a
+    fraction of all steps when below 1. ``max_steps`` (when set) overrides ``epochs``.
+    ``save_dtype`` stores checkpoint weights in another dtype than training used
+    (``"bfloat16"`` halves the disk of a full fine-tune; the optimizer still works on float32
+    weights). ``split`` is (train, validation, test), drawn with ``split_seed`` (None: ``seed``).
 
-    method: str = "full"
-    epochs: float | int = 3.0
-    batch_size: int = 16
-    learning_rate: float = 2e-5
-    warmup: float | int = 0.03
-    weight_decay: float = 0.0
-    save_steps: int = 30
-    max_steps: int | None = None
-    seed: int = 0
-    split: tuple[float | int, ...] = (0.8, 0.1, 0.1)
-    gradient_accumulation: int = 1
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    save_optimizer: bool = False
-    save_dtype: str | None = None
-    language: str = "ja"
-    chat: bool = False
-    append_eos: bool = True
+    Each field is one ``emolens finetune`` flag (``--lora-r`` for ``lora_r``) and one key of a
+    study file's ``[finetune]`` table, built from the field's type, default and ``help``."""
+
+    method: str = _setting(
+        "full",
+        "what trains: all weights, all but the input embeddings, or LoRA adapters",
+        choices=METHODS,
+    )
+    epochs: float | int = _setting(3.0, "passes over the training split (unless max_steps)")
+    batch_size: int = _setting(16, "examples per device per step")
+    learning_rate: float = _setting(2e-5, "peak AdamW learning rate (linear decay)")
+    warmup: float | int = _setting(0.03, "warmup steps, or a fraction of all steps when below 1")
+    weight_decay: float = _setting(0.0, "AdamW weight decay")
+    save_steps: int = _setting(30, "checkpoint (and evaluate) every N steps")
+    max_steps: int | None = _setting(None, "optimizer steps in all (none: from epochs)")
+    seed: int = _setting(0, "training seed (weight init of adapters, data order, dropout)")
+    split_seed: int | None = _setting(
+        None, "seed of the train/validation/test split (none: the training seed)"
+    )
+    split: tuple[float | int, ...] = _setting(
+        (0.8, 0.1, 0.1), "train,validation,test fractions (or counts)"
+    )
+    gradient_accumulation: int = _setting(1, "batches accumulated per optimizer step")
+    lora_r: int = _setting(16, "LoRA rank")
+    lora_alpha: int = _setting(32, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = _setting(0.05, "dropout on the LoRA input")
+    lora_target_modules: tuple[str, ...] = _setting(
+        ("q_proj", "k_proj", "v_proj", "o_proj"), "modules that get LoRA adapters"
+    )
+    save_optimizer: bool = _setting(
+        False, "save optimizer and schedule state in each checkpoint (exact resume)"
+    )
+    save_dtype: str | None = _setting(
+        None, "dtype of the saved weights (none: the training dtype)", choices=PRECISIONS
+    )
+    language: str = _setting("ja", "prompt template language", choices=tuple(TEMPLATES))
+    chat: bool = _setting(False, "train on the prompt wrapped in the tokenizer's chat template")
+    append_eos: bool = _setting(True, "end each answer with the tokenizer's EOS token")
+    report_to: str = _setting(
+        "none",
+        "where the Trainer logs metrics (TensorBoard runs go to RUN/runs/)",
+        choices=REPORT_TO,
+        identity=False,
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -129,6 +170,10 @@ class FinetuneConfig:
                 f"save_dtype must be None, 'float32', 'bfloat16' or 'float16', "
                 f"not {self.save_dtype!r}"
             )
+        if self.report_to not in REPORT_TO:
+            raise ValueError(
+                f"report_to must be one of {', '.join(REPORT_TO)}, not {self.report_to!r}"
+            )
         if len(self.split) != 3:
             raise ValueError(
                 f"split needs three fractions (train, validation, test), got {self.split}"
@@ -139,6 +184,17 @@ class FinetuneConfig:
     @property
     def eval_steps(self) -> int:
         return self.save_steps
+
+    @property
+    def data_split_seed(self) -> int:
+        """The seed the corpus is split with: ``split_seed``, else ``seed``."""
+        return self.seed if self.split_seed is None else self.split_seed
+
+    def identity(self) -> dict:
+        """The settings that define what is trained (all but ``identity=False`` fields): two
+        runs with the same identity are the same run."""
+        d = self.to_dict()
+        return {f.name: d[f.name] for f in fields(self) if f.metadata.get("identity", True)}
 
     @property
     def template(self) -> PromptTemplate:
@@ -359,6 +415,81 @@ def batch_loss(model, batch: Mapping) -> Float[Tensor, ""]:
     return answer_loss(model(**model_inputs(inputs)), inputs["labels"])
 
 
+# --------------------------------------------------------------------------- eval metrics
+
+
+def first_token_scores(
+    logits: Float[Tensor, "sample keep vocab"],
+    labels: Int[Tensor, "sample seq"],
+    label_ids: Int[Tensor, " label"],
+) -> Float[Tensor, "sample 2"]:
+    """Per example, the cross-entropy (over the whole vocabulary) of the gold label's first
+    token at the answer position, and whether it is the argmax of the labels' first-token
+    logits there (the study's classification rule): the quantity the analysis observes.
+
+    ``logits`` are the last ``keep = longest answer + 1`` positions of left-padded rows that end
+    with their answer (as :class:`AnswerCollator` makes them), so the logits predicting a row's
+    first answer token sit at ``keep - n_answer - 1``. Columns that the Trainer appended across
+    processes (``-100`` on the right of both tensors) are ignored: positions are counted from
+    the answer lengths, not the padded widths."""
+    answer = labels != IGNORE_INDEX
+    n_answer = answer.sum(1)  # (sample,)
+    longest = int(n_answer.max())
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    first = answer.long().argmax(1)  # column of each row's first answer token
+    target = labels[rows, first]
+    at = (longest - n_answer).to(logits.device)  # = keep - n_answer - 1
+    answer_logits = logits[rows.to(logits.device), at].float()  # (sample, vocab)
+    ce = F.cross_entropy(answer_logits, target.to(logits.device), reduction="none")
+    ids = label_ids.to(logits.device)
+    predicted = ids[answer_logits[:, ids].argmax(-1)]
+    correct = (predicted == target.to(logits.device)).float()
+    return torch.stack([ce, correct], dim=1)
+
+
+@dataclass(frozen=True)
+class FirstTokenMetrics:
+    """The Trainer's ``preprocess_logits_for_metrics`` (:meth:`reduce`: each eval batch's kept
+    logits to two numbers per example, so nothing of vocabulary size is gathered or kept) and
+    ``compute_metrics`` (:meth:`__call__`: ``first_token_ce`` and ``first_token_accuracy``,
+    logged as ``eval_first_token_ce`` / ``eval_first_token_accuracy``)."""
+
+    label_ids: tuple[int, ...]
+
+    def reduce(self, logits, labels: Tensor) -> Tensor:
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        return first_token_scores(logits, labels, torch.tensor(self.label_ids))
+
+    def __call__(self, prediction) -> dict[str, float]:
+        import numpy as np
+
+        scores = np.asarray(prediction.predictions, dtype=np.float64).reshape(-1, 2)
+        return {
+            "first_token_ce": float(scores[:, 0].mean()),
+            "first_token_accuracy": float(scores[:, 1].mean()),
+        }
+
+
+def read_eval_metrics(run_dir):
+    """``RUN/eval_metrics.csv`` as a DataFrame (step, eval_loss, first_token_ce,
+    first_token_accuracy); empty when the run has evaluated nothing yet."""
+    import pandas as pd
+
+    path = Path(run_dir) / EVAL_CSV
+    if not path.exists():
+        return pd.DataFrame(columns=list(EVAL_COLUMNS))
+    return pd.read_csv(path)
+
+
+EVAL_COLUMNS = ("step", "eval_loss", "first_token_ce", "first_token_accuracy")
+
+
+def _metric_key(column: str) -> str:
+    """The Trainer's name of an :data:`EVAL_COLUMNS` column (it prefixes ``eval_``)."""
+    return column if column.startswith("eval_") else f"eval_{column}"
+
+
 # --------------------------------------------------------------------------- model set-up
 
 
@@ -394,6 +525,22 @@ def prepare_model(model, config: FinetuneConfig):
 
 def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def use_sdpa(model):
+    """Switch an HF model to PyTorch's scaled-dot-product attention where it supports it
+    (training and evaluation need no attention-pattern hooks, which is why the analysis loads
+    eager); a model without SDPA stays as it is, with a log line."""
+    try:
+        model.set_attn_implementation("sdpa")
+    except (ValueError, ImportError, AttributeError) as exc:
+        log.info("%s keeps %s attention: %s", type(model).__name__, attention_of(model), exc)
+    return model
+
+
+def attention_of(model) -> str | None:
+    """The attention implementation an HF model runs (``sdpa``, ``eager``, ...)."""
+    return getattr(model.config, "_attn_implementation", None)
 
 
 # --------------------------------------------------------------------------- run folder
@@ -445,6 +592,8 @@ def run_info(
         "template": prompt.template.to_dict(),
         "prompt": prompt.to_dict(),
         "training": dict(training or {}),
+        "seed": config.seed,
+        "split_seed": config.data_split_seed,
         "answer_token_ids": {e.en: ids for e, ids in zip(labels, answers, strict=True)},
         "emolens_version": __version__,
         "versions": versions(),
@@ -454,8 +603,17 @@ def run_info(
 
 
 def _same_run(old: Mapping, new: Mapping) -> list[str]:
-    keys = ("base_model", "config", "data_sha256", "splits", "labels", "template")
+    keys = ("base_model", "data_sha256", "splits", "labels", "template")
     differ = [k for k in keys if old.get(k) != new.get(k)]
+    try:  # settings added since the old run was made take their defaults
+        same_config = (
+            FinetuneConfig.from_dict(old.get("config", {})).identity()
+            == FinetuneConfig.from_dict(new["config"]).identity()
+        )
+    except (TypeError, ValueError):
+        same_config = False
+    if not same_config:
+        differ.append("config")
     recorded = _recorded_prompt(old)
     if recorded is not None and recorded.to_dict() != new.get("prompt"):
         differ.append("prompt")
@@ -582,7 +740,34 @@ def _callback_types() -> dict[str, type]:
                 write_json(config, {**read_json(config), "dtype": self.name})
             return control
 
-    return {"ScheduleFastForward": ScheduleFastForward, "SaveDtype": SaveDtype}
+    class EvalMetricsCsv(TrainerCallback):
+        """Writes ``RUN/eval_metrics.csv`` after every evaluation (rank 0): the step, eval
+        loss, first-token cross-entropy and accuracy on the validation split. Rows of steps
+        evaluated before (an earlier, interrupted run) are kept; a step evaluated again is
+        replaced."""
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if not args.should_save or not metrics:
+                return control
+            import pandas as pd
+
+            path = Path(args.output_dir) / EVAL_CSV
+            rows = {
+                int(r["step"]): r for r in read_eval_metrics(args.output_dir).to_dict("records")
+            }
+            rows[state.global_step] = {
+                "step": state.global_step,
+                **{c: metrics.get(_metric_key(c), float("nan")) for c in EVAL_COLUMNS[1:]},
+            }
+            frame = pd.DataFrame([rows[k] for k in sorted(rows)], columns=list(EVAL_COLUMNS))
+            write_csv(path, frame)
+            return control
+
+    return {
+        "ScheduleFastForward": ScheduleFastForward,
+        "SaveDtype": SaveDtype,
+        "EvalMetricsCsv": EvalMetricsCsv,
+    }
 
 
 def training_device(device: str = "auto") -> str:
@@ -633,6 +818,7 @@ def training_arguments(
 
     device = training_device(device)
     precision = training_precision(dtype, device)
+    check_report_to(config.report_to)
     return TrainingArguments(
         output_dir=str(run),
         per_device_train_batch_size=config.batch_size,
@@ -655,7 +841,7 @@ def training_arguments(
         logging_first_step=True,
         seed=config.seed,
         data_seed=config.seed,
-        report_to="none",
+        report_to=config.report_to,
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=device == "cuda",
@@ -664,9 +850,28 @@ def training_arguments(
         fp16=precision == "float16",
         remove_unused_columns=False,
         label_names=["labels"],
-        prediction_loss_only=True,
+        prediction_loss_only=not evaluate,  # eval: first-token metrics (FirstTokenMetrics)
         disable_tqdm=not progress,
     )
+
+
+#: The package each ``report_to`` backend needs (importable name, pip name).
+REPORT_BACKENDS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def check_report_to(report_to: str) -> None:
+    """Raise :class:`FinetuneError` (one line naming the ``pip install``) when the logging
+    backend ``report_to`` names is not installed."""
+    import importlib.util
+
+    if report_to not in REPORT_BACKENDS:
+        return
+    module, package = REPORT_BACKENDS[report_to]
+    if importlib.util.find_spec(module) is None:
+        raise FinetuneError(
+            f"--report-to {report_to} needs the {package} package: pip install {package} "
+            "(or use --report-to none)"
+        )
 
 
 # --------------------------------------------------------------------------- entry point
@@ -691,7 +896,9 @@ def finetune(
     on the prompt ``config.prompt(labels)`` (``config.language``, ``config.chat``), which is
     written to ``RUN/prompt.json``. Writes ``emolens_run.json`` before the first step,
     ``checkpoint-N/`` every ``config.save_steps`` steps (and at the last step) with the
-    validation loss in ``trainer_state.json``, and, with ``accuracy``, ``accuracy.csv``
+    validation loss in ``trainer_state.json``, ``eval_metrics.csv`` (at each evaluation: eval
+    loss, first-token cross-entropy and accuracy on the validation split; see
+    :func:`first_token_scores`), and, with ``accuracy``, ``accuracy.csv``
     (test-split accuracy of the base model and every checkpoint).
 
     An existing run folder with complete checkpoints and the same settings is continued. With
@@ -707,7 +914,7 @@ def finetune(
     source = resolve_model_dir(model_spec)
     tokenizer = load_tokenizer(source)
     prompt = config.prompt(labels)
-    splits = split_corpus(corpus, config.split, seed=config.seed)
+    splits = split_corpus(corpus, config.split, seed=config.data_split_seed)
     if len(splits.train) == 0:
         raise FinetuneError(
             f"the training split of {len(corpus)} samples is empty; give more "
@@ -756,6 +963,9 @@ def finetune(
             )
     if config.save_dtype is not None:
         callbacks.append(_callback_types()["SaveDtype"](config.save_dtype))
+    metrics = FirstTokenMetrics(tuple(prompt.label_tokens(tokenizer).ids))
+    if evaluate:
+        callbacks.append(_callback_types()["EvalMetricsCsv"]())
     if args.should_save:
         run.mkdir(parents=True, exist_ok=True)
         write_json(run / PROMPT_FILE, prompt.to_dict())
@@ -763,7 +973,8 @@ def finetune(
 
     if not finished:
         set_seed(config.seed)
-        model = prepare_model(load_hf_model(source, dtype=torch.float32), config)
+        model = prepare_model(use_sdpa(load_hf_model(source, dtype=torch.float32)), config)
+        info["training"]["attention"] = attention_of(model)
         info["trainable_parameters"] = trainable_parameters(model)
         examples = {
             name: build_examples(part, tokenizer, prompt, append_eos=config.append_eos)
@@ -777,6 +988,8 @@ def finetune(
             data_collator=AnswerCollator(pad_id(tokenizer)),
             processing_class=tokenizer,
             compute_loss_func=answer_loss,
+            compute_metrics=metrics if evaluate else None,
+            preprocess_logits_for_metrics=metrics.reduce if evaluate else None,
             callbacks=callbacks,
         )
         if not progress:
@@ -791,6 +1004,82 @@ def finetune(
     if accuracy and args.should_save:
         write_accuracy(run, corpus, progress=progress, device=dev)
     return run
+
+
+def seed_run_dir(out_dir, seed: int) -> Path:
+    """The run folder of ``seed`` in a several-seed fine-tune: ``OUT/seed-<seed>``."""
+    return Path(out_dir) / f"seed-{seed}"
+
+
+def finetune_seeds(
+    model_spec,
+    corpus: Corpus,
+    out_dir,
+    config: FinetuneConfig | None = None,
+    seeds: Sequence[int] = (0,),
+    progress: bool = True,
+    **kwargs,
+) -> list[Path]:
+    """One :func:`finetune` run per training seed, ``OUT/seed-<k>/`` each (a normal run
+    folder and checkpoint series), all on the same data split: the corpus is split once with
+    ``config.split_seed`` (None: the folder's recorded split seed, else the first seed), which
+    every run records.
+    ``OUT/emolens_seeds.json`` lists the seeds, the split seed and the run folders; running
+    again with more seeds adds runs (finished ones are kept, interrupted ones continue).
+    Other keyword arguments go to :func:`finetune`. Returns the run folders, as ``seeds``."""
+    config = config or PAPER
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise FinetuneError(f"seeds must be distinct and at least one, got {seeds}")
+    out = Path(out_dir)
+    if (out / RUN_INFO).exists():
+        raise FinetuneError(
+            f"{out} holds a single-seed run ({RUN_INFO}); give several seeds another folder"
+        )
+    split_seed = seeds[0] if config.split_seed is None else config.split_seed
+    index_path = out / SEEDS_FILE
+    known: list[int] = []
+    if index_path.exists():
+        index = read_json(index_path)
+        if config.split_seed is None:  # more seeds for a folder: its split
+            split_seed = int(index["split_seed"])
+        if index.get("split_seed") != split_seed:
+            raise FinetuneError(
+                f"{out} holds seed runs split with split_seed {index.get('split_seed')}, not "
+                f"{split_seed}; pass --split-seed {index.get('split_seed')} or another folder"
+            )
+        known = [int(k) for k in index.get("seeds", [])]
+    everything = known + [k for k in seeds if k not in known]
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(
+        index_path,
+        {
+            "seeds": everything,
+            "split_seed": split_seed,
+            "runs": {str(k): seed_run_dir(out, k).name for k in everything},
+        },
+    )
+    return [
+        finetune(
+            model_spec,
+            corpus,
+            seed_run_dir(out, k),
+            replace(config, seed=k, split_seed=split_seed),
+            progress,
+            **kwargs,
+        )
+        for k in seeds
+    ]
+
+
+def read_seed_runs(out_dir) -> dict[int, Path]:
+    """The run folders of a several-seed fine-tune (``OUT/emolens_seeds.json``): seed -> folder;
+    empty when ``out_dir`` is not one."""
+    path = Path(out_dir) / SEEDS_FILE
+    if not path.exists():
+        return {}
+    index = read_json(path)
+    return {int(k): Path(out_dir) / name for k, name in index["runs"].items()}
 
 
 def _leave_process_group() -> None:
@@ -813,7 +1102,7 @@ def _as_hf_model(model_or_path, base: str | None, device: str):
             resolve_model_dir(model_or_path), dtype=resolve_dtype(None, dev), base=base
         )
         # transformers declares PreTrainedModel.to via functools.wraps, which mypy sees unbound
-        return model.to(dev)  # type: ignore[arg-type]
+        return use_sdpa(model).to(dev)  # type: ignore[arg-type]
     return getattr(model_or_path, "hf_model", model_or_path)  # a LoadedModel or an HF model
 
 
