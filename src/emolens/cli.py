@@ -175,7 +175,7 @@ def _analysis_config(args):
 
 
 def _cmd_analyze(args) -> int:
-    from emolens.run.analyze import analyze
+    from emolens.run.analyze import analyze, failure_summary
     from emolens.run.prompt import prompt_language
 
     shard = None
@@ -190,7 +190,10 @@ def _cmd_analyze(args) -> int:
         from emolens.run.finetune import run_split
 
         corpus = run_split(args.model, corpus, args.split)
-    result = analyze(
+    from emolens.run.distributed import analyze_distributed, launched_ranks
+
+    ranks = launched_ranks()  # under torchrun / accelerate launch: the ranks split the series
+    result = (analyze if ranks is None else analyze_distributed)(
         args.model,
         corpus,
         args.out,
@@ -203,6 +206,8 @@ def _cmd_analyze(args) -> int:
         override_prompt=args.override_prompt,
         overwrite=args.overwrite,
     )
+    if ranks is not None and ranks[0] != 0:
+        return 0 if failure_summary(result) is None else 1  # rank 0 speaks for the run
     return _finish(result, f"results in {result}")
 
 
@@ -381,7 +386,8 @@ def _analyze_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--shard",
         default=None,
-        help="i/n: analyse every n-th checkpoint from the i-th (merge with 'emolens merge')",
+        help="i/n: analyse every n-th checkpoint from the i-th (merge with 'emolens merge'); "
+        "under torchrun or accelerate launch the ranks split the series by themselves",
     )
     p.add_argument(
         "--overwrite",
