@@ -284,9 +284,11 @@ def final_layer_record(out: Path) -> dict | None:
         return None
     acts_meta = read_json(first.activations_meta)
     n_layers = read_json(first.done)["model"]["n_layers"]
+    read_point = acts_meta.get("meta", {}).get("read_point", "block-out")
     return {
         "final_layer": n_layers - 1,
-        "hook": hooks.resid_post(n_layers - 1),
+        "hook": hooks.read_hook(n_layers - 1, n_layers, read_point),
+        **({} if read_point == "block-out" else {"read_point": read_point}),
         "collected_layers": acts_meta["layers"],
         "tables": ["attribution", "transfer", "random_baseline", "dla"],
     }
