@@ -80,6 +80,18 @@ class StepData:
     metric: CausalInnerProduct | None = None
     n_layers: int | None = None
 
+    def __post_init__(self) -> None:
+        # the readout of the final layer's residuals as read: the unembedding alone at the
+        # final-norm read point (a step folder stores it so already; this keeps any other
+        # StepData consistent)
+        if self.readout is not None:
+            object.__setattr__(self, "readout", self.readout.at_read_point(self.read_point))
+
+    @property
+    def read_point(self) -> str:
+        """Where the final layer's residual was read (``Activations.read_point``)."""
+        return self.acts.read_point
+
     @property
     def final_layer(self) -> int:
         """The final block's index; raises if unknown or not collected (never a stand-in)."""
@@ -174,6 +186,12 @@ def _push_columns(push: PushChange | None, k: int | None) -> dict[str, float]:
     return {name: float(part[k]) for name, part in zip(_PUSH_COLUMNS, parts, strict=True)}
 
 
+def _read_point_column(step: StepData) -> dict[str, str]:
+    """``{"read_point": ...}`` for a table row at a non-default read point, else nothing (so
+    default tables stay as they were)."""
+    return {} if step.read_point == "block-out" else {"read_point": step.read_point}
+
+
 def attribution_frame(
     steps: list[StepData],
     prompt_ids: list[str],
@@ -189,7 +207,12 @@ def attribution_frame(
     The steered vectors are those of ``sensitivity.csv`` for ``alpha_unit``
     (:meth:`StepData.steered_vectors`), so ``logit_change`` equals its final-layer diagonal;
     ``vector_norm`` is the concept vector's own norm, ``steered_norm`` that of the vector alpha
-    multiplies. Steps without a readout are left out."""
+    multiplies. Steps without a readout are left out.
+
+    At the ``"final-norm"`` read point (``h`` and v after the final norm) the logit change is
+    linear in alpha: ``scale_change`` and ``push_scale`` are exactly zero, ``resid_scale`` is
+    1, and the push is all ``direct``; the table then has a ``read_point`` column (none means
+    ``"block-out"``, the default)."""
     steps = with_readout(steps)
     if not steps:
         return pd.DataFrame()
@@ -224,6 +247,7 @@ def attribution_frame(
                         "emotion": emotion,
                         "alpha": alpha,
                         "alpha_unit": alpha_unit,
+                        **_read_point_column(s),
                         "logit_change": float(parts.total[i, ai, :, j].mean()),
                         "direct": float(parts.direct[i, ai, :, j].mean()),
                         "scale_change": float(parts.scale[i, ai, :, j].mean()),
@@ -246,7 +270,8 @@ def transfer_frame(
     alpha_unit: str = "absolute",
 ) -> pd.DataFrame:
     """Steer the model of step t (its readout and its own prompt residuals) with the vectors
-    of step s, for every pair: mean diagonal logit change over prompts at the final layer.
+    of step s, for every pair: mean diagonal logit change over prompts at the final layer
+    (with a ``read_point`` column at the ``"final-norm"`` read point).
 
     Under ``alpha_unit="norm"`` the vectors of s are rescaled to t's mean residual norm (the
     steered model's, as in ``sensitivity.csv``), so the pairs s = t equal its diagonal."""
@@ -265,6 +290,7 @@ def transfer_frame(
                         "emotion": emotion,
                         "alpha": alpha,
                         "alpha_unit": alpha_unit,
+                        **_read_point_column(t),
                         "layer": t.final_layer,
                         "logit_change": float(change[i, :, labels.index(emotion)].mean()),
                     }

@@ -142,17 +142,21 @@ def answer_readout(
     label_token_ids: Sequence[int],
     *,
     chunk_rows: int | None = None,
+    read_point: str = "block-out",
 ) -> tuple[Float[Tensor, "sample label"], Float[Tensor, " sample"], Float[Tensor, " sample"]]:
-    """Label logits, logsumexp and mean logit over the vocabulary of final-block outputs ``h``.
+    """Label logits, logsumexp and mean logit over the vocabulary of final-layer residuals ``h``.
 
     The logits are ``unembed(ln_final(h))`` with the model's own modules in float32 whatever
     the model's dtype (:func:`readout_modules`; ``h`` is never cast down to a bfloat16 model's
     dtype), plus the final logit soft-capping of the HF config, if any, computed in chunks of
-    ``chunk_rows`` rows so the ``[rows, vocab]`` block stays small. Results are float32 on the
-    CPU.
+    ``chunk_rows`` rows so the ``[rows, vocab]`` block stays small. With ``read_point=
+    "final-norm"`` ``h`` is already the final norm's output and the logits are ``unembed(h)``.
+    Results are float32 on the CPU.
     """
     bridge = bridge_of(model)
     ln_final, unembed = readout_modules(bridge)
+    if hooks.check_read_point(read_point) == "final-norm":
+        ln_final = torch.nn.Identity()
     device = _readout_device(bridge)
     dtype = next(unembed.parameters()).dtype
     chunk = chunk_rows or default_chunk_rows(bridge)
@@ -171,6 +175,19 @@ def answer_readout(
         n_labels = len(label_idx)
         return torch.zeros(0, n_labels), torch.zeros(0), torch.zeros(0)
     return torch.cat(outs[0]), torch.cat(outs[1]), torch.cat(outs[2])
+
+
+@torch.no_grad()
+def final_norm_rows(model, h: Float[Tensor, "sample d_model"]) -> Float[Tensor, "sample d_model"]:
+    """``ln_final(h)`` of final-block outputs ``h`` with the model's own final norm in float32
+    (:func:`readout_modules`, as every readout): the residual at the ``"final-norm"`` read point,
+    so ``answer_readout(n, read_point="final-norm")`` equals ``answer_readout(h)``. HF's
+    ``hidden_states[-1]`` is the same (for a bfloat16 model, rounded to bfloat16). Float32, CPU.
+    """
+    ln_final, unembed = readout_modules(bridge_of(model))
+    param = next(unembed.parameters())
+    x = h.to(device=param.device, dtype=param.dtype)[:, None, :]
+    return ln_final(x)[:, 0, :].float().cpu()
 
 
 #: What :func:`hf_attention` asks of HF, where the model supports it.
@@ -338,6 +355,23 @@ class Activations:
         return self.resid.shape[0]
 
     @property
+    def read_point(self) -> str:
+        """Where the final layer's residual was read: ``"block-out"`` (before the final norm)
+        or ``"final-norm"`` (its output); see :data:`emolens.model.hooks.READ_POINTS`."""
+        return str(self.meta.get("read_point", "block-out"))
+
+    def layer_read_point(self, layer: int) -> str:
+        """The read point of ``layer``'s residuals (``"block-out"`` but for the final layer)."""
+        if self.read_point == "block-out":
+            return "block-out"
+        n_layers = self.meta.get("n_layers")
+        if n_layers is None:
+            raise ValueError(
+                "activations read at the final norm must record the model's depth (n_layers)"
+            )
+        return hooks.layer_read_point(layer, int(n_layers), self.read_point)
+
+    @property
     def predictions(self) -> Int[Tensor, " sample"]:
         """Argmax over the label first-token logits."""
         return self.label_logits.argmax(dim=-1)
@@ -393,10 +427,15 @@ class Activations:
             "layers": list(self.layers),
             "sample_ids": list(self.sample_ids),
             "label_names": list(self.label_names),
-            "hook_names": [hooks.resid_post(layer) for layer in self.layers],
+            "hook_names": [self._hook_name(layer) for layer in self.layers],
             "meta": self.meta,
         }
         return save_artifact(directory, self.FILE_STEM, tensors, meta)
+
+    def _hook_name(self, layer: int) -> str:
+        if self.layer_read_point(layer) == "final-norm":
+            return hooks.final_norm()
+        return hooks.resid_post(layer)
 
     @classmethod
     def load(cls, directory: str | Path) -> "Activations":
@@ -438,6 +477,7 @@ def collect_activations(
     padding_side: str = "right",
     progress: bool = True,
     meta: Mapping | None = None,
+    read_point: str = "block-out",
 ) -> Activations:
     """Answer-position residuals at ``layers`` and label first-token logits for each prompt.
 
@@ -445,9 +485,12 @@ def collect_activations(
     length and padded on ``padding_side`` (the answer position comes from the attention mask,
     so both sides work). Negative layers count from the end; ``"all"`` is every layer. Label
     logits come from :func:`answer_readout` on the final block output, not from a
-    full-vocabulary forward.
+    full-vocabulary forward. With ``read_point="final-norm"`` the final layer's residuals are
+    those after the final norm (:func:`final_norm_rows`; other layers are unchanged, and so
+    are the logits).
     Raises ``ValueError`` naming the samples whose activations are not finite.
     """
+    hooks.check_read_point(read_point)
     bridge = bridge_of(model)
     n_layers = int(bridge.cfg.n_layers)
     layers = hooks.check_layers(layers if isinstance(layers, str) else list(layers), n_layers)
@@ -482,6 +525,8 @@ def collect_activations(
             resid[index, j] = rows[layer]
         final[index] = rows[last]
     label_logits, lse, mean = answer_readout(bridge, final, label_token_ids)
+    if read_point == "final-norm" and last in layers:
+        resid[:, layers.index(last)] = final_norm_rows(bridge, final)
     _check_finite(resid, torch.cat([label_logits, lse[:, None], mean[:, None]], 1), sample_ids)
     info = {
         "numerics": numerics_mode(bridge),
@@ -492,6 +537,8 @@ def collect_activations(
         "attention": attention_implementation(bridge),
         "n_layers": n_layers,
     }
+    if read_point != "block-out":  # (block-out, the default, is what no entry means)
+        info["read_point"] = read_point
     for key in ("spec", "weights_hash", "dtype", "device"):
         if hasattr(model, key):
             info[key] = getattr(model, key)

@@ -12,6 +12,11 @@ and across checkpoints the direct push of step t against step 0 splits, exactly,
 vector changed, what the readout row changed and what the scale changed (see
 :func:`direct_push_change`). :class:`Readout` extracts ``w``, ``b`` and the norm from a model and
 checks itself against the model's own ``ln_final`` and ``unembed`` before it is used.
+
+At the ``"final-norm"`` read point, ``h`` is the final norm's output and steering adds
+``alpha v`` after the norm: the logit is ``u . (h + alpha v) + b``, the scale term is exactly
+zero and the whole change is the direct push ``alpha * (u . v)``
+(:meth:`Readout.at_read_point`, whose norm is ``"none"``).
 """
 
 from collections.abc import Sequence
@@ -60,7 +65,7 @@ class Readout:
     ``mean_logit(h) = mean_row . ln(h) + mean_bias`` exactly (the readout is linear).
     """
 
-    norm: str  # "rms" or "layer"
+    norm: str  # "rms" or "layer"; "none" for residuals already normalised (final-norm)
     gain: Float[Tensor, " d_model"]
     norm_bias: Float[Tensor, " d_model"]
     eps: float
@@ -83,9 +88,30 @@ class Readout:
         return h - h.mean(-1, keepdim=True) if self.norm == "layer" else h
 
     def scale(self, h: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows"]:
-        """``r(h)``: the RMS of the (centred, for LayerNorm) residual, with eps."""
+        """``r(h)``: the RMS of the (centred, for LayerNorm) residual, with eps; exactly 1 for
+        norm ``"none"`` (residuals read after the final norm)."""
+        if self.norm == "none":
+            return torch.ones(h.shape[:-1], dtype=torch.float64, device=h.device)
         x = self.center(h.double())
         return torch.sqrt((x * x).mean(-1) + self.eps)
+
+    def at_read_point(self, read_point: str) -> "Readout":
+        """The readout of final-layer residuals read at ``read_point``: this one at
+        ``"block-out"``; at ``"final-norm"`` the unembedding alone (norm ``"none"``: gain 1, no
+        norm bias, scale 1), since those residuals are the norm's output already."""
+        if hooks.check_read_point(read_point) == "block-out" or self.norm == "none":
+            return self
+        return Readout(
+            "none",
+            torch.ones_like(self.gain),
+            torch.zeros_like(self.norm_bias),
+            0.0,
+            self.rows,
+            self.bias,
+            self.mean_row,
+            self.mean_bias,
+            self.token_ids,
+        )
 
     def logits(self, h: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows label"]:
         """Label logits of final-block outputs ``h`` (float64)."""
@@ -227,7 +253,8 @@ class Readout:
 class SteeringDecomposition:
     """Exact parts of the final-layer steering effect, ``[emotion, alpha, prompt, label]``.
 
-    ``direct + scale == total``; ``total`` equals the measured logit change.
+    ``direct + scale == total``; ``total`` equals the measured logit change. For a readout of
+    norm ``"none"`` (the final-norm read point) ``scale`` is exactly zero.
     """
 
     total: Float[Tensor, "emotion alpha prompt label"]

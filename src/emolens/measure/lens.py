@@ -36,10 +36,13 @@ class LogitLens:
 
 @torch.no_grad()
 def logit_lens(model, acts: Activations, label_token_ids: Sequence[int]) -> LogitLens:
-    """Read each of ``acts``' layers through ``model``'s ``ln_final`` and ``unembed``."""
+    """Read each of ``acts``' layers through ``model``'s ``ln_final`` and ``unembed`` (a final
+    layer read at the final norm, through ``unembed`` alone)."""
     logits, lse = [], []
     for layer in acts.layers:
-        label_logits, layer_lse, _ = answer_readout(model, acts.layer(layer), label_token_ids)
+        label_logits, layer_lse, _ = answer_readout(
+            model, acts.layer(layer), label_token_ids, read_point=acts.layer_read_point(layer)
+        )
         logits.append(label_logits)
         lse.append(layer_lse)
     return LogitLens(torch.stack(logits, 1), torch.stack(lse, 1), tuple(acts.layers))

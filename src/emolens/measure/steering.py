@@ -9,7 +9,9 @@ minus the mean logit over the vocabulary (:class:`SteeringEffect`).
 Three ways to compute it, all with the same result:
 
 - :func:`final_layer_sensitivity`: at the final block, no forward pass at all; the model's own
-  ``ln_final`` and ``unembed`` are applied to ``h + alpha * v`` for every configuration.
+  ``ln_final`` and ``unembed`` are applied to ``h + alpha * v`` for every configuration. At the
+  ``"final-norm"`` read point (``h`` the final norm's output, ``alpha * v`` added after it) the
+  logits are ``unembed(h + alpha * v)``, exactly linear in alpha (but for soft-capping).
 - :func:`layer_sensitivity`: at any layer, with many (emotion, alpha) configurations riding in
   the batch dimension of each hooked forward pass (one steering vector per batch row).
 - :func:`layer_sensitivity_cached`: at any layer, steering the answer position only: each
@@ -288,6 +290,7 @@ def _effect(
     positions: str,
     method: str,
     model: Model,
+    hook_name: str | None = None,
 ) -> SteeringEffect:
     """Assemble a :class:`SteeringEffect` from steered readouts (rows in (emotion, alpha,
     prompt) order) and unsteered readouts (one row per prompt)."""
@@ -314,7 +317,7 @@ def _effect(
         _names(labels, b_ll.shape[1], "label"),
         _names(prompt_ids, n_prompts, "prompt"),
         layer,
-        hooks.resid_post(layer),
+        hook_name or hooks.resid_post(layer),
         positions,
         method,
         meta,
@@ -362,6 +365,7 @@ def final_layer_readout(
     *,
     chunk_rows: int | None = None,
     progress: bool = False,
+    read_point: str = "block-out",
 ) -> tuple[Float[Tensor, "row label"], Float[Tensor, " row"], Float[Tensor, " row"], dict]:
     """:func:`emolens.measure.activations.answer_readout` of ``h[p] + alpha[a] * v[e]`` for every
     (emotion, alpha, prompt) row, in that order, without a ``[rows, d_model] x [d_model, vocab]``
@@ -380,7 +384,12 @@ def final_layer_readout(
     :data:`FACTOR_TOL` (a final norm of another form) is read out directly with
     ``answer_readout``. Returns label logits, logsumexp, mean logit (float32, CPU) and
     ``{"factored_rows": n, "direct_rows": m}``.
+
+    With ``read_point="final-norm"``, ``h`` is the final norm's output and ``alpha * v`` is
+    added after the norm: the logits are ``unembed(h + alpha v) = W h + b + alpha W v``, so
+    ``s1 = 1`` and ``s2 = alpha`` exactly, with no norm, no fit and no direct rows.
     """
+    hooks.check_read_point(read_point)
     bridge = bridge_of(model)
     ln_final, unembed = readout_modules(bridge)
     device = next(unembed.parameters()).device
@@ -398,14 +407,19 @@ def final_layer_readout(
         return unembed(z[:, None, :])[:, 0, :].float()
 
     zero = torch.zeros(1, d, device=device, dtype=dtype)
-    beta = norm(zero)  # [1, d_model]
-    y = norm(h) - beta  # [prompt, d_model]
-    u = norm(v) - beta  # [emotion, d_model]
     flat = torch.arange(n_e * n_a * n_p, device=device)
     e, a, p = _config_index(flat, n_a, n_p)
-    x = norm(h[p] + al[a, None] * v[e]) - beta  # [row, d_model], cheap
-    s1, s2, resid = _fit_two_terms(x, y[p], u[e])
-    direct = resid > FACTOR_TOL
+    if read_point == "final-norm":  # no norm after the read point: linear in alpha, exactly
+        beta, y, u = zero, h, v
+        s1, s2 = torch.ones(len(flat), device=device), al[a].float()
+        direct = torch.zeros(len(flat), dtype=torch.bool, device=device)
+    else:
+        beta = norm(zero)  # [1, d_model]
+        y = norm(h) - beta  # [prompt, d_model]
+        u = norm(v) - beta  # [emotion, d_model]
+        x = norm(h[p] + al[a, None] * v[e]) - beta  # [row, d_model], cheap
+        s1, s2, resid = _fit_two_terms(x, y[p], u[e])
+        direct = resid > FACTOR_TOL
     bias = unembed_rows(zero)  # [1, vocab]
     offset = unembed_rows(beta)[0]  # [vocab]: W beta + b
     wy = unembed_rows(y) - bias  # [prompt, vocab]
@@ -448,6 +462,7 @@ def final_layer_sensitivity(
     prompt_ids: Sequence[str] | None = None,
     chunk_rows: int | None = None,
     progress: bool = False,
+    read_point: str = "block-out",
 ) -> SteeringEffect:
     """Sensitivity to steering at the final block output, without a forward pass.
 
@@ -459,14 +474,33 @@ def final_layer_sensitivity(
     time, by default as many as fit in 256 MiB). Equals the hooked forward pass with positions
     "all" or "answer" alike (steering other positions cannot reach the answer after the last
     block).
+
+    With ``read_point="final-norm"``, ``h_final`` are the final norm's outputs
+    (:func:`emolens.measure.activations.final_norm_rows`) and the vectors are added after the
+    norm, at ``ln_final.hook_out``: the logits are ``unembed(h + alpha v)``, linear in alpha
+    with no norm-scale term (the hooked reference is :func:`naive_sensitivity` with the same
+    ``read_point``).
     """
     bridge = bridge_of(model)
+    last = int(bridge.cfg.n_layers) - 1
     n_e, n_a, n_p = vectors.shape[0], alphas.shape[0], h_final.shape[0]
     chunk = chunk_rows or default_chunk_rows(bridge)
     h, v, al = h_final.float().cpu(), vectors.float().cpu(), alphas.float().cpu()
-    base = answer_readout(bridge, h, label_token_ids, chunk_rows=chunk)
+    base = answer_readout(bridge, h, label_token_ids, chunk_rows=chunk, read_point=read_point)
     label_logits, logsumexp, mean_logit, _ = final_layer_readout(
-        bridge, h, v, al, label_token_ids, chunk_rows=chunk, progress=progress
+        bridge,
+        h,
+        v,
+        al,
+        label_token_ids,
+        chunk_rows=chunk,
+        progress=progress,
+        read_point=read_point,
+    )
+    method = (
+        "final-layer readout: unembed(h + alpha v) after the final norm, linear in alpha"
+        if read_point == "final-norm"
+        else "final-layer readout: unembed(ln_final(h + alpha v)), factored through the norm"
     )
     return _effect(
         (label_logits, logsumexp, mean_logit),
@@ -478,10 +512,11 @@ def final_layer_sensitivity(
         emotions=emotions,
         labels=labels,
         prompt_ids=prompt_ids,
-        layer=int(bridge.cfg.n_layers) - 1,
+        layer=last,
         positions="all",
-        method="final-layer readout: unembed(ln_final(h + alpha v)), factored through the norm",
+        method=method,
         model=model,
+        hook_name=hooks.read_hook(last, last + 1, read_point),
     )
 
 
@@ -792,13 +827,16 @@ def naive_sensitivity(
     labels: Sequence[str] | None = None,
     prompt_ids: Sequence[str] | None = None,
     progress: bool = False,
+    read_point: str = "block-out",
 ) -> SteeringEffect:
     """The slow, obvious reference: one full hooked forward pass (logits at every position)
-    per (emotion, alpha, prompt), reading the last position's logits."""
+    per (emotion, alpha, prompt), reading the last position's logits. ``read_point=
+    "final-norm"`` steers the final layer at the final norm's output (``ln_final.hook_out``)."""
     _check_positions(positions)
     bridge = bridge_of(model)
-    (layer,) = hooks.check_layers([layer], int(bridge.cfg.n_layers))
-    hook_name = hooks.resid_post(layer)
+    n_layers = int(bridge.cfg.n_layers)
+    (layer,) = hooks.check_layers([layer], n_layers)
+    hook_name = hooks.read_hook(layer, n_layers, read_point)
     device = input_device(bridge)
     label_idx = torch.as_tensor(list(label_token_ids))
     n_e, n_a, n_p = vectors.shape[0], alphas.shape[0], len(token_ids)
@@ -837,4 +875,5 @@ def naive_sensitivity(
         positions=positions,
         method="naive: one hooked forward per (emotion, alpha, prompt)",
         model=model,
+        hook_name=hook_name,
     )

@@ -148,7 +148,12 @@ class ConceptVectors:
         meta = {
             "emotions": list(self.emotions),
             "layers": list(self.layers),
-            "hook_names": [hooks.resid_post(layer) for layer in self.layers],
+            "hook_names": [
+                hooks.read_hook(layer, self.meta["n_layers"], self.meta["read_point"])
+                if "read_point" in self.meta
+                else hooks.resid_post(layer)
+                for layer in self.layers
+            ],
             "neutral": self.neutral,
             "neutral_count": self.neutral_count,
             "dropped": list(self.dropped),
@@ -238,5 +243,12 @@ def concept_vectors(
         int(counts[neutral]),
         tuple(dropped),
         min_count,
-        {"labels": labels.to_dict()},
+        {"labels": labels.to_dict(), **_read_point_meta(acts)},
     )
+
+
+def _read_point_meta(acts: Activations) -> dict:
+    """The activations' read point (and depth) where it is not the default ``"block-out"``."""
+    if acts.read_point == "block-out":
+        return {}
+    return {"read_point": acts.read_point, "n_layers": acts.meta.get("n_layers")}

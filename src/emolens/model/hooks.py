@@ -10,7 +10,15 @@ RESID_MID = "blocks.{layer}.ln2.hook_in"
 ATTN_OUT = "blocks.{layer}.attn.hook_out"
 MLP_OUT = "blocks.{layer}.mlp.hook_out"
 EMBED_OUT = "embed.hook_out"
-FINAL_NORM = "ln_final.hook_normalized"
+#: The final norm's output, gain (and bias) included: what the unembedding reads, and HF's
+#: ``hidden_states[-1]`` for Llama and Gemma. (``ln_final.hook_normalized`` is before the gain.)
+FINAL_NORM = "ln_final.hook_out"
+
+#: Where the final layer's residual h is read (and steered): ``"block-out"`` is the last
+#: block's output, before the final norm (``blocks.{n-1}.hook_out``, the paper's equation 2 as
+#: TransformerLens names it); ``"final-norm"`` is the final norm's output (:data:`FINAL_NORM`).
+#: Other layers have no final norm and are always read at their block output.
+READ_POINTS: tuple[str, ...] = ("block-out", "final-norm")
 
 #: Each name above and the HookedTransformer alias it replaces (same hook point on the bridge).
 ALIASES = {
@@ -51,9 +59,38 @@ def embed_out() -> str:
     return EMBED_OUT
 
 
-def manifest_names() -> dict[str, str]:
+def final_norm() -> str:
+    """Output of the final norm (gain included): ``ln_final.hook_out``."""
+    return FINAL_NORM
+
+
+def check_read_point(read_point: str) -> str:
+    if read_point not in READ_POINTS:
+        raise ValueError(f"read point must be one of {READ_POINTS}, not {read_point!r}")
+    return read_point
+
+
+def layer_read_point(layer: int, n_layers: int, read_point: str) -> str:
+    """The read point of ``layer``'s residual: ``read_point`` for the final layer, always
+    ``"block-out"`` for the others (they have no final norm)."""
+    check_read_point(read_point)
+    return read_point if layer == n_layers - 1 else "block-out"
+
+
+def read_hook(layer: int, n_layers: int, read_point: str = "block-out") -> str:
+    """The hook where ``layer``'s residual is read and steered: :data:`FINAL_NORM` for the
+    final layer at the ``"final-norm"`` read point, else ``blocks.{layer}.hook_out``."""
+    if layer_read_point(layer, n_layers, read_point) == "final-norm":
+        return FINAL_NORM
+    return resid_post(layer)
+
+
+def manifest_names(read_point: str = "block-out") -> dict[str, str]:
     """The hook names the analysis reads and steers at, as the manifest records them."""
-    return {"vectors": f"{RESID_POST} (answer position)", "steering": RESID_POST}
+    names = {"vectors": f"{RESID_POST} (answer position)", "steering": RESID_POST}
+    if check_read_point(read_point) == "final-norm":
+        names["final_layer"] = f"{FINAL_NORM} (read point final-norm: the last layer)"
+    return names
 
 
 def check_layers(layers: str | Sequence[int] | None, n_layers: int) -> list[int]:

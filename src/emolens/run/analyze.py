@@ -448,7 +448,7 @@ class _SeriesRun:
             },
             identity=self.identity,
             steered_prompts=[corpus.samples[i].id for i in ctx.prompt_index],
-            hook_names=hooks.manifest_names(),
+            hook_names=hooks.manifest_names(config.read_point),
             numerics=NUMERICS_MODE,
             numerics_note=NUMERICS_NOTE,
             readout_dtype="float32 (unembed(ln_final(h)) upcast whatever the model dtype)",

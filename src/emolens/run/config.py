@@ -17,12 +17,15 @@ log = logging.getLogger(__name__)
 ALPHA_UNITS = ("absolute", "norm")
 #: Where the steering vector is added: every position of the prompt, or only the answer's.
 POSITIONS = ("all", "answer")
+#: Where the final layer's h is read and steered (:data:`emolens.model.hooks.READ_POINTS`).
+READ_POINTS = hooks.READ_POINTS
 if TYPE_CHECKING:  # the type checker sees the choices; at run time __post_init__ checks them
     AlphaUnit = Literal["absolute", "norm"]
     Positions = Literal["all", "answer"]
     FilterMode = Literal["self", "base", "all", "none"]
+    ReadPoint = Literal["block-out", "final-norm"]
 else:  # (a runtime type checker would refuse a bad choice before the clear message)
-    AlphaUnit = Positions = FilterMode = str
+    AlphaUnit = Positions = FilterMode = ReadPoint = str
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class AnalysisConfig:
     alphas: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 6.0, 8.0)
     alpha_unit: AlphaUnit = "absolute"  # or "norm": alpha * mean |h| along v / |v|
     positions: Positions = "all"  # steer at every position, or "answer" only
+    # the final layer's h: the last block's output (before the final norm) or the norm's output
+    read_point: ReadPoint = "block-out"
     n_prompts: int = 10  # neutral prompts steered, sampled once with prompt_seed
     prompt_seed: int = 0
     filter_mode: FilterMode = "self"  # who decides a sample is correct: self, base, all (or none)
@@ -55,6 +60,10 @@ class AnalysisConfig:
             raise ValueError("alpha_unit must be 'absolute' or 'norm'")
         if self.positions not in POSITIONS:
             raise ValueError("positions must be 'all' or 'answer'")
+        if self.read_point not in READ_POINTS:
+            raise ValueError(
+                f"--read-point {self.read_point!r} unknown; use 'block-out' or 'final-norm'"
+            )
         if not self.alphas or not all(np.isfinite(a) for a in self.alphas):
             raise ValueError(
                 f"the alpha grid {self.alphas} must be a non-empty list of finite numbers"
@@ -115,6 +124,16 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
         default=d.positions,
         choices=["all", "answer"],
         help="steer every position or only the answer position",
+    )
+    p.add_argument(
+        "--read-point",
+        default=d.read_point,
+        choices=list(READ_POINTS),
+        help="where the final layer's h is read (vectors, geometry, probes) and steered: "
+        "block-out, the last block's output before the final norm (blocks.N-1.hook_out, the "
+        "default); final-norm, the final norm's output (ln_final.hook_out, HF's "
+        "hidden_states[-1]), where steering is linear in alpha with no norm-scale term. "
+        "Other layers have no final norm and are read at their block output either way",
     )
     p.add_argument(
         "--n-prompts", type=int, default=d.n_prompts, help="neutral prompts to steer (sampled once)"

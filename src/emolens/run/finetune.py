@@ -1101,8 +1101,7 @@ def _as_hf_model(model_or_path, base: str | None, device: str):
         model = load_hf_model(
             resolve_model_dir(model_or_path), dtype=resolve_dtype(None, dev), base=base
         )
-        # transformers declares PreTrainedModel.to via functools.wraps, which mypy sees unbound
-        return use_sdpa(model).to(dev)  # type: ignore[arg-type]
+        return use_sdpa(model).to(dev)
     return getattr(model_or_path, "hf_model", model_or_path)  # a LoadedModel or an HF model
 
 

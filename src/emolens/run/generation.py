@@ -114,6 +114,12 @@ def generate(
                     f"layer {layer} was not collected by the analysis (layers {acts.layers}); "
                     "re-run analyze with it in --layers"
                 )
+            if acts.layer_read_point(index) != "block-out":
+                raise ValueError(
+                    f"layer {layer} of {out} was read at the final norm (analyze "
+                    "--read-point final-norm), and generate steers block outputs only; "
+                    "steer a middle layer or analyse with --read-point block-out"
+                )
             v = steering_vectors(vectors.layer(index), unit, acts.mean_norm(index))
             frame = steered_generations(
                 model,

@@ -3,6 +3,7 @@
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -180,7 +181,7 @@ CROSS_STEP_TABLES = (
 )
 
 
-def merge(shard_dirs: list[str | Path], out_dir: str | Path) -> Path:
+def merge(shard_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     """Combine the result folders of ``analyze(..., shard=(i, n))`` runs into ``out_dir``.
 
     The shards must agree on model, data, labels, prompt, dtype and settings, and ``out_dir``
@@ -284,9 +285,11 @@ def final_layer_record(out: Path) -> dict | None:
         return None
     acts_meta = read_json(first.activations_meta)
     n_layers = read_json(first.done)["model"]["n_layers"]
+    read_point = acts_meta.get("meta", {}).get("read_point", "block-out")
     return {
         "final_layer": n_layers - 1,
-        "hook": hooks.resid_post(n_layers - 1),
+        "hook": hooks.read_hook(n_layers - 1, n_layers, read_point),
+        **({} if read_point == "block-out" else {"read_point": read_point}),
         "collected_layers": acts_meta["layers"],
         "tables": ["attribution", "transfer", "random_baseline", "dla"],
     }

@@ -55,13 +55,20 @@ from emolens.store.staging import link_or_copy
 log = logging.getLogger(__name__)
 
 
-def effect_frame(effect: SteeringEffect, *, step: int, alpha_unit: str) -> pd.DataFrame:
-    """Long table of a steering effect: one row per emotion, alpha, prompt and label."""
+def effect_frame(
+    effect: SteeringEffect, *, step: int, alpha_unit: str, read_point: str | None = None
+) -> pd.DataFrame:
+    """Long table of a steering effect: one row per emotion, alpha, prompt and label; with a
+    ``read_point`` column where the analysis reads the final layer at the final norm
+    (``read_point`` is the run's; a row's value is its layer's read point)."""
     frame = effect.to_frame(step=step).rename(
         columns={"emotion": "steered_emotion", "label": "observed_label", "prompt": "prompt_id"}
     )
     frame.insert(5, "alpha_unit", alpha_unit)
     frame.insert(6, "positions", effect.positions)
+    if read_point not in (None, "block-out"):
+        layer_point = "final-norm" if effect.hook_name == hooks.final_norm() else "block-out"
+        frame.insert(7, "read_point", layer_point)
     return frame
 
 
@@ -92,6 +99,8 @@ def activation_key(ctx: StepContext, ckpt: Checkpoint) -> str:
             "chat": c.chat,
             "allow_shared": c.allow_shared_tokens,
             "language": c.language,
+            # block-out (the default) adds nothing, so earlier results keep their keys
+            **({} if c.read_point == "block-out" else {"read_point": c.read_point}),
         }
     )
 
@@ -99,6 +108,8 @@ def activation_key(ctx: StepContext, ckpt: Checkpoint) -> str:
 def step_key(ctx: StepContext, ckpt: Checkpoint) -> str:
     """What a finished step depends on: its activations and every per-step setting."""
     settings = {k: v for k, v in ctx.config.to_dict().items() if k not in OFFLINE_SETTINGS}
+    if settings.get("read_point") == "block-out":  # the default: keys as before the option
+        del settings["read_point"]
     return stable_hash(
         {"activations": activation_key(ctx, ckpt), "config": settings, "eval_loss": ckpt.eval_loss}
     )
@@ -177,6 +188,7 @@ def collect(
         label_names=tuple(ctx.labels.names("en")),
         batch_size=ctx.config.batch_size,
         meta={"step": ckpt.step},
+        read_point=ctx.config.read_point,
     )
     acts.save(stage)
     write_json(layout.StepFiles(stage).label_audit, audit.to_dict())
@@ -291,6 +303,7 @@ def sensitivity_frame(
         if layer == last:
             # the final block output feeds only the readout: steering every position or only
             # the answer position changes the answer logits identically, no forward needed
+            # (at the final-norm read point, h and alpha v are after the norm: linear in alpha)
             effect = final_layer_sensitivity(
                 model,
                 acts.layer(layer)[ctx.prompt_index],
@@ -300,6 +313,7 @@ def sensitivity_frame(
                 emotions=emotions,
                 labels=label_names,
                 prompt_ids=prompt_ids,
+                read_point=acts.read_point,
             )
             effect = replace(effect, positions=cfg.positions)
         elif cfg.positions == "answer":  # one token a configuration, on the prompt's KV cache
@@ -330,7 +344,11 @@ def sensitivity_frame(
                 labels=label_names,
                 prompt_ids=prompt_ids,
             )
-        frames.append(effect_frame(effect, step=ckpt.step, alpha_unit=cfg.alpha_unit))
+        frames.append(
+            effect_frame(
+                effect, step=ckpt.step, alpha_unit=cfg.alpha_unit, read_point=acts.read_point
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -384,7 +402,9 @@ def _explain_step(
     except UnsupportedReadout as exc:
         log.warning("step %s: no attribution: %s", ckpt.step, exc)
         return {"readout_unavailable": str(exc)}
-    readout.save(files.readout)
+    # the offline tables read the final layer as collected: at the final-norm read point its
+    # residuals are the norm's output and their readout is the unembedding alone
+    readout.at_read_point(acts.read_point).save(files.readout)
     if ctx.config.causal_geometry:
         save_metric(causal_metric(model, readout.gain), files.causal_metric)
     if ctx.config.dla_per_label <= 0:
