@@ -286,6 +286,25 @@ def test_a_different_run_is_refused_and_overwrite_replaces_without_mixing(
     assert manifest["settings"]["alphas"] == [0.0, 1.0]
 
 
+def test_a_folder_from_before_a_setting_existed_resumes_at_its_default(
+    finished, tiny_model_dir, corpus, tmp_path
+):
+    """An older manifest without a setting (here read_point) holds results of its default:
+    re-running with the default resumes (nothing recomputed); another value is refused."""
+    src, _ = finished
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["identity"]["settings"]["read_point"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    tables = {p.name: p.read_bytes() for p in out.glob("*.csv")}
+    analyze(tiny_model_dir, corpus, out, CONFIG, device="cpu")
+    assert {p.name: p.read_bytes() for p in out.glob("*.csv")} == tables
+    other = AnalysisConfig(**{**CONFIG.to_dict(), "read_point": "final-norm"})
+    with pytest.raises(IdentityMismatch, match=r"settings\.read_point"):
+        analyze(tiny_model_dir, corpus, out, other, device="cpu")
+
+
 def test_a_relative_model_path_reuses_the_cache_of_the_absolute_one(
     finished, tiny_model_dir, corpus, tmp_path, monkeypatch
 ):

@@ -112,7 +112,7 @@ def check_identity(out: Path, identity: dict, overwrite: bool) -> dict:
                 "replace it"
             ) from None
         return {}
-    old = previous.get("identity")
+    old = _with_default_settings(previous.get("identity"))
     if old == identity or overwrite:
         return previous
     differences = (
@@ -127,3 +127,12 @@ def check_identity(out: Path, identity: dict, overwrite: bool) -> dict:
         f"{out} holds results of another analysis ({shown}); use another "
         "--out, or --overwrite to replace those results"
     )
+
+
+def _with_default_settings(identity):
+    """An earlier identity with the settings it predates filled in at their defaults: a
+    folder written before a setting existed holds results of that setting's default."""
+    if not isinstance(identity, dict) or not isinstance(identity.get("settings"), dict):
+        return identity
+    defaults = json.loads(json.dumps(AnalysisConfig().to_dict()))
+    return {**identity, "settings": {**defaults, **identity["settings"]}}
