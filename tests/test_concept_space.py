@@ -14,7 +14,12 @@ from emolens.analysis.geometry import (
     principal_angles,
     within_concept_similarity,
 )
-from emolens.analysis.geometry_tables import GEOMETRY_COLUMNS, causal_geometry_frame, geometry_frame
+from emolens.analysis.geometry_tables import (
+    GEOMETRY_COLUMNS,
+    causal_geometry_frame,
+    cross_step_tests,
+    geometry_frame,
+)
 from emolens.analysis.probe_tables import PROBE_COLUMNS, probes_frame
 from emolens.analysis.probes import probe_layer
 from emolens.analysis.steps import StepData
@@ -217,7 +222,11 @@ def test_a_rotated_emotion_is_found_and_flagged_alone(series):
             assert cos.loc[(layer, e), "value"] == pytest.approx(1.0, abs=1e-9)
     prev = _pick(geometry, measure="cosine_to_previous", step=20).set_index(["layer", "emotion"])
     assert (prev.xs("joy", level="emotion").value < 0.2).all()
-    summary = change_summary(geometry, reps)
+    # the cross-step measures are tested by swapping steps per sample, not by the bootstrap
+    assert change_summary(geometry, reps).query("measure == 'cosine_to_first'").p.isna().all()
+    cross = cross_step_tests(series, LABELS, NEUTRAL, n_perm=199)
+    summary = change_summary(geometry, reps, cross_step=cross)
+    assert (summary[summary.measure == "cosine_to_first"].test == "step-swap permutation").all()
     flagged = summary[summary.fdr_change]
     cos_flags = flagged[flagged.measure == "cosine_to_first"]
     assert set(cos_flags.emotion) == {"joy"} and set(cos_flags.layer) == set(LAYERS)

@@ -58,6 +58,7 @@ checks every full-sample value of these tables against.
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
@@ -456,10 +457,12 @@ def _step_blocks(
     blocks += _vector_blocks(k_v, emotions=emotions, ci=ci)
     full = _full_vectors(g, rep, emotions=emotions, labels=labels, u=u)
     is_first = first is None
-    ref_first = full if is_first else first
-    ref_prev = full if is_first else previous
+    ref_first = full if first is None else first
+    ref_prev = full if previous is None else previous
     refs = {"cosine_to_first": ref_first, "cosine_to_previous": ref_prev}
-    shared = dict(k_v=k_v, emotions=emotions, e_idx=e_idx, u=u, is_first=is_first, ci=ci)
+    shared: dict[str, Any] = dict(
+        k_v=k_v, emotions=emotions, e_idx=e_idx, u=u, is_first=is_first, ci=ci
+    )
     blocks += _stability_blocks(g, rep, refs=refs, **shared)
     blocks += _angle_blocks(g, rep, full=full, ref_first=ref_first, **shared)
     return blocks, full
@@ -544,7 +547,7 @@ def geometry_frame(
     out = Columns(GEOMETRY_COLUMNS)
     if not steps:
         return table_result(out, return_replicates)
-    shared = dict(
+    shared: dict[str, Any] = dict(
         labels=labels, neutral=neutral, layers=layers, keep_masks=keep_masks, n_boot=n_boot,
         seed=seed, ci=ci,
     )  # fmt: skip
@@ -596,4 +599,135 @@ def causal_geometry_frame(
     return table_result(out, return_replicates)
 
 
-__all__ = ["GEOMETRY_COLUMNS", "WITHIN_MEASURES", "causal_geometry_frame", "geometry_frame"]
+# --------------------------------------------------------------------------- cross-step tests
+
+#: Measures that compare two steps' vectors; their bootstrap test against the first step's
+#: noise ceiling is not valid (see :func:`cross_step_tests`).
+CROSS_STEP_MEASURES = (
+    "cosine_to_first",
+    "principal_angle_to_first_max",
+    "principal_angle_to_first_mean",
+)
+CROSS_STEP_COLUMNS = ("step", "layer", "measure", "emotion", "inner", "value", "p", "n_perm")
+
+
+def _swap_statistics(
+    h0: Tensor, ht: Tensor, y: Tensor, *, e_idx: Tensor, u: int, swaps: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Cosines ``[P, E]`` of each emotion's vectors and principal angles ``[P, E']`` between
+    the spans of the two steps' vectors, with each sample's two residuals exchanged where
+    ``swaps[p, i]`` is 1 (row 0 of ``swaps`` all zeros: the observed data)."""
+    n_classes = int(y.max()) + 1
+    onehot = torch.nn.functional.one_hot(y, n_classes).to(torch.float64).T  # [C, n]
+    mean_op = onehot / onehot.sum(1, keepdim=True).clamp_min(1)
+    diff_op = mean_op[e_idx] - mean_op[u]  # [E, n]: v = diff_op @ h
+    v0, vt = diff_op @ h0, diff_op @ ht  # [E, d]
+    moved = torch.einsum("en,pn,nd->ped", diff_op, swaps, ht - h0)  # [P, E, d]
+    a, b = v0[None] + moved, vt[None] - moved
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1.0, 1.0)
+    qa, _ = torch.linalg.qr(a.transpose(1, 2))  # [P, d, E]
+    qb, _ = torch.linalg.qr(b.transpose(1, 2))
+    angles = torch.arccos(torch.linalg.svdvals(qa.transpose(1, 2) @ qb).clamp(0.0, 1.0))
+    return cos, angles
+
+
+def cross_step_tests(
+    steps: Sequence[StepData],
+    labels: Sequence[str],
+    neutral: str,
+    layers: Sequence[int] | None = None,
+    keep_masks: Mapping[int, Tensor] | None = None,
+    unembedding: Tensor | CausalInnerProduct | None = None,
+    dual: bool = False,
+    n_perm: int = 999,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Step-swap permutation tests of :data:`CROSS_STEP_MEASURES` against the first step.
+
+    Why: ``cosine_to_first`` at step t is ``cos(v_t, v_0)`` of two *estimates*; wherever the
+    samples' residuals change at all between steps (a per-sample part that averages out, the
+    concept vectors unchanged), it falls below 1 by estimation noise alone, and its paired
+    bootstrap against the first step's noise ceiling ``cos(v_0*, v_0)`` does not remove that:
+    measured in ``benchmarks/calibration.py`` under no change of any concept vector, that test
+    rejected 11% of ``cosine_to_first`` series and every ``principal_angle_to_first_mean`` at
+    the 5% level. Here the null is that each sample's two residuals are exchangeable (no
+    change): swapping them for a random subset of samples (the same subset for every emotion,
+    ``n_perm`` draws, ``seed``) gives the exact null of the statistic, recomputed from the
+    swapped class means. ``p = (1 + #{stat* at least as far from "no change"}) / (1 + n_perm)``,
+    one-sided (a lower cosine, a larger angle). Needs the same kept samples at both steps
+    (matched by sample id); a step whose kept set differs from the first's gets no row.
+
+    Returns :data:`CROSS_STEP_COLUMNS` (``value``: the observed statistic, as in
+    :func:`geometry_frame`; ``inner`` ``"plain"``, and ``"causal"`` with ``unembedding``, the
+    same metric at every step); pass it to :func:`emolens.analysis.change_summary.change_summary`
+    (``cross_step=``).
+    """
+    labels = list(labels)
+    out: list[dict] = []
+    if len(steps) < 2:
+        return pd.DataFrame(columns=list(CROSS_STEP_COLUMNS))
+    u = labels.index(neutral)
+    layer_list = common_layers(steps, layers, with_vectors=True)
+    inners: list[tuple[str, CausalInnerProduct | None]] = [("plain", None)]
+    if unembedding is not None:
+        inners.append(("causal", _inner_of(unembedding, dual)))
+    first = steps[0]
+    keep0 = keep_mask(first, keep_masks, len(labels))
+    ids0 = [sid for sid, k in zip(first.acts.sample_ids, keep0.tolist(), strict=True) if k]
+    pos0 = torch.nonzero(keep0).flatten()
+    y = first.acts.gold[pos0].long()
+    gen = torch.Generator().manual_seed(seed)
+    swaps = torch.cat(
+        [
+            torch.zeros(1, len(ids0), dtype=torch.float64),
+            torch.randint(0, 2, (n_perm, len(ids0)), generator=gen).to(torch.float64),
+        ]
+    )
+    for s in steps[1:]:
+        keep = keep_mask(s, keep_masks, len(labels))
+        ids = [sid for sid, k in zip(s.acts.sample_ids, keep.tolist(), strict=True) if k]
+        if sorted(ids) != sorted(ids0):
+            continue
+        where = {sid: i for i, sid in enumerate(s.acts.sample_ids)}
+        pos_t = torch.tensor([where[sid] for sid in ids0], dtype=torch.long)
+        if not torch.equal(s.acts.gold[pos_t].long(), y):
+            continue
+        emotions = [e for e in s.vectors.emotions if e in first.vectors.emotions]
+        present = [e for e in emotions if int((y == labels.index(e)).sum()) > 0]
+        if not present or int((y == u).sum()) == 0:
+            continue
+        e_idx = torch.tensor([labels.index(e) for e in present], dtype=torch.long)
+        for layer in layer_list:
+            for name, inner in inners:
+                h0 = first.acts.layer(layer)[pos0].to(torch.float64)
+                ht = s.acts.layer(layer)[pos_t].to(torch.float64)
+                if inner is not None:
+                    h0, ht = inner.whiten(h0), inner.whiten(ht)
+                cos, angles = _swap_statistics(h0, ht, y, e_idx=e_idx, u=u, swaps=swaps)
+                a_max, a_mean = angles.amax(-1), angles.mean(-1)
+                stats_rows = [
+                    ("cosine_to_first", present, cos, cos[1:] <= cos[:1] + 1e-12),
+                    ("principal_angle_to_first_max", ["all"], a_max[:, None],
+                     (a_max[1:] >= a_max[0] - 1e-12)[:, None]),
+                    ("principal_angle_to_first_mean", ["all"], a_mean[:, None],
+                     (a_mean[1:] >= a_mean[0] - 1e-12)[:, None]),
+                ]  # fmt: skip
+                for measure, names, stat, extreme in stats_rows:
+                    p = (1.0 + extreme.to(torch.float64).sum(0)) / (1.0 + n_perm)
+                    for j, e in enumerate(names):
+                        out.append(
+                            dict(step=s.step, layer=layer, measure=measure, emotion=e, inner=name,
+                                 value=float(stat[0, j]), p=float(p[j]), n_perm=n_perm)
+                        )  # fmt: skip
+    return pd.DataFrame(out, columns=list(CROSS_STEP_COLUMNS))
+
+
+__all__ = [
+    "CROSS_STEP_COLUMNS",
+    "CROSS_STEP_MEASURES",
+    "GEOMETRY_COLUMNS",
+    "WITHIN_MEASURES",
+    "causal_geometry_frame",
+    "cross_step_tests",
+    "geometry_frame",
+]
