@@ -195,3 +195,23 @@ def test_omnibus_test_is_calibrated_and_adds_up_a_shared_shift():
         else:
             assert (p < LEVEL).mean() > 0.8
             assert (p < LEVEL).mean() > (single < LEVEL).mean() + 0.3
+
+
+def test_cross_step_values_match_the_geometry_table_in_each_steps_own_metric():
+    from emolens.analysis.geometry import CausalInnerProduct
+    from emolens.analysis.geometry_tables import causal_geometry_frame
+
+    steps = _steps(3, 0.3, 8, 6)
+    gen = torch.Generator().manual_seed(5)
+    metrics = {
+        s.step: CausalInnerProduct.from_unembedding(torch.randn(40, 6, generator=gen))
+        for s in steps
+    }
+    frame = causal_geometry_frame(steps, metrics, cal.LABELS, cal.NEUTRAL, n_boot=5)
+    cross = cross_step_tests(steps, cal.LABELS, cal.NEUTRAL, n_perm=19, metrics=metrics)
+    assert set(cross.inner) == {"plain", "causal"}
+    merged = frame.merge(cross, on=["step", "layer", "measure", "emotion", "inner"])
+    assert len(merged) == (cross.inner == "causal").sum() > 0
+    np.testing.assert_allclose(merged.value_x, merged.value_y, atol=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        cross_step_tests(steps, cal.LABELS, cal.NEUTRAL, unembedding=metrics[0], metrics=metrics)

@@ -641,6 +641,7 @@ def cross_step_tests(
     dual: bool = False,
     n_perm: int = 999,
     seed: int = 0,
+    metrics: Mapping[int, CausalInnerProduct] | None = None,
 ) -> pd.DataFrame:
     """Step-swap permutation tests of :data:`CROSS_STEP_MEASURES` against the first step.
 
@@ -659,8 +660,9 @@ def cross_step_tests(
 
     Returns :data:`CROSS_STEP_COLUMNS` (``value``: the observed statistic, as in
     :func:`geometry_frame`; ``inner`` ``"plain"``, and ``"causal"`` with ``unembedding``, the
-    same metric at every step); pass it to :func:`emolens.analysis.change_summary.change_summary`
-    (``cross_step=``).
+    same metric at every step, or with ``metrics[step]``, each step's own metric as in
+    :func:`causal_geometry_frame`; give one or the other); pass it to
+    :func:`emolens.analysis.change_summary.change_summary` (``cross_step=``).
     """
     labels = list(labels)
     out: list[dict] = []
@@ -668,6 +670,12 @@ def cross_step_tests(
         return pd.DataFrame(columns=list(CROSS_STEP_COLUMNS))
     u = labels.index(neutral)
     layer_list = common_layers(steps, layers, with_vectors=True)
+    if unembedding is not None and metrics is not None:
+        raise ValueError("give unembedding (one metric) or metrics (one per step), not both")
+    if metrics is not None:
+        missing = [s.step for s in steps if s.step not in metrics]
+        if missing:
+            raise ValueError(f"no metric for steps {missing}")
     inners: list[tuple[str, CausalInnerProduct | None]] = [("plain", None)]
     if unembedding is not None:
         inners.append(("causal", _inner_of(unembedding, dual)))
@@ -698,11 +706,12 @@ def cross_step_tests(
             continue
         e_idx = torch.tensor([labels.index(e) for e in present], dtype=torch.long)
         for layer in layer_list:
-            for name, inner in inners:
+            own = [("causal", metrics[first.step], metrics[s.step])] if metrics else []
+            for name, inner_0, inner_t in [(n, i, i) for n, i in inners] + own:
                 h0 = first.acts.layer(layer)[pos0].to(torch.float64)
                 ht = s.acts.layer(layer)[pos_t].to(torch.float64)
-                if inner is not None:
-                    h0, ht = inner.whiten(h0), inner.whiten(ht)
+                if inner_0 is not None and inner_t is not None:
+                    h0, ht = inner_0.whiten(h0), inner_t.whiten(ht)
                 cos, angles = _swap_statistics(h0, ht, y, e_idx=e_idx, u=u, swaps=swaps)
                 a_max, a_mean = angles.amax(-1), angles.mean(-1)
                 stats_rows = [
