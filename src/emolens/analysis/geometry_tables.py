@@ -12,8 +12,10 @@ one row per ``step, layer, measure, emotion, inner``:
   same three with ``_centred`` appended (the mean of the kept samples subtracted first, which
   removes the offset shared by every residual and makes raw cosines all large). Rows for every
   emotion with a vector and for the neutral label.
-- ``vector_norm``: ``|v_e|``; ``orthogonality`` (emotion ``"all"``): mean ``|cos|`` over distinct
-  pairs of concept vectors.
+- ``vector_norm``: ``|v_e|``; ``vector_norm_debiased``: the split-half estimate
+  ``sqrt(max(0, v^(1) . v^(2)))`` of ``|v_e|`` (halves of each class, seeded; the plain norm is
+  biased upward by estimation noise; interval only, not tested); ``orthogonality`` (emotion
+  ``"all"``): mean ``|cos|`` over distinct pairs of concept vectors.
 - ``cosine_to_first`` / ``cosine_to_previous``: cosine of ``v_e(t)`` with ``v_e`` of the first
   step / of the previous step; ``principal_angle_to_first_max`` / ``_mean`` (radians, emotion
   ``"all"``): principal angles between the span of step t's vectors and the span of the first
@@ -335,6 +337,49 @@ def _vector_blocks(k_v: Tensor, *, emotions: list[str], ci: float) -> list[dict]
     return [_block("vector_norm", emotions, norms, ci), _block("orthogonality", "all", orth, ci)]
 
 
+def _halves(y: Tensor, seed: int) -> Tensor:
+    """``[n]`` 0/1: a seeded split of each class's samples into two halves (sizes differ by at
+    most one)."""
+    gen = torch.Generator().manual_seed(seed)
+    half = torch.zeros(len(y), dtype=torch.long)
+    for c in torch.unique(y).tolist():
+        members = torch.nonzero(y == c).flatten()
+        order = members[torch.randperm(len(members), generator=gen)]
+        half[order[len(order) // 2 :]] = 1
+    return half
+
+
+def _debiased_norm_block(
+    g: _Gram, rep: _Replicates, *, e_idx: Tensor, u: int, emotions: list[str], seed: int, ci: float
+) -> dict:
+    """``vector_norm_debiased``: ``sqrt(max(0, v^(1) . v^(2)))`` with ``v^(h)`` the concept
+    vector from half ``h`` of each class's kept samples (:func:`_halves`). The halves' noise is
+    independent, so ``v^(1) . v^(2)`` is unbiased for ``|v|^2`` where ``|v|^2`` itself is biased
+    upward by the noise (``E|v_hat|^2 = |v|^2 + tr Cov(v_hat)``). Replicates keep the halves and
+    resample within them; they give the interval but are not tested (NaN in the replicates, so
+    the family's tests are those of the plain norm)."""
+    n_classes = rep.n_classes
+    y2 = 2 * rep.y + _halves(rep.y, seed)
+    onehot = torch.nn.functional.one_hot(y2, 2 * n_classes).to(torch.float64).T  # [2C, n]
+    w = rep.mult[:, None, :] * onehot[None]  # [R, 2C, n]
+    count = w.sum(-1)  # [R, 2C]
+    gram = g.hc @ g.hc.T
+    wg = gram.new_zeros(w.shape)  # [R, 2C, n]: h_i . (half-class sums), one class at a time
+    for m in range(2 * n_classes):
+        members = torch.nonzero(y2 == m).flatten()
+        if len(members):
+            wg[:, m] = rep.mult[:, members] @ gram[members]
+    ss = torch.bmm(wg, w.transpose(1, 2))  # [R, 2C, 2C]
+    denom = torch.where(count > 0, count, torch.nan)
+    mg = ss / (denom[:, :, None] * denom[:, None, :])  # half-class means' Gram
+    e1, e2, u1, u2 = 2 * e_idx, 2 * e_idx + 1, 2 * u, 2 * u + 1
+    dot = mg[:, e1, e2] - mg[:, e1, u2] - mg[:, u1, e2] + mg[:, u1, u2][:, None]  # [R, E]
+    norm = dot.clamp_min(0).sqrt()
+    return _block(
+        "vector_norm_debiased", emotions, norm, ci, boot=torch.full_like(norm[1:], torch.nan)
+    )
+
+
 def _full_vectors(
     g: _Gram, rep: _Replicates, *, emotions: list[str], labels: list[str], u: int
 ) -> dict[str, Tensor]:
@@ -439,6 +484,7 @@ def _step_blocks(
     first: dict[str, Tensor] | None,
     previous: dict[str, Tensor] | None,
     ci: float,
+    seed: int = 0,
 ) -> tuple[list[dict], dict[str, Tensor]]:
     """Every geometry measure of one step at one layer (without ``step, layer, inner,
     sample_set``), and the step's full-sample vectors. ``first`` / ``previous``: the first and
@@ -455,6 +501,9 @@ def _step_blocks(
     blocks = _within_blocks(g, rep, idx=w_idx, names=emotions + [neutral], ci=ci)
     k_v = _vector_gram(g, rep, e_idx=e_idx, u=u)
     blocks += _vector_blocks(k_v, emotions=emotions, ci=ci)
+    blocks.append(
+        _debiased_norm_block(g, rep, e_idx=e_idx, u=u, emotions=emotions, seed=seed, ci=ci)
+    )
     full = _full_vectors(g, rep, emotions=emotions, labels=labels, u=u)
     is_first = first is None
     ref_first = full if first is None else first
@@ -504,6 +553,7 @@ def _geometry_blocks(
                 first=first,
                 previous=previous,
                 ci=ci,
+                seed=seed,
             )
             common = dict(step=kept.step.step, layer=layer, inner=inner_name)
             out += [{**b, **common, "sample_set": kept.sample_set} for b in blocks]
