@@ -14,7 +14,12 @@ from emolens.analysis.geometry import (
     principal_angles,
     within_concept_similarity,
 )
-from emolens.analysis.geometry_tables import GEOMETRY_COLUMNS, causal_geometry_frame, geometry_frame
+from emolens.analysis.geometry_tables import (
+    GEOMETRY_COLUMNS,
+    causal_geometry_frame,
+    cross_step_tests,
+    geometry_frame,
+)
 from emolens.analysis.probe_tables import PROBE_COLUMNS, probes_frame
 from emolens.analysis.probes import probe_layer
 from emolens.analysis.steps import StepData
@@ -154,6 +159,7 @@ def test_geometry_frame_shape_and_columns(geometry):
         "within_other_centred",
         "within_gap_centred",
         "vector_norm",
+        "vector_norm_debiased",
         "orthogonality",
         "cosine_to_first",
         "cosine_to_previous",
@@ -217,7 +223,11 @@ def test_a_rotated_emotion_is_found_and_flagged_alone(series):
             assert cos.loc[(layer, e), "value"] == pytest.approx(1.0, abs=1e-9)
     prev = _pick(geometry, measure="cosine_to_previous", step=20).set_index(["layer", "emotion"])
     assert (prev.xs("joy", level="emotion").value < 0.2).all()
-    summary = change_summary(geometry, reps)
+    # the cross-step measures are tested by swapping steps per sample, not by the bootstrap
+    assert change_summary(geometry, reps).query("measure == 'cosine_to_first'").p.isna().all()
+    cross = cross_step_tests(series, LABELS, NEUTRAL, n_perm=199)
+    summary = change_summary(geometry, reps, cross_step=cross)
+    assert (summary[summary.measure == "cosine_to_first"].test == "step-swap permutation").all()
     flagged = summary[summary.fdr_change]
     cos_flags = flagged[flagged.measure == "cosine_to_first"]
     assert set(cos_flags.emotion) == {"joy"} and set(cos_flags.layer) == set(LAYERS)
@@ -300,7 +310,7 @@ def test_causal_inner_product_with_isotropic_unembedding_equals_plain(series):
     frame = geometry_frame(series, LABELS, NEUTRAL, n_boot=30, unembedding=w_u)
     assert set(frame.inner) == {"plain", "causal"}
     keys = ["step", "layer", "measure", "emotion"]
-    cosine_like = frame[~frame.measure.isin(["vector_norm"])]
+    cosine_like = frame[~frame.measure.isin(["vector_norm", "vector_norm_debiased"])]
     plain = _pick(cosine_like, inner="plain").set_index(keys).sort_index()
     causal = _pick(cosine_like, inner="causal").set_index(keys).sort_index()
     for col in ("value", "ci_low", "ci_high"):

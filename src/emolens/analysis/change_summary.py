@@ -5,9 +5,10 @@ table's bootstrap replicates (:class:`~emolens.analysis._common.Replicates` of
 :func:`~emolens.analysis.geometry_tables.geometry_frame` or
 :func:`~emolens.analysis.probe_tables.probes_frame`), BH within the measure family, TOST against
 a stated margin (see :mod:`emolens.analysis.change_tests`); :func:`sensitivity_change_summary`
-the same for steering sensitivity by sign flips over prompts; :func:`change_summary_counts`
-counts changed, equivalent and inconclusive series per family (``change_summary.csv`` rows in,
-the report's table and verdicts out).
+the same for steering sensitivity by sign flips over prompts; :func:`change_omnibus` one
+joint test per group of series (every emotion of one measure and layer) and step;
+:func:`change_summary_counts` counts changed, equivalent and inconclusive series per family
+(``change_summary.csv`` rows in, the report's table and verdicts out).
 """
 
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ import torch
 from emolens.analysis import change_tests
 from emolens.analysis._common import Replicates
 from emolens.analysis.frames import as_bool, format_value, require_columns
+from emolens.analysis.geometry_tables import CROSS_STEP_MEASURES
 
 #: Columns that are not part of a series' identity in :func:`change_summary`.
 NON_KEY_COLUMNS = ("step", "value", "ci_low", "ci_high", "train_step", "n")
@@ -75,6 +77,8 @@ def change_summary(
     equivalence_margin: float = change_tests.DEFAULT_EQUIVALENCE_MARGIN,
     equivalence_level: float = 0.05,
     seed: int = 0,
+    cross_step: pd.DataFrame | None = None,
+    p_method: str = "count",
 ) -> pd.DataFrame:
     """Per measure series and later step: a test of the change from the first step.
 
@@ -104,6 +108,16 @@ def change_summary(
       ``equivalence_p``: TOST (:func:`emolens.analysis.change_tests.tost_bootstrap`);
       ``equivalent_within_margin``: ``equivalence_p < equivalence_level``.
 
+    - The cross-step measures (:data:`~emolens.analysis.geometry_tables.CROSS_STEP_MEASURES`:
+      ``cosine_to_first``, the principal angles) take their ``p`` from the step-swap
+      permutation test ``cross_step`` (:func:`~emolens.analysis.geometry_tables.cross_step_tests`
+      of the same steps); without it, or where it has no row (kept sets differ), they are not
+      tested (NaN p): their bootstrap against the first step's noise ceiling rejected up to
+      every true null (see ``cross_step_tests``). Their effect and interval stay the bootstrap's.
+    - ``p_method``: ``"count"`` (``(1 + k) / (1 + B)``) or ``"normal"`` (Wald p from the
+      bootstrap standard error, no ``1 / (1 + B)`` floor, so BH over many series can flag
+      some; see :func:`emolens.analysis.change_tests.paired_bootstrap_test`).
+
     Rows with no replicates (``train_accuracy``, ``chance``, ``cosine_to_previous``) or a NaN
     first value get NaN p, q and equivalence p and are not counted in the FDR.
     """
@@ -122,6 +136,7 @@ def change_summary(
     res = _tested_rows(
         later, replicates, keys=keys, first_step=first_step, ci=ci, fdr_level=fdr_level,
         equivalence_margin=equivalence_margin, equivalence_level=equivalence_level, seed=seed,
+        cross_step=cross_step, p_method=p_method,
     )  # fmt: skip
     return res[out_cols]
 
@@ -177,8 +192,11 @@ def _tested_rows(
     equivalence_margin: float,
     equivalence_level: float,
     seed: int,
+    cross_step: pd.DataFrame | None = None,
+    p_method: str = "count",
 ) -> pd.DataFrame:
-    """The paired bootstrap test, BH q-value and TOST of each row of :func:`_later_rows`."""
+    """The paired bootstrap test, BH q-value and TOST of each row of :func:`_later_rows`
+    (the cross-step measures' p from ``cross_step``, see :func:`change_summary`)."""
     rows_t = later["_row"].to_numpy(dtype=np.int64)
     rows_0 = later["_row_first"].to_numpy(dtype=np.int64)
     boot = replicates.values
@@ -192,6 +210,7 @@ def _tested_rows(
     test = change_tests.paired_bootstrap_test(
         torch.from_numpy(value_t), torch.from_numpy(value_0),
         torch.from_numpy(boot_t), torch.from_numpy(np.array(boot[rows_0])), ci=ci,
+        p_method=p_method,
     )  # fmt: skip
     measures = later["measure"].astype(str).tolist() if "measure" in later else [""] * len(later)
     margins = np.array(
@@ -205,7 +224,19 @@ def _tested_rows(
         test.effect, d_star, torch.from_numpy(margins), level=equivalence_level
     )
     fam = later["family"].astype(str).to_numpy()
-    p = test.p.numpy()
+    p = test.p.numpy().copy()
+    suffix = " (normal)" if p_method == "normal" else ""
+    method = np.where(
+        paired, "paired bootstrap" + suffix, "unpaired bootstrap (kept sets differ)" + suffix
+    )
+    swap_p = _cross_step_p(later, cross_step)
+    cross = np.isin(np.asarray(measures, dtype=object), CROSS_STEP_MEASURES)
+    p[cross] = swap_p[cross]
+    method = np.where(
+        cross,
+        np.where(np.isfinite(swap_p), "step-swap permutation", "not tested (cross-step measure)"),
+        method,
+    )
     q = change_tests.fdr_by_family(p, fam)
     res = later[keys].reset_index(drop=True)
     res["family"] = fam
@@ -219,7 +250,7 @@ def _tested_rows(
     res["p"] = p
     res["q"] = q
     res["fdr_change"] = np.where(np.isfinite(q), q < fdr_level, False)
-    res["test"] = np.where(paired, "paired bootstrap", "unpaired bootstrap (kept sets differ)")
+    res["test"] = method
     res["paired"] = paired
     res["n_resamples"] = np.isfinite(d_star.numpy()).sum(1)
     res["equivalence_margin"] = margins
@@ -232,6 +263,98 @@ def _tested_rows(
     res["equivalence_p"] = eq.p.numpy()
     res["equivalent_within_margin"] = eq.equivalent.numpy()
     return res
+
+
+#: Columns of :func:`change_omnibus` after the group keys.
+OMNIBUS_COLUMNS = (
+    "family", "first_step", "step", "n_series", "statistic", "p", "q", "fdr_change", "test",
+    "paired", "n_resamples",
+)  # fmt: skip
+
+
+def change_omnibus(
+    frame: pd.DataFrame,
+    replicates: Replicates,
+    pooled: Sequence[str] = ("emotion", "label"),
+    family: str | None = None,
+    fdr_level: float = 0.05,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """One joint test per group of series and later step: did any series of the group change?
+
+    The series of :func:`change_summary` (same ``frame``, ``replicates``) are grouped by their
+    keys other than ``pooled`` (default the emotion or label: one group is e.g. every
+    emotion's ``vector_norm`` at one layer and inner product); each group and step ``t`` gets
+    :func:`emolens.analysis.change_tests.omnibus_bootstrap_test` from the same paired draws
+    as the per-series tests (re-paired at random where the kept sets differ, ``paired``
+    False). ``q``: BH over the family's groups. A group with one series is that series' own
+    test (up to the statistic). The cross-step measures, whose bootstrap is not a valid test
+    (:func:`change_summary`), are left out. Columns: the group keys and
+    :data:`OMNIBUS_COLUMNS`.
+    """
+    if len(replicates) != len(frame):
+        raise ValueError(
+            f"{len(replicates)} replicate rows for {len(frame)} table rows: pass the "
+            "replicates returned with this table (return_replicates=True), in the same order"
+        )
+    df, keys = _series_table(frame, family=family, measure_cols=None)
+    group_keys = [k for k in keys if k not in pooled]
+    out_cols = group_keys + list(OMNIBUS_COLUMNS)
+    if df.empty:
+        return pd.DataFrame(columns=out_cols)
+    first_step, later = _later_rows(df, keys)
+    if "measure" in later.columns:
+        later = later[~later["measure"].isin(CROSS_STEP_MEASURES)]
+    boot = replicates.values
+    rows_t = later["_row"].to_numpy(dtype=np.int64)
+    rows_0 = later["_row_first"].to_numpy(dtype=np.int64)
+    paired = replicates.sample_set[rows_t] == replicates.sample_set[rows_0]
+    boot_t = boot[rows_t].copy()
+    if (~paired).any() and boot.shape[1]:
+        perm = np.random.default_rng(seed).permutation(boot.shape[1])
+        boot_t[~paired] = boot_t[~paired][:, perm]
+    d_star = boot_t - boot[rows_0]
+    effect = np.array(later["value"], dtype=np.float64) - np.array(
+        later["value_first"], dtype=np.float64
+    )
+    later = later.assign(_i=np.arange(len(later)), _paired=paired)
+    records = []
+    for key, g in later.groupby(group_keys + ["family", "step"], sort=True, dropna=False):
+        i = g["_i"].to_numpy()
+        test = change_tests.omnibus_bootstrap_test(
+            torch.from_numpy(effect[i]), torch.from_numpy(d_star[i])
+        )
+        all_paired = bool(g["_paired"].all())
+        records.append(
+            {
+                **dict(zip(group_keys + ["family", "step"], key, strict=True)),
+                "first_step": first_step,
+                "n_series": test.n_series,
+                "statistic": test.statistic,
+                "p": test.p,
+                "test": test.method if all_paired else "omnibus unpaired bootstrap",
+                "paired": all_paired,
+                "n_resamples": test.n_resamples,
+            }
+        )
+    if not records:
+        return pd.DataFrame(columns=out_cols)
+    res = pd.DataFrame(records)
+    res["q"] = change_tests.fdr_by_family(res["p"].to_numpy(), res["family"].astype(str).to_numpy())
+    res["fdr_change"] = np.where(res["q"].notna(), res["q"] < fdr_level, False)
+    return res[out_cols]
+
+
+def _cross_step_p(later: pd.DataFrame, cross_step: pd.DataFrame | None) -> np.ndarray:
+    """Per row of ``later``: the step-swap p of ``cross_step`` matched on ``step, layer,
+    measure, emotion, inner`` (NaN where there is none)."""
+    nan = np.full(len(later), np.nan)
+    if cross_step is None or cross_step.empty:
+        return nan
+    keys = [c for c in ("step", "layer", "measure", "emotion", "inner") if c in later.columns]
+    look = cross_step.drop_duplicates(keys).set_index(keys)["p"]
+    idx = pd.MultiIndex.from_frame(later[keys]) if len(keys) > 1 else later[keys[0]]
+    return look.reindex(idx).to_numpy(dtype=np.float64)
 
 
 def sensitivity_change_summary(

@@ -8,6 +8,7 @@ step). Built from finished steps (:class:`emolens.analysis.steps.StepData`), no 
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
@@ -156,7 +157,7 @@ def _probe_blocks(
             x = s.acts.layer(layer)[pos]
             x_train, x_test = x[train_idx], x[test_idx]
             fitted = fit_layer(x_train, y_train, len(labels), l2=l2, seed=seed, max_iter=max_iter)
-            score = dict(held=held, labels=labels, ci=ci)
+            score: dict[str, Any] = dict(held=held, labels=labels, ci=ci)
             add(_score_blocks(fitted.probe.predict(x_test), measure="accuracy", **score),
                 s.step, layer, s.step)  # fmt: skip
             train_acc = fitted.probe.accuracy(x_train, y_train)
