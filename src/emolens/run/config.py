@@ -51,6 +51,8 @@ class AnalysisConfig:
     transfer_alpha: float | None = None  # alpha of the transfer table (default: the largest)
     causal_geometry: bool = True  # also measure geometry in Park et al.'s causal inner product
     n_boot: int = 200  # bootstrap replicates for the confidence intervals
+    n_perm: int = 999  # permutations of the cross-step geometry tests (p >= 1/(1+n_perm))
+    equivalence_margin: float = 0.05  # TOST margin of "no change" (relative for norms)
     seed: int = 0  # seed of the bootstraps, probe splits and random directions
 
     def __post_init__(self) -> None:
@@ -74,6 +76,13 @@ class AnalysisConfig:
             raise ValueError(
                 f"--n-boot {self.n_boot} would leave every confidence interval "
                 "empty; give at least 1 (200 is the default)"
+            )
+        if self.n_perm < 1:
+            raise ValueError(f"--n-perm {self.n_perm} leaves no permutation; give at least 1")
+        if not (np.isfinite(self.equivalence_margin) and self.equivalence_margin > 0):
+            raise ValueError(
+                f"--equivalence-margin {self.equivalence_margin} must be a positive number "
+                "(0.05 is the default)"
             )
         if self.dla_per_label < 0:
             raise ValueError("--dla-per-label must be 0 (no attribution) or more")
@@ -159,6 +168,21 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
         "--n-boot", type=int, default=d.n_boot, help="bootstrap replicates for confidence intervals"
     )
     p.add_argument(
+        "--n-perm",
+        type=int,
+        default=d.n_perm,
+        help="permutations of the cross-step geometry tests (cosine to the first step, "
+        "principal angles); their p-values are at least 1/(1+n)",
+    )
+    p.add_argument(
+        "--equivalence-margin",
+        type=float,
+        default=d.equivalence_margin,
+        help="margin of the equivalence tests (TOST) behind 'no change' verdicts: absolute for "
+        "bounded measures (cosines, accuracies), relative to the first step for norms and "
+        "logit changes; stated in change_summary.csv and the report",
+    )
+    p.add_argument(
         "--seed",
         type=int,
         default=d.seed,
@@ -183,7 +207,7 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
 
 
 #: Settings used only by the cross-step tables, rebuilt from disk on every run.
-OFFLINE_SETTINGS = ("n_boot", "seed", "transfer_alpha")
+OFFLINE_SETTINGS = ("n_boot", "n_perm", "seed", "transfer_alpha", "equivalence_margin")
 
 
 def collected_layers(layers: str, n_layers: int) -> list[int]:

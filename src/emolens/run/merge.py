@@ -11,9 +11,13 @@ import pandas as pd
 
 from emolens.analysis._common import Replicates
 from emolens.analysis.baselines import random_baseline_frame
-from emolens.analysis.change_summary import change_summary
+from emolens.analysis.change_summary import change_omnibus, change_summary
 from emolens.analysis.figure2 import figure2_frame
-from emolens.analysis.geometry_tables import causal_geometry_frame, geometry_frame
+from emolens.analysis.geometry_tables import (
+    causal_geometry_frame,
+    cross_step_tests,
+    geometry_frame,
+)
 from emolens.analysis.probe_tables import probes_frame
 from emolens.analysis.steps import (
     StepData,
@@ -33,6 +37,11 @@ from emolens.store.files import (
     write_json,
 )
 from emolens.store.manifest import Manifest
+
+#: p-values of the per-series change tests: the normal (Wald) p from the bootstrap SE, which
+#: has no floor (a count p-value's 1/(1+B) floor keeps BH from flagging anything across the
+#: thousands of series of a study; calibrated in benchmarks/calibration.py).
+CHANGE_P_METHOD = "normal"
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +156,38 @@ def _cross_step_tables(
     tables["probes"], probe_reps = probes_frame(
         steps, labels, seed=config.seed, n_boot=config.n_boot, return_replicates=True
     )
+    # the cross-step geometry measures (cosine to the first step, principal angles) are
+    # tested by swapping each sample's residuals between the steps: exact under no change
+    cross = cross_step_tests(
+        steps,
+        labels,
+        neutral,
+        keep_masks=keep,
+        n_perm=config.n_perm,
+        seed=config.seed,
+        metrics=metrics if len(metrics) == len(steps) else None,
+    )
+    tests = {
+        "seed": config.seed,
+        "p_method": CHANGE_P_METHOD,
+        "equivalence_margin": config.equivalence_margin,
+    }
     tables["change_summary"] = pd.concat(
         [
-            change_summary(tables["geometry"], geometry_reps, seed=config.seed).assign(
+            change_summary(tables["geometry"], geometry_reps, cross_step=cross, **tests).assign(
                 table="geometry"
             ),
-            change_summary(tables["probes"], probe_reps, seed=config.seed).assign(table="probes"),
+            change_summary(tables["probes"], probe_reps, **tests).assign(table="probes"),
+        ],
+        ignore_index=True,
+    )
+    # one joint test per layer and measure (every emotion's series at once), BH per family
+    tables["change_omnibus"] = pd.concat(
+        [
+            change_omnibus(tables["geometry"], geometry_reps, seed=config.seed).assign(
+                table="geometry"
+            ),
+            change_omnibus(tables["probes"], probe_reps, seed=config.seed).assign(table="probes"),
         ],
         ignore_index=True,
     )
@@ -178,6 +213,7 @@ CROSS_STEP_TABLES = (
     "geometry",
     "probes",
     "change_summary",
+    "change_omnibus",
 )
 
 
