@@ -14,6 +14,12 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """The ``emolens`` parser, with each subcommand's parser by name."""
+
+    subcommands: dict[str, argparse.ArgumentParser]
+
+
 def _model_options(p: argparse.ArgumentParser, default: str | None = "default") -> None:
     from emolens.model.loading import ALIASES, DEFAULT_MODEL
 
@@ -427,13 +433,13 @@ COMMANDS = {
 CONFIG_COMMANDS = ("demo", "finetune", "analyze", "merge", "report", "labels")
 
 
-def build_parser(command: str | None = None, *, lazy: bool = False) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, *, lazy: bool = False) -> _Parser:
     """The ``emolens`` parser. With ``lazy``, only ``command``'s options are built (the others
     are listed with their help): what :func:`main` does, so that nothing heavy is imported
     for a command not run."""
     from emolens import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="emolens",
         formatter_class=_Formatter,
         description="Emotion concept vectors, steering sensitivity and their fate under "
@@ -489,7 +495,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ``--config FILE`` values become the defaults."""
     command = _command_of(argv)
     parser = build_parser(command, lazy=True)
-    sub = parser.subcommands.get(command)
+    sub = parser.subcommands.get(command) if command is not None else None
     if sub is not None and command in CONFIG_COMMANDS:
         pre = argparse.ArgumentParser(add_help=False)
         pre.add_argument("--config", default=None)

@@ -14,7 +14,9 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -605,8 +607,14 @@ def _figure2_section(inputs: ReportInputs, ja: dict) -> str:
         )
         cells = [
             _safe_figure(
-                lambda e=e: figures.layer_step_heatmap(
-                    sens, e, sel.alpha, alpha_unit=sel.alpha_unit, positions=sel.positions, ja=ja
+                partial(
+                    figures.layer_step_heatmap,
+                    sens,
+                    e,
+                    sel.alpha,
+                    alpha_unit=sel.alpha_unit,
+                    positions=sel.positions,
+                    ja=ja,
                 ),
                 f"layer sweep of {e}",
                 height=360,
@@ -630,7 +638,7 @@ def _selectivity_section(inputs: ReportInputs, ja: dict) -> str:
         body.append(f"<h3>Step {step} ({label})</h3>")
         body.append(
             _safe_figure(
-                lambda s=step: figures.selectivity_heatmap(sens, s, ja=ja),
+                partial(figures.selectivity_heatmap, sens, step, ja=ja),
                 f"the selectivity heatmap at step {step}",
                 height=560,
             )
@@ -666,8 +674,7 @@ def _training_section(inputs: ReportInputs) -> str:
 def _filtering_section(inputs: ReportInputs, ja: dict) -> str:
     frame = inputs.filtering
     if frame is None:
-        body = _problem_notes(inputs, "filtering.csv") or _note("filtering.csv not found.")
-        return body
+        return _problem_notes(inputs, "filtering.csv") or _note("filtering.csv not found.")
     body = [
         "<p>Samples are kept where the model picks the gold label (argmax over the label "
         "first-token logits); a label with too few kept samples drops out of the concept "
@@ -865,7 +872,9 @@ def _random_baseline_body(frame: pd.DataFrame, ja: dict) -> str:
 def _geometry_body(frame: pd.DataFrame, ja: dict) -> str:
     require_columns(frame, ("step", "layer", "measure", "emotion", "value"), "geometry.csv")
     layers = sorted(int(v) for v in frame["layer"].dropna().unique())
-    inners = [i for i in ("plain", "causal") if "inner" in frame and (frame["inner"] == i).any()]
+    inners: list[str | None] = [
+        i for i in ("plain", "causal") if "inner" in frame and (frame["inner"] == i).any()
+    ]
     body = [
         "<p>Key measures at the deepest analysed layer "
         f"({layers[-1] if layers else '?'}), in the plain inner product and in Park et al.'s "
@@ -883,7 +892,8 @@ def _geometry_body(frame: pd.DataFrame, ja: dict) -> str:
         body.append(f"<h3>{_e(measure)}</h3>")
         cells = [
             _safe_figure(
-                lambda m=measure, i=inner: figures.geometry_figure(frame, m, inner=i, ja=ja),
+                # None: the one inner product there is (geometry_figure reads it so)
+                partial(figures.geometry_figure, frame, measure, inner=cast(str, inner), ja=ja),
                 f"{measure} ({inner})",
                 height=420,
             )
@@ -1172,8 +1182,9 @@ def _failures_section(inputs: ReportInputs) -> str:
         body.append("<p>No checkpoint failed.</p>")
     latest = (inputs.last_run or {}).get("failures") or []
     if latest and latest != failures:
+        finished = (inputs.last_run or {}).get("finished", "?")
         body += [
-            f"<p>The latest run ({_e(str(inputs.last_run.get('finished', '?')))}) failed at "
+            f"<p>The latest run ({_e(str(finished))}) failed at "
             f"{len(latest)} step(s); the tables above keep the earlier finished results:</p>",
             _table(
                 ["step", "spec", "error"],
