@@ -1,4 +1,4 @@
-"""The ``emolens`` command: demo, finetune, analyze, report, labels, data inspect, run.
+"""The ``emolens`` command: demo, finetune, analyze, report, export, labels, data inspect, run.
 
 Importing this module imports no torch: each subcommand's options are built (and its modules
 imported) only when that subcommand is used, so ``emolens --help`` answers at once.
@@ -387,6 +387,56 @@ def _report_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_cmd_report)
 
 
+def _cmd_export(args) -> int:
+    from emolens.interop import export_results
+
+    files = export_results(
+        args.results,
+        args.format,
+        args.out,
+        step=args.step,
+        layers=args.layers,
+        emotions=args.emotions,
+        scale=args.scale,
+        model_type=args.model_type,
+        overwrite=args.overwrite,
+    )
+    print(f"{len(files)} {args.format} files and export.json in {args.out}")
+    return 0
+
+
+def _export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", metavar="RESULTS", help="results folder written by analyze or demo")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["steering-vectors", "repeng-gguf"],
+        help="steering-vectors: EMOTION.pt, SteeringVector(**torch.load(file)); repeng-gguf: "
+        "EMOTION.gguf, a llama.cpp control vector (repeng's ControlVector.import_gguf)",
+    )
+    p.add_argument("--out", required=True, help="folder for the files (one per emotion)")
+    p.add_argument(
+        "--step", type=int, default=None, help="training step (default: the last finished)"
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="block outputs to export (negative: from the last block); default: every "
+        "analysed layer (repeng-gguf: without 0, which llama.cpp never applies)",
+    )
+    p.add_argument("--emotions", nargs="+", default=None, help="only these emotions (default: all)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every vector by this")
+    p.add_argument(
+        "--model-type",
+        default=None,
+        help="GGUF model hint, the HF model_type (default: from the analysed architecture)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace files already in --out")
+    p.set_defaults(func=_cmd_export)
+
+
 def _labels_options(p: argparse.ArgumentParser) -> None:
     _model_options(p)
     p.add_argument("--language", default="ja", choices=["ja", "en"], help="prompt language")
@@ -426,6 +476,10 @@ COMMANDS = {
         _generate_options,
     ),
     "report": ("rebuild report.html from a results folder", _report_options),
+    "export": (
+        "concept vectors of one step to steering-vectors or llama.cpp (GGUF) files",
+        _export_options,
+    ),
     "labels": ("audit how each label tokenizes after the prompt", _labels_options),
     "data": ("corpus tools", _data_command_options),
 }
