@@ -36,6 +36,7 @@ def _model_options(p: argparse.ArgumentParser, default: str | None = "default") 
         default=None,
         help="base model of a run folder or LoRA adapter (if not recorded in it)",
     )
+    _revision_option(p)
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     p.add_argument(
         "--dtype",
@@ -49,6 +50,14 @@ def _model_options(p: argparse.ArgumentParser, default: str | None = "default") 
     )
 
 
+def _revision_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--revision",
+        default=None,
+        help="branch, tag or commit of a hub id --model (the same as --model org/name@REVISION)",
+    )
+
+
 def _training_options(p: argparse.ArgumentParser) -> None:
     from emolens.model.loading import ALIASES, DEFAULT_MODEL
 
@@ -58,6 +67,7 @@ def _training_options(p: argparse.ArgumentParser) -> None:
         help="model to fine-tune: alias (" + ", ".join(ALIASES) + "), .gguf file, HF "
         "folder or hub id",
     )
+    _revision_option(p)
     p.add_argument(
         "--device",
         default="auto",
@@ -561,7 +571,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                 read_study(config), command, accepted={a.dest for a in sub._actions}
             )
             apply_defaults(sub, values, f"{config} [{command}]")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "revision", None):
+        from emolens.model.loading import with_revision
+
+        args.model = with_revision(args.model, args.revision)
+    return args
 
 
 def _cmd_run(args) -> int:
