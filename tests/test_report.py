@@ -2,10 +2,14 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import pytest
+from plotly.offline import get_plotlyjs
 from test_plots import (
     make_attribution,
     make_change_summary,
@@ -23,12 +27,17 @@ from test_plots import (
 
 from emolens.data.labels import STUDY_LABELS
 from emolens.report.page import (
+    FIGURE_DIGITS,
+    FONT_STACK,
     OPTIONAL_TABLES,
     ReportInputError,
     ReportInputs,
+    _compact,
+    _script_json,
     build_report_html,
     load_report_inputs,
     read_trainer_log,
+    unpacked,
     write_report,
 )
 
@@ -184,9 +193,108 @@ def test_report_has_every_section_heading(full_report):
 def test_report_is_self_contained_with_plotly_inline_once(full_report):
     assert "<script src=" not in full_report.replace(" ", "").replace("<script\nsrc", "<scriptsrc")
     assert 'src="http' not in full_report and "src='http" not in full_report
-    assert full_report.count("* plotly.js v") == 1
+    blobs = re.findall(
+        r'<script id="emolens-plotly" type="application/gzip;base64">([^<]*)<', full_report
+    )
+    assert len(blobs) == 1 and unpacked(blobs[0]) == get_plotlyjs()  # plotly.js once, whole
+    assert full_report.count("Plotly.newPlot") == 1  # in the loader only, not per figure
     assert full_report.count('class="plotly-graph-div"') >= 4
     assert '<meta charset="utf-8">' in full_report
+
+
+def _figure_specs(report: str) -> dict[str, dict]:
+    """``{figure id: {"data", "layout", "config"}}`` as the page's loader unpacks them."""
+    return {
+        figure_id: json.loads(unpacked(blob))
+        for figure_id, blob in re.findall(
+            r'<script type="application/gzip;base64" data-figure="([^"]+)">([^<]*)</script>', report
+        )
+    }
+
+
+def _readable(html: str) -> str:
+    """``html`` with each figure's packed JSON unpacked in place (to search its text)."""
+    return re.sub(
+        r'(<script type="application/gzip;base64" data-figure="[^"]+">)([^<]*)(</script>)',
+        lambda m: m[1] + unpacked(m[2]).replace("<", "&lt;") + m[3],
+        html,
+    )
+
+
+def test_every_figure_div_has_its_data_without_a_template_and_floats_are_rounded(full_report):
+    specs = _figure_specs(full_report)
+    divs = re.findall(r'<div id="([^"]+)" class="plotly-graph-div"', full_report)
+    assert divs and sorted(divs) == sorted(specs)
+    numbers = []
+
+    def walk(value):
+        if isinstance(value, dict):
+            assert "bdata" not in value  # typed arrays decoded to plain numbers
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, float):
+            numbers.append(value)
+
+    for spec in specs.values():
+        assert "template" not in spec["layout"]  # sent once, by the loader
+        walk(spec["data"])
+    assert len(numbers) > 100
+    assert all(float(f"{x:.{FIGURE_DIGITS}g}") == x for x in numbers)
+    template = json.loads(
+        re.search(r'<script id="emolens-template" type="application/json">([^<]*)<', full_report)[1]
+    )
+    assert template["layout"]["font"]["family"] == FONT_STACK
+    assert "colorway" in template["layout"]  # plotly's own template, only the font changed
+
+
+def test_compact_rounds_decodes_typed_arrays_and_nulls_non_finite_numbers():
+    fig = go.Figure(
+        go.Scatter(
+            x=np.arange(4),
+            y=np.array([0.123456789, -2.0, np.nan, 1e-9 / 3]),
+            customdata=np.array([[1.23456789e5, np.inf], [3.0, 4.5]]),
+        )
+    )
+    trace = _compact(fig.to_plotly_json())["data"][0]
+    assert trace["x"] == [0, 1, 2, 3]
+    assert trace["y"] == [0.123457, -2, None, 3.33333e-10]
+    assert trace["customdata"] == [[123457, None], [3, 4.5]]
+    assert json.loads(_script_json({"s": "</script><!-- x"})) == {"s": "</script><!-- x"}
+    assert "</" not in _script_json({"s": "</script>"})
+
+
+def test_page_and_figures_use_a_japanese_capable_font_stack(full_report):
+    css = full_report.split("<style>")[1].split("</style>")[0]
+    body_rule = css.split("body {")[1].split("}")[0]
+    assert f"font-family: {FONT_STACK};" in body_rule
+    for font in ('"Noto Sans CJK JP"', '"Hiragino Sans"', '"Yu Gothic"', "Meiryo"):
+        assert font in FONT_STACK
+    assert FONT_STACK.endswith("sans-serif")
+
+
+def test_section_navigation_wraps_and_links_every_section(full_report):
+    css = full_report.split("<style>")[1].split("</style>")[0]
+    nav_rules = re.findall(r"nav(?: a)? \{([^}]*)\}", css)
+    assert any("flex-wrap: wrap" in rule for rule in nav_rules)
+    assert not any("nowrap" in rule for rule in nav_rules)  # a long link may wrap too
+    nav = full_report.split("<nav>")[1].split("</nav>")[0]
+    anchors = re.findall(r'<a href="#([^"]+)">', nav)
+    sections = re.findall(r'<section id="([^"]+)">', full_report)
+    assert anchors == sections and len(sections) >= len(HEADINGS)
+
+
+def test_figure2_has_png_and_svg_download_buttons(full_report):
+    section = full_report.split('<section id="figure2">')[1].split("</section>")[0]
+    figure_id = re.search(r'<div id="([^"]+)" class="plotly-graph-div"', section)[1]
+    for fmt in ("png", "svg"):
+        assert (
+            f'<button type="button" data-download="{fmt}" data-target="{figure_id}" '
+            f'data-filename="figure2">{fmt.upper()}</button>'
+        ) in section
+    assert "Plotly.downloadImage(" in full_report  # what the buttons call
 
 
 def test_report_shows_japanese_labels_and_escapes_text(full_report):
@@ -338,7 +446,7 @@ def test_training_curves_come_from_the_run_folder_recorded_in_the_manifest(tmp_p
     assert inputs.trainer_log["eval_loss"].tolist() == [2.2, 2.3]
     assert inputs.accuracy["accuracy"].tolist() == [0.2, 0.4, 0.5]
     text = write_report(folder).read_text(encoding="utf-8")
-    training = text.split('id="training"')[1].split("</section>")[0]
+    training = _readable(text.split('id="training"')[1].split("</section>")[0])
     assert "train loss" in training and "lowest eval loss" in training
     assert "No loss to show" not in training
 

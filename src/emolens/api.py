@@ -31,6 +31,7 @@ TABLES = (
     "generations",
     "random_baseline",
     "change_summary",
+    "change_omnibus",
     "localisation",
     "accuracy",
 )
@@ -78,6 +79,7 @@ class Results:
     generations: pd.DataFrame
     random_baseline: pd.DataFrame
     change_summary: pd.DataFrame
+    change_omnibus: pd.DataFrame
     localisation: pd.DataFrame
     accuracy: pd.DataFrame
 

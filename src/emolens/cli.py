@@ -1,4 +1,4 @@
-"""The ``emolens`` command: demo, finetune, analyze, report, labels, data inspect, run.
+"""The ``emolens`` command: demo, finetune, analyze, report, export, labels, data inspect, run.
 
 Importing this module imports no torch: each subcommand's options are built (and its modules
 imported) only when that subcommand is used, so ``emolens --help`` answers at once.
@@ -12,6 +12,12 @@ import warnings
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """The ``emolens`` parser, with each subcommand's parser by name."""
+
+    subcommands: dict[str, argparse.ArgumentParser]
 
 
 def _model_options(p: argparse.ArgumentParser, default: str | None = "default") -> None:
@@ -30,6 +36,7 @@ def _model_options(p: argparse.ArgumentParser, default: str | None = "default") 
         default=None,
         help="base model of a run folder or LoRA adapter (if not recorded in it)",
     )
+    _revision_option(p)
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     p.add_argument(
         "--dtype",
@@ -43,6 +50,14 @@ def _model_options(p: argparse.ArgumentParser, default: str | None = "default") 
     )
 
 
+def _revision_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--revision",
+        default=None,
+        help="branch, tag or commit of a hub id --model (the same as --model org/name@REVISION)",
+    )
+
+
 def _training_options(p: argparse.ArgumentParser) -> None:
     from emolens.model.loading import ALIASES, DEFAULT_MODEL
 
@@ -52,6 +67,7 @@ def _training_options(p: argparse.ArgumentParser) -> None:
         help="model to fine-tune: alias (" + ", ".join(ALIASES) + "), .gguf file, HF "
         "folder or hub id",
     )
+    _revision_option(p)
     p.add_argument(
         "--device",
         default="auto",
@@ -470,6 +486,56 @@ def _report_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_cmd_report)
 
 
+def _cmd_export(args) -> int:
+    from emolens.interop import export_results
+
+    files = export_results(
+        args.results,
+        args.format,
+        args.out,
+        step=args.step,
+        layers=args.layers,
+        emotions=args.emotions,
+        scale=args.scale,
+        model_type=args.model_type,
+        overwrite=args.overwrite,
+    )
+    print(f"{len(files)} {args.format} files and export.json in {args.out}")
+    return 0
+
+
+def _export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", metavar="RESULTS", help="results folder written by analyze or demo")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["steering-vectors", "repeng-gguf"],
+        help="steering-vectors: EMOTION.pt, SteeringVector(**torch.load(file)); repeng-gguf: "
+        "EMOTION.gguf, a llama.cpp control vector (repeng's ControlVector.import_gguf)",
+    )
+    p.add_argument("--out", required=True, help="folder for the files (one per emotion)")
+    p.add_argument(
+        "--step", type=int, default=None, help="training step (default: the last finished)"
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="block outputs to export (negative: from the last block); default: every "
+        "analysed layer (repeng-gguf: without 0, which llama.cpp never applies)",
+    )
+    p.add_argument("--emotions", nargs="+", default=None, help="only these emotions (default: all)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every vector by this")
+    p.add_argument(
+        "--model-type",
+        default=None,
+        help="GGUF model hint, the HF model_type (default: from the analysed architecture)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace files already in --out")
+    p.set_defaults(func=_cmd_export)
+
+
 def _labels_options(p: argparse.ArgumentParser) -> None:
     _model_options(p)
     p.add_argument("--language", default="ja", choices=["ja", "en"], help="prompt language")
@@ -509,6 +575,10 @@ COMMANDS = {
         _generate_options,
     ),
     "report": ("rebuild report.html from a results folder", _report_options),
+    "export": (
+        "concept vectors of one step to steering-vectors or llama.cpp (GGUF) files",
+        _export_options,
+    ),
     "labels": ("audit how each label tokenizes after the prompt", _labels_options),
     "data": ("corpus tools", _data_command_options),
 }
@@ -516,13 +586,13 @@ COMMANDS = {
 CONFIG_COMMANDS = ("demo", "finetune", "analyze", "merge", "report", "labels")
 
 
-def build_parser(command: str | None = None, *, lazy: bool = False) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, *, lazy: bool = False) -> _Parser:
     """The ``emolens`` parser. With ``lazy``, only ``command``'s options are built (the others
     are listed with their help): what :func:`main` does, so that nothing heavy is imported
     for a command not run."""
     from emolens import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="emolens",
         formatter_class=_Formatter,
         description="Emotion concept vectors, steering sensitivity and their fate under "
@@ -578,7 +648,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ``--config FILE`` values become the defaults."""
     command = _command_of(argv)
     parser = build_parser(command, lazy=True)
-    sub = parser.subcommands.get(command)
+    sub = parser.subcommands.get(command) if command is not None else None
     if sub is not None and command in CONFIG_COMMANDS:
         pre = argparse.ArgumentParser(add_help=False)
         pre.add_argument("--config", default=None)
@@ -590,7 +660,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                 read_study(config), command, accepted={a.dest for a in sub._actions}
             )
             apply_defaults(sub, values, f"{config} [{command}]")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "revision", None):
+        from emolens.model.loading import with_revision
+
+        args.model = with_revision(args.model, args.revision)
+    return args
 
 
 def _cmd_run(args) -> int:

@@ -190,6 +190,16 @@ def from_control_vectors(
 # --------------------------------------------------------------------------- GGUF (llama.cpp)
 
 
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError(
+            "GGUF control vectors are written with the gguf package: pip install 'emolens[export]'"
+        ) from None
+    return gguf
+
+
 def write_control_vector_gguf(
     vectors: ConceptVectors,
     emotion: str,
@@ -204,7 +214,7 @@ def write_control_vector_gguf(
     llama.cpp never applies ``direction.0``: by default layer 0 is left out; asking for it is an
     error. Use with ``llama-cli --control-vector-scaled FILE alpha``.
     """
-    import gguf
+    gguf = _gguf()
 
     from emolens.store.files import atomic_path
 
@@ -237,7 +247,7 @@ def write_control_vector_gguf(
 
 def read_control_vector_gguf(path: str | Path) -> tuple[str, dict[int, np.ndarray]]:
     """``(model_hint, {layer: direction [d_model]})`` of a GGUF control vector file."""
-    import gguf
+    gguf = _gguf()
 
     reader = gguf.GGUFReader(str(path))
     arch = reader.get_field("general.architecture")
@@ -271,3 +281,137 @@ def from_control_vector_gguf(
         "gguf control vector",
         neutral,
     )
+
+
+# --------------------------------------------------------------------------- files and export
+
+#: ``emolens export`` formats: name -> file suffix.
+EXPORT_FORMATS = {"steering-vectors": ".pt", "repeng-gguf": ".gguf"}
+EXPORT_INFO = "export.json"
+
+
+def save_steering_vector(sv, path: str | Path) -> Path:
+    """A ``SteeringVector`` as a torch file of plain tensors (``torch.load`` reads it with
+    ``weights_only=True``): ``SteeringVector(**torch.load(path))`` rebuilds it."""
+    from emolens.store.files import atomic_path
+
+    data = {
+        "layer_activations": {int(k): v.detach().cpu() for k, v in sv.layer_activations.items()},
+        "layer_type": sv.layer_type,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)
+    return Path(path)
+
+
+def load_steering_vector(path: str | Path):
+    """The ``SteeringVector`` of a file :func:`save_steering_vector` wrote."""
+    return _steering_vectors()(**torch.load(path, weights_only=True))
+
+
+def model_type_of(architecture: str) -> str | None:
+    """HF ``config.model_type`` of an architecture class name (``LlamaForCausalLM`` ->
+    ``llama``), or None if transformers does not know it."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    types = [t for t, name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if name == architecture]
+    # several types share a class (exaone uses LlamaForCausalLM): the one it is named after
+    named = [t for t in types if architecture.lower().startswith(t.replace("_", ""))]
+    return max(named, key=len) if named else (types[0] if types else None)
+
+
+def _file_stem(emotion: str) -> str:
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in emotion)
+    return stem or "emotion"
+
+
+def export_results(
+    results: str | Path,
+    fmt: str,
+    out: str | Path,
+    *,
+    step: int | None = None,
+    layers: Iterable[int] | None = None,
+    emotions: Iterable[str] | None = None,
+    scale: float = 1.0,
+    model_type: str | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write one step's concept vectors as one file per emotion in ``out``: ``fmt``
+    ``"steering-vectors"`` (``EMOTION.pt``, :func:`save_steering_vector`) or ``"repeng-gguf"``
+    (``EMOTION.gguf``, a llama.cpp control vector that repeng's ``ControlVector.import_gguf``
+    reads), plus ``export.json`` saying what was exported. ``step`` defaults to the last
+    finished one; ``layers`` (negative: from the model's last block) to every analysed layer
+    (GGUF: without layer 0, which llama.cpp never applies). Files already there are kept and
+    the export refused unless ``overwrite``."""
+    from emolens.api import Results
+    from emolens.store.files import read_json, write_json
+
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; formats: {', '.join(EXPORT_FORMATS)}")
+    res = Results(results)
+    done = res.steps_done
+    if not done:
+        raise FileNotFoundError(f"{res.path} holds no finished step: run `emolens analyze` first")
+    step = done[-1] if step is None else int(step)
+    vectors = res.vectors(step)  # an unknown step: an error listing the finished ones
+    model = read_json(res.step_dir(step) / "done.json").get("model") or {}
+    if layers is not None:
+        layers = [int(layer) for layer in layers]
+        if any(layer < 0 for layer in layers):
+            depth = model.get("n_layers")
+            if not depth:
+                raise ValueError(
+                    f"step {step} records no model depth to read negative --layers by; "
+                    f"give layers from {list(vectors.layers)}"
+                )
+            layers = [layer + int(depth) if layer < 0 else layer for layer in layers]
+        _layers_of(vectors, layers)
+    chosen = list(vectors.emotions) if emotions is None else list(emotions)
+    for emotion in chosen:
+        _emotion_index(vectors, emotion)
+    if fmt == "steering-vectors":
+        _steering_vectors()  # the missing extra is named before anything is written
+    else:
+        _gguf()
+        if model_type is None:
+            architecture = str(model.get("architecture") or "")
+            model_type = model_type_of(architecture)
+            if model_type is None:
+                raise ValueError(
+                    f"cannot tell the HF model_type of architecture {architecture or '?'!r} "
+                    "for the GGUF model hint: pass --model-type (e.g. llama, gemma3)"
+                )
+    out = Path(out)
+    files = {e: out / f"{_file_stem(e)}{EXPORT_FORMATS[fmt]}" for e in chosen}
+    if len(set(files.values())) < len(files):
+        raise ValueError(f"emotion names {chosen} map to the same file names in {out}")
+    existing = [p for p in [*files.values(), out / EXPORT_INFO] if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{existing[0]} exists: export to another --out, or pass --overwrite to replace it"
+        )
+    written: dict[str, list[int]] = {}
+    for emotion, path in files.items():
+        if fmt == "steering-vectors":
+            sv = to_steering_vector(vectors, emotion, layers, scale)
+            save_steering_vector(sv, path)
+            written[emotion] = sorted(int(k) for k in sv.layer_activations)
+        else:
+            assert model_type is not None
+            write_control_vector_gguf(vectors, emotion, path, model_type, layers, scale)
+            written[emotion] = sorted(read_control_vector_gguf(path)[1])
+    write_json(
+        out / EXPORT_INFO,
+        {
+            "results": str(res.path.resolve()),
+            "step": step,
+            "format": fmt,
+            "scale": scale,
+            "model_type": model_type,
+            "model": model,
+            "layer_convention": "layer L is the output of block L (blocks.L.hook_out)",
+            "files": {e: {"file": files[e].name, "layers": written[e]} for e in chosen},
+        },
+    )
+    return list(files.values())

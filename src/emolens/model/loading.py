@@ -6,7 +6,8 @@ A model spec is one of:
   ``smollm2-135m``) or ``tiny-random`` (a tiny random Llama built locally);
 - a ``.gguf`` file, converted once to an ordinary HF folder under ``EMOLENS_CACHE``;
 - a local HF folder (full weights, or a PEFT LoRA adapter over a base model);
-- a hub id such as ``sbintuitions/sarashina2.2-1b-instruct-v0.1`` (needs the hub or its cache).
+- a hub id such as ``sbintuitions/sarashina2.2-1b-instruct-v0.1`` (needs the hub or its cache),
+  pinned to a branch, tag or commit as ``org/name@revision``.
 
 A fine-tuning run folder (``checkpoint-N/`` sub-folders) is a checkpoint series: see
 :func:`discover_series`. Only this module loads weights; everything else receives a model.
@@ -220,12 +221,39 @@ def resolve_model_dir(spec: str | os.PathLike[str]) -> str:
         return str(path)
     if path.exists() or spec.startswith((".", "/", "~")):
         raise ModelLoadError(f"model path {spec} does not exist or is not a model folder")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-        return spec  # a hub id
+    if _HUB_ID.fullmatch(spec):
+        return spec  # a hub id (org/name@revision: pinned)
     raise ModelLoadError(
         f"cannot read model spec {spec!r}: give an alias "
         f"({', '.join(ALIASES)}), a .gguf file, a local HF folder or a hub id"
     )
+
+
+_HUB_ID = re.compile(r"([\w-][\w.-]*/[\w.-]+)(?:@([\w./-]+))?")
+
+
+def split_revision(source: str) -> tuple[str, str | None]:
+    """``("org/name", "revision")`` of a hub id ``org/name@revision``; any other source (a
+    local path, an unpinned id) as ``(source, None)``."""
+    match = _HUB_ID.fullmatch(source)
+    if match is None or match[2] is None or Path(source).expanduser().exists():
+        return source, None
+    return match[1], match[2]
+
+
+def with_revision(spec: str, revision: str | None) -> str:
+    """``spec`` pinned to ``revision`` (``org/name@revision``); only a hub id has revisions."""
+    if not revision:
+        return spec
+    repo, pinned = split_revision(spec)
+    if pinned is not None and pinned != revision:
+        raise ValueError(f"model {spec} names revision {pinned}, --revision {revision}: give one")
+    if not _HUB_ID.fullmatch(repo) or Path(repo).expanduser().exists():
+        raise ValueError(
+            f"--revision {revision} applies to a hub id (org/name), not to {spec}: "
+            "leave it out for an alias, a .gguf file or a local folder"
+        )
+    return f"{repo}@{revision}"
 
 
 def model_depth(source: str) -> int | None:
@@ -327,6 +355,7 @@ class LoadedModel:
     weights_hash: str
     dtype: str
     device: str
+    revision: str | None = None  # the hub revision of an org/name@revision spec
 
     @property
     def hf_model(self) -> "PreTrainedModel":
@@ -352,6 +381,7 @@ class LoadedModel:
             "n_layers": self.n_layers,
             "d_model": self.d_model,
             "architecture": (self.hf_model.config.architectures or ["?"])[0],
+            "revision": self.revision,
         }
 
 
@@ -398,7 +428,8 @@ def load_tokenizer(source: str) -> "PreTrainedTokenizerBase":
     key = _tokenizer_key(source)
     if key is not None and key in _TOKENIZERS:
         return copy.deepcopy(_TOKENIZERS[key])
-    tok = AutoTokenizer.from_pretrained(source)
+    repo, revision = split_revision(source)
+    tok = AutoTokenizer.from_pretrained(repo, **({"revision": revision} if revision else {}))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if key is not None:
@@ -440,12 +471,18 @@ def load_hf_model(
                 f"{path} is a LoRA adapter with no base model recorded; "
                 "pass the base model (--base)"
             )
-        base_model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(base_spec), **kwargs)
+        base_repo, base_revision = split_revision(resolve_model_dir(base_spec))
+        if base_revision:
+            kwargs["revision"] = base_revision
+        base_model = AutoModelForCausalLM.from_pretrained(base_repo, **kwargs)
         merged = PeftModel.from_pretrained(base_model, str(path)).merge_and_unload()
         # peft declares nn.Module; merging unwraps the adapter and returns the base HF model
         return cast("PreTrainedModel", merged)
+    repo, revision = split_revision(source)
+    if revision:
+        kwargs["revision"] = revision
     try:
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(repo, **kwargs)
     except OSError as exc:
         raise ModelLoadError(
             f"could not load model from {source!r}: {exc}. Offline? Give a "
@@ -513,15 +550,19 @@ def load_model(
     device_map: str | dict | None = None,
     base: str | None = None,
     tokenizer_source: str | None = None,
+    revision: str | None = None,
 ) -> LoadedModel:
     """Load a model spec into a ``TransformerBridge`` (raw HF numerics) and its tokenizer.
 
     ``device_map`` (e.g. ``"auto"``) is passed to HF for models larger than one GPU and
-    replaces ``device``. ``base`` is the base model of a LoRA adapter folder.
+    replaces ``device``. ``base`` is the base model of a LoRA adapter folder. ``revision``
+    pins a hub id to a branch, tag or commit (as the spec ``org/name@revision`` does).
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    spec = with_revision(str(spec), revision)
     source = resolve_model_dir(spec)
+    repo, revision = split_revision(source)
     dev = "cpu" if device_map is not None else resolve_device(device)
     torch_dtype = resolve_dtype(dtype, "cuda" if device_map is not None else dev)
     if device_map is None:
@@ -539,7 +580,8 @@ def load_model(
     # no warning filter: booting gemma-3 and Llama models with TL 4.3 warns nothing,
     # and a deprecation TransformerLens or transformers raises here must reach the user
     bridge = TransformerBridge.boot_transformers(
-        source,
+        repo,
+        revision=revision,
         hf_model=hf_model,
         tokenizer=copy.deepcopy(tokenizer),
         dtype=torch_dtype,
@@ -554,6 +596,7 @@ def load_model(
         weights_hash=weights_hash(hf_model),
         dtype=str(torch_dtype).split(".")[-1],
         device=dev if device_map is None else f"device_map={device_map}",
+        revision=revision,
     )
 
 

@@ -7,12 +7,16 @@ the disk; :func:`write_report` does both and writes the file atomically. A missi
 and a missing or unreadable one becomes a visible note in its section.
 """
 
+import base64
+import gzip
 import json
 import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -255,28 +259,39 @@ def write_report(
 
 
 def write_figure(fig: go.Figure, path: str | Path) -> Path:
-    """One figure as a self-contained HTML page (plotly.js inline, no network), atomically."""
+    """One figure as a self-contained HTML page (plotly.js inline, no network), atomically;
+    its text in the report's Japanese-capable font stack."""
+    fig = go.Figure(fig).update_layout(font_family=FONT_STACK)
     return write_text(path, fig.to_html(full_html=True, include_plotlyjs=True))
 
 
 # --------------------------------------------------------------------------------------------
 # HTML pieces
 
+#: The page's and the figures' fonts: Japanese label names need a CJK font (Noto on Linux,
+#: Hiragino on macOS, Yu Gothic or Meiryo on Windows) before the generic family.
+FONT_STACK = (
+    'system-ui, -apple-system, "Segoe UI", Roboto, "Noto Sans CJK JP", "Noto Sans JP", '
+    '"Hiragino Sans", "Hiragino Kaku Gothic ProN", "Yu Gothic", Meiryo, sans-serif'
+)
+#: Significant digits of the numbers in a figure's data (the tables keep full precision).
+FIGURE_DIGITS = 6
+
 _CSS = """
 :root { color-scheme: light; }
 body { margin: 0; background: #fafafa; color: #222; line-height: 1.5;
-  font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Hiragino Sans",
-  "Noto Sans CJK JP", "Yu Gothic", Meiryo, sans-serif; }
+  font-family: FONT_STACK; }
 .container { max-width: 1100px; margin: 0 auto; padding: 0 16px 48px; }
 header { border-bottom: 1px solid #ddd; margin-bottom: 8px; }
 h1 { font-size: 1.6rem; margin: 24px 0 4px; }
 h2 { font-size: 1.3rem; margin: 36px 0 8px; border-bottom: 1px solid #e4e4e4; }
 h3 { font-size: 1.05rem; margin: 20px 0 6px; }
-nav { font-size: 0.9rem; margin: 8px 0 16px; }
-nav a { margin-right: 12px; white-space: nowrap; }
+nav { font-size: 0.9rem; margin: 8px 0 16px; display: flex; flex-wrap: wrap; gap: 4px 14px; }
+nav a { min-width: 0; overflow-wrap: anywhere; }
 .figure { background: #fff; border: 1px solid #e4e4e4; border-radius: 4px; margin: 12px 0;
   width: 100%; }
-.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(420px, 1fr)); gap: 12px; }
+.grid { display: grid; gap: 12px;
+  grid-template-columns: repeat(auto-fit, minmax(min(420px, 100%), 1fr)); }
 .tablewrap { overflow-x: auto; margin: 8px 0; }
 table { border-collapse: collapse; font-size: 0.85rem; background: #fff; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
@@ -293,7 +308,11 @@ dl.meta dd { margin: 0; overflow-wrap: anywhere; }
 pre { background: #fff; border: 1px solid #e4e4e4; padding: 8px; overflow-x: auto;
   font-size: 0.8rem; }
 details > summary { cursor: pointer; }
-"""
+.downloads { text-align: right; padding: 0 8px 6px; font-size: 0.8rem; color: #555; }
+.downloads button { font: inherit; margin-left: 6px; cursor: pointer; }
+.status { background: #fdf1f0; border-left: 4px solid #d62728; padding: 6px 12px;
+  margin: 12px 0; }
+""".replace("FONT_STACK", FONT_STACK)
 
 _STUDY_TEXT = (
     "The study asks how fine-tuning changes a language model's emotion concepts. For each "
@@ -307,24 +326,96 @@ _STUDY_TEXT = (
 )
 
 
-def _figure(fig: go.Figure, height: int = 480) -> str:
-    fig.update_layout(autosize=True)
-    body = fig.to_html(
-        full_html=False,
-        include_plotlyjs=False,
-        default_width="100%",
-        default_height=f"{height}px",
-        config={"responsive": True, "displaylogo": False},
+def _decode_typed_array(spec: dict) -> np.ndarray:
+    """A plotly typed array (``{"dtype": "f8", "bdata": base64, "shape": "3, 2"}``) as numpy."""
+    array = np.frombuffer(base64.b64decode(spec["bdata"]), dtype=np.dtype(spec["dtype"]))
+    shape = spec.get("shape")
+    if shape:
+        array = array.reshape([int(n) for n in str(shape).split(",")])
+    return array
+
+
+def _compact(value, digits: int = FIGURE_DIGITS):
+    """``value`` (plotly's JSON tree) as plain JSON: floats to ``digits`` significant digits,
+    NaN and infinities as null (plotly's own reading of them), typed arrays as lists."""
+    if isinstance(value, dict):
+        if "bdata" in value and "dtype" in value:
+            return _compact(_decode_typed_array(value).tolist(), digits)
+        return {k: _compact(v, digits) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_compact(v, digits) for v in value]
+    if isinstance(value, np.ndarray):
+        return _compact(value.tolist(), digits)
+    if isinstance(value, np.generic):
+        return _compact(value.item(), digits)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        rounded = float(f"{value:.{digits}g}")
+        return int(rounded) if rounded.is_integer() and abs(rounded) < 1e15 else rounded
+    return value
+
+
+def _script_json(value) -> str:
+    """JSON safe inside a ``<script>`` element (no ``</`` can end it early)."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return text.replace("</", "<\\/").replace("<!--", "<\\u0021--")
+
+
+class _FigureIds:
+    """Element ids of the figures of one page, in the order drawn."""
+
+    count = 0
+
+    @classmethod
+    def next(cls) -> str:
+        cls.count += 1
+        return f"figure-{cls.count}"
+
+
+def _figure(fig: go.Figure, height: int = 480, download: str = "figure") -> str:
+    """A figure as a ``div`` and its JSON (gzipped, base64, in a ``<script>`` of type
+    ``application/gzip;base64``: a tenth of the text), drawn by the page's loader with the
+    page's template (plotly's, in the CJK font stack: sent once, not per figure). PNG and SVG
+    buttons download it as ``{download}.png`` / ``.svg``."""
+    spec = fig.to_plotly_json()
+    layout = dict(spec.get("layout") or {})
+    layout.pop("template", None)  # the page's template is set on every figure by the loader
+    layout["autosize"] = True
+    figure_id = _FigureIds.next()
+    data = {
+        "data": _compact(spec.get("data") or []),
+        "layout": _compact(layout),
+        "config": {"responsive": True, "displaylogo": False},
+    }
+    name = _e(download)
+    buttons = "".join(
+        f'<button type="button" data-download="{fmt}" data-target="{figure_id}" '
+        f'data-filename="{name}">{fmt.upper()}</button>'
+        for fmt in ("png", "svg")
     )
-    return f'<div class="figure">{body}</div>'
+    return (
+        f'<div class="figure"><div id="{figure_id}" class="plotly-graph-div" '
+        f'style="height:{height}px; width:100%;"></div>'
+        f'<script type="application/gzip;base64" data-figure="{figure_id}">'
+        f"{packed(_script_json(data))}</script>"
+        f'<div class="downloads">download {buttons}</div></div>'
+    )
 
 
-def _safe_figure(make: Callable[[], go.Figure], what: str, height: int = 480) -> str:
+def _safe_figure(
+    make: Callable[[], go.Figure], what: str, height: int = 480, download: str | None = None
+) -> str:
     """A figure, or a visible note saying why it could not be drawn."""
     try:
-        return _figure(make(), height)
+        return _figure(make(), height, download or _slug(what))
     except Exception as exc:  # one bad figure must not cost the whole report
         return _note(f"{what} could not be drawn: {exc}", problem=True)
+
+
+def _slug(text: str) -> str:
+    """A file name from a figure's description (``"the DLA figure"`` -> ``the-DLA-figure``)."""
+    return "-".join("".join(c if c.isalnum() else " " for c in text).split()) or "figure"
 
 
 def _cell(value) -> str:
@@ -500,6 +591,7 @@ def _figure2_section(inputs: ReportInputs, ja: dict) -> str:
             ),
             "Figure 2",
             height=560,
+            download="figure2",
         ),
     ]
     try:
@@ -515,8 +607,14 @@ def _figure2_section(inputs: ReportInputs, ja: dict) -> str:
         )
         cells = [
             _safe_figure(
-                lambda e=e: figures.layer_step_heatmap(
-                    sens, e, sel.alpha, alpha_unit=sel.alpha_unit, positions=sel.positions, ja=ja
+                partial(
+                    figures.layer_step_heatmap,
+                    sens,
+                    e,
+                    sel.alpha,
+                    alpha_unit=sel.alpha_unit,
+                    positions=sel.positions,
+                    ja=ja,
                 ),
                 f"layer sweep of {e}",
                 height=360,
@@ -540,7 +638,7 @@ def _selectivity_section(inputs: ReportInputs, ja: dict) -> str:
         body.append(f"<h3>Step {step} ({label})</h3>")
         body.append(
             _safe_figure(
-                lambda s=step: figures.selectivity_heatmap(sens, s, ja=ja),
+                partial(figures.selectivity_heatmap, sens, step, ja=ja),
                 f"the selectivity heatmap at step {step}",
                 height=560,
             )
@@ -576,8 +674,7 @@ def _training_section(inputs: ReportInputs) -> str:
 def _filtering_section(inputs: ReportInputs, ja: dict) -> str:
     frame = inputs.filtering
     if frame is None:
-        body = _problem_notes(inputs, "filtering.csv") or _note("filtering.csv not found.")
-        return body
+        return _problem_notes(inputs, "filtering.csv") or _note("filtering.csv not found.")
     body = [
         "<p>Samples are kept where the model picks the gold label (argmax over the label "
         "first-token logits); a label with too few kept samples drops out of the concept "
@@ -775,7 +872,9 @@ def _random_baseline_body(frame: pd.DataFrame, ja: dict) -> str:
 def _geometry_body(frame: pd.DataFrame, ja: dict) -> str:
     require_columns(frame, ("step", "layer", "measure", "emotion", "value"), "geometry.csv")
     layers = sorted(int(v) for v in frame["layer"].dropna().unique())
-    inners = [i for i in ("plain", "causal") if "inner" in frame and (frame["inner"] == i).any()]
+    inners: list[str | None] = [
+        i for i in ("plain", "causal") if "inner" in frame and (frame["inner"] == i).any()
+    ]
     body = [
         "<p>Key measures at the deepest analysed layer "
         f"({layers[-1] if layers else '?'}), in the plain inner product and in Park et al.'s "
@@ -793,7 +892,8 @@ def _geometry_body(frame: pd.DataFrame, ja: dict) -> str:
         body.append(f"<h3>{_e(measure)}</h3>")
         cells = [
             _safe_figure(
-                lambda m=measure, i=inner: figures.geometry_figure(frame, m, inner=i, ja=ja),
+                # None: the one inner product there is (geometry_figure reads it so)
+                partial(figures.geometry_figure, frame, measure, inner=cast(str, inner), ja=ja),
                 f"{measure} ({inner})",
                 height=420,
             )
@@ -1084,8 +1184,9 @@ def _failures_section(inputs: ReportInputs) -> str:
         body.append("<p>No checkpoint failed.</p>")
     latest = (inputs.last_run or {}).get("failures") or []
     if latest and latest != failures:
+        finished = (inputs.last_run or {}).get("finished", "?")
         body += [
-            f"<p>The latest run ({_e(str(inputs.last_run.get('finished', '?')))}) failed at "
+            f"<p>The latest run ({_e(str(finished))}) failed at "
             f"{len(latest)} step(s); the tables above keep the earlier finished results:</p>",
             _table(
                 ["step", "spec", "error"],
@@ -1139,17 +1240,97 @@ def build_report_html(inputs: ReportInputs, title: str = "emolens report") -> st
         ("failures", "Failures", lambda: _failures_section(inputs)),
         ("manifest", "Run manifest", lambda: _manifest_section(inputs)),
     ]
+    _FigureIds.count = 0
     body = "\n".join(_section(a, t, make()) for a, t, make in sections)
     links = "".join(f'<a href="#{_e(a)}">{_e(t)}</a>' for a, t, _ in sections)
     model = inputs.manifest.get("model")
     subtitle = f"<p>{_e(_short(model, 160))}</p>" if model else ""
-    # a "</script" inside plotly.js would end the tag early; it has none, but be sure
-    plotly_js = get_plotlyjs().replace("</script", "<\\/script")
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n"
-        f'<script type="text/javascript">{plotly_js}</script>\n</head>\n<body>\n'
+        f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
         f'<div class="container">\n<header><h1>{_e(title)}</h1>{subtitle}<nav>{links}</nav>'
-        f"</header>\n{body}\n</div>\n</body>\n</html>\n"
+        '</header>\n<p id="emolens-status" class="status" hidden></p>\n'
+        '<noscript><p class="status">The figures need JavaScript.</p></noscript>\n'
+        f"{body}\n</div>\n{_plotly_scripts()}\n</body>\n</html>\n"
+    )
+
+
+def packed(text: str) -> str:
+    """``text`` gzipped (deterministically: no timestamp) and base64-encoded, as the page's
+    loader unpacks it."""
+    return base64.b64encode(gzip.compress(text.encode("utf-8"), 9, mtime=0)).decode("ascii")
+
+
+def unpacked(text: str) -> str:
+    """The text :func:`packed` packed."""
+    return gzip.decompress(base64.b64decode(text)).decode("utf-8")
+
+
+def page_template() -> dict:
+    """The plotly template every figure of the page is drawn with: plotly's default, in the
+    page's font stack."""
+    import plotly.io as pio
+
+    template = go.layout.Template(pio.templates["plotly"])
+    template.layout.font.family = FONT_STACK
+    return _compact(template.to_plotly_json())
+
+
+#: Unpacks plotly.js (gzip, base64) with the browser's DecompressionStream, draws every
+#: figure of the page, and wires the PNG/SVG download buttons.
+_LOADER_JS = """
+(function () {
+  var status = document.getElementById("emolens-status");
+  function fail(text) { status.textContent = text; status.hidden = false; }
+  function unpack(node) {
+    var text = node.textContent.trim();
+    var bytes = Uint8Array.from(atob(text), function (c) { return c.charCodeAt(0); });
+    var stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
+    return new Response(stream).text();
+  }
+  function draw(template, nodes, specs) {
+    nodes.forEach(function (node, i) {
+      var spec = JSON.parse(specs[i]);
+      spec.layout.template = template;
+      Plotly.newPlot(document.getElementById(node.dataset.figure), spec.data, spec.layout,
+        spec.config);
+    });
+  }
+  document.addEventListener("click", function (event) {
+    var button = event.target.closest("button[data-download]");
+    if (!button || !window.Plotly) return;
+    var div = document.getElementById(button.dataset.target);
+    Plotly.downloadImage(div, {format: button.dataset.download,
+      filename: button.dataset.filename, width: div.offsetWidth, height: div.offsetHeight});
+  });
+  if (typeof DecompressionStream === "undefined") {
+    fail("This browser cannot unpack the page's figures (it needs DecompressionStream: " +
+      "Chrome 80, Firefox 113, Safari 16.4 or newer).");
+    return;
+  }
+  var template = JSON.parse(document.getElementById("emolens-template").textContent);
+  var nodes = Array.prototype.slice.call(
+    document.querySelectorAll('script[type="application/gzip;base64"][data-figure]'));
+  var plotly = window.Plotly ? Promise.resolve(null)
+    : unpack(document.getElementById("emolens-plotly"));
+  Promise.all([plotly, Promise.all(nodes.map(unpack))]).then(function (parts) {
+    if (parts[0] !== null) {
+      var script = document.createElement("script");
+      script.text = parts[0];
+      document.head.appendChild(script);
+    }
+    draw(template, nodes, parts[1]);
+  }).catch(function (error) { fail("The figures could not be drawn: " + error); });
+})();
+"""
+
+
+def _plotly_scripts() -> str:
+    """plotly.js (compressed), the shared template and the loader, once per page."""
+    return (
+        '<script id="emolens-plotly" type="application/gzip;base64">'
+        f"{packed(get_plotlyjs())}</script>\n"
+        f'<script id="emolens-template" type="application/json">{_script_json(page_template())}'
+        f'</script>\n<script type="text/javascript">{_LOADER_JS}</script>'
     )

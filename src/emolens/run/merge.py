@@ -167,17 +167,21 @@ def _cross_step_tables(
         seed=config.seed,
         metrics=metrics if len(metrics) == len(steps) else None,
     )
-    tests = {
-        "seed": config.seed,
-        "p_method": CHANGE_P_METHOD,
-        "equivalence_margin": config.equivalence_margin,
-    }
+
+    def tested(frame: pd.DataFrame, reps: Replicates, table: str, **cross) -> pd.DataFrame:
+        return change_summary(
+            frame,
+            reps,
+            seed=config.seed,
+            p_method=CHANGE_P_METHOD,
+            equivalence_margin=config.equivalence_margin,
+            **cross,
+        ).assign(table=table)
+
     tables["change_summary"] = pd.concat(
         [
-            change_summary(tables["geometry"], geometry_reps, cross_step=cross, **tests).assign(
-                table="geometry"
-            ),
-            change_summary(tables["probes"], probe_reps, **tests).assign(table="probes"),
+            tested(tables["geometry"], geometry_reps, "geometry", cross_step=cross),
+            tested(tables["probes"], probe_reps, "probes"),
         ],
         ignore_index=True,
     )

@@ -61,6 +61,7 @@ TABLES = (
     "geometry",
     "probes",
     "change_summary",
+    "change_omnibus",
     "figure2_bands",
     "sensitivity_trends",
     "heads",
