@@ -61,6 +61,7 @@ TABLES = (
     "geometry",
     "probes",
     "change_summary",
+    "kept_set_effect",
     "figure2_bands",
     "sensitivity_trends",
     "heads",
