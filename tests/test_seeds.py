@@ -211,3 +211,43 @@ def test_probe_series_are_split_by_probe_across_seeds():
     assert by_probe.loc["own", "mean_effect"] == pytest.approx(0.2)
     assert by_probe.loc["step 0", "mean_effect"] == pytest.approx(0.0)
     assert (summary["family"] == "probes").all()
+
+
+def test_figure2_seed_spread_draws_the_seed_mean_and_the_min_max_band():
+    from emolens.report.figures.seeds import figure2_seed_spread
+
+    bands = pd.DataFrame(
+        [
+            dict(seed=k, step=s, layer=3, emotion=e, alpha=a, value=v0 + k + s, ci_low=0,
+                 ci_high=1, n_boot=5)
+            for k in (0, 1, 2) for s in (0, 10) for e, v0 in (("joy", 1.0), ("trust", 5.0))
+            for a in (2.0, 4.0)
+        ]
+    )  # fmt: skip
+    fig = figure2_seed_spread(bands)
+    lines = [t for t in fig.data if t.mode == "lines+markers"]
+    bands_ = [t for t in fig.data if t.fill == "toself"]
+    assert len(lines) == 2 and len(bands_) == 2
+    joy = next(t for t in lines if t.name.startswith("joy"))
+    assert list(joy.y) == [2.0, 12.0]  # mean over seeds 0, 1, 2 of 1 + k + s
+    band = bands_[[t.legendgroup for t in bands_].index(joy.legendgroup)]
+    assert list(band.y) == [3.0, 13.0, 11.0, 1.0]  # max forward, min back
+    assert "3 seeds" in fig.layout.title.text and "alpha 4" in fig.layout.title.text
+    with pytest.raises(ValueError, match="seed"):
+        figure2_seed_spread(bands.drop(columns="seed"))
+
+
+def test_the_report_shows_the_seed_spread_only_with_several_seeds():
+    from emolens.report.page import ReportInputs, _seed_spread_section
+
+    bands = pd.DataFrame(
+        dict(seed=[0, 0, 1, 1], step=[0, 5, 0, 5], layer=1, emotion="joy", alpha=2.0,
+             value=[1.0, 2.0, 1.5, 2.5], ci_low=0, ci_high=3, n_boot=5)
+    )  # fmt: skip
+    sens = pd.DataFrame()
+    many = _seed_spread_section(ReportInputs(sens, extra_tables={"figure2_bands": bands}))
+    one = _seed_spread_section(
+        ReportInputs(sens, extra_tables={"figure2_bands": bands[bands.seed == 0]})
+    )
+    assert "plotly" in many.lower() and "seed mean" in many
+    assert "One fine-tuning seed" in one and "plotly" not in one.lower()
