@@ -32,6 +32,8 @@ TABLES = (
     "random_baseline",
     "change_summary",
     "change_omnibus",
+    "kept_set_effect",
+    "seed_change_summary",
     "localisation",
     "accuracy",
 )
@@ -80,6 +82,8 @@ class Results:
     random_baseline: pd.DataFrame
     change_summary: pd.DataFrame
     change_omnibus: pd.DataFrame
+    kept_set_effect: pd.DataFrame
+    seed_change_summary: pd.DataFrame  # a multi-seed analysis only
     localisation: pd.DataFrame
     accuracy: pd.DataFrame
 

@@ -625,6 +625,21 @@ def _figure2_section(inputs: ReportInputs, ja: dict) -> str:
     return "\n".join(body)
 
 
+def _seed_spread_section(inputs: ReportInputs) -> str:
+    """Figure 2 across fine-tuning seeds, where ``figure2_bands`` carries several seeds (the
+    top level of a multi-seed results folder); empty otherwise."""
+    from emolens.report.figures.seeds import figure2_seed_spread
+
+    bands = inputs.extra_tables.get("figure2_bands")
+    if bands is None or "seed" not in bands.columns or bands["seed"].nunique() < 2:
+        return "<p>One fine-tuning seed: no across-seed spread (see finetune --seeds).</p>"
+    note = (
+        "<p>Line: the mean over seeds of each emotion's Figure 2 point; band: the smallest "
+        "to the largest seed. The across-seed tests are in seed_change_summary.csv.</p>"
+    )
+    return note + _safe_figure(lambda: figure2_seed_spread(bands), "the across-seed Figure 2")
+
+
 def _selectivity_section(inputs: ReportInputs, ja: dict) -> str:
     sens = inputs.sensitivity
     steps = sorted(int(s) for s in sens["step"].dropna().unique())
@@ -1218,6 +1233,7 @@ def build_report_html(inputs: ReportInputs, title: str = "emolens report") -> st
         ("summary", "Summary", lambda: _summary_section(inputs, ja)),
         ("figure2", "Figure 2 reproduction", lambda: _figure2_section(inputs, ja)),
         ("selectivity", "Selectivity", lambda: _selectivity_section(inputs, ja)),
+        ("seeds", "Across seeds", lambda: _seed_spread_section(inputs)),
         *(
             [
                 (

@@ -38,6 +38,7 @@ from emolens.run.config import AnalysisConfig, collected_layers
 from emolens.run.identity import analysis_identity, check_identity
 from emolens.run.merge import combine_steps, final_layer_record, readout_failures
 from emolens.run.prompt import choose_prompts, recorded_prompt, resolve_prompt
+from emolens.run.seeds import analyze_seeds, seed_runs
 from emolens.run.step import (
     StepContext,
     activation_key,
@@ -199,7 +200,18 @@ def analyze(
     only when finished, so a failed or killed run never damages a finished step. One process
     at a time holds ``OUT`` (a lock file). ``shard=(i, n)`` analyses every n-th checkpoint
     from the i-th, for splitting a series between processes; :func:`merge` combines them.
+
+    A folder of ``seed-K/`` run folders (``finetune --seeds``) is analysed seed by seed into
+    ``OUT/seed-K/``, with the tables concatenated over seeds and the across-seed change tests
+    at the top of ``OUT`` (:func:`emolens.run.seeds.analyze_seeds`).
     """
+    runs = seed_runs(model_spec)
+    if runs is not None:
+        return analyze_seeds(
+            runs, corpus, out_dir, config, labels=labels, base=base, device=device, dtype=dtype,
+            device_map=device_map, steps=steps, shard=shard, override_prompt=override_prompt,
+            overwrite=overwrite,
+        )  # fmt: skip
     if shard is not None:
         i, n = shard
         if not 0 <= i < n:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from emolens.analysis.sample_sets import COMPARE_SETS
 from emolens.measure.vectors import FILTER_MODES
 from emolens.model import hooks
 
@@ -24,8 +25,9 @@ if TYPE_CHECKING:  # the type checker sees the choices; at run time __post_init_
     Positions = Literal["all", "answer"]
     FilterMode = Literal["self", "base", "all", "none"]
     ReadPoint = Literal["block-out", "final-norm"]
+    CompareSet = Literal["first", "all", "own"]
 else:  # (a runtime type checker would refuse a bad choice before the clear message)
-    AlphaUnit = Positions = FilterMode = ReadPoint = str
+    AlphaUnit = Positions = FilterMode = ReadPoint = CompareSet = str
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,9 @@ class AnalysisConfig:
     n_prompts: int = 10  # neutral prompts steered, sampled once with prompt_seed
     prompt_seed: int = 0
     filter_mode: FilterMode = "self"  # who decides a sample is correct: self, base, all (or none)
+    # samples the cross-step geometry compares: the first step's kept set at every step,
+    # every labelled sample ("all"), or each step's own kept set ("own", moves with filtering)
+    compare_set: CompareSet = "first"
     min_count: int = 3  # a label with fewer kept samples drops out (with a warning)
     batch_size: int = 8
     language: str | None = None  # prompt language; None: the run's recorded prompt, else ja
@@ -58,6 +63,10 @@ class AnalysisConfig:
     def __post_init__(self) -> None:
         if self.filter_mode not in FILTER_MODES:
             raise ValueError(f"filter mode {self.filter_mode!r} unknown; use {FILTER_MODES}")
+        if self.compare_set not in COMPARE_SETS:
+            raise ValueError(
+                f"--compare-set {self.compare_set!r} unknown; use one of {', '.join(COMPARE_SETS)}"
+            )
         if self.alpha_unit not in ALPHA_UNITS:
             raise ValueError("alpha_unit must be 'absolute' or 'norm'")
         if self.positions not in POSITIONS:
@@ -155,6 +164,15 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
         help="which model decides that a sample is correctly classified",
     )
     p.add_argument(
+        "--compare-set",
+        default=d.compare_set,
+        choices=list(COMPARE_SETS),
+        help="samples the cross-step geometry (geometry.csv, change_summary.csv) uses at "
+        "every step: first = the first step's kept set (the base model's), all = every "
+        "labelled sample, own = each step's kept set (moves with --filter-mode self; "
+        "kept_set_effect.csv shows by how much)",
+    )
+    p.add_argument(
         "--min-count", type=int, default=d.min_count, help="labels with fewer kept samples drop out"
     )
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="forward batch size")
@@ -207,7 +225,14 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
 
 
 #: Settings used only by the cross-step tables, rebuilt from disk on every run.
-OFFLINE_SETTINGS = ("n_boot", "n_perm", "seed", "transfer_alpha", "equivalence_margin")
+OFFLINE_SETTINGS = (
+    "n_boot",
+    "n_perm",
+    "seed",
+    "transfer_alpha",
+    "equivalence_margin",
+    "compare_set",
+)
 
 
 def collected_layers(layers: str, n_layers: int) -> list[int]:

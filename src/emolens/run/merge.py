@@ -19,6 +19,12 @@ from emolens.analysis.geometry_tables import (
     geometry_frame,
 )
 from emolens.analysis.probe_tables import probes_frame
+from emolens.analysis.sample_sets import (
+    comparison_masks,
+    kept_set_effect_frame,
+    own_masks,
+    restrict_to_set,
+)
 from emolens.analysis.steps import (
     StepData,
     attribution_frame,
@@ -126,43 +132,25 @@ def _cross_step_tables(
         )
     neutral = labels[-1] if "no-emotion" not in labels else "no-emotion"
     keep = {s.step: s.keep for s in steps if s.keep is not None}
-    geometry = [
-        geometry_frame(
-            steps,
-            labels,
-            neutral,
-            keep_masks=keep,
-            n_boot=config.n_boot,
-            seed=config.seed,
-            return_replicates=True,
-        )
-    ]
-    metrics = {s.step: s.metric for s in steps if s.metric is not None}
-    if len(metrics) == len(steps):
-        geometry.append(
-            causal_geometry_frame(
-                steps,
-                metrics,
-                labels,
-                neutral,
-                keep_masks=keep,
-                n_boot=config.n_boot,
-                seed=config.seed,
-                return_replicates=True,
-            )
-        )
-    tables["geometry"] = pd.concat([g for g, _ in geometry], ignore_index=True)
-    geometry_reps = Replicates.concat([r for _, r in geometry])
+    compare = comparison_masks(steps, config.compare_set, prompt_ids)
+    tables["geometry"], geometry_reps = _geometry_tables(
+        steps, compare, labels, neutral, config, n_boot=config.n_boot
+    )
+    tables["kept_set_effect"] = _kept_set_effect(
+        steps, tables["geometry"], prompt_ids, labels, neutral, config
+    )
     tables["probes"], probe_reps = probes_frame(
         steps, labels, seed=config.seed, n_boot=config.n_boot, return_replicates=True
     )
     # the cross-step geometry measures (cosine to the first step, principal angles) are
     # tested by swapping each sample's residuals between the steps: exact under no change
+    # (on the --compare-set samples: the same samples at every step, unless it is "own")
+    metrics = {s.step: s.metric for s in steps if s.metric is not None}
     cross = cross_step_tests(
         steps,
         labels,
         neutral,
-        keep_masks=keep,
+        keep_masks=compare,
         n_perm=config.n_perm,
         seed=config.seed,
         metrics=metrics if len(metrics) == len(steps) else None,
@@ -209,6 +197,74 @@ def _cross_step_tables(
     return tables
 
 
+def _geometry_tables(
+    steps: list[StepData],
+    masks: dict,
+    labels: tuple[str, ...],
+    neutral: str,
+    config: AnalysisConfig,
+    *,
+    n_boot: int,
+    warn: bool = True,
+) -> tuple[pd.DataFrame, Replicates]:
+    """Plain and (where every step has a metric) causal geometry on the sample sets ``masks``,
+    with the emotions that have ``min_count`` samples in them (a warning names the others)."""
+    restricted, dropped = restrict_to_set(steps, masks, labels, neutral, config.min_count)
+    for step, names in dropped.items() if warn else ():
+        log.warning(
+            "step %s: %s left out of the geometry: fewer than --min-count %s samples in "
+            "the --compare-set %s samples",
+            step,
+            ", ".join(names),
+            config.min_count,
+            config.compare_set,
+        )
+    geometry = [
+        geometry_frame(
+            restricted, labels, neutral, keep_masks=masks, n_boot=n_boot, seed=config.seed,
+            return_replicates=True,
+        )
+    ]  # fmt: skip
+    metrics = {s.step: s.metric for s in steps if s.metric is not None}
+    if len(metrics) == len(steps):
+        geometry.append(
+            causal_geometry_frame(
+                restricted, metrics, labels, neutral, keep_masks=masks, n_boot=n_boot,
+                seed=config.seed, return_replicates=True,
+            )
+        )  # fmt: skip
+    frame = pd.concat([g for g, _ in geometry], ignore_index=True)
+    return frame, Replicates.concat([r for _, r in geometry])
+
+
+def _kept_set_effect(
+    steps: list[StepData],
+    geometry: pd.DataFrame,
+    prompt_ids: list[str],
+    labels: tuple[str, ...],
+    neutral: str,
+    config: AnalysisConfig,
+) -> pd.DataFrame:
+    """``kept_set_effect.csv``: geometry on each step's own kept set minus geometry on the
+    fixed set (``--compare-set``, or the first step's kept set where that is ``own``); the
+    values only (one bootstrap replicate, unused)."""
+    fixed_set = config.compare_set if config.compare_set != "own" else "first"
+    own, fixed = own_masks(steps), comparison_masks(steps, fixed_set, prompt_ids)
+    other = fixed if config.compare_set == "own" else own  # the set not computed yet
+    try:
+        again = _geometry_tables(steps, other, labels, neutral, config, n_boot=1, warn=False)[0]
+    except ValueError as exc:  # e.g. the first step keeps too few neutral samples
+        log.warning("no kept_set_effect.csv: %s", exc)
+        return pd.DataFrame()
+    values = (geometry, again) if config.compare_set == "own" else (again, geometry)
+    return kept_set_effect_frame(
+        *values,
+        fixed_set=fixed_set,
+        own_sizes={k: int(m.sum()) for k, m in own.items()},
+        fixed_sizes={k: int(m.sum()) for k, m in fixed.items()},
+    )
+
+
 #: Tables :func:`combine_steps` writes only when some step can feed them.
 CROSS_STEP_TABLES = (
     "attribution",
@@ -218,6 +274,7 @@ CROSS_STEP_TABLES = (
     "probes",
     "change_summary",
     "change_omnibus",
+    "kept_set_effect",
 )
 
 

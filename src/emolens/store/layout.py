@@ -62,6 +62,7 @@ TABLES = (
     "probes",
     "change_summary",
     "change_omnibus",
+    "kept_set_effect",
     "figure2_bands",
     "sensitivity_trends",
     "heads",
