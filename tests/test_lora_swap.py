@@ -43,7 +43,12 @@ def lora_run_dir(tmp_path_factory, tiny_model_dir):
                 if "lora_B" in name or "modules_to_save" in name:
                     p.add_(0.05 * torch.randn_like(p))
         model.save_pretrained(run / f"checkpoint-{step}")
-        tok.save_pretrained(run / f"checkpoint-{step}")
+        if step == 6:  # a checkpoint whose tokenizer differs (one more special token)
+            tok6 = AutoTokenizer.from_pretrained(tiny_model_dir)
+            tok6.add_special_tokens({"additional_special_tokens": ["<extra>"]})
+            tok6.save_pretrained(run / f"checkpoint-{step}")
+        else:
+            tok.save_pretrained(run / f"checkpoint-{step}")
     (run / "emolens_run.json").write_text(json.dumps({"base_model": str(tiny_model_dir)}))
     return run
 
@@ -74,6 +79,8 @@ def test_swapped_adapters_equal_a_fresh_load_and_merge(lora_run_dir, dtype):
             assert (cache[name] - fresh_cache[name]).abs().max().item() <= 1e-5, (step, name)
         assert swapped.weights_hash == fresh.weights_hash == weights_hash(fresh.hf_model)
         assert swapped.spec == fresh.spec and swapped.source == fresh.source
+        assert swapped.tokenizer.get_vocab() == fresh.tokenizer.get_vocab()
+        assert ("<extra>" in swapped.tokenizer.get_vocab()) == (step == 6)
         hashes.setdefault(step, swapped.weights_hash)
         assert hashes[step] == swapped.weights_hash  # the same weights each time
     assert len(set(hashes.values())) == 5

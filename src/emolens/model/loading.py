@@ -679,6 +679,7 @@ class SeriesLoader:
         self.load_kwargs = load_kwargs
         self._base: LoadedModel | None = None
         self._saved: dict[str, torch.Tensor] = {}  # weight name -> base weight (a copy)
+        self._tokenizers: dict[str, "PreTrainedTokenizerBase"] = {}  # files key -> tokenizer
         self.swaps = 0  # checkpoints served by swapping adapters (not reloading)
 
     def load(self, checkpoint: Checkpoint) -> LoadedModel:
@@ -698,7 +699,21 @@ class SeriesLoader:
 
     def release(self) -> None:
         """Drop the base model held for swaps."""
-        self._base, self._saved = None, {}
+        self._base, self._saved, self._tokenizers = None, {}, {}
+
+    def _tokenizer(self, checkpoint: Checkpoint) -> "PreTrainedTokenizerBase":
+        """The checkpoint's tokenizer (the base's where it has none), shared by the checkpoints
+        whose tokenizer files are byte-identical: each load of Gemma's took seconds."""
+        assert self._base is not None
+        source = checkpoint.spec
+        if not (Path(source) / "tokenizer_config.json").exists():
+            source = self._base.source
+        if not self._tokenizers:
+            self._tokenizers[_tokenizer_files_key(self._base.source)] = self._base.tokenizer
+        key = _tokenizer_files_key(source)
+        if key not in self._tokenizers:
+            self._tokenizers[key] = load_tokenizer(source)
+        return self._tokenizers[key]
 
     def _weights(self) -> dict[str, torch.Tensor]:
         assert self._base is not None
@@ -742,13 +757,10 @@ class SeriesLoader:
         state = base.hf_model.state_dict()
         known = {k: v for k, v in base.weight_digests.items() if state[k].data_ptr() not in changed}
         digest = weights_hash(base.hf_model, known)
-        tok_source = checkpoint.spec
-        if not (Path(tok_source) / "tokenizer_config.json").exists():
-            tok_source = base.source
         self.swaps += 1
         return LoadedModel(
             bridge=base.bridge,
-            tokenizer=load_tokenizer(tok_source),
+            tokenizer=self._tokenizer(checkpoint),
             spec=checkpoint.spec,
             source=resolve_model_dir(checkpoint.spec),
             weights_hash=digest,
@@ -756,6 +768,26 @@ class SeriesLoader:
             device=base.device,
             weight_digests=known,
         )
+
+
+#: Files that make a tokenizer (``AutoTokenizer`` reads these from a folder that has them).
+_TOKENIZER_FILES = re.compile(
+    r"(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|"
+    r"spiece\.model|chat_template\..*)"
+)
+
+
+def _tokenizer_files_key(folder: str) -> str:
+    """A sha256 over the names and bytes of a folder's tokenizer files (a hub id: itself)."""
+    path = Path(folder)
+    if not path.is_dir():
+        return folder
+    h = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.is_file() and _TOKENIZER_FILES.fullmatch(file.name):
+            h.update(f"{file.name}:{file.stat().st_size}".encode())
+            h.update(file.read_bytes())
+    return h.hexdigest()
 
 
 def _linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
