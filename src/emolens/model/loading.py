@@ -678,7 +678,8 @@ class SeriesLoader:
         self.series = series
         self.load_kwargs = load_kwargs
         self._base: LoadedModel | None = None
-        self._saved: dict[str, torch.Tensor] = {}  # weight name -> base weight (a copy)
+        self._originals: dict[str, torch.Tensor] = {}  # weight name -> base weight (a copy)
+        self._changed: set[str] = set()  # weights that differ from the base now
         self._tokenizers: dict[str, "PreTrainedTokenizerBase"] = {}  # files key -> tokenizer
         self.swaps = 0  # checkpoints served by swapping adapters (not reloading)
 
@@ -699,7 +700,7 @@ class SeriesLoader:
 
     def release(self) -> None:
         """Drop the base model held for swaps."""
-        self._base, self._saved, self._tokenizers = None, {}, {}
+        self._base, self._originals, self._changed, self._tokenizers = None, {}, set(), {}
 
     def _tokenizer(self, checkpoint: Checkpoint) -> "PreTrainedTokenizerBase":
         """The checkpoint's tokenizer (the base's where it has none), shared by the checkpoints
@@ -721,23 +722,27 @@ class SeriesLoader:
         return {name: module.weight for name, module in _linear_modules(hf).items()}
 
     def _as_base(self) -> LoadedModel:
-        if self._base is None:
-            self._base = load_model(self.series.base, **self.load_kwargs)
-        self._restore()
+        self._restore(keep=set())
+        assert self._base is not None
         return self._base
 
-    def _restore(self) -> None:
-        if not self._saved:
+    def _restore(self, keep: set[str]) -> None:
+        """Load the base if needed; give every changed weight not in ``keep`` back its base
+        value."""
+        if self._base is None:
+            self._base = load_model(self.series.base, **self.load_kwargs)
+        if not self._changed - keep:
             return
         weights = self._weights()
         with torch.no_grad():
-            for name, original in self._saved.items():
-                weights[name].copy_(original)
-        self._saved = {}
+            for name in self._changed - keep:
+                weights[name].copy_(self._originals[name])
+        self._changed &= keep
 
     def _swap_to(self, checkpoint: Checkpoint, deltas: dict[str, tuple]) -> LoadedModel:
-        base = self._as_base()
-        weights = self._weights()
+        self._restore(keep=set(deltas))
+        assert self._base is not None
+        base, weights = self._base, self._weights()
         missing = sorted(set(deltas) - set(weights))
         if missing:
             raise ModelLoadError(
@@ -747,12 +752,15 @@ class SeriesLoader:
         with torch.no_grad():
             for name, (a, b, scaling, fan_in_fan_out) in deltas.items():
                 weight = weights[name]
-                self._saved[name] = weight.detach().clone()
+                if name not in self._originals:  # first touched: it holds the base value
+                    self._originals[name] = weight.detach().clone()
+                self._changed.add(name)  # (before the write: a failure restores it)
                 # PEFT's get_delta_weight: float16/bfloat16 adapters are computed in float32
                 dtype = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
                 a, b = a.to(weight.device, dtype), b.to(weight.device, dtype)
                 delta = (b @ a) * scaling
-                weight.add_(delta.T if fan_in_fan_out else delta)  # bumps its _version
+                # base + delta written over the weight: PEFT's in-place add, one pass
+                torch.add(self._originals[name], delta.T if fan_in_fan_out else delta, out=weight)
         changed = {weights[name].data_ptr() for name in deltas}
         state = base.hf_model.state_dict()
         known = {k: v for k, v in base.weight_digests.items() if state[k].data_ptr() not in changed}
