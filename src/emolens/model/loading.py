@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -356,6 +357,8 @@ class LoadedModel:
     dtype: str
     device: str
     revision: str | None = None  # the hub revision of an org/name@revision spec
+    #: state-dict entry name -> sha256 of its bytes, as :func:`weights_hash` computed them
+    weight_digests: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def hf_model(self) -> "PreTrainedModel":
@@ -385,14 +388,32 @@ class LoadedModel:
         }
 
 
-def weights_hash(model: torch.nn.Module) -> str:
-    """A sha256 over every parameter's name, shape, dtype and bytes (first 16 hex digits)."""
+def _tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (moved to the CPU, made contiguous)."""
+    t = t.detach().to("cpu").contiguous()
     h = hashlib.sha256()
+    if t.numel():
+        h.update(t.view(torch.uint8).numpy().data)  # the buffer itself: no bytes copy
+    return h.hexdigest()
+
+
+def weights_hash(model: torch.nn.Module, digests: dict[str, str] | None = None) -> str:
+    """A sha256 over every state-dict entry's name, shape, dtype and the sha256 of its bytes
+    (first 16 hex digits). Entries sharing storage (tied embeddings) are read once.
+
+    ``digests`` (entry name -> byte digest) supplies digests already known, of entries unchanged
+    since, and receives the ones computed here: a LoRA swap rehashes only what it changed.
+    """
+    h = hashlib.sha256()
+    known = {} if digests is None else digests
+    by_storage: dict[tuple, str] = {}
     for name, p in sorted(model.state_dict().items()):
-        t = p.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        if t.numel():
-            h.update(t.view(torch.uint8).numpy())  # the buffer itself: no bytes copy
+        storage = (p.device, p.data_ptr(), p.dtype, tuple(p.shape), tuple(p.stride()))
+        if name not in known:
+            shared = by_storage.get(storage) if p.numel() else None
+            known[name] = shared if shared is not None else _tensor_digest(p)
+        by_storage[storage] = known[name]
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{known[name]}".encode())
     return h.hexdigest()[:16]
 
 
@@ -588,15 +609,17 @@ def load_model(
         **boot_kwargs,
     )
     bridge.eval()
+    digests: dict[str, str] = {}
     return LoadedModel(
         bridge=bridge,
         tokenizer=tokenizer,
         spec=str(spec),
         source=source,
-        weights_hash=weights_hash(hf_model),
+        weights_hash=weights_hash(hf_model, digests),
         dtype=str(torch_dtype).split(".")[-1],
         device=dev if device_map is None else f"device_map={device_map}",
         revision=revision,
+        weight_digests=digests,
     )
 
 
@@ -642,6 +665,202 @@ class CheckpointSeries:
             "checkpoints": [c.to_dict() for c in self.checkpoints],
             "problems": list(self.problems),
         }
+
+
+# --------------------------------------------------------------------------- LoRA swaps
+
+
+def plain_lora(adapter_dir: str | Path) -> tuple[dict[str, tuple], str | None]:
+    """The deltas of a plain LoRA adapter folder, or why it is not one.
+
+    Returns ``({module path: (A [r, in], B [out, r], scaling, fan_in_fan_out)}, None)`` for an
+    adapter whose merge only adds ``scaling * B @ A`` to existing Linear weights, as PEFT's
+    ``merge_and_unload`` does; ``({}, reason)`` otherwise (DoRA, saved modules, biases, rank or
+    alpha patterns, embedding adapters), which must be loaded and merged by PEFT itself.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir)
+    cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    unsupported = {
+        "peft_type": cfg.get("peft_type") != "LORA",
+        "use_dora": bool(cfg.get("use_dora")),
+        "modules_to_save": bool(cfg.get("modules_to_save")),
+        "bias": cfg.get("bias", "none") != "none",
+        "lora_bias": bool(cfg.get("lora_bias")),
+        "rank_pattern": bool(cfg.get("rank_pattern")),
+        "alpha_pattern": bool(cfg.get("alpha_pattern")),
+        "trainable_token_indices": bool(cfg.get("trainable_token_indices")),
+        "target_parameters": bool(cfg.get("target_parameters")),
+    }
+    reasons = [key for key, bad in unsupported.items() if bad]
+    if reasons:
+        return {}, f"adapter setting(s) {', '.join(reasons)}"
+    weights = path / "adapter_model.safetensors"
+    if not weights.exists():
+        return {}, "no adapter_model.safetensors"
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(weights)).items():
+        match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
+        if match is None:
+            return {}, f"adapter tensor {key} is not a LoRA A/B weight"
+        pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
+    deltas = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"} or ab["A"].shape[0] != r or ab["B"].shape[1] != r:
+            return {}, f"adapter weights of {module} are not a rank-{r} A/B pair"
+        deltas[module] = (ab["A"], ab["B"], scaling, bool(cfg.get("fan_in_fan_out")))
+    return deltas, None
+
+
+class SeriesLoader:
+    """Loads the checkpoints of a series in turn, one model in memory at a time.
+
+    The LoRA checkpoints of a series share one loaded base: switching to an adapter restores the
+    base weights it changed and adds ``scaling * B @ A`` to each target Linear weight in place,
+    as PEFT's ``merge_and_unload`` does (the same float32 delta, added the same way), so the
+    bridge's hooks see the merged weights. The base checkpoint (step 0) is served by the same
+    model. Adapters PEFT must merge itself (:func:`plain_lora`), full checkpoints and
+    ``device_map`` loads go through :meth:`CheckpointSeries.load`. A model this returns is
+    valid until the next :meth:`load` or :meth:`release`.
+    """
+
+    def __init__(self, series: CheckpointSeries, **load_kwargs: Any) -> None:
+        self.series = series
+        self.load_kwargs = load_kwargs
+        self._base: LoadedModel | None = None
+        self._originals: dict[str, torch.Tensor] = {}  # weight name -> base weight (a copy)
+        self._changed: set[str] = set()  # weights that differ from the base now
+        self._tokenizers: dict[str, "PreTrainedTokenizerBase"] = {}  # files key -> tokenizer
+        self.swaps = 0  # checkpoints served by swapping adapters (not reloading)
+
+    def load(self, checkpoint: Checkpoint) -> LoadedModel:
+        """The model of ``checkpoint``."""
+        swappable = self.load_kwargs.get("device_map") is None and any(
+            c.kind == "lora" for c in self.series.checkpoints
+        )
+        if swappable and checkpoint.kind == "base" and checkpoint.spec == self.series.base:
+            return self._as_base()
+        if swappable and checkpoint.kind == "lora":
+            deltas, reason = plain_lora(checkpoint.spec)
+            if reason is None:
+                return self._swap_to(checkpoint, deltas)
+            log.info("%s: loaded and merged by PEFT (%s)", checkpoint.spec, reason)
+        self.release()
+        return self.series.load(checkpoint, **self.load_kwargs)
+
+    def release(self) -> None:
+        """Drop the base model held for swaps."""
+        self._base, self._originals, self._changed, self._tokenizers = None, {}, set(), {}
+
+    def _tokenizer(self, checkpoint: Checkpoint) -> "PreTrainedTokenizerBase":
+        """The checkpoint's tokenizer (the base's where it has none), shared by the checkpoints
+        whose tokenizer files are byte-identical: each load of Gemma's took seconds."""
+        assert self._base is not None
+        source = checkpoint.spec
+        if not (Path(source) / "tokenizer_config.json").exists():
+            source = self._base.source
+        if not self._tokenizers:
+            self._tokenizers[_tokenizer_files_key(self._base.source)] = self._base.tokenizer
+        key = _tokenizer_files_key(source)
+        if key not in self._tokenizers:
+            self._tokenizers[key] = load_tokenizer(source)
+        return self._tokenizers[key]
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        assert self._base is not None
+        hf = self._base.hf_model
+        return {name: module.weight for name, module in _linear_modules(hf).items()}
+
+    def _as_base(self) -> LoadedModel:
+        self._restore(keep=set())
+        assert self._base is not None
+        return self._base
+
+    def _restore(self, keep: set[str]) -> None:
+        """Load the base if needed; give every changed weight not in ``keep`` back its base
+        value."""
+        if self._base is None:
+            self._base = load_model(self.series.base, **self.load_kwargs)
+        if not self._changed - keep:
+            return
+        weights = self._weights()
+        with torch.no_grad():
+            for name in self._changed - keep:
+                weights[name].copy_(self._originals[name])
+        self._changed &= keep
+
+    def _swap_to(self, checkpoint: Checkpoint, deltas: dict[str, tuple]) -> LoadedModel:
+        self._restore(keep=set(deltas))
+        assert self._base is not None
+        base, weights = self._base, self._weights()
+        missing = sorted(set(deltas) - set(weights))
+        if missing:
+            raise ModelLoadError(
+                f"{checkpoint.spec} adapts module(s) {', '.join(missing[:3])} that the base "
+                f"model {self.series.base} has no Linear layer for: is it the right base?"
+            )
+        with torch.no_grad():
+            for name, (a, b, scaling, fan_in_fan_out) in deltas.items():
+                weight = weights[name]
+                if name not in self._originals:  # first touched: it holds the base value
+                    self._originals[name] = weight.detach().clone()
+                self._changed.add(name)  # (before the write: a failure restores it)
+                # PEFT's get_delta_weight: float16/bfloat16 adapters are computed in float32
+                dtype = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
+                a, b = a.to(weight.device, dtype), b.to(weight.device, dtype)
+                delta = (b @ a) * scaling
+                # base + delta written over the weight: PEFT's in-place add, one pass
+                torch.add(self._originals[name], delta.T if fan_in_fan_out else delta, out=weight)
+        changed = {weights[name].data_ptr() for name in deltas}
+        state = base.hf_model.state_dict()
+        known = {k: v for k, v in base.weight_digests.items() if state[k].data_ptr() not in changed}
+        digest = weights_hash(base.hf_model, known)
+        self.swaps += 1
+        return LoadedModel(
+            bridge=base.bridge,
+            tokenizer=self._tokenizer(checkpoint),
+            spec=checkpoint.spec,
+            source=resolve_model_dir(checkpoint.spec),
+            weights_hash=digest,
+            dtype=base.dtype,
+            device=base.device,
+            weight_digests=known,
+        )
+
+
+#: Files that make a tokenizer (``AutoTokenizer`` reads these from a folder that has them).
+_TOKENIZER_FILES = re.compile(
+    r"(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|"
+    r"spiece\.model|chat_template\..*)"
+)
+
+
+def _tokenizer_files_key(folder: str) -> str:
+    """A sha256 over the names and bytes of a folder's tokenizer files (a hub id: itself)."""
+    path = Path(folder)
+    if not path.is_dir():
+        return folder
+    h = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.is_file() and _TOKENIZER_FILES.fullmatch(file.name):
+            h.update(f"{file.name}:{file.stat().st_size}".encode())
+            h.update(file.read_bytes())
+    return h.hexdigest()
+
+
+def _linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """Every ``nn.Linear`` of an HF model by its HF module path, looking through the bridge's
+    wrappers (a booted model's ``...q_proj`` is a ``LinearBridge`` holding the Linear as
+    ``_original_component``, and so are its blocks)."""
+    out: dict[str, torch.nn.Linear] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            hf_name = ".".join(part for part in name.split(".") if part != "_original_component")
+            out.setdefault(hf_name, module)
+    return out
 
 
 RUN_INFO = "emolens_run.json"

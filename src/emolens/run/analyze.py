@@ -28,6 +28,7 @@ from emolens.model import hooks
 from emolens.model.loading import (
     Checkpoint,
     CheckpointSeries,
+    SeriesLoader,
     check_model_source,
     discover_series,
     is_run_dir,
@@ -298,6 +299,7 @@ class _SeriesRun:
     failures: list[dict] = field(default_factory=list)
     keys: dict[int, str] = field(default_factory=dict)  # step -> the key it is finished with
     started: float = field(default_factory=time.time)
+    loader: SeriesLoader | None = None  # made by the first load; a LoRA series keeps its base
 
     @property
     def results(self) -> layout.ResultsLayout:
@@ -339,6 +341,8 @@ class _SeriesRun:
                 self._attempt(
                     ckpt, stage, keep=lambda acts, _: keep_mask("all", acts, all_steps=masks)
                 )
+        if self.loader is not None:
+            self.loader.release()
         write_json(
             results.last_run,
             {
@@ -359,7 +363,9 @@ class _SeriesRun:
         of the activations and the checkpoint giving the kept-sample mask), analyse the step
         and swap it in. False (and the failure recorded) if anything raised."""
         try:
-            with loaded_model(self.series, ckpt, self.ctx.load_kwargs) as model:
+            if self.loader is None:
+                self.loader = SeriesLoader(self.series, **self.ctx.load_kwargs)
+            with loaded_model(self.series, ckpt, self.ctx.load_kwargs, self.loader) as model:
                 acts, audit = collect(self.ctx, model, ckpt, stage)
                 if keep is None:
                     return True

@@ -38,6 +38,7 @@ from emolens.model.loading import (
     Checkpoint,
     CheckpointSeries,
     LoadedModel,
+    SeriesLoader,
 )
 from emolens.run.config import OFFLINE_SETTINGS, AnalysisConfig, collected_layers
 from emolens.run.identity import resolved_spec, weights_fingerprint
@@ -436,9 +437,15 @@ def _explain_step(
 
 
 @contextmanager
-def loaded_model(series: CheckpointSeries, ckpt: Checkpoint, load_kwargs: dict):
-    """One checkpoint in memory, released on exit."""
-    model = series.load(ckpt, **load_kwargs)
+def loaded_model(
+    series: CheckpointSeries,
+    ckpt: Checkpoint,
+    load_kwargs: dict,
+    loader: SeriesLoader | None = None,
+):
+    """One checkpoint in memory, released on exit; with a ``loader`` (built over ``series``
+    with ``load_kwargs``) the LoRA checkpoints of a series share one loaded base."""
+    model = series.load(ckpt, **load_kwargs) if loader is None else loader.load(ckpt)
     try:
         yield model
     finally:
