@@ -78,10 +78,11 @@ def test_tensors_per_step_are_the_saved_artifacts(results_dir):
 
 def test_figures_are_the_plots_functions_on_the_tables(results_dir):
     from emolens.report import figures
+    from emolens.report.figures._style import FONT_STACK, with_fonts
 
     r = Results(results_dir)
     fig = r.figure2()
-    expected = figures.figure2(r.sensitivity, steps_table=r.steps, ja=r.ja)
+    expected = with_fonts(figures.figure2(r.sensitivity, steps_table=r.steps, ja=r.ja))
     assert isinstance(fig, go.Figure) and fig.to_json() == expected.to_json()
     assert r.figure2(layer=1).to_json() != fig.to_json()
     for make in (
@@ -97,7 +98,8 @@ def test_figures_are_the_plots_functions_on_the_tables(results_dir):
         r.change_summary_figure,
         lambda: r.layer_step("joy"),
     ):
-        assert isinstance(make(), go.Figure)
+        made = make()  # in the report's fonts: Japanese label names render in a notebook too
+        assert isinstance(made, go.Figure) and made.layout.font.family == FONT_STACK
 
 
 @pytest.mark.skipif(

@@ -11,7 +11,7 @@ read with the same loaders and drawn with the same :mod:`emolens.report.figures`
 report. A missing file is an error naming the file and the command that makes it.
 """
 
-from functools import cached_property
+from functools import cached_property, wraps
 from pathlib import Path
 
 import pandas as pd
@@ -49,6 +49,18 @@ EFFECT_DIMS = (
     "alpha",
     "prompt_id",
 )
+
+
+def _in_report_fonts(method):
+    """A figure method whose figure's text is in the report's CJK-capable font stack."""
+
+    @wraps(method)
+    def styled(self, *args, **kwargs):
+        from emolens.report.figures._style import with_fonts
+
+        return with_fonts(method(self, *args, **kwargs))
+
+    return styled
 
 
 class ResultsError(FileNotFoundError):
@@ -193,6 +205,7 @@ class Results:
     def _steps_or_none(self) -> pd.DataFrame | None:
         return self.steps if "steps" in self.tables else None
 
+    @_in_report_fonts
     def figure2(
         self,
         layer: int | None = None,
@@ -214,12 +227,14 @@ class Results:
             **kwargs,
         )
 
+    @_in_report_fonts
     def selectivity(self, step: int | None = None, **kwargs):
         """Steered emotion x observed label heatmap at one step (``selectivity_heatmap``)."""
         from emolens.report import figures
 
         return figures.selectivity_heatmap(self.sensitivity, step, ja=self.ja, **kwargs)
 
+    @_in_report_fonts
     def layer_step(self, emotion: str, **kwargs):
         """Layer x step heatmap of one emotion's sensitivity
         (:func:`figures.layer_step_heatmap`)."""
@@ -227,56 +242,67 @@ class Results:
 
         return figures.layer_step_heatmap(self.sensitivity, emotion, ja=self.ja, **kwargs)
 
+    @_in_report_fonts
     def filtering_figure(self):
         from emolens.report import figures
 
         return figures.filtering_bars(self.filtering)
 
+    @_in_report_fonts
     def accuracy_figure(self):
         from emolens.report import figures
 
         return figures.accuracy_curve(self.steps)
 
+    @_in_report_fonts
     def geometry_figure(self, measure: str = "cosine_to_first", inner: str = "plain", **kwargs):
         from emolens.report import figures
 
         return figures.geometry_figure(self.geometry, measure, inner=inner, ja=self.ja, **kwargs)
 
+    @_in_report_fonts
     def probes_figure(self, layer: int | None = None):
         from emolens.report import figures
 
         return figures.probes_figure(self.probes, layer)
 
+    @_in_report_fonts
     def attribution_figure(self, alpha: float | None = None):
         from emolens.report import figures
 
         return figures.attribution_figure(self.attribution, alpha, ja=self.ja)
 
+    @_in_report_fonts
     def transfer_figure(self, emotion: str | None = None):
         from emolens.report import figures
 
         return figures.transfer_heatmap(self.transfer, emotion, ja=self.ja)
 
+    @_in_report_fonts
     def dla_figure(self, label: str | None = None, value: str = "logit"):
         from emolens.report import figures
 
         return figures.dla_figure(self.dla, label, value, ja=self.ja)
 
+    @_in_report_fonts
     def heads_figure(self, value: str = "margin"):
         from emolens.report import lens_figures
 
         return lens_figures.heads_figure(self.heads, value)
 
+    @_in_report_fonts
     def lens_figure(self, value: str = "accuracy"):
         from emolens.report import lens_figures
 
         return lens_figures.lens_figure(self.logit_lens, value, ja=self.ja)
 
+    @_in_report_fonts
     def random_baseline_figure(self, alpha: float | None = None):
         from emolens.report import figures
 
         return figures.random_baseline_figure(self.random_baseline, alpha, ja=self.ja)
 
+    @_in_report_fonts
     def change_summary_figure(self):
         from emolens.report import figures
 

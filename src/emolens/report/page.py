@@ -34,6 +34,7 @@ from emolens.analysis.sensitivity import (
     select_sensitivity,
 )
 from emolens.report import figures, lens_figures, verdicts
+from emolens.report.figures._style import FONT_STACK
 from emolens.report.markup import escape as _e
 from emolens.report.markup import names as _names
 from emolens.report.markup import note as _note
@@ -268,12 +269,6 @@ def write_figure(fig: go.Figure, path: str | Path) -> Path:
 # --------------------------------------------------------------------------------------------
 # HTML pieces
 
-#: The page's and the figures' fonts: Japanese label names need a CJK font (Noto on Linux,
-#: Hiragino on macOS, Yu Gothic or Meiryo on Windows) before the generic family.
-FONT_STACK = (
-    'system-ui, -apple-system, "Segoe UI", Roboto, "Noto Sans CJK JP", "Noto Sans JP", '
-    '"Hiragino Sans", "Hiragino Kaku Gothic ProN", "Yu Gothic", Meiryo, sans-serif'
-)
 #: Significant digits of the numbers in a figure's data (the tables keep full precision).
 FIGURE_DIGITS = 6
 

@@ -13,6 +13,19 @@ from emolens.analysis.frames import (
 )
 from emolens.data.labels import STUDY_LABELS, UnknownLabelError
 
+#: The page's and the figures' fonts: Japanese label names need a CJK font (Noto on Linux,
+#: Hiragino on macOS, Yu Gothic or Meiryo on Windows) before the generic family.
+FONT_STACK = (
+    'system-ui, -apple-system, "Segoe UI", Roboto, "Noto Sans CJK JP", "Noto Sans JP", '
+    '"Hiragino Sans", "Hiragino Kaku Gothic ProN", "Yu Gothic", Meiryo, sans-serif'
+)
+
+
+def with_fonts(fig: go.Figure) -> go.Figure:
+    """``fig`` with its text in :data:`FONT_STACK` (Japanese label names render)."""
+    return fig.update_layout(font_family=FONT_STACK)
+
+
 EMOTION_COLORS: dict[str, str] = {
     "anger": "#d62728",
     "boredom": "#8c564b",
