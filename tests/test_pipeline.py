@@ -292,3 +292,6 @@ def test_localisation_sweeps_windows_for_every_step(series_out, corpus, tmp_path
     assert (table.end_layer - table.start_layer == 1).all()
     assert (out / "localisation.csv").exists()
     assert table.accuracy_after.between(0, 1).all()
+    assert (table["mode"] == "mean").all() and (table.n_control == 3).all()  # the defaults
+    assert table.control_gold_logit_drop_mean.notna().all()
+    assert (table.control_gold_logit_drop_max >= table.control_gold_logit_drop_mean).all()
