@@ -133,7 +133,7 @@ def test_explanation_tables_are_written_for_the_series(series_out):
     assert defined.any() and (split.notna() == defined).all()
     # exact in float64 (test_attribution); here within the CSV's 7 significant digits
     assert ((split - attribution.log_push_change)[defined].abs() < 1e-5).all()
-    assert (first.log_push_change.dropna().abs() < 1e-12).all()
+    assert (first.log_push_change.dropna().abs() < 1e-6).all()  # r_0 in float32 twice
     transfer = pd.read_csv(series_out / "transfer.csv")
     assert len(transfer) == 3 * 3 * 12
     own = transfer[transfer.step == transfer.vector_step].set_index(["step", "emotion"])
