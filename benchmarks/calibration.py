@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
                 if "probes" in families:
                     frame, reps = probes_frame(
                         steps, LABELS, n_boot=args.n_boot, seed=k, return_replicates=True,
-                        max_iter=args.probe_iter,
+                        max_iter=args.probe_iter, n_perm=1, n_refit=0,
                     )  # fmt: skip
                     summary = change_summary(frame, reps)
                     summary = summary[summary.probe == "own"]

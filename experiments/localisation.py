@@ -1,8 +1,10 @@
 """Localisation by intervention (issue 6; Tak et al. 2025 found emotion in the middle layers).
 
-For every step of an analysis made with ``--layers all``, remove each sample's own concept
-direction (or patch in the neutral mean along it) over sliding windows of consecutive layers
-and record how its label logit and the classification accuracy drop; writes
+For every step of an analysis made with ``--layers all``, set each sample's residual along its
+own concept direction to the mean over the samples (``--mode mean``, default; ``ablate``
+removes it, ``patch`` patches in the neutral mean) over sliding windows of consecutive layers
+and record how its label logit and the classification accuracy drop, beside the same
+intervention along ``--n-control`` random directions; writes
 ``DIR/localisation.csv`` and ``DIR/figures/localisation.html`` (window x step heatmap)::
 
     python experiments/localisation.py results/ --data bundled --window 3
@@ -26,7 +28,17 @@ def main(argv=None) -> None:
     parser.add_argument("--data", default="bundled", help="the corpus the analysis used")
     parser.add_argument("--window", type=int, default=3, help="layers per window")
     parser.add_argument("--stride", type=int, default=1, help="layers between window starts")
-    parser.add_argument("--mode", choices=["ablate", "patch"], default="ablate")
+    parser.add_argument(
+        "--mode",
+        choices=["mean", "ablate", "patch"],
+        default="mean",
+        help="mean: set the component along the direction to the samples' mean (default); "
+        "ablate: remove it; patch: set it to the neutral label's mean",
+    )
+    parser.add_argument(
+        "--n-control", type=int, default=3, help="random control directions per window"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the control directions")
     parser.add_argument("--per-label", type=int, default=8, help="samples per label")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
@@ -42,6 +54,8 @@ def main(argv=None) -> None:
         mode=args.mode,
         per_label=args.per_label,
         device=args.device,
+        n_control=args.n_control,
+        seed=args.seed,
     )
     fig = figures.localisation_heatmap(table)
     print(write_figure(fig, args.results / "figures" / "localisation.html"))

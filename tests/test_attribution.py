@@ -9,6 +9,7 @@ from emolens.measure.attribution import (
     component_attribution,
     decompose_steering,
     direct_push_change,
+    log_push_change,
     transfer_effect,
 )
 from emolens.measure.steering import final_layer_sensitivity
@@ -76,6 +77,57 @@ def test_push_change_parts_sum_and_isolate_what_moved():
     assert torch.allclose(grown.total, grown.scale) and torch.allclose(
         grown.total, -0.5 * (w0 * v0).sum(-1) / 2.0, atol=1e-6
     )
+
+
+def _aligned(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows w and vectors v with cos(w, v) > 0 (v leans on w), float64."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, d, generator=g, dtype=torch.float64)
+    v = w * (0.5 + torch.rand(n, 1, generator=g, dtype=torch.float64)) + 0.1 * torch.randn(
+        n, d, generator=g, dtype=torch.float64
+    )
+    return w, v
+
+
+def test_log_push_split_is_exact_and_order_free():
+    w0, v0 = _aligned(6, 16, 0)
+    w1, v1 = _aligned(6, 16, 1)
+    w2, v2 = _aligned(6, 16, 2)
+    change = log_push_change(w0, v0, 2.0, w1, v1, 3.5)
+    assert not torch.isnan(change.push).any()
+    # exact: the terms sum to the change of the log push, which is the log of the push ratio
+    total = change.w + change.v + change.cos - change.scale
+    assert (total - change.push).abs().max() < 1e-10
+    ratio = ((w1 * v1).sum(-1) / 3.5) / ((w0 * v0).sum(-1) / 2.0)
+    assert (change.push - ratio.log()).abs().max() < 1e-10
+    # each term moves with its own factor only: no order of the factors enters
+    only_v = log_push_change(w0, v0, 2.0, w0, 0.5 * v0, 2.0)
+    assert (only_v.v - torch.log(torch.tensor(0.5, dtype=torch.float64))).abs().max() < 1e-12
+    for part in (only_v.w, only_v.cos, only_v.scale):
+        assert part.abs().max() < 1e-12
+    only_r = log_push_change(w0, v0, 2.0, w0, v0, 4.0)
+    assert (only_r.scale - torch.log(torch.tensor(2.0, dtype=torch.float64))).abs().max() < 1e-12
+    assert (only_r.push + only_r.scale).abs().max() < 1e-12
+    # path-independent: 0 -> 1 -> 2 adds up to 0 -> 2 term by term, and reversing negates
+    a, b = log_push_change(w0, v0, 2.0, w1, v1, 3.5), log_push_change(w1, v1, 3.5, w2, v2, 1.5)
+    direct = log_push_change(w0, v0, 2.0, w2, v2, 1.5)
+    assert not any(torch.isnan(x.push).any() for x in (a, b, direct))
+    back = log_push_change(w1, v1, 3.5, w0, v0, 2.0)
+    for name in ("push", "w", "v", "cos", "scale"):
+        assert (getattr(a, name) + getattr(b, name) - getattr(direct, name)).abs().max() < 1e-12
+        assert (getattr(back, name) + getattr(a, name)).abs().max() < 1e-12
+
+
+def test_log_push_split_is_nan_where_the_push_is_not_positive():
+    w0, v0 = _aligned(3, 8, 3)
+    v_t = v0.clone()
+    v_t[1] = -v_t[1]  # cos(w, v) < 0 at step t for emotion 1
+    v_ref = v0.clone()
+    w0[2], v_ref[2] = torch.eye(8, dtype=torch.float64)[:2]  # cos = 0 exactly at the reference
+    change = log_push_change(w0, v_ref, 2.0, w0, v_t, 2.0)
+    for name in ("push", "w", "v", "cos", "scale"):
+        part = getattr(change, name)
+        assert torch.isnan(part[1]) and torch.isnan(part[2]) and not torch.isnan(part[0])
 
 
 def test_transfer_with_own_vectors_equals_the_steering_effect(tiny_model, setup):

@@ -3,6 +3,7 @@ random-direction steering baseline, each on synthetic steps where the answer is 
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -543,3 +544,40 @@ def test_sensitivity_change_summary_pairs_prompts_and_flags_a_planted_fall():
     assert not out.loc[("trust", 16), "fdr_change"]
     assert out.loc[("trust", 16), "equivalent_within_margin"]  # 5% of ~2 = 0.1 > noise SE
     assert not out.loc[("joy", 16), "equivalent_within_margin"]
+
+
+def test_probes_frame_permutations_and_refit_intervals():
+    """``permutation_p`` and ``shuffled_accuracy_mean`` equal the plain :func:`probe_layer`
+    with the same ``n_perm``; the new rows and columns leave every old value unchanged; the
+    refit interval (training resamples) is wider than the held-out-only interval."""
+    resid, gold = _clusters()
+    steps = [_step(0, resid, gold), _step(5, resid + 0.3, gold)]
+    frame = probes_frame(steps, LABELS, n_boot=40, seed=2, n_perm=8, n_refit=40)
+    plain = probes_frame(steps, LABELS, n_boot=40, seed=2, n_perm=1, n_refit=0)
+    new = ["permutation_p", "shuffled_accuracy_mean"]
+    cols = [c for c in PROBE_COLUMNS if not c.startswith("refit_")]
+    pd.testing.assert_frame_equal(
+        frame[~frame.measure.isin(new)][cols].reset_index(drop=True),
+        plain[~plain.measure.isin(new)][cols].reset_index(drop=True),
+    )
+    assert plain.refit_ci_low.isna().all()
+    for s in steps:
+        for layer in LAYERS:
+            ref = probe_layer(s.acts.layer(layer), gold, len(LABELS), seed=2, n_perm=8)
+            rows = frame[(frame.step == s.step) & (frame.layer == layer)].set_index("measure")
+            assert rows.loc["permutation_p", "value"] == ref["permutation_p"]
+            assert rows.loc["permutation_p", "n"] == 8
+            assert rows.loc["shuffled_accuracy_mean", "value"] == pytest.approx(
+                ref["shuffled_accuracy_mean"], abs=1e-12
+            )
+    p = _pick(frame, measure="permutation_p").set_index(["step", "layer"]).value
+    assert p[(0, 3)] == p[(5, 3)] == 1 / 9  # planted clusters at layer 3
+    acc = _pick(frame, measure="accuracy")
+    assert acc.refit_ci_low.notna().all() and acc.refit_ci_high.notna().all()
+    others = frame[frame.measure != "accuracy"]
+    assert others.refit_ci_low.isna().all() and others.refit_ci_high.isna().all()
+    assert (acc.refit_ci_low <= acc.value + 1e-12).all() and (
+        acc.value <= acc.refit_ci_high + 1e-12
+    ).all()
+    noise = acc[acc.layer == 1]  # no label information: refits vary most
+    assert ((noise.refit_ci_high - noise.refit_ci_low) > (noise.ci_high - noise.ci_low)).all()

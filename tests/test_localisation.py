@@ -108,8 +108,9 @@ def test_ablating_directions_orthogonal_to_the_answer_residuals_changes_nothing(
         for layer in range(n_layers)
     ])  # fmt: skip
     frame = window_sweep(
-        tiny_model, prompts, gold, label_ids, with_vectors(vectors, values), 2, progress=False
-    )
+        tiny_model, prompts, gold, label_ids, with_vectors(vectors, values), 2, mode="ablate",
+        progress=False,
+    )  # fmt: skip
     assert frame.gold_logit_drop.abs().max() <= 1e-5
     assert frame.margin_drop.abs().max() <= 1e-5
     assert (frame.accuracy_after == frame.accuracy_before).all()
@@ -120,7 +121,7 @@ def test_ablating_directions_orthogonal_to_the_answer_residuals_changes_nothing(
 def test_sweep_ablation_equals_the_slow_per_sample_hooked_run(tiny_model, setup, positions):
     prompts, gold, label_ids, acts, vectors = setup
     frame = window_sweep(
-        tiny_model, prompts, gold, label_ids, vectors, window=2, batch_size=4,
+        tiny_model, prompts, gold, label_ids, vectors, window=2, mode="ablate", batch_size=4,
         positions=positions, progress=False,
     )  # fmt: skip
     assert list(zip(frame.start_layer, frame.end_layer)) == [(0, 1), (1, 2), (2, 3)]
@@ -194,7 +195,9 @@ def test_ablating_the_readout_direction_of_a_label_at_the_last_layer_zeroes_its_
     # gold: each sample's best label among the emotions with a vector
     logits = acts.label_logits[:, emotion_labels]
     gold = torch.tensor(emotion_labels)[logits.argmax(-1)]
-    frame = window_sweep(tiny_model, prompts, gold, label_ids, planted, 1, progress=False)
+    frame = window_sweep(
+        tiny_model, prompts, gold, label_ids, planted, 1, mode="ablate", progress=False
+    )
     last = frame.iloc[-1]
     assert (last.start_layer, last.end_layer) == (3, 3)
     assert last.gold_logit_before > 0
@@ -203,6 +206,92 @@ def test_ablating_the_readout_direction_of_a_label_at_the_last_layer_zeroes_its_
     own = readout[[emotion_labels.index(int(g)) for g in gold]][None]  # [layer, sample, d]
     after = intervened_label_logits(tiny_model, prompts, [3], label_ids, own)
     assert after[torch.arange(len(gold)), gold].abs().max() <= 1e-5
+
+
+#: ``window_sweep(..., 2, mode="ablate", batch_size=4)`` on the tiny model and ``setup``, from
+#: the implementation before mean patching and the random control (ablate must not change).
+PINNED_ABLATE = {
+    "answer": {
+        "gold_logit_drop": [-0.0307955, 0.0158015, 0.009534],
+        "margin_drop": [-0.0710143, -0.0310796, 0.0737163],
+        "accuracy_after": [0.1666667, 0.1666667, 0.1666667],
+    },
+    "all": {
+        "gold_logit_drop": [0.0277575, 0.1095448, 0.0608287],
+        "margin_drop": [0.0270191, 0.0028373, 0.0665757],
+        "accuracy_after": [0.1666667, 0.1666667, 0.1666667],
+    },
+}
+
+
+@pytest.mark.parametrize("positions", ["answer", "all"])
+def test_ablate_is_unchanged_by_mean_patching_and_the_control(tiny_model, setup, positions):
+    prompts, gold, label_ids, _, vectors = setup
+    frame = window_sweep(
+        tiny_model, prompts, gold, label_ids, vectors, 2, mode="ablate", batch_size=4,
+        positions=positions, progress=False,
+    )  # fmt: skip
+    for column, values in PINNED_ABLATE[positions].items():
+        assert frame[column].tolist() == pytest.approx(values, abs=2e-6), column
+    assert (frame.gold_logit_before.round(6) == -0.060518).all()
+    assert (frame.n_control == 3).all() and frame.control_gold_logit_drop_mean.notna().all()
+
+
+def _mean_sweep(tiny_model, setup, values, window=2, **kw):
+    prompts, gold, label_ids, _, vectors = setup
+    return window_sweep(
+        tiny_model, prompts, gold, label_ids, with_vectors(vectors, values), window,
+        progress=False, **kw,
+    )  # fmt: skip
+
+
+def test_mean_patching_a_direction_all_samples_share_changes_nothing(tiny_model, setup):
+    """Along a direction u with the same component for every sample (u orthogonal to every
+    deviation from the mean residual, not to the mean), mean patching is a no-op: no drop,
+    none beyond the random control, while zero ablation of the same u does change the logits."""
+    _, _, _, acts, vectors = setup
+    n_layers = tiny_model.n_layers
+    shared = []
+    for layer in range(n_layers):
+        h = acts.layer(layer).double()
+        basis, _ = torch.linalg.qr((h - h.mean(0)).T)  # deviations' span, [d, n]
+        m = h.mean(0)
+        u = m - basis @ (basis.T @ m)  # the mean's part outside the deviations' span
+        assert u.norm() > 1e-3 * m.norm()
+        shared.append((u / u.norm()).float())
+    values = torch.stack(shared)[:, None].expand(-1, len(vectors.emotions), -1).clone()
+    frame = _mean_sweep(tiny_model, setup, values, n_control=4)
+    assert (frame["mode"] == "mean").all()  # the default
+    assert frame.gold_logit_drop.abs().max() <= 1e-5 and frame.margin_drop.abs().max() <= 1e-5
+    assert (frame.accuracy_after == frame.accuracy_before).all()
+    control = frame.control_gold_logit_drop_mean.abs()
+    assert (frame.gold_logit_drop.abs() <= control + 1e-5).all() and (control > 1e-4).all()
+    ablated = _mean_sweep(tiny_model, setup, values, mode="ablate", n_control=0)
+    assert ablated.gold_logit_drop.abs().max() > 100 * frame.gold_logit_drop.abs().max()
+    assert ablated.control_gold_logit_drop_mean.isna().all() and (ablated.n_control == 0).all()
+
+
+def test_mean_patching_the_gold_readout_direction_drops_far_more_than_random(tiny_model, setup):
+    """Planted: every emotion's vector is its label's readout row w * W_U[j], and each sample's
+    gold is the emotion whose logit it raises most above the mean over samples, so along the
+    gold's own row the residual carries the label; mean patching it at the last layer drops the
+    gold logit far more than random directions do."""
+    prompts, _, label_ids, acts, vectors = setup
+    w = tiny_model.bridge.ln_final.get_parameter("_original_component.weight").detach()
+    w_u = tiny_model.hf_model.lm_head.weight.detach()
+    emotion_labels = [STUDY_LABELS.index(e) for e in vectors.emotions]
+    readout = torch.stack([w * w_u[label_ids[j]] for j in emotion_labels])
+    planted = readout.expand(tiny_model.n_layers, -1, -1).clone()
+    logits = acts.label_logits[:, emotion_labels]
+    gold = torch.tensor(emotion_labels)[(logits - logits.mean(0)).argmax(-1)]
+    frame = window_sweep(
+        tiny_model, prompts, gold, label_ids, with_vectors(vectors, planted), 1, n_control=5,
+        progress=False,
+    )  # fmt: skip
+    last = frame.iloc[-1]
+    assert last.n_samples == len(prompts) and last.gold_logit_drop > 0
+    assert last.gold_logit_drop > 10 * abs(last.control_gold_logit_drop_max)  # same window
+    assert frame.gold_logit_drop.idxmax() == len(frame) - 1  # read at the last layer
 
 
 def test_patch_sets_the_component_along_the_direction_and_keeps_the_rest(tiny_model, setup):

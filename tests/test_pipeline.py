@@ -127,6 +127,13 @@ def test_explanation_tables_are_written_for_the_series(series_out):
     assert ((merged - measured.reindex(merged.index)).abs() < 1e-4).all()
     first = attribution[attribution.step == 0]
     assert (first.push_change.abs() < 1e-5).all()
+    logs = attribution[["log_w_change", "log_v_change", "log_cos_change", "log_scale_change"]]
+    split = logs.log_w_change + logs.log_v_change + logs.log_cos_change - logs.log_scale_change
+    defined = attribution.log_push_change.notna()
+    assert defined.any() and (split.notna() == defined).all()
+    # exact in float64 (test_attribution); here within the CSV's 7 significant digits
+    assert ((split - attribution.log_push_change)[defined].abs() < 1e-5).all()
+    assert (first.log_push_change.dropna().abs() < 1e-6).all()  # r_0 in float32 twice
     transfer = pd.read_csv(series_out / "transfer.csv")
     assert len(transfer) == 3 * 3 * 12
     own = transfer[transfer.step == transfer.vector_step].set_index(["step", "emotion"])
@@ -285,3 +292,6 @@ def test_localisation_sweeps_windows_for_every_step(series_out, corpus, tmp_path
     assert (table.end_layer - table.start_layer == 1).all()
     assert (out / "localisation.csv").exists()
     assert table.accuracy_after.between(0, 1).all()
+    assert (table["mode"] == "mean").all() and (table.n_control == 3).all()  # the defaults
+    assert table.control_gold_logit_drop_mean.notna().all()
+    assert (table.control_gold_logit_drop_max >= table.control_gold_logit_drop_mean).all()

@@ -8,6 +8,7 @@ from emolens.analysis.probes import (
     Probe,
     evaluate_probe_across,
     per_label_recall,
+    permutation_p,
     probe_layer,
     shuffled_baseline,
     stratified_split,
@@ -104,3 +105,31 @@ def test_stratified_split_keeps_proportions_and_small_labels():
     assert sorted(torch.cat([train, test]).tolist()) == list(range(len(y)))
     with pytest.raises(ValueError):
         stratified_split(y, 1.0)
+
+
+def test_permutation_p_of_planted_clusters_is_small():
+    x, y = _clusters(n_per=30, n_classes=4, d=16)
+    res = probe_layer(x, y, 4, seed=0, n_perm=20)
+    assert res["permutation_p"] == pytest.approx(1 / 21) and res["permutation_p"] < 0.05
+    assert len(res["shuffled_accuracies"]) == 20
+    assert res["shuffled_accuracies"][0] == probe_layer(x, y, 4, seed=0)["shuffled_accuracy"]
+    assert res["shuffled_accuracies"][0] == res["shuffled_accuracy"]
+    assert len(set(res["shuffled_accuracies"])) > 3  # distinct permutations, not one repeated
+    assert abs(res["shuffled_accuracy_mean"] - 0.25) < 0.1
+    assert permutation_p(0.5, [0.5, 0.2, 0.7]) == 3 / 4  # ties count against the real probe
+
+
+def test_permutation_p_is_calibrated_under_pure_noise():
+    """Labels independent of the residuals: the share of p <= level stays within nominal plus
+    two Monte-Carlo standard errors, at 0.05 and at 0.25 (n_perm = 19: exact levels)."""
+    n_sim, rejected_05, rejected_25 = 60, 0, 0
+    for sim in range(n_sim):
+        gen = torch.Generator().manual_seed(100 + sim)
+        y = torch.arange(3).repeat_interleave(16)
+        x = torch.randn(len(y), 6, generator=gen)
+        p = probe_layer(x, y, 3, seed=sim, n_perm=19, l2=1e-2)["permutation_p"]
+        rejected_05 += p <= 0.05
+        rejected_25 += p <= 0.25
+    for level, hits in ((0.05, rejected_05), (0.25, rejected_25)):
+        mc = 2 * (level * (1 - level) / n_sim) ** 0.5
+        assert hits / n_sim <= level + mc, (level, hits)

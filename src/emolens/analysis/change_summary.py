@@ -23,7 +23,16 @@ from emolens.analysis.frames import as_bool, format_value, require_columns
 from emolens.analysis.geometry_tables import CROSS_STEP_MEASURES
 
 #: Columns that are not part of a series' identity in :func:`change_summary`.
-NON_KEY_COLUMNS = ("step", "value", "ci_low", "ci_high", "train_step", "n")
+NON_KEY_COLUMNS = (
+    "step",
+    "value",
+    "ci_low",
+    "ci_high",
+    "train_step",
+    "n",
+    "refit_ci_low",
+    "refit_ci_high",
+)
 
 
 def _series_frame(frame: pd.DataFrame) -> pd.DataFrame:

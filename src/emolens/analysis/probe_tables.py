@@ -25,7 +25,14 @@ from emolens.analysis._common import (
     table_result,
     threads,
 )
-from emolens.analysis.probes import fit_layer, per_label_recall, stratified_split
+from emolens.analysis.probes import (
+    Probe,
+    fit_layer,
+    per_label_recall,
+    permutation_p,
+    stratified_split,
+    train_probe,
+)
 from emolens.analysis.steps import StepData
 
 PROBE_COLUMNS = (
@@ -38,7 +45,12 @@ PROBE_COLUMNS = (
     "ci_high",
     "train_step",
     "n",
+    "refit_ci_low",
+    "refit_ci_high",
 )
+
+#: The probe-refit interval's columns of :data:`PROBE_COLUMNS` (NaN where a row has none).
+REFIT_COLUMNS = ("refit_ci_low", "refit_ci_high")
 
 
 def _aligned_samples(steps: Sequence[StepData], n_labels: int) -> tuple[list[Tensor], Tensor]:
@@ -102,7 +114,7 @@ def _score_blocks(pred: Tensor, held: _HeldOut, *, measure: str, labels: list[st
     lo, hi = interval(boot[:, None], ci)
     blocks = [
         dict(boot=boot[:, None], measure=measure, label="all", value=float(correct.mean()),
-             ci_low=float(lo[0]), ci_high=float(hi[0]), n=n_test)
+             ci_low=float(lo[0]), ci_high=float(hi[0]), n=n_test, **_no_refit())
     ]  # fmt: skip
     if measure != "accuracy":
         return blocks
@@ -116,9 +128,47 @@ def _score_blocks(pred: Tensor, held: _HeldOut, *, measure: str, labels: list[st
     blocks.append(
         dict(boot=boot_r, measure="recall", label=[labels[c] for c in held.label_ids],
              value=[float(recall[c]) for c in held.label_ids], ci_low=floats(lo),
-             ci_high=floats(hi), n=[int(held.present[c]) for c in held.label_ids])
+             ci_high=floats(hi), n=[int(held.present[c]) for c in held.label_ids],
+             **_no_refit())
     )  # fmt: skip
     return blocks
+
+
+def _no_refit() -> dict[str, float]:
+    return dict.fromkeys(REFIT_COLUMNS, float("nan"))
+
+
+def _train_resamples(y_train: Tensor, n_refit: int, seed: int) -> Tensor:
+    """``[n_refit, n_train]`` bootstrap indices of the training split, within labels (the same
+    at every step and layer, so refits are paired across steps)."""
+    if n_refit <= 0:
+        return torch.zeros(0, len(y_train), dtype=torch.long)
+    return stats.bootstrap_indices(len(y_train), n_refit, seed + 7919, strata=y_train)
+
+
+def _refit_interval(
+    refits: Sequence[Probe], x_test: Tensor, held: _HeldOut, value: float, ci: float
+) -> dict[str, float]:
+    """The interval of held-out accuracy that includes probe-training variability: refit
+    ``r`` (trained on the ``r``-th bootstrap resample of the training split) is scored on the
+    ``r``-th held-out resample (cycling when there are fewer; the plain held-out set without
+    any), and the percentile interval of these accuracies is shifted by ``value - their
+    mean``: a bootstrap training set holds about 63% distinct samples, so refits are biased
+    low; the interval keeps their spread, not that bias. NaN without refits."""
+    if not refits:
+        return _no_refit()
+    n_test = len(held.y)
+    accs = []
+    for r, probe in enumerate(refits):
+        correct = (probe.predict(x_test) == held.y).to(torch.float64)
+        weights = held.counts[r % held.counts.shape[0]] if held.counts.shape[0] else None
+        accs.append(
+            float(weights @ correct) / n_test if weights is not None else float(correct.mean())
+        )
+    boot = torch.tensor(accs, dtype=torch.float64)
+    lo, hi = interval(boot[:, None], ci)
+    shift = value - float(boot.mean())
+    return {"refit_ci_low": float(lo[0]) + shift, "refit_ci_high": float(hi[0]) + shift}
 
 
 def _probe_blocks(
@@ -132,6 +182,8 @@ def _probe_blocks(
     ci: float,
     l2: float,
     max_iter: int,
+    n_perm: int,
+    n_refit: int,
 ) -> list[dict]:
     """The rows of :func:`probes_frame` as :meth:`Columns.add` blocks, layer by layer."""
     positions, y = _aligned_samples(steps, len(labels))
@@ -140,6 +192,7 @@ def _probe_blocks(
     ids = [steps[0].acts.sample_ids[int(i)] for i in positions[0][test_idx]]
     held = _held_out(y[test_idx], n_labels=len(labels), n_boot=n_boot, seed=seed, ids=ids)
     y_train = y[train_idx]
+    resamples = _train_resamples(y_train, n_refit, seed)
     first = steps[0].step
     out = []
 
@@ -149,28 +202,64 @@ def _probe_blocks(
 
     def fixed(measure, value, n, nan_interval):
         lo_hi = float("nan") if nan_interval else value
-        return [dict(measure=measure, label="all", value=value, ci_low=lo_hi, ci_high=lo_hi, n=n)]
+        return [dict(measure=measure, label="all", value=value, ci_low=lo_hi, ci_high=lo_hi, n=n,
+                     **_no_refit())]  # fmt: skip
+
+    def with_refit(blocks, refits, x_test):
+        first_block = blocks[0]
+        first_block.update(_refit_interval(refits, x_test, held, first_block["value"], ci))
+        return blocks
 
     for layer in layer_list:
-        probe0 = None
+        probe0, refits0 = None, []
         for s, pos in zip(steps, positions):
             x = s.acts.layer(layer)[pos]
             x_train, x_test = x[train_idx], x[test_idx]
-            fitted = fit_layer(x_train, y_train, len(labels), l2=l2, seed=seed, max_iter=max_iter)
+            fitted = fit_layer(x_train, y_train, len(labels), l2=l2, seed=seed,
+                               max_iter=max_iter, n_perm=n_perm)  # fmt: skip
+            refits = [
+                train_probe(
+                    x_train[r], y_train[r], len(labels), l2=l2, seed=seed, max_iter=max_iter
+                )  # fmt: skip
+                for r in resamples
+            ]
             score: dict[str, Any] = dict(held=held, labels=labels, ci=ci)
-            add(_score_blocks(fitted.probe.predict(x_test), measure="accuracy", **score),
-                s.step, layer, s.step)  # fmt: skip
+            own = _score_blocks(fitted.probe.predict(x_test), measure="accuracy", **score)
+            add(with_refit(own, refits, x_test), s.step, layer, s.step)
             train_acc = fitted.probe.accuracy(x_train, y_train)
             add(fixed("train_accuracy", train_acc, len(train_idx), True), s.step, layer, s.step)
             add(_score_blocks(fitted.shuffled.predict(x_test), measure="shuffled_accuracy",
                               **score), s.step, layer, s.step)  # fmt: skip
+            add(_permutation_blocks(fitted.permuted, x_test, held, own[0]["value"], ci),
+                s.step, layer, s.step)  # fmt: skip
             add(fixed("chance", held.chance, len(test_idx), False), s.step, layer, s.step)
             if probe0 is None:
-                probe0 = fitted.probe
+                probe0, refits0 = fitted.probe, refits
             else:
-                add(_score_blocks(probe0.predict(x_test), measure="accuracy", **score),
-                    s.step, layer, first)  # fmt: skip
+                cross = _score_blocks(probe0.predict(x_test), measure="accuracy", **score)
+                add(with_refit(cross, refits0, x_test), s.step, layer, first)
     return out
+
+
+def _permutation_blocks(
+    permuted: Sequence[Probe], x_test: Tensor, held: _HeldOut, real: float, ci: float
+) -> list[dict]:
+    """``shuffled_accuracy_mean`` (mean held-out accuracy of the ``n_perm`` shuffled-label
+    probes, percentile interval over the held-out resamples, no replicates so the change tests
+    leave it out) and ``permutation_p`` (:func:`emolens.analysis.probes.permutation_p` of the
+    real accuracy ``real`` against them, no interval; ``n`` is ``n_perm``)."""
+    n_test = len(held.y)
+    correct = torch.stack([(p.predict(x_test) == held.y).to(torch.float64) for p in permuted])
+    accs = correct.mean(1)  # [n_perm]
+    boot = held.counts @ correct.mean(0) / max(n_test, 1)
+    lo, hi = interval(boot[:, None], ci)
+    nan = float("nan")
+    return [
+        dict(measure="shuffled_accuracy_mean", label="all", value=float(accs.mean()),
+             ci_low=float(lo[0]), ci_high=float(hi[0]), n=n_test, **_no_refit()),
+        dict(measure="permutation_p", label="all", value=permutation_p(real, floats(accs)),
+             ci_low=nan, ci_high=nan, n=len(permuted), **_no_refit()),
+    ]  # fmt: skip
 
 
 def probes_frame(
@@ -185,6 +274,8 @@ def probes_frame(
     max_iter: int = 300,
     num_threads: int | None = 1,
     return_replicates: bool = False,
+    n_perm: int = 20,
+    n_refit: int = 20,
 ) -> pd.DataFrame | tuple[pd.DataFrame, Replicates]:
     """Linear probes per step and layer, long, with bootstrap intervals.
 
@@ -194,7 +285,8 @@ def probes_frame(
     steps
     and layers. ``layers``: default every layer collected at every step.
 
-    Columns ``step, layer, measure, label, value, ci_low, ci_high, train_step, n``; measures:
+    Columns ``step, layer, measure, label, value, ci_low, ci_high, train_step, n,
+    refit_ci_low, refit_ci_high``; measures:
 
     - ``accuracy`` (label ``"all"``) and ``recall`` (per label) on the held-out samples, of the
       step's own probe (``train_step == step``) and of the first step's probe evaluated on this
@@ -202,13 +294,26 @@ def probes_frame(
       first step the two are the same probe and appear once);
     - ``train_accuracy``; ``shuffled_accuracy`` (a probe trained on permuted training labels,
       seed ``seed + 1``, scored on the true held-out labels); ``chance`` (the majority label's
-      share of the held-out set, no interval).
+      share of the held-out set, no interval);
+    - ``shuffled_accuracy_mean``: the mean held-out accuracy of ``n_perm`` probes trained on
+      ``n_perm`` permutations of the training labels (the first is ``shuffled_accuracy``'s),
+      and ``permutation_p``: the one-sided permutation p-value ``(1 + k) / (1 + n_perm)`` of
+      the own probe's held-out accuracy against them (``k`` shuffled accuracies at least as
+      high; no interval, ``n = n_perm``). Valid where the labels are exchangeable given the
+      training split (the permutation keeps the training set's label counts).
 
     Intervals: percentile bootstrap of the held-out samples resampled within labels (the same
     resamples at every step and layer, so steps are paired); none for ``train_accuracy`` and
-    ``chance``. ``n`` is the number of samples scored (per label for ``recall``). ``l2``,
-    ``max_iter``: of :func:`emolens.analysis.probes.train_probe`; ``num_threads`` as in
-    :func:`emolens.analysis.geometry_tables.geometry_frame` (also ``return_replicates``).
+    ``chance``. These intervals hold the probe fixed (only the scored samples vary).
+    ``refit_ci_low``/``refit_ci_high`` (``accuracy``, label ``"all"``; NaN elsewhere or with
+    ``n_refit = 0``) also include probe-training variability: the probe is refit on
+    ``n_refit`` bootstrap resamples of the training split (within labels, the same at every
+    step), each scored on one held-out resample; the interval has their spread, centred on
+    the value (see ``_refit_interval``). For the first step's probe on a later step, the first
+    step's refits are scored. ``n`` is the number of samples scored (per label for
+    ``recall``). ``l2``, ``max_iter``: of :func:`emolens.analysis.probes.train_probe`;
+    ``num_threads`` as in :func:`emolens.analysis.geometry_tables.geometry_frame` (also
+    ``return_replicates``).
     """
     out = Columns(PROBE_COLUMNS)
     if not steps:
@@ -216,7 +321,7 @@ def probes_frame(
     with threads(num_threads):
         blocks = _probe_blocks(
             steps, labels=list(labels), layers=layers, test_fraction=test_fraction, seed=seed,
-            n_boot=n_boot, ci=ci, l2=l2, max_iter=max_iter,
+            n_boot=n_boot, ci=ci, l2=l2, max_iter=max_iter, n_perm=n_perm, n_refit=n_refit,
         )  # fmt: skip
         out.add_all(blocks)
     return table_result(out, return_replicates)

@@ -6,6 +6,7 @@ float64 from a seeded initialisation. The objective is strictly convex in ``W``,
 is deterministic and nearly independent of the seed; the seed matters for splits and shuffles.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -157,20 +158,41 @@ def stratified_split(
     return train_idx, test_idx
 
 
-def shuffled_labels(y_train: Int[Tensor, " train"], seed: int) -> Int[Tensor, " train"]:
-    """The training labels permuted with seed ``seed + 1``: what the shuffled-label baseline
-    trains on (the same permutation for every step and layer of a table)."""
+def shuffled_labels(
+    y_train: Int[Tensor, " train"], seed: int, draw: int = 0
+) -> Int[Tensor, " train"]:
+    """The training labels permuted: the ``draw``-th permutation of a generator seeded with
+    ``seed + 1`` (draw 0 is the shuffled-label baseline's, the same for every step and layer
+    of a table; draws 1, 2, ... are the further permutations of :func:`fit_layer`)."""
     gen = torch.Generator().manual_seed(seed + 1)
+    for _ in range(draw):
+        torch.randperm(len(y_train), generator=gen)
     return y_train[torch.randperm(len(y_train), generator=gen).to(y_train.device)]
+
+
+def permutation_p(real: float, shuffled: Sequence[float]) -> float:
+    """One-sided permutation p-value ``(1 + k) / (1 + n)`` of a real accuracy against ``n``
+    accuracies of probes trained on permuted labels, ``k`` of them at least as high (ties count
+    against the real probe, so discrete accuracies keep the test conservative)."""
+    if not shuffled:
+        raise ValueError("a permutation p-value needs at least one shuffled accuracy")
+    k = sum(1 for a in shuffled if a >= real)
+    return (1 + k) / (1 + len(shuffled))
 
 
 @dataclass(frozen=True)
 class LayerProbes:
-    """The two probes of one layer on one split: ``probe`` on the true training labels and
-    ``shuffled`` on :func:`shuffled_labels` (scored against the true held-out labels)."""
+    """The probes of one layer on one split: ``probe`` on the true training labels, and
+    ``permuted`` on ``n_perm`` permutations of them (:func:`shuffled_labels` draws 0, 1, ...;
+    scored against the true held-out labels). ``shuffled`` is ``permuted[0]``, the single
+    shuffled-label baseline."""
 
     probe: Probe
-    shuffled: Probe
+    permuted: tuple[Probe, ...]
+
+    @property
+    def shuffled(self) -> Probe:
+        return self.permuted[0]
 
 
 def fit_layer(
@@ -180,14 +202,26 @@ def fit_layer(
     l2: float = 1e-3,
     seed: int = 0,
     max_iter: int = 300,
+    n_perm: int = 1,
 ) -> LayerProbes:
-    """Train the probe of one layer and its shuffled-label baseline (:class:`LayerProbes`);
-    used by :func:`probe_layer` and by :func:`emolens.analysis.probe_tables.probes_frame`."""
+    """Train the probe of one layer and ``n_perm >= 1`` shuffled-label probes
+    (:class:`LayerProbes`); used by :func:`probe_layer` and by
+    :func:`emolens.analysis.probe_tables.probes_frame`."""
+    if n_perm < 1:
+        raise ValueError(f"n_perm must be at least 1 (the shuffled-label baseline), not {n_perm}")
     probe = train_probe(x_train, y_train, n_classes, l2=l2, seed=seed, max_iter=max_iter)
-    shuffled = train_probe(
-        x_train, shuffled_labels(y_train, seed), n_classes, l2=l2, seed=seed, max_iter=max_iter
+    permuted = tuple(
+        train_probe(
+            x_train,
+            shuffled_labels(y_train, seed, draw),
+            n_classes,
+            l2=l2,
+            seed=seed,
+            max_iter=max_iter,
+        )  # fmt: skip
+        for draw in range(n_perm)
     )
-    return LayerProbes(probe, shuffled)
+    return LayerProbes(probe, permuted)
 
 
 def shuffled_baseline(
@@ -219,6 +253,7 @@ def probe_layer(
     test_fraction: float = 0.25,
     seed: int = 0,
     l2: float = 1e-3,
+    n_perm: int = 1,
 ) -> dict:
     """Probe one layer with a stratified held-out split: one step's numbers of
     :func:`emolens.analysis.probe_tables.probes_frame` without its bootstrap (the table's
@@ -226,20 +261,27 @@ def probe_layer(
 
     Returns a dict: ``accuracy`` (held-out), ``train_accuracy``, ``recall`` (per-label held-out
     recall, NaN for labels absent from the test set), ``shuffled_accuracy``
-    (:func:`shuffled_baseline`), ``chance`` (the majority label's share of the test set),
+    (:func:`shuffled_baseline`), ``shuffled_accuracies`` (held-out accuracies of the
+    ``n_perm`` shuffled-label probes, the first being ``shuffled_accuracy``),
+    ``shuffled_accuracy_mean`` (their mean), ``permutation_p`` (:func:`permutation_p` of
+    ``accuracy`` against them), ``chance`` (the majority label's share of the test set),
     ``n_train``, ``n_test``, and ``probe``, ``train_index``, ``test_index`` for evaluating the
     same probe on other steps' held-out samples.
     """
     train_idx, test_idx = stratified_split(y, test_fraction, seed)
-    fitted = fit_layer(x[train_idx], y[train_idx], n_classes, l2=l2, seed=seed)
+    fitted = fit_layer(x[train_idx], y[train_idx], n_classes, l2=l2, seed=seed, n_perm=n_perm)
     probe = fitted.probe
     held = score(probe, x[test_idx], y[test_idx])
+    shuffled = [p.accuracy(x[test_idx], y[test_idx]) for p in fitted.permuted]
     test_counts = torch.bincount(y[test_idx], minlength=n_classes)
     return {
         "accuracy": held.accuracy,
         "train_accuracy": probe.accuracy(x[train_idx], y[train_idx]),
         "recall": held.recall,
-        "shuffled_accuracy": fitted.shuffled.accuracy(x[test_idx], y[test_idx]),
+        "shuffled_accuracy": shuffled[0],
+        "shuffled_accuracies": shuffled,
+        "shuffled_accuracy_mean": sum(shuffled) / len(shuffled),
+        "permutation_p": permutation_p(held.accuracy, shuffled),
         "chance": float(test_counts.max()) / max(len(test_idx), 1),
         "n_train": len(train_idx),
         "n_test": len(test_idx),

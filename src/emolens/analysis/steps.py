@@ -16,11 +16,13 @@ import torch
 from emolens.analysis.geometry import CausalInnerProduct
 from emolens.measure.activations import Activations
 from emolens.measure.attribution import (
+    LogPushChange,
     PushChange,
     Readout,
     component_attribution,
     decompose_steering,
     direct_push_change,
+    log_push_change,
     transfer_effect,
 )
 from emolens.measure.steering import steering_vectors
@@ -186,6 +188,24 @@ def _push_columns(push: PushChange | None, k: int | None) -> dict[str, float]:
     return {name: float(part[k]) for name, part in zip(_PUSH_COLUMNS, parts, strict=True)}
 
 
+_LOG_PUSH_COLUMNS = (
+    "log_push_change",
+    "log_w_change",
+    "log_v_change",
+    "log_cos_change",
+    "log_scale_change",
+)
+
+
+def _log_push_columns(log_push: LogPushChange | None, k: int | None) -> dict[str, float]:
+    """The order-free log split of the push change of emotion ``k``; NaN where there is none
+    (or where ``cos(w, v) <= 0`` at this step or the first)."""
+    if log_push is None or k is None:
+        return dict.fromkeys(_LOG_PUSH_COLUMNS, float("nan"))
+    parts = (log_push.push, log_push.w, log_push.v, log_push.cos, log_push.scale)
+    return {name: float(part[k]) for name, part in zip(_LOG_PUSH_COLUMNS, parts, strict=True)}
+
+
 def _read_point_column(step: StepData) -> dict[str, str]:
     """``{"read_point": ...}`` for a table row at a non-default read point, else nothing (so
     default tables stay as they were)."""
@@ -202,7 +222,10 @@ def attribution_frame(
     """Per step, emotion and alpha: the final-layer diagonal logit change (mean over prompts)
     split into ``direct`` + ``scale_change``, the cosine of v with the label's readout row, the
     norms, and the change of the per-unit direct push against the first step split into
-    ``push_vector`` + ``push_readout`` + ``push_scale`` (exact; see attribution.py).
+    ``push_vector`` + ``push_readout`` + ``push_scale`` (exact; see attribution.py), and
+    the order-free split of the change of the log push, ``log_push_change = log_w_change +
+    log_v_change + log_cos_change - log_scale_change`` (exact; NaN where ``cos(w, v) <= 0`` at
+    the step or the first step; :func:`emolens.measure.attribution.log_push_change`).
 
     The steered vectors are those of ``sensitivity.csv`` for ``alpha_unit``
     (:meth:`StepData.steered_vectors`), so ``logit_change`` equals its final-layer diagonal;
@@ -231,11 +254,12 @@ def attribution_frame(
         v_ref = ref.steered_vectors(alpha_unit)
         r_t = float(parts.resid_scale.mean())
         r_0 = float(ref.final_readout.scale(ref.prompt_resid(prompt_ids)).mean())
-        push = None
+        push = log_push = None
         if common:
             v_t = torch.stack([v[s.vectors.emotions.index(e)] for e in common])
             v_0 = torch.stack([v_ref[ref.vectors.emotions.index(e)] for e in common])
             push = direct_push_change(w_0, v_0, r_0, w_t, v_t, r_t)
+            log_push = log_push_change(w_0, v_0, r_0, w_t, v_t, r_t)
         for i, emotion in enumerate(s.vectors.emotions):
             j = labels.index(emotion)
             k = common.index(emotion) if emotion in common else None
@@ -257,6 +281,7 @@ def attribution_frame(
                         "readout_norm": float(parts.row_norm[j]),
                         "resid_scale": r_t,
                         **_push_columns(push, k),
+                        **_log_push_columns(log_push, k),
                     }
                 )
     return pd.DataFrame(rows)

@@ -331,6 +331,60 @@ def direct_push_change(
     return PushChange(total.float(), vector.float(), readout.float(), scale.float())
 
 
+@dataclass(frozen=True)
+class LogPushChange:
+    """Order-free split of the change of the log per-unit push ``log(w . v / r)`` from a
+    reference step to step t, ``[emotion]`` float64: ``push = log_w + log_v + log_cos -
+    log_scale`` exactly (each term the change of ``log|w|``, ``log|v|``, ``log cos(w, v)`` and
+    ``log r``; ``log_scale`` enters with a minus sign). NaN where ``cos(w, v) <= 0`` at either
+    step (the log of a non-positive push has no meaning)."""
+
+    push: Float[Tensor, " emotion"]
+    w: Float[Tensor, " emotion"]
+    v: Float[Tensor, " emotion"]
+    cos: Float[Tensor, " emotion"]
+    scale: Float[Tensor, " emotion"]
+
+
+def _log_terms(w: Tensor, v: Tensor, r: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``log|w|``, ``log|v|``, ``log cos(w, v)`` (NaN for cos <= 0), ``log r`` and the log
+    push ``log(w . v / r)`` computed from the dot product itself (NaN for a push <= 0)."""
+    w_norm, v_norm = w.norm(dim=-1), v.norm(dim=-1)
+    dot = (w * v).sum(-1)
+    cos = dot / (w_norm * v_norm)
+    nan = torch.full_like(dot, torch.nan)
+    log_cos = torch.where(cos > 0, cos.clamp_min(1e-300).log(), nan)
+    log_push = torch.where(dot > 0, (dot.clamp_min(1e-300) / r).log(), nan)
+    log_r = torch.full_like(dot, float(torch.tensor(r, dtype=torch.float64).log()))
+    return w_norm.log(), v_norm.log(), log_cos, log_r, log_push
+
+
+def log_push_change(
+    w_ref: Float[Tensor, "emotion d_model"],
+    v_ref: Float[Tensor, "emotion d_model"],
+    r_ref: float,
+    w_t: Float[Tensor, "emotion d_model"],
+    v_t: Float[Tensor, "emotion d_model"],
+    r_t: float,
+) -> LogPushChange:
+    """``log(w_t.v_t/r_t) - log(w_0.v_0/r_0) = d log|w| + d log|v| + d log cos(w, v) - d log r``:
+    the additive (order-free) split of the push's relative change, no interaction term.
+
+    Arguments as in :func:`direct_push_change` (the same effective rows ``w = u * g``, vectors
+    and typical scale ``r``); computed in float64. Each term depends on its own factor only, so
+    no order of "change the vector first, then the readout" enters (unlike
+    :func:`direct_push_change`, which gives the interaction to the readout). Rows with
+    ``cos(w, v) <= 0`` at either step are NaN in every column.
+    """
+    ref = _log_terms(w_ref.double(), v_ref.double(), r_ref)
+    cur = _log_terms(w_t.double(), v_t.double(), r_t)
+    d_w, d_v, d_cos, d_r, d_push = (c - p for c, p in zip(cur, ref, strict=True))
+    defined = ~torch.isnan(d_cos)
+    nan = torch.full_like(d_push, torch.nan)
+    keep = [torch.where(defined, x, nan) for x in (d_push, d_w, d_v, d_cos, d_r)]
+    return LogPushChange(*keep)
+
+
 def transfer_effect(
     readout: Readout,
     h: Float[Tensor, "prompt d_model"],

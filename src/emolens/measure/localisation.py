@@ -18,10 +18,14 @@ are left untouched.
 
 :func:`window_sweep` slides windows of ``window`` consecutive layers over the whole depth and
 records, per window, how the gold label's first-token logit, the gold-vs-rest margin and the
-classification accuracy (argmax over the label first-token logits) change when each sample's
-own emotion direction (``vectors.layer(l)[gold]``) is removed, or when along it the mean of a
-source emotion (default: the neutral label) is patched in. Samples without a concept vector
-(neutral, dropped labels, unknown gold) are skipped and counted.
+classification accuracy (argmax over the label first-token logits) change when, along each
+sample's own emotion direction (``vectors.layer(l)[gold]``), its residual is set to the mean
+over all given samples (``mode="mean"``, the default: mean ablation, which keeps the residual
+on the data manifold), removed (``"ablate"``, zero ablation), or set to the mean of a source
+emotion (``"patch"``, default the neutral label). The same intervention along a few seeded
+random unit directions is the control (``control_*`` columns): a drop well above it is
+specific to the concept direction. Samples without a concept vector (neutral, dropped labels,
+unknown gold) are skipped and counted.
 """
 
 from collections.abc import Iterator, Sequence
@@ -42,8 +46,8 @@ from emolens.model import hooks
 from emolens.model.loading import Model
 
 Positions = Literal["all", "answer"]
-Mode = Literal["ablate", "patch"]
-MODES: tuple[str, ...] = ("ablate", "patch")
+Mode = Literal["mean", "ablate", "patch"]
+MODES: tuple[str, ...] = ("mean", "ablate", "patch")
 
 
 def unit_directions(directions: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_model"]:
@@ -221,18 +225,19 @@ def intervened_label_logits(
 ) -> Float[Tensor, "sample label"]:
     """Label first-token logits at the answer position of each prompt with an intervention at
     ``layers``: ``mode="ablate"`` (:func:`ablate_direction` of ``directions[:, sample]`` at
-    ``positions``) or ``"patch"`` (:func:`patch_mean` of ``source_means[:, sample]`` along
-    ``directions[:, sample]``, answer position only).
+    ``positions``) or ``"mean"``/``"patch"`` (:func:`patch_mean` of ``source_means[:, sample]``
+    along ``directions[:, sample]``, answer position only; the two differ only in the means
+    :func:`window_sweep` passes).
 
     Prompts run in batches of similar length, each row with its own directions; every pass
     stops after the last block and the logits come from :func:`answer_readout`.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    if mode == "patch" and source_means is None:
-        raise ValueError("mode='patch' needs source_means")
-    if mode == "patch" and positions != "answer":
-        raise ValueError("mode='patch' edits the answer position only (positions='answer')")
+    if mode != "ablate" and source_means is None:
+        raise ValueError(f"mode={mode!r} needs source_means")
+    if mode != "ablate" and positions != "answer":
+        raise ValueError(f"mode={mode!r} edits the answer position only (positions='answer')")
     n = len(token_ids)
     if directions.shape[1] != n:
         raise ValueError(f"directions for {directions.shape[1]} samples, {n} prompts given")
@@ -246,7 +251,7 @@ def intervened_label_logits(
         if mode == "ablate":
             edit = ablate_direction(bridge, layers, directions[:, batch], positions, answer)
         else:
-            assert source_means is not None  # mode="patch" without them is refused above
+            assert source_means is not None  # mode "mean"/"patch" without them is refused above
             edit = patch_mean(
                 bridge,
                 layers,
@@ -313,7 +318,7 @@ def window_sweep(
     vectors: ConceptVectors,
     window: int,
     stride: int = 1,
-    mode: Mode = "ablate",
+    mode: Mode = "mean",
     batch_size: int = 8,
     *,
     positions: Positions = "answer",
@@ -321,6 +326,8 @@ def window_sweep(
     label_names: Sequence[str] | None = None,
     padding_side: str = "right",
     progress: bool = True,
+    n_control: int = 3,
+    control_seed: int = 0,
 ) -> pd.DataFrame:
     """Remove (or patch) each sample's own emotion direction over sliding windows of layers and
     record what happens to its answer, one row per window.
@@ -332,6 +339,10 @@ def window_sweep(
     skipped and counted in ``n_skipped``. Windows of ``window`` consecutive layers start every
     ``stride`` layers (:func:`sweep_windows`); ``vectors`` must exist at every layer.
 
+    ``mode="mean"`` (default): at the answer position, set the component of the residual along
+    the own direction to the mean component over the reference set, every given sample
+    (skipped ones included), at that layer: ``h <- h + ((m_l - h) . u) u`` with ``m_l`` the mean
+    clean answer residual; a direction along which all samples agree is left as it is.
     ``mode="ablate"``: project the direction out at ``positions`` (default the answer position,
     where the concept vectors were measured; ``"all"`` also removes it from the prompt tokens).
     ``mode="patch"``: at the answer position, set the component along the contrast direction
@@ -340,14 +351,25 @@ def window_sweep(
     the mean over the given samples of that gold label, correct or not (so the source label
     must be among them); samples of the source label are skipped.
 
+    Control: ``n_control`` random unit directions per layer (isotropic, seeded by
+    ``control_seed``, one shared by every sample) take the place of each sample's direction in
+    the same intervention (same mode, positions and means).
+
     Columns: ``start_layer``, ``end_layer`` (inclusive), ``gold_logit_drop`` (mean over samples
     of the gold logit before minus after), ``margin_drop`` (same for the gold-vs-rest margin,
     the gold logit minus the largest other label logit), ``accuracy_before``,
     ``accuracy_after`` (argmax over the label first-token logits is gold), ``gold_logit_before``
-    (mean), ``n_samples``, ``n_skipped``, ``mode``, ``positions``, ``source``.
+    (mean), ``n_samples``, ``n_skipped``, ``mode``, ``positions``, ``source``, and for the
+    control ``control_gold_logit_drop_mean`` / ``_max`` (mean and largest over the random
+    directions of the mean gold-logit drop), ``control_margin_drop_mean``,
+    ``control_accuracy_after_mean`` and ``n_control`` (NaN without control directions).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if n_control < 0:
+        raise ValueError(f"n_control must be 0 or more, not {n_control}")
+    if mode != "ablate" and positions != "answer":
+        raise ValueError(f"mode={mode!r} edits the answer position only (positions='answer')")
     bridge = bridge_of(model)
     n_layers = int(bridge.cfg.n_layers)
     windows = sweep_windows(n_layers, window, stride)
@@ -390,10 +412,11 @@ def window_sweep(
     vec = torch.stack([vectors.layer(layer) for layer in all_layers]).float()  # [layer, e, d]
     own_dirs = vec[:, used_own]  # [layer, sample, d]
 
+    every = mode != "ablate"  # the means need every sample's residual at every layer
     clean_rows = answer_residuals(
         model,
-        token_ids if mode == "patch" else used_ids,
-        all_layers if mode == "patch" else [n_layers - 1],
+        token_ids if every else used_ids,
+        all_layers if every else [n_layers - 1],
         batch_size=batch_size,
         padding_side=padding_side,
     )
@@ -413,30 +436,54 @@ def window_sweep(
         directions = v_src[:, None] - own_dirs
         means = src_mean[:, None].expand_as(directions)
         final = clean_rows[n_layers - 1][used]
+    elif mode == "mean":
+        ref_mean = torch.stack([clean_rows[layer].mean(0) for layer in all_layers])
+        directions = own_dirs
+        means = ref_mean[:, None].expand_as(directions)
+        final = clean_rows[n_layers - 1][used]
     else:
         directions, means = own_dirs, None
         final = clean_rows[n_layers - 1]
+    gen = torch.Generator().manual_seed(control_seed)
+    controls = unit_directions(
+        torch.randn(n_control, n_layers, int(bridge.cfg.d_model), generator=gen)
+    )
     before = answer_readout(bridge, final, label_token_ids)[0]
     rows_idx = torch.arange(len(used))
     gold_before = before[rows_idx, used_gold]
     margin_before = _margin(before, used_gold)
     acc_before = float((before.argmax(-1) == used_gold).float().mean())
 
-    records = []
-    for start, end in tqdm(windows, desc=f"{mode} windows", disable=not progress, leave=False):
-        layers = list(range(start, end + 1))
-        after = intervened_label_logits(
+    def run(dirs: Tensor, start: int, end: int) -> Tensor:
+        return intervened_label_logits(
             model,
             used_ids,
-            layers,
+            list(range(start, end + 1)),
             label_token_ids,
-            directions[start : end + 1],
+            dirs[start : end + 1],
             mode=mode,
             source_means=None if means is None else means[start : end + 1],
-            positions=positions if mode == "ablate" else "answer",
+            positions=positions,
             batch_size=batch_size,
             padding_side=padding_side,
         )
+
+    def drops(after: Tensor) -> tuple[float, float, float]:
+        """Mean gold-logit drop, mean margin drop and accuracy after an intervention."""
+        return (
+            float((gold_before - after[rows_idx, used_gold]).mean()),
+            float((margin_before - _margin(after, used_gold)).mean()),
+            float((after.argmax(-1) == used_gold).float().mean()),
+        )
+
+    records = []
+    for start, end in tqdm(windows, desc=f"{mode} windows", disable=not progress, leave=False):
+        after = run(directions, start, end)
+        control = torch.tensor(
+            [drops(run(c[:, None].expand_as(directions), start, end)) for c in controls],
+            dtype=torch.float64,
+        ).reshape(-1, 3)
+        nan = float("nan")
         records.append(
             {
                 "start_layer": start,
@@ -449,8 +496,13 @@ def window_sweep(
                 "n_samples": len(used),
                 "n_skipped": n - len(used),
                 "mode": mode,
-                "positions": positions if mode == "ablate" else "answer",
+                "positions": positions,
                 "source": source or "",
+                "control_gold_logit_drop_mean": float(control[:, 0].mean()) if n_control else nan,
+                "control_gold_logit_drop_max": float(control[:, 0].max()) if n_control else nan,
+                "control_margin_drop_mean": float(control[:, 1].mean()) if n_control else nan,
+                "control_accuracy_after_mean": float(control[:, 2].mean()) if n_control else nan,
+                "n_control": n_control,
             }
         )
     return pd.DataFrame.from_records(records)

@@ -32,16 +32,20 @@ def localise(
     *,
     window: int = 3,
     stride: int = 1,
-    mode: Mode = "ablate",
+    mode: Mode = "mean",
     per_label: int = 8,
     device: str = "auto",
     dtype=None,
     batch_size: int = 8,
+    n_control: int = 3,
+    seed: int = 0,
 ) -> pd.DataFrame:
-    """Localisation by intervention for every finished step of an analysis: remove (or patch)
-    each sample's own concept direction over sliding windows of layers and record the drop of
-    its label logit and of the accuracy (:func:`emolens.measure.localisation.window_sweep`), on up
-    to
+    """Localisation by intervention for every finished step of an analysis: along each sample's
+    own concept direction, set its residual to the mean over the step's chosen samples
+    (``mode="mean"``, default), remove it (``"ablate"``) or patch in the neutral mean
+    (``"patch"``), over sliding windows of layers, and record the drop of its label logit and
+    of the accuracy beside the same intervention along ``n_control`` random directions
+    (seeded by ``seed``; :func:`emolens.measure.localisation.window_sweep`), on up to
     ``per_label`` samples of each label, encoded with the analysis' prompt (from its manifest:
     template, labels, chat, special tokens). Needs vectors at every layer (``--layers all``).
     Writes and returns ``DIR/localisation.csv``."""
@@ -89,6 +93,8 @@ def localise(
                 batch_size,
                 label_names=labels.names("en"),
                 progress=False,
+                n_control=n_control,
+                control_seed=seed,
             )
         frames.append(frame.assign(step=ckpt.step))
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
