@@ -404,9 +404,9 @@ def test_finetune_dtype_bfloat16_trains_in_bf16(en_run, tiny_model_dir, en_corpu
         "bfloat16",
     )
     infos = [json.loads((r / "emolens_run.json").read_text()) for r in (en_run, bf16)]
-    assert [i["training"] for i in infos] == [
-        {"device": "cpu", "dtype": "float32"},
-        {"device": "cpu", "dtype": "bfloat16"},
+    assert [i["training"] for i in infos] == [  # training runs SDPA attention (issue 14)
+        {"device": "cpu", "dtype": "float32", "attention": "sdpa"},
+        {"device": "cpu", "dtype": "bfloat16", "attention": "sdpa"},
     ]
 
     def losses(run):

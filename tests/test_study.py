@@ -56,9 +56,12 @@ def test_paper_study_is_the_papers_protocol():
     an = parse_args(["analyze", "--config", study])
     assert (an.model, an.split, an.dtype) == ("runs/sarashina-paper/run", "test", "bfloat16")
     # the paper's settings are the defaults; the study names its prompt language, which
-    # analyze checks against the prompt the run recorded (the default, None, reads it from there)
+    # analyze checks against the prompt the run recorded (the default, None, reads it from there),
+    # and asks for the probes' permutation p-values and refit intervals (costly, off by default)
     assert an.language == "ja"
-    assert replace(AnalysisConfig.from_cli(an), language=None) == AnalysisConfig()
+    assert replace(AnalysisConfig.from_cli(an), language=None) == AnalysisConfig(
+        probe_perms=19, probe_refits=20
+    )
 
 
 def test_flags_override_the_study_file(tmp_path):

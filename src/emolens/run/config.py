@@ -58,6 +58,8 @@ class AnalysisConfig:
     n_boot: int = 200  # bootstrap replicates for the confidence intervals
     n_perm: int = 999  # permutations of the cross-step geometry tests (p >= 1/(1+n_perm))
     equivalence_margin: float = 0.05  # TOST margin of "no change" (relative for norms)
+    probe_perms: int = 1  # shuffled-label probes per step and layer (19+: a permutation p)
+    probe_refits: int = 0  # probe refits on bootstrap resamples (the refit interval; 0: none)
     seed: int = 0  # seed of the bootstraps, probe splits and random directions
 
     def __post_init__(self) -> None:
@@ -85,6 +87,11 @@ class AnalysisConfig:
             raise ValueError(
                 f"--n-boot {self.n_boot} would leave every confidence interval "
                 "empty; give at least 1 (200 is the default)"
+            )
+        if self.probe_perms < 1 or self.probe_refits < 0:
+            raise ValueError(
+                f"--probe-perms {self.probe_perms} / --probe-refits {self.probe_refits}: "
+                "give at least 1 shuffled probe and 0 or more refits"
             )
         if self.n_perm < 1:
             raise ValueError(f"--n-perm {self.n_perm} leaves no permutation; give at least 1")
@@ -193,6 +200,20 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
         "principal angles); their p-values are at least 1/(1+n)",
     )
     p.add_argument(
+        "--probe-perms",
+        type=int,
+        default=d.probe_perms,
+        help="shuffled-label probes per step and layer: their mean and, from 19 on, a "
+        "permutation p-value (1+k)/(1+n) in probes.csv; each costs one probe fit",
+    )
+    p.add_argument(
+        "--probe-refits",
+        type=int,
+        default=d.probe_refits,
+        help="refit each probe on this many bootstrap resamples of its training split for "
+        "an interval with training variability (refit_ci_low/high; 0: none, 20 is usual)",
+    )
+    p.add_argument(
         "--equivalence-margin",
         type=float,
         default=d.equivalence_margin,
@@ -232,6 +253,8 @@ OFFLINE_SETTINGS = (
     "transfer_alpha",
     "equivalence_margin",
     "compare_set",
+    "probe_perms",
+    "probe_refits",
 )
 
 

@@ -140,7 +140,13 @@ def _cross_step_tables(
         steps, tables["geometry"], prompt_ids, labels, neutral, config
     )
     tables["probes"], probe_reps = probes_frame(
-        steps, labels, seed=config.seed, n_boot=config.n_boot, return_replicates=True
+        steps,
+        labels,
+        seed=config.seed,
+        n_boot=config.n_boot,
+        return_replicates=True,
+        n_perm=config.probe_perms,
+        n_refit=config.probe_refits,
     )
     # the cross-step geometry measures (cosine to the first step, principal angles) are
     # tested by swapping each sample's residuals between the steps: exact under no change
