@@ -3,6 +3,7 @@ the top-level tables carry a ``seed`` column, and the across-seed change test ha
 error rate under a planted null and finds a planted consistent shift."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -241,7 +242,7 @@ def test_figure2_seed_spread_draws_the_seed_mean_and_the_min_max_band():
 
 
 def test_the_report_shows_the_seed_spread_only_with_several_seeds():
-    from emolens.report.page import ReportInputs, _seed_spread_section
+    from emolens.report.page import ReportInputs, _seed_spread_section, unpacked
 
     bands = pd.DataFrame(
         dict(seed=[0, 0, 1, 1], step=[0, 5, 0, 5], layer=1, emotion="joy", alpha=2.0,
@@ -252,5 +253,10 @@ def test_the_report_shows_the_seed_spread_only_with_several_seeds():
     one = _seed_spread_section(
         ReportInputs(sens, extra_tables={"figure2_bands": bands[bands.seed == 0]})
     )
-    assert "plotly" in many.lower() and "seed mean" in many
-    assert "One fine-tuning seed" in one and "plotly" not in one.lower()
+    # the figure's data is packed (gzip + base64) in the page: unpack it to read its traces
+    packed = re.findall(
+        r'<script type="application/gzip;base64" data-figure="[^"]+">([^<]*)</script>', many
+    )
+    assert 'class="plotly-graph-div"' in many and len(packed) == 1
+    assert "seed mean" in unpacked(packed[0])
+    assert "One fine-tuning seed" in one and "plotly-graph-div" not in one
