@@ -317,7 +317,7 @@ def test_causal_inner_product_with_isotropic_unembedding_equals_plain(series):
     for col in ("value", "ci_low", "ci_high"):
         diff = (plain[col] - causal[col]).abs()
         assert diff.fillna(0).max() < 1e-6
-    inner = CausalInnerProduct.from_unembedding(w_u)
+    inner = CausalInnerProduct.from_unembedding(w_u, dual=True)  # geometry_frame's default
     by_step = causal_geometry_frame(
         series, {s.step: inner for s in series}, LABELS, NEUTRAL, n_boot=30
     )

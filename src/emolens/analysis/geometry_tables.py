@@ -43,8 +43,9 @@ so the noise ceiling is subtracted from both sides of the test.
 
 Inner products: ``inner == "plain"`` is the Euclidean one; ``"causal"`` whitens residuals with
 :class:`emolens.analysis.geometry.CausalInnerProduct` first (Park et al.; ``Cov^{-1/2}`` of the
-unembedding rows, or ``Cov^{+1/2}`` with ``dual=True``). :func:`geometry_frame` takes one
-unembedding for every step (e.g. the last step's ``W_U * gain``);
+unembedding rows, or ``Cov^{+1/2}`` with ``dual=True``, the default here: Park et al.'s form
+for residual-space vectors such as concept vectors, as ``analyze`` uses). :func:`geometry_frame`
+takes one unembedding for every step (e.g. the last step's ``W_U * gain``);
 :func:`causal_geometry_frame` one per step, each step's vectors being whitened with its own
 step's metric (cross-step cosines compare each model's own canonical coordinates).
 
@@ -572,7 +573,7 @@ def geometry_frame(
     seed: int = 0,
     unembedding: Tensor | CausalInnerProduct | None = None,
     ci: float = 0.95,
-    dual: bool = False,
+    dual: bool = True,
     num_threads: int | None = 1,
     return_replicates: bool = False,
 ) -> pd.DataFrame | tuple[pd.DataFrame, Replicates]:
@@ -621,7 +622,7 @@ def causal_geometry_frame(
     n_boot: int = 200,
     seed: int = 0,
     ci: float = 0.95,
-    dual: bool = False,
+    dual: bool = True,
     num_threads: int | None = 1,
     return_replicates: bool = False,
 ) -> pd.DataFrame | tuple[pd.DataFrame, Replicates]:
@@ -688,10 +689,11 @@ def cross_step_tests(
     layers: Sequence[int] | None = None,
     keep_masks: Mapping[int, Tensor] | None = None,
     unembedding: Tensor | CausalInnerProduct | None = None,
-    dual: bool = False,
+    dual: bool = True,
     n_perm: int = 999,
     seed: int = 0,
     metrics: Mapping[int, CausalInnerProduct] | None = None,
+    causal_layers: Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """Step-swap permutation tests of :data:`CROSS_STEP_MEASURES` against the first step.
 
@@ -711,7 +713,8 @@ def cross_step_tests(
     Returns :data:`CROSS_STEP_COLUMNS` (``value``: the observed statistic, as in
     :func:`geometry_frame`; ``inner`` ``"plain"``, and ``"causal"`` with ``unembedding``, the
     same metric at every step, or with ``metrics[step]``, each step's own metric as in
-    :func:`causal_geometry_frame`; give one or the other); pass it to
+    :func:`causal_geometry_frame`; give one or the other; ``causal_layers``: the layers that
+    get ``"causal"`` rows, default all); pass it to
     :func:`emolens.analysis.change_summary.change_summary` (``cross_step=``).
     """
     labels = list(labels)
@@ -757,7 +760,10 @@ def cross_step_tests(
         e_idx = torch.tensor([labels.index(e) for e in present], dtype=torch.long)
         for layer in layer_list:
             own = [("causal", metrics[first.step], metrics[s.step])] if metrics else []
-            for name, inner_0, inner_t in [(n, i, i) for n, i in inners] + own:
+            tried = [(n, i, i) for n, i in inners] + own
+            if causal_layers is not None and layer not in causal_layers:
+                tried = [t for t in tried if t[0] != "causal"]
+            for name, inner_0, inner_t in tried:
                 h0 = first.acts.layer(layer)[pos0].to(torch.float64)
                 ht = s.acts.layer(layer)[pos_t].to(torch.float64)
                 if inner_0 is not None and inner_t is not None:

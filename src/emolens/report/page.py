@@ -888,7 +888,9 @@ def _geometry_body(frame: pd.DataFrame, ja: dict) -> str:
     body = [
         "<p>Key measures at the deepest analysed layer "
         f"({layers[-1] if layers else '?'}), in the plain inner product and in Park et al.'s "
-        "causal inner product (whitened by the covariance of the unembedding rows); bands are "
+        "causal inner product (whitened by the covariance of the unembedding rows; it is defined "
+        "on the final layer, which the unembedding reads, and measured there unless "
+        "<code>--causal-layers all</code>); bands are "
         f"{CI_LEVEL:.0%} bootstrap intervals over samples. <b>cosine_to_first</b>: cosine of "
         "each concept vector with its first-step self (at the first step the band is the "
         "resampling noise ceiling, so it lies below 1); <b>orthogonality</b>: mean |cos| "

@@ -20,14 +20,23 @@ ALPHA_UNITS = ("absolute", "norm")
 POSITIONS = ("all", "answer")
 #: Where the final layer's h is read and steered (:data:`emolens.model.hooks.READ_POINTS`).
 READ_POINTS = hooks.READ_POINTS
+#: Layers whose geometry is also measured in Park et al.'s causal inner product: the final one
+#: (the representation the unembedding reads, where the metric is defined) or every layer.
+CAUSAL_LAYERS = ("final", "all")
+#: Whose unembedding gives that metric: each step's own, or the first step's at every step (so
+#: cross-step cosines do not mix in metric drift).
+CAUSAL_METRICS = ("own", "base")
 if TYPE_CHECKING:  # the type checker sees the choices; at run time __post_init__ checks them
     AlphaUnit = Literal["absolute", "norm"]
     Positions = Literal["all", "answer"]
     FilterMode = Literal["self", "base", "all", "none"]
     ReadPoint = Literal["block-out", "final-norm"]
     CompareSet = Literal["first", "all", "own"]
+    CausalLayers = Literal["final", "all"]
+    CausalMetric = Literal["own", "base"]
 else:  # (a runtime type checker would refuse a bad choice before the clear message)
     AlphaUnit = Positions = FilterMode = ReadPoint = CompareSet = str
+    CausalLayers = CausalMetric = str
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,8 @@ class AnalysisConfig:
     dla_per_label: int = 8  # samples per label for the direct logit attribution (0: none)
     transfer_alpha: float | None = None  # alpha of the transfer table (default: the largest)
     causal_geometry: bool = True  # also measure geometry in Park et al.'s causal inner product
+    causal_layers: CausalLayers = "final"  # ... at the final layer only, or at every layer
+    causal_metric: CausalMetric = "own"  # ... with each step's own metric, or the first step's
     n_boot: int = 200  # bootstrap replicates for the confidence intervals
     n_perm: int = 999  # permutations of the cross-step geometry tests (p >= 1/(1+n_perm))
     equivalence_margin: float = 0.05  # TOST margin of "no change" (relative for norms)
@@ -69,6 +80,12 @@ class AnalysisConfig:
             raise ValueError(
                 f"--compare-set {self.compare_set!r} unknown; use one of {', '.join(COMPARE_SETS)}"
             )
+        if self.causal_layers not in CAUSAL_LAYERS:
+            raise ValueError(
+                f"--causal-layers {self.causal_layers!r} unknown; use 'final' or 'all'"
+            )
+        if self.causal_metric not in CAUSAL_METRICS:
+            raise ValueError(f"--causal-metric {self.causal_metric!r} unknown; use 'own' or 'base'")
         if self.alpha_unit not in ALPHA_UNITS:
             raise ValueError("alpha_unit must be 'absolute' or 'norm'")
         if self.positions not in POSITIONS:
@@ -180,6 +197,21 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
         "kept_set_effect.csv shows by how much)",
     )
     p.add_argument(
+        "--causal-layers",
+        default=d.causal_layers,
+        choices=list(CAUSAL_LAYERS),
+        help="layers whose geometry is also measured in Park et al.'s causal inner product "
+        "(from the unembedding): final, the representation the unembedding reads (where the "
+        "metric is defined), or all",
+    )
+    p.add_argument(
+        "--causal-metric",
+        default=d.causal_metric,
+        choices=list(CAUSAL_METRICS),
+        help="whose unembedding defines that metric: own, each step's; base, the first "
+        "step's at every step, so cross-step cosines do not mix in the metric's drift",
+    )
+    p.add_argument(
         "--min-count", type=int, default=d.min_count, help="labels with fewer kept samples drop out"
     )
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="forward batch size")
@@ -255,6 +287,8 @@ OFFLINE_SETTINGS = (
     "compare_set",
     "probe_perms",
     "probe_refits",
+    "causal_layers",
+    "causal_metric",
 )
 
 

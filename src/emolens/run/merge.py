@@ -13,6 +13,7 @@ from emolens.analysis._common import Replicates
 from emolens.analysis.baselines import random_baseline_frame
 from emolens.analysis.change_summary import change_omnibus, change_summary
 from emolens.analysis.figure2 import figure2_frame
+from emolens.analysis.geometry import CausalInnerProduct
 from emolens.analysis.geometry_tables import (
     causal_geometry_frame,
     cross_step_tests,
@@ -151,7 +152,7 @@ def _cross_step_tables(
     # the cross-step geometry measures (cosine to the first step, principal angles) are
     # tested by swapping each sample's residuals between the steps: exact under no change
     # (on the --compare-set samples: the same samples at every step, unless it is "own")
-    metrics = {s.step: s.metric for s in steps if s.metric is not None}
+    metrics, causal_layers = causal_metrics(steps, config)
     cross = cross_step_tests(
         steps,
         labels,
@@ -159,7 +160,8 @@ def _cross_step_tables(
         keep_masks=compare,
         n_perm=config.n_perm,
         seed=config.seed,
-        metrics=metrics if len(metrics) == len(steps) else None,
+        metrics=metrics,
+        causal_layers=causal_layers,
     )
 
     def tested(frame: pd.DataFrame, reps: Replicates, table: str, **cross) -> pd.DataFrame:
@@ -203,6 +205,26 @@ def _cross_step_tables(
     return tables
 
 
+def causal_metrics(
+    steps: Sequence[StepData], config: AnalysisConfig
+) -> tuple[dict[int, CausalInnerProduct] | None, list[int] | None]:
+    """The causal inner product of each step (``--causal-metric own``: its own unembedding's;
+    ``base``: the first step's at every step) and the layers it is applied to
+    (``--causal-layers final``: the final layer, which the unembedding reads; ``all``: None,
+    every layer). ``(None, None)`` where a step needed has no metric (no readout)."""
+    if not steps:
+        return None, None
+    if config.causal_metric == "base":
+        first = steps[0].metric
+        metrics = {s.step: first for s in steps} if first is not None else {}
+    else:
+        metrics = {s.step: s.metric for s in steps if s.metric is not None}
+    if len(metrics) != len(steps):
+        return None, None
+    layers = None if config.causal_layers == "all" else [steps[0].final_layer]
+    return metrics, layers
+
+
 def _geometry_tables(
     steps: list[StepData],
     masks: dict,
@@ -231,12 +253,12 @@ def _geometry_tables(
             return_replicates=True,
         )
     ]  # fmt: skip
-    metrics = {s.step: s.metric for s in steps if s.metric is not None}
-    if len(metrics) == len(steps):
+    metrics, causal_layers = causal_metrics(steps, config)
+    if metrics is not None:
         geometry.append(
             causal_geometry_frame(
-                restricted, metrics, labels, neutral, keep_masks=masks, n_boot=n_boot,
-                seed=config.seed, return_replicates=True,
+                restricted, metrics, labels, neutral, layers=causal_layers, keep_masks=masks,
+                n_boot=n_boot, seed=config.seed, return_replicates=True,
             )
         )  # fmt: skip
     frame = pd.concat([g for g, _ in geometry], ignore_index=True)

@@ -405,9 +405,10 @@ def _explain_step(
         return {"readout_unavailable": str(exc)}
     # the offline tables read the final layer as collected: at the final-norm read point its
     # residuals are the norm's output and their readout is the unembedding alone
-    readout.at_read_point(acts.read_point).save(files.readout)
-    if ctx.config.causal_geometry:
-        save_metric(causal_metric(model, readout.gain), files.causal_metric)
+    read = readout.at_read_point(acts.read_point)
+    read.save(files.readout)
+    if ctx.config.causal_geometry:  # the metric of what reads h: W_U alone at the final norm
+        save_metric(causal_metric(model, read.gain), files.causal_metric)
     if ctx.config.dla_per_label <= 0:
         return {}
     chosen: list[int] = []
