@@ -33,6 +33,31 @@ def test_every_subcommand_help_lists_its_options_with_defaults(command, capsys):
     assert flat.count("(default:") + flat.count("(preset:") == len(options)
 
 
+def test_an_interrupt_dropped_inside_a_finaliser_still_exits_130(monkeypatch, capsys):
+    """Python prints and drops a KeyboardInterrupt raised in ``__del__``; a Ctrl-C that lands
+    there must still stop the command with 130, not let it end as if never interrupted."""
+    import argparse
+
+    import emolens.cli as cli
+
+    class Finaliser:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):  # the handler runs here, inside __del__
+                pass
+
+    def command(args):
+        Finaliser()  # collected at once
+        return 0
+
+    args = argparse.Namespace(func=command, debug=False, verbose=0)
+    monkeypatch.setattr(cli, "parse_args", lambda argv: args)
+    before = signal.getsignal(signal.SIGINT)
+    assert main(["analyze"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is restored
+
+
 def test_errors_are_one_readable_line_and_exit_non_zero(capsys, tmp_path):
     code = main(["labels", "--model", str(tmp_path / "missing-model")])
     err = capsys.readouterr().err.strip().splitlines()

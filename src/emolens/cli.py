@@ -6,7 +6,9 @@ imported) only when that subcommand is used, so ``emolens --help`` answers at on
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import warnings
 
 
@@ -703,8 +705,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.debug:
         warnings.showwarning = _show_warning
+    interrupted: list[int] = []
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        # recorded as well as raised: a KeyboardInterrupt raised inside a finaliser (__del__)
+        # is printed and dropped by Python, and the run would then end as if never stopped
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_interrupt) if main_thread else None
     try:
-        return args.func(args)
+        code = args.func(args)
+        if interrupted:
+            raise KeyboardInterrupt
+        return code
     except KeyboardInterrupt:
         print(
             "emolens: interrupted; finished work is saved, run the same command to resume",
@@ -717,6 +732,9 @@ def main(argv: list[str] | None = None) -> int:
         text = " ".join(str(exc).split()) or type(exc).__name__
         print(f"emolens: error: {text}", file=sys.stderr)
         return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":
