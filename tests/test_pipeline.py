@@ -224,6 +224,8 @@ def test_geometry_probes_and_baselines_cover_every_step_with_intervals(series_ou
     assert {"first_last_p", "slope_q"} <= set(pd.read_csv(series_out / "sensitivity_trends.csv"))
     baseline = pd.read_csv(series_out / "random_baseline.csv")
     assert {"logit_change_concept", "logit_change_random_mean"} <= set(baseline.columns)
+    assert (baseline.directions == "covariance").all() and (baseline.n_random == 99).all()
+    assert baseline.p_random.between(0.01, 1).all() and baseline.q_shuffled.notna().all()
 
 
 def test_answer_only_steering_uses_the_kv_cache_and_matches_the_plain_pass(

@@ -483,10 +483,17 @@ def make_random_baseline(steps=STEPS, emotions=EMOTIONS, alphas=ALPHAS) -> pd.Da
                 "logit_change_random_mean": 0.01 * a,
                 "logit_change_random_sd": 0.2,
                 "share_random_at_least_concept": 0.0,
-                "n_random": 8,
+                "n_random": 99,
+                "p_random": 0.01 if k == 0 else 0.4,
+                "q_random": 0.02 if k == 0 else 0.4,
+                "logit_change_shuffled_mean": 0.001 * a,
+                "logit_change_shuffled_sd": 0.05,
+                "n_shuffled": 99,
+                "p_shuffled": 0.01,
+                "q_shuffled": 0.01,
             }
             for step in steps
-            for e in emotions
+            for k, e in enumerate(emotions)
             for a in alphas
         ]
     )
@@ -756,6 +763,7 @@ def test_random_baseline_figure_shows_concept_against_random_mean_and_sd():
         assert list(rand.y) == pytest.approx([0.04] * 3)
         band = traces["random ± sd"]
         assert list(band.y) == pytest.approx([0.24] * 3 + [-0.16] * 3)
+        assert list(traces["shuffled-label vectors (mean)"].y) == pytest.approx([0.004] * 3)
         assert concept.line.color == figures.emotion_color(emotion)
 
 

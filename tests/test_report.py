@@ -364,7 +364,7 @@ def test_every_explanation_table_gets_its_dedicated_section(explained_report):
     assert "Layer 3: held-out accuracy 0.800 at step 0 and 0.840 at step 4" in probes
     assert "the step-0 probe scores 0.720 there" in probes
     baseline = _section_of(explained_report, "random-baseline")
-    assert "Step 4, α = 4: 2 of 2 concept vectors raise their label more" in baseline
+    assert "Step 4, α = 4: 1 of 2 raise their label more than 99 covariance-matched" in baseline
 
 
 def test_change_summary_states_per_family_what_changed_what_is_equivalent_and_what_is_not_known(
@@ -537,3 +537,19 @@ def test_build_report_html_is_pure_and_survives_odd_tables():
 
 def test_layer_sweep_appears_with_several_layers(full_report):
     assert "<h3>Layer sweep</h3>" in full_report
+
+
+def test_random_baseline_verdicts_come_from_the_permutation_tests(explained_report, tmp_path):
+    body = _section_of(explained_report, "random-baseline")
+    # the fixture's first emotion has q_random 0.02, the second 0.4; both beat shuffled labels
+    assert "1 of 2 raise their label more than 99 covariance-matched random directions" in body
+    assert "2 of 2 raise their label more than 99 shuffled-label vectors" in body
+    assert "(1 + k) / (1 + n)" in body
+    # a table written before the tests existed says so instead of claiming a verdict
+    folder = make_results(tmp_path / "old", tables=("random_baseline",))
+    old = make_random_baseline().drop(columns=[c for c in make_random_baseline() if "_shuffled"
+                                               in c or c in ("p_random", "q_random")])  # fmt: skip
+    old.to_csv(folder / "random_baseline.csv", index=False)
+    text = _section_of(write_report(folder).read_text(encoding="utf-8"), "random-baseline")
+    assert "raise their label more than every random direction" in text
+    assert "has no p-values" in text

@@ -50,7 +50,7 @@ OPTIONAL_TABLES: dict[str, str] = {
     "heads": "Per-head attribution",
     "logit_lens": "Logit lens",
     "generations": "Steered text",
-    "random_baseline": "Random-direction baseline",
+    "random_baseline": "Random-direction and shuffled-label baselines",
     "geometry": "Geometry",
     "probes": "Linear probes",
     "change_summary": "Change across the series",
@@ -855,28 +855,50 @@ def _dla_body(frame: pd.DataFrame, ja: dict) -> str:
 
 def _random_baseline_body(frame: pd.DataFrame, ja: dict) -> str:
     body = [
-        "<p>Each concept vector against random directions of the same norm, steered at the "
-        "final layer: the concept's own-label logit change with its bootstrap interval over "
-        "prompts, and the random directions' mean ± one standard deviation (grey).</p>",
+        "<p>Each concept vector against two nulls, steered at the final layer: random "
+        "directions of the vector's norm drawn from the covariance of the step's kept "
+        "residuals (grey, mean ± one standard deviation), and vectors rebuilt from the same "
+        "samples with their labels shuffled (dotted). The concept's own-label logit change is "
+        "shown with its bootstrap interval over prompts. A concept vector beats a null where "
+        "its one-sided permutation p-value, (1 + k) / (1 + n) with k of n null draws at least "
+        "its change, has a Benjamini-Hochberg q below 0.05 across emotions.</p>",
         _safe_figure(
             lambda: figures.random_baseline_figure(frame, ja=ja),
             "the random baseline figure",
             height=900,
         ),
     ]
-    if "share_random_at_least_concept" in frame.columns:
-        alpha = float(frame["alpha"].max()) if "alpha" in frame else None
-        sel = frame if alpha is None else frame[np.isclose(frame["alpha"], alpha)]
-        for step in sorted({_steps_of(sel)[0], _steps_of(sel)[-1]}):
-            rows = sel[sel["step"] == step]
+    alpha = float(frame["alpha"].max()) if "alpha" in frame else None
+    sel = frame if alpha is None else frame[np.isclose(frame["alpha"], alpha)]
+    at = "" if alpha is None else ", α = " + format_value(alpha)
+    for step in sorted({_steps_of(sel)[0], _steps_of(sel)[-1]}):
+        rows = sel[sel["step"] == step]
+        n = rows["emotion"].nunique()
+        if {"q_random", "q_shuffled"} <= set(rows.columns):
+            parts = []
+            for column, null in (
+                ("q_random", f"{_draws(rows, 'n_random')} covariance-matched random directions"),
+                ("q_shuffled", f"{_draws(rows, 'n_shuffled')} shuffled-label vectors"),
+            ):
+                beat = rows[rows[column] < 0.05]["emotion"]
+                parts.append(
+                    f"{len(beat)} of {n} raise their label more than {null} "
+                    f"(q < 0.05: {_e(_names(label_order(beat)))})"
+                )
+            body.append(f"<p>Step {step}{at}: {'; '.join(parts)}.</p>")
+        elif "share_random_at_least_concept" in rows.columns:  # a table from before the tests
             beat = rows[rows["share_random_at_least_concept"] == 0]["emotion"]
             body.append(
-                f"<p>Step {step}{'' if alpha is None else ', α = ' + format_value(alpha)}"
-                f": {len(beat)} of "
-                f"{rows['emotion'].nunique()} concept vectors raise their label more than every "
-                f"random direction ({_e(_names(label_order(beat)))}).</p>"
+                f"<p>Step {step}{at}: {len(beat)} of {n} concept vectors raise their label more "
+                f"than every random direction ({_e(_names(label_order(beat)))}); this table "
+                "has no p-values (re-run analyze for them).</p>"
             )
     return "\n".join(body)
+
+
+def _draws(rows: pd.DataFrame, column: str) -> str:
+    values = rows[column].dropna().unique() if column in rows else []
+    return str(int(values[0])) if len(values) == 1 else "the"
 
 
 def _geometry_body(frame: pd.DataFrame, ja: dict) -> str:

@@ -295,8 +295,9 @@ def random_baseline_figure(
 ) -> go.Figure:
     """Final-layer steering with each concept vector against random directions of the same
     norm, per emotion over steps (one panel each): the concept's own-label logit change with
-    its bootstrap interval over prompts, and the random directions' mean ± one standard
-    deviation (grey). Default: the largest alpha (and layer)."""
+    its bootstrap interval over prompts, the random directions' mean ± one standard deviation
+    (grey) and, where the table has them, the shuffled-label vectors' mean (dotted). Default:
+    the largest alpha (and layer)."""
     require_columns(
         rb,
         ("step", "emotion", "logit_change_concept", "logit_change_random_mean"),
@@ -331,9 +332,9 @@ def _random_baseline_traces(
     rows: pd.DataFrame, emotion: str, *, first_panel: bool, ja: Mapping[str, str] | None
 ) -> list[go.Scatter | None]:
     """One emotion's panel of the random baseline over steps: the random directions' mean ±
-    one standard deviation, then the concept vector's logit change after its interval (a
-    band is None where it has no finite point); the legend entries come from the first
-    panel."""
+    one standard deviation, the shuffled-label vectors' mean, then the concept vector's logit
+    change after its interval (a band is None where it has no finite point); the legend
+    entries come from the first panel."""
     steps = rows["step"].tolist()
     mean = rows["logit_change_random_mean"].to_numpy(float)
     sd = (
@@ -363,6 +364,20 @@ def _random_baseline_traces(
             hovertemplate="random directions<br>step %{x}<br>mean %{y:.4g}<extra></extra>",
         ),
     ]
+    if "logit_change_shuffled_mean" in rows:
+        traces.append(
+            go.Scatter(
+                x=steps,
+                y=rows["logit_change_shuffled_mean"].tolist(),
+                mode="lines",
+                name="shuffled-label vectors (mean)",
+                legendgroup="shuffled",
+                showlegend=first_panel,
+                meta=emotion,
+                line={"color": _RANDOM_COLOR, "dash": "dot"},
+                hovertemplate="shuffled-label vectors<br>step %{x}<br>mean %{y:.4g}<extra></extra>",
+            )
+        )
     return traces + _concept_traces(rows, emotion, first_panel=first_panel, ja=ja)
 
 
