@@ -552,7 +552,7 @@ def test_probes_frame_permutations_and_refit_intervals():
     refit interval (training resamples) is wider than the held-out-only interval."""
     resid, gold = _clusters()
     steps = [_step(0, resid, gold), _step(5, resid + 0.3, gold)]
-    frame = probes_frame(steps, LABELS, n_boot=40, seed=2, n_perm=8, n_refit=40)
+    frame = probes_frame(steps, LABELS, n_boot=40, seed=2, n_perm=19, n_refit=40)
     plain = probes_frame(steps, LABELS, n_boot=40, seed=2, n_perm=1, n_refit=0)
     new = ["permutation_p", "shuffled_accuracy_mean"]
     cols = [c for c in PROBE_COLUMNS if not c.startswith("refit_")]
@@ -561,17 +561,19 @@ def test_probes_frame_permutations_and_refit_intervals():
         plain[~plain.measure.isin(new)][cols].reset_index(drop=True),
     )
     assert plain.refit_ci_low.isna().all()
+    assert "permutation_p" not in set(plain.measure)  # 1 permutation: p >= 0.5, no row
+    assert "permutation_p" not in set(probes_frame(steps[:1], LABELS, n_boot=10, n_perm=18).measure)
     for s in steps:
         for layer in LAYERS:
-            ref = probe_layer(s.acts.layer(layer), gold, len(LABELS), seed=2, n_perm=8)
+            ref = probe_layer(s.acts.layer(layer), gold, len(LABELS), seed=2, n_perm=19)
             rows = frame[(frame.step == s.step) & (frame.layer == layer)].set_index("measure")
             assert rows.loc["permutation_p", "value"] == ref["permutation_p"]
-            assert rows.loc["permutation_p", "n"] == 8
+            assert rows.loc["permutation_p", "n"] == 19
             assert rows.loc["shuffled_accuracy_mean", "value"] == pytest.approx(
                 ref["shuffled_accuracy_mean"], abs=1e-12
             )
     p = _pick(frame, measure="permutation_p").set_index(["step", "layer"]).value
-    assert p[(0, 3)] == p[(5, 3)] == 1 / 9  # planted clusters at layer 3
+    assert p[(0, 3)] == p[(5, 3)] == 1 / 20  # planted clusters at layer 3
     acc = _pick(frame, measure="accuracy")
     assert acc.refit_ci_low.notna().all() and acc.refit_ci_high.notna().all()
     others = frame[frame.measure != "accuracy"]

@@ -53,6 +53,9 @@ PROBE_COLUMNS = (
 REFIT_COLUMNS = ("refit_ci_low", "refit_ci_high")
 
 
+MIN_PERMUTATIONS_FOR_P = 19  # the smallest n with (1 + 0) / (1 + n) <= 0.05
+
+
 def _aligned_samples(steps: Sequence[StepData], n_labels: int) -> tuple[list[Tensor], Tensor]:
     """Positions, at every step, of the first step's samples with a known gold label that
     every step has; and their gold labels (which must agree between steps)."""
@@ -246,20 +249,25 @@ def _permutation_blocks(
 ) -> list[dict]:
     """``shuffled_accuracy_mean`` (mean held-out accuracy of the ``n_perm`` shuffled-label
     probes, percentile interval over the held-out resamples, no replicates so the change tests
-    leave it out) and ``permutation_p`` (:func:`emolens.analysis.probes.permutation_p` of the
-    real accuracy ``real`` against them, no interval; ``n`` is ``n_perm``)."""
+    leave it out) and, with at least :data:`MIN_PERMUTATIONS_FOR_P` of them, ``permutation_p``
+    (:func:`emolens.analysis.probes.permutation_p` of the real accuracy ``real`` against them,
+    no interval; ``n`` is ``n_perm``)."""
     n_test = len(held.y)
     correct = torch.stack([(p.predict(x_test) == held.y).to(torch.float64) for p in permuted])
     accs = correct.mean(1)  # [n_perm]
     boot = held.counts @ correct.mean(0) / max(n_test, 1)
     lo, hi = interval(boot[:, None], ci)
     nan = float("nan")
-    return [
+    rows = [
         dict(measure="shuffled_accuracy_mean", label="all", value=float(accs.mean()),
              ci_low=float(lo[0]), ci_high=float(hi[0]), n=n_test, **_no_refit()),
-        dict(measure="permutation_p", label="all", value=permutation_p(real, floats(accs)),
-             ci_low=nan, ci_high=nan, n=len(permuted), **_no_refit()),
     ]  # fmt: skip
+    if len(permuted) >= MIN_PERMUTATIONS_FOR_P:
+        rows.append(
+            dict(measure="permutation_p", label="all", value=permutation_p(real, floats(accs)),
+                 ci_low=nan, ci_high=nan, n=len(permuted), **_no_refit())
+        )  # fmt: skip
+    return rows
 
 
 def probes_frame(
@@ -299,8 +307,10 @@ def probes_frame(
       ``n_perm`` permutations of the training labels (the first is ``shuffled_accuracy``'s),
       and ``permutation_p``: the one-sided permutation p-value ``(1 + k) / (1 + n_perm)`` of
       the own probe's held-out accuracy against them (``k`` shuffled accuracies at least as
-      high; no interval, ``n = n_perm``). Valid where the labels are exchangeable given the
-      training split (the permutation keeps the training set's label counts).
+      high; no interval, ``n = n_perm``), only with ``n_perm >=`` :data:`MIN_PERMUTATIONS_FOR_P`
+      (fewer cannot give a p below 0.05, and a row that can never reject would read as "no
+      evidence"). Valid where the labels are exchangeable given the training split (the
+      permutation keeps the training set's label counts).
 
     Intervals: percentile bootstrap of the held-out samples resampled within labels (the same
     resamples at every step and layer, so steps are paired); none for ``train_accuracy`` and
@@ -327,4 +337,4 @@ def probes_frame(
     return table_result(out, return_replicates)
 
 
-__all__ = ["PROBE_COLUMNS", "probes_frame"]
+__all__ = ["MIN_PERMUTATIONS_FOR_P", "PROBE_COLUMNS", "probes_frame"]
