@@ -313,3 +313,34 @@ def test_the_read_point_option_is_checked_and_parsed():
     assert AnalysisConfig.from_cli(parser.parse_args([])).read_point == "block-out"
     with pytest.raises(SystemExit):
         parser.parse_args(["--read-point", "ln_final"])
+
+
+def test_final_norm_steps_made_before_the_w_u_metric_are_not_reused(monkeypatch):
+    """A final-norm step folder from before the causal metric was built from W_U alone (its
+    key had no revision) must not match today's key, so resume recomputes it; block-out keys
+    stay as they were."""
+    from dataclasses import replace
+
+    from emolens.model.loading import Checkpoint
+    from emolens.run import step as step_module
+    from emolens.run.config import OFFLINE_SETTINGS
+    from emolens.store.files import stable_hash
+
+    monkeypatch.setattr(step_module, "activation_key", lambda ctx, ckpt: "acts")
+    ckpt = Checkpoint(8, "run/checkpoint-8", "full", eval_loss=1.5)
+
+    def old_key(config: AnalysisConfig) -> str:  # step_key before STEP_REVISIONS
+        settings = {k: v for k, v in config.to_dict().items() if k not in OFFLINE_SETTINGS}
+        if settings.get("read_point") == "block-out":
+            del settings["read_point"]
+        return stable_hash({"activations": "acts", "config": settings, "eval_loss": 1.5})
+
+    def key(config: AnalysisConfig) -> str:
+        ctx = object.__new__(step_module.StepContext)  # step_key reads only its config
+        ctx.config = config
+        return step_module.step_key(ctx, ckpt)
+
+    block, norm = AnalysisConfig(), AnalysisConfig(read_point="final-norm")
+    assert key(block) == old_key(block)
+    assert key(norm) != old_key(norm) and key(norm) != key(block)
+    assert key(norm) == key(replace(norm, n_boot=norm.n_boot + 1))  # offline settings: no

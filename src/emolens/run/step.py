@@ -106,11 +106,20 @@ def activation_key(ctx: StepContext, ckpt: Checkpoint) -> str:
     )
 
 
+# A read point's revision, bumped when what a step computes there changes, so that a step
+# folder made before is recomputed on resume, not reused (final-norm 2: the causal metric is
+# built from W_U alone, no longer from W_U * gain).
+STEP_REVISIONS = {"final-norm": 2}
+
+
 def step_key(ctx: StepContext, ckpt: Checkpoint) -> str:
-    """What a finished step depends on: its activations and every per-step setting."""
+    """What a finished step depends on: its activations, every per-step setting and the
+    read point's :data:`STEP_REVISIONS` entry."""
     settings = {k: v for k, v in ctx.config.to_dict().items() if k not in OFFLINE_SETTINGS}
     if settings.get("read_point") == "block-out":  # the default: keys as before the option
         del settings["read_point"]
+    elif settings.get("read_point") in STEP_REVISIONS:
+        settings["revision"] = STEP_REVISIONS[settings["read_point"]]
     return stable_hash(
         {"activations": activation_key(ctx, ckpt), "config": settings, "eval_loss": ckpt.eval_loss}
     )
