@@ -63,17 +63,18 @@ def _chromium() -> str | None:
     )
 
 
-def test_report_draws_every_figure_in_headless_chromium_with_the_network_off(demo_out, tmp_path):
+def _browser_or_skip() -> str:
     browser = _chromium()
     if browser is None:
         if os.environ.get("CI"):
             pytest.fail("chromium is missing in CI: .ci/run installs Debian's chromium package")
         pytest.skip("no chromium on this machine (apt-get install chromium)")
-    report = demo_out / "results" / "report.html"
-    html = report.read_text(encoding="utf-8")
-    n_figures = len(re.findall(r'class="plotly-graph-div"', html))
-    assert n_figures >= 5
-    proc = subprocess.run(
+    return browser
+
+
+def _dump_dom(browser: str, page, tmp_path) -> subprocess.CompletedProcess:
+    """The page's DOM after headless Chromium ran its scripts, with the network off."""
+    return subprocess.run(
         [
             browser,
             "--headless",
@@ -92,12 +93,21 @@ def test_report_draws_every_figure_in_headless_chromium_with_the_network_off(dem
             "--window-size=1366,768",
             "--virtual-time-budget=15000",
             "--dump-dom",
-            report.as_uri(),
+            page.as_uri(),
         ],
         capture_output=True,
         text=True,
         timeout=180,
     )
+
+
+def test_report_draws_every_figure_in_headless_chromium_with_the_network_off(demo_out, tmp_path):
+    browser = _browser_or_skip()
+    report = demo_out / "results" / "report.html"
+    html = report.read_text(encoding="utf-8")
+    n_figures = len(re.findall(r'class="plotly-graph-div"', html))
+    assert n_figures >= 5
+    proc = _dump_dom(browser, report, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     dom = proc.stdout
     drawn = re.findall(r'<div[^>]*class="[^"]*js-plotly-plot[^"]*"', dom)
@@ -109,6 +119,55 @@ def test_report_draws_every_figure_in_headless_chromium_with_the_network_off(dem
         if "CONSOLE" in line and ("Error" in line or "Uncaught" in line)
     ]
     assert console_errors == []
+
+
+# Clicks Figure 2's download buttons once the figure is drawn, catches the link that plotly
+# clicks to save the file, reads the file it points to and writes what it found into the page.
+_CLICK_DOWNLOADS_JS = """<script>
+(function () {
+  var saved = [];
+  HTMLAnchorElement.prototype.click = function () {
+    var name = this.download;
+    saved.push(fetch(this.href).then(function (r) { return r.arrayBuffer(); }).then(
+      function (buf) {
+        var head = Array.from(new Uint8Array(buf.slice(0, 8)));
+        return {name: name, bytes: buf.byteLength, head: head};
+      }));
+  };
+  function report(found) {
+    var pre = document.createElement("pre");
+    pre.id = "download-log";
+    pre.textContent = JSON.stringify(found);
+    document.body.appendChild(pre);
+  }
+  function attempt(tries) {
+    var buttons = document.querySelectorAll('button[data-download][data-filename="figure2"]');
+    var drawn = buttons.length &&
+      document.querySelector("#" + buttons[0].dataset.target + " .main-svg");
+    if (!drawn) { if (tries > 0) setTimeout(function () { attempt(tries - 1); }, 200); return; }
+    buttons.forEach(function (b) { b.click(); });
+    setTimeout(function () { Promise.all(saved).then(report); }, 4000);
+  }
+  window.addEventListener("load", function () { attempt(50); });
+})();
+</script>"""
+
+
+def test_figure2_downloads_as_png_and_svg_from_the_page(demo_out, tmp_path):
+    browser = _browser_or_skip()
+    html = (demo_out / "results" / "report.html").read_text(encoding="utf-8")
+    assert html.count('data-filename="figure2"') == 2  # one PNG and one SVG button
+    page = tmp_path / "report-click.html"
+    page.write_text(html.replace("</body>", _CLICK_DOWNLOADS_JS + "</body>"), encoding="utf-8")
+    proc = _dump_dom(browser, page, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = re.search(r'<pre id="download-log">(.*?)</pre>', proc.stdout, re.S)
+    assert found, "the download buttons saved nothing"
+    saved = {d["name"]: d for d in json.loads(found.group(1).replace("&quot;", '"'))}
+    assert set(saved) == {"figure2.png", "figure2.svg"}, saved
+    assert saved["figure2.png"]["head"] == [137, 80, 78, 71, 13, 10, 26, 10]  # the PNG signature
+    assert bytes(saved["figure2.svg"]["head"][:4]) == b"<svg"
+    assert saved["figure2.png"]["bytes"] > 10_000 and saved["figure2.svg"]["bytes"] > 10_000
 
 
 def test_analyze_can_take_one_split_of_the_runs_data(demo_out, tmp_path):
