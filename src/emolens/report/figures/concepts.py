@@ -68,6 +68,25 @@ def geometry_figure(
     return fig
 
 
+def _rows_band(
+    rows: pd.DataFrame, color: str, *, name: str, group: str, meta: Any, prefix: str = ""
+) -> go.Scatter | None:
+    """The interval band of a line over steps from ``rows``' ``{prefix}ci_low`` and
+    ``{prefix}ci_high`` (None where the table has no such columns or no finite point)."""
+    low, high = f"{prefix}ci_low", f"{prefix}ci_high"
+    if not {low, high} <= set(rows.columns):
+        return None
+    return _band(
+        rows["step"].tolist(),
+        rows[low].to_numpy(float),
+        rows[high].to_numpy(float),
+        color,
+        name=name,
+        group=group,
+        meta=meta,
+    )
+
+
 def _geometry_traces(
     rows: pd.DataFrame,
     emotion: str,
@@ -80,18 +99,9 @@ def _geometry_traces(
     color = _series_color(emotion)
     steps = rows["step"].tolist()
     traces = []
-    if has_ci:
-        band = _band(
-            steps,
-            rows["ci_low"].to_numpy(float),
-            rows["ci_high"].to_numpy(float),
-            color,
-            name=f"{emotion} interval",
-            group=emotion,
-            meta=emotion,
-        )
-        if band is not None:
-            traces.append(band)
+    band = _rows_band(rows, color, name=f"{emotion} interval", group=emotion, meta=emotion)
+    if has_ci and band is not None:
+        traces.append(band)
     ci = (
         np.column_stack([rows["ci_low"].to_numpy(float), rows["ci_high"].to_numpy(float)])
         if has_ci
@@ -238,19 +248,10 @@ def _add_probe_line(
     ``ci_low, ci_high``), after its interval band; returns the indices of the added traces."""
     idx = []
     steps = rows["step"].tolist()
-    if has_ci:
-        b = _band(
-            steps,
-            rows["ci_low"].to_numpy(float),
-            rows["ci_high"].to_numpy(float),
-            color,
-            name=f"{name} interval",
-            group=group,
-            meta=meta,
-        )
-        if b is not None:
-            fig.add_trace(b)
-            idx.append(len(fig.data) - 1)
+    band = _rows_band(rows, color, name=f"{name} interval", group=group, meta=meta)
+    if has_ci and band is not None:
+        fig.add_trace(band)
+        idx.append(len(fig.data) - 1)
     fig.add_trace(
         go.Scatter(
             x=steps,
@@ -391,16 +392,11 @@ def _concept_traces(
     traces: list[go.Scatter | None] = []
     if {"concept_ci_low", "concept_ci_high"} <= set(rows.columns):
         traces.append(
-            _band(
-                steps,
-                rows["concept_ci_low"].to_numpy(float),
-                rows["concept_ci_high"].to_numpy(float),
-                color,
-                name="concept interval",
-                group="concept",
-                meta=emotion,
+            _rows_band(
+                rows, color, name="concept interval", group="concept", meta=emotion,
+                prefix="concept_",
             )
-        )
+        )  # fmt: skip
     traces.append(
         go.Scatter(
             x=steps,
