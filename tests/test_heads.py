@@ -109,3 +109,12 @@ def test_each_head_is_its_slice_of_w_o(tiny_model):
         out = z[:, h] @ w_o[:, h * d_head : (h + 1) * d_head].T  # [sample, d_model]
         expected = (out @ readout.effective_rows.double().T) / readout.scale(final)[:, None]
         assert torch.allclose(heads.heads[:, layer, h].double(), expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_gemmas_post_attention_norm_is_split_with_its_scale_frozen(gemma_model):
+    """Gemma 3's attention output passes through an RMS norm (``ln1_post``) before the
+    residual: with that norm's scale frozen, the heads still sum to the layer's attention DLA
+    and everything to the label logits."""
+    assert "ln1_post" in dict(gemma_model.bridge.blocks[0].named_children())
+    _check_exact_sums(gemma_model)

@@ -297,3 +297,16 @@ def test_localisation_sweeps_windows_for_every_step(series_out, corpus, tmp_path
     assert (table["mode"] == "mean").all() and (table.n_control == 3).all()  # the defaults
     assert table.control_gold_logit_drop_mean.notna().all()
     assert (table.control_gold_logit_drop_max >= table.control_gold_logit_drop_mean).all()
+
+
+def test_a_table_no_step_produced_gets_no_file_and_a_stale_one_goes(tmp_path):
+    """Where no step wrote heads.csv (a model without an exact per-head split), the merge
+    must not leave an empty heads.csv that the report cannot read, nor an old one."""
+    from emolens.run.merge import write_tables
+    from emolens.store import layout
+
+    results = layout.ResultsLayout(tmp_path)
+    (tmp_path / "heads.csv").write_text("step,label\n0,joy\n")  # from an earlier run
+    write_tables(results, {"heads": pd.DataFrame(), "dla": pd.DataFrame({"step": [0]})})
+    assert not (tmp_path / "heads.csv").exists()
+    assert pd.read_csv(tmp_path / "dla.csv").step.tolist() == [0]

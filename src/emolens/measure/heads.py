@@ -9,9 +9,12 @@ GPT-2's Conv1D). Read through the final norm with its scale frozen at the full r
 convention of :func:`emolens.measure.attribution.component_attribution`), the heads plus the bias
 of every block, the embedding and the MLP outputs sum to the label logits exactly.
 
-An architecture whose attention output passes through a norm before it joins the residual
-(Gemma's post-attention norm) has no exact per-head split: :func:`head_attribution` checks that
-``o(z)`` is the residual's attention update and raises :class:`HeadsUnavailable` otherwise.
+An architecture whose attention output passes through an RMS norm before it joins the residual
+(Gemma's post-attention norm, TL 4's ``ln1_post``) is split the same way with that norm's scale
+frozen at its value on the whole attention output: head ``h`` contributes ``g * W_O[:, h] z_h /
+r(o(z))`` (``g`` the norm's gain, ``r`` its RMS), which sums exactly to the attention update.
+:func:`head_attribution` checks that the split rebuilds the residual's attention update and
+raises :class:`HeadsUnavailable` otherwise (another norm after ``W_O``, or a non-linear one).
 """
 
 import copy
@@ -68,6 +71,36 @@ def _output_projection(bridge, layer: int) -> torch.nn.Module:
     return module
 
 
+@dataclass(frozen=True)
+class _PostNorm:
+    """An RMS norm after the attention output projection: ``g * x / sqrt(mean(x^2) + eps)``."""
+
+    gain: Float[Tensor, " d_model"]
+    eps: float
+
+    def scale(self, x: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows"]:
+        return torch.sqrt(x.pow(2).mean(-1) + self.eps)
+
+
+def _post_attention_norm(bridge, layer: int, d_model: int) -> _PostNorm | None:
+    """Block ``layer``'s norm after ``W_O`` (None where it has none), with its gain read from
+    the module's response to a probe (so Gemma's ``1 + w`` needs no special case)."""
+    block = bridge.blocks[layer]
+    if "ln1_post" not in dict(block.named_children()):
+        return None
+    norm = block.ln1_post
+    module = getattr(norm, "original_component", norm)
+    eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+    if eps is None:
+        raise HeadsUnavailable(f"block {layer}'s post-attention norm has no eps: not an RMS norm")
+    param = next(module.parameters())
+    probe = torch.randn(4, d_model, generator=torch.Generator().manual_seed(0)) * 3.0
+    out = module(probe.to(dtype=param.dtype, device=param.device)).double().cpu()
+    x = probe.to(param.dtype).double()
+    r = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + float(eps))
+    return _PostNorm((out * r / x).median(0).values, float(eps))
+
+
 @torch.no_grad()
 def head_attribution(
     model, token_ids: Sequence[Sequence[int]], readout: Readout, batch_size: int = 8
@@ -85,11 +118,14 @@ def head_attribution(
     for layer in range(n_layers):
         stream_names += [hooks.resid_mid(layer), hooks.resid_post(layer)]
     z_names = [hooks.attn_z(layer) for layer in range(n_layers)]
-    wanted = set(stream_names) | set(z_names)
+    d_model = int(bridge.cfg.d_model)
+    post_norms = [_post_attention_norm(bridge, layer, d_model) for layer in range(n_layers)]
+    post_names = [hooks.attn_post_norm_in(i) for i, p in enumerate(post_norms) if p is not None]
+    wanted = set(stream_names) | set(z_names) | set(post_names)
     projections = [_output_projection(bridge, layer) for layer in range(n_layers)]
     device = next(bridge.parameters()).device
     pid = pad_id(model.tokenizer)
-    streams, zs = [], []
+    streams, zs, posts = [], [], []
     for start in range(0, len(token_ids), batch_size):
         ids, mask = pad(token_ids[start : start + batch_size], pid, "right")
         last = last_token_index(mask)
@@ -100,6 +136,7 @@ def head_attribution(
         at_answer = {n: cache[n][rows, last.to(cache[n].device)].double().cpu() for n in wanted}
         streams.append(torch.stack([at_answer[n] for n in stream_names], 1))  # [b, 2L+1, d]
         zs.append(torch.stack([at_answer[n] for n in z_names], 1))  # [b, L, head, d_head]
+        posts.append({n: at_answer[n] for n in post_names})  # [b, d] each
     stream = torch.cat(streams)  # [sample, 2 L + 1, d]
     z = torch.cat(zs)  # [sample, layer, head, d_head]
     n, _, n_heads, d_head = z.shape
@@ -108,15 +145,23 @@ def head_attribution(
     mlp_update = stream[:, 2::2] - stream[:, 1::2]  # resid_post - resid_mid
     eye = torch.eye(n_heads, dtype=torch.float64)
     head_out = torch.zeros(n, n_layers, n_heads, d, dtype=torch.float64)
-    bias_out = torch.zeros(n_layers, d, dtype=torch.float64)
+    bias_out = torch.zeros(n, n_layers, d, dtype=torch.float64)
     for layer, proj in enumerate(projections):
         proj = proj.to("cpu")
-        bias_out[layer] = proj(torch.zeros(1, n_heads * d_head, dtype=torch.float64))[0]
+        bias = proj(torch.zeros(1, n_heads * d_head, dtype=torch.float64))[0]
         # [sample, head, head, d_head]: row h keeps only head h
         masked = z[:, layer, None, :, :] * eye[None, :, :, None]
         out = proj(masked.reshape(n * n_heads, n_heads * d_head)).reshape(n, n_heads, d)
-        head_out[:, layer] = out - bias_out[layer]
-    rebuilt = head_out.sum(2) + bias_out[None]
+        head_out[:, layer] = out - bias
+        bias_out[:, layer] = bias
+        post = post_norms[layer]
+        if post is not None and n:  # the norm's scale frozen at the whole attention output's
+            name = hooks.attn_post_norm_in(layer)
+            o = torch.cat([b[name] for b in posts])  # [sample, d]
+            factor = post.gain[None] / post.scale(o)[:, None]  # [sample, d]
+            head_out[:, layer] *= factor[:, None]
+            bias_out[:, layer] *= factor
+    rebuilt = head_out.sum(2) + bias_out
     err = (rebuilt - attn_update).abs().max().item() if n else 0.0
     scale = max(1.0, attn_update.abs().max().item() if n else 1.0)
     dtype = next(bridge.parameters()).dtype
@@ -124,8 +169,8 @@ def head_attribution(
     if not err <= tol:
         raise HeadsUnavailable(
             f"the projected head outputs differ from the attention update of the residual by "
-            f"{err:.3g} (tolerance {tol:.3g}): the attention output is not W_O z + b (a norm "
-            "after the output projection?), so per-head attribution is not exact for this model"
+            f"{err:.3g} (tolerance {tol:.3g}): the attention output is neither W_O z + b nor an "
+            "RMS norm of it, so per-head attribution is not exact for this model"
         )
     final = stream[:, -1]
     r = readout.scale(final)[:, None]  # [sample, 1]
@@ -135,7 +180,7 @@ def head_attribution(
         return readout.center(x) @ w.T
 
     heads = read(head_out) / r[:, :, None, None]
-    attn_bias = read(bias_out)[None] / r[:, :, None]
+    attn_bias = read(bias_out) / r[:, :, None]
     attn = read(attn_update) / r[:, :, None]
     other = (read(stream[:, 0]) + read(mlp_update).sum(1)) / r
     return HeadAttribution(

@@ -129,3 +129,9 @@ def attn_z(layer: int) -> str:
     d_head]``: the input of the bridge's output projection (TL 4's name; ``attn.hook_z`` is
     its HookedTransformer alias)."""
     return f"blocks.{layer}.attn.o.hook_in"
+
+
+def attn_post_norm_in(layer: int) -> str:
+    """Input of block ``layer``'s norm after the attention output projection, where the
+    architecture has one (Gemma's ``post_attention_layernorm``, TL 4's ``ln1_post``)."""
+    return f"blocks.{layer}.ln1_post.hook_in"

@@ -72,13 +72,22 @@ def combine_steps(
     steps = load_steps(done)
     if steps:
         tables.update(_cross_step_tables(steps, prompt_ids, labels, config))
-    results = layout.ResultsLayout(out)
+    write_tables(layout.ResultsLayout(out), tables)
+    return tables
+
+
+def write_tables(results: layout.ResultsLayout, tables: dict[str, pd.DataFrame]) -> None:
+    """Write each table as ``{name}.csv``. A table that no step produced (no columns: e.g.
+    ``heads`` where the model has no exact per-head split) and a cross-step table not built
+    this time get no file, and a stale one is removed: it would contradict the steps."""
     for name, frame in tables.items():
-        write_csv(results.table(name), frame)
-    for name in CROSS_STEP_TABLES:  # none this time: a stale one would contradict the steps
+        if len(frame.columns) == 0:
+            results.table(name).unlink(missing_ok=True)
+        else:
+            write_csv(results.table(name), frame)
+    for name in CROSS_STEP_TABLES:
         if name not in tables:
             results.table(name).unlink(missing_ok=True)
-    return tables
 
 
 def _per_step_tables(done: list[Path]) -> dict[str, pd.DataFrame]:
