@@ -180,6 +180,7 @@ def test_full_and_lora_checkpoints_load_back_and_differ_from_base(full_run, lora
     lora_ckpt = lora_run / "checkpoint-4"
     assert (lora_ckpt / "adapter_config.json").exists()
     assert (lora_ckpt / "adapter_model.safetensors").exists()
+    assert not list(lora_ckpt.glob("tokenizer*"))  # read with the base's: no copy per checkpoint
     for run, kind in ((full_run, "full"), (lora_run, "lora")):
         series = discover_series(run)
         assert [c.kind for c in series.checkpoints] == ["base", kind, kind]

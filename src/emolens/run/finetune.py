@@ -986,7 +986,9 @@ def finetune(
             train_dataset=ExampleDataset(examples["train"]),
             eval_dataset=ExampleDataset(examples["validation"]) if evaluate else None,
             data_collator=AnswerCollator(pad_id(tokenizer)),
-            processing_class=tokenizer,
+            # a LoRA checkpoint is read with its base's tokenizer (load_model's fallback), so
+            # it gets no copy of it: Gemma's is 33 MB against a 14 MB adapter
+            processing_class=tokenizer if config.method != "lora" else None,
             compute_loss_func=answer_loss,
             compute_metrics=metrics if evaluate else None,
             preprocess_logits_for_metrics=metrics.reduce if evaluate else None,
