@@ -75,8 +75,10 @@ from emolens.analysis.change_summary import (
     change_summary,
     sensitivity_change_summary,
 )
+from emolens.analysis.figure2 import figure2_frame
 from emolens.analysis.geometry_tables import cross_step_tests, geometry_frame
 from emolens.analysis.probe_tables import probes_frame
+from emolens.analysis.seed_tests import t_two_sided_p
 from emolens.analysis.steps import StepData
 from emolens.measure.activations import Activations
 from emolens.measure.attribution import Readout
@@ -207,9 +209,14 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
 
 
 def _sensitivity(steps, prompt_ids, args, shift, k) -> list[dict]:
-    """The v-fixed sign-flip test (``sensitivity_change_summary``) and the two-level bootstrap
-    of Figure 2 (``figure2_bootstrap``, the samples that build v and the prompts resampled,
-    the same resamples at both steps), per emotion and jointly over emotions."""
+    """The v-fixed sign-flip test (``sensitivity_change_summary``); Figure 2's first-vs-last
+    test as ``figure2_frame`` gives it (``figure2_trends``' ``first_last_p`` / ``_q``: the
+    delete-one jackknife t test); and, for comparison, the two-level bootstrap's own tests
+    (``figure2_bootstrap``: the samples that build v and the prompts resampled, the same
+    resamples at both steps): the centred count p, the same bootstrap SE with the small-n
+    correction (SE * sqrt(P / (P - 1)), Student t on P - 1 df for P prompts) and the
+    jackknife SE with a normal reference; jointly over emotions: the bootstrap omnibus and
+    ``omnibus_jackknife_test``."""
     rows = []
     own = torch.arange(len(EMOTIONS))
     boots = []
@@ -236,17 +243,39 @@ def _sensitivity(steps, prompt_ids, args, shift, k) -> list[dict]:
     flip = sensitivity_change_summary(pd.DataFrame(rows), n_perm=args.n_boot, seed=k)
     out = _records("sensitivity", shift, flip, None, measure="logit_change",
                    test="sign-flip, v fixed")  # fmt: skip
+    # what figure2_frame reports (its own bootstrap for the bands, the jackknife for the tests)
+    _, trends = figure2_frame(
+        steps, prompt_ids, (args.alpha,), LABELS, NEUTRAL, n_boot=args.n_boot, seed=k
+    )
     b0, b1 = boots
-    test = change_tests.paired_bootstrap_test(b1.estimate, b0.estimate, b1.samples, b0.samples)
-    two = pd.DataFrame(
-        dict(measure="logit_change", p=test.p.numpy(), effect=test.effect.numpy(),
+    jt = pd.DataFrame(
+        dict(measure="logit_change", p=trends.first_last_p.to_numpy(),
+             q=trends.first_last_q.to_numpy(), effect=trends.first_last_effect.to_numpy(),
              first_value=b0.estimate.numpy())
     )  # fmt: skip
-    two["q"] = change_tests.benjamini_hochberg(two.p.to_numpy())
+    jack = b1.jackknife - b0.jackknife
+    omni = change_tests.omnibus_jackknife_test(b1.estimate - b0.estimate, jack,
+                                               b0.jackknife_strata, seed=k)  # fmt: skip
+    omni_frame = pd.DataFrame(dict(measure=["logit_change"], p=[omni.p], q=[omni.p]))
+    out += _records("sensitivity", shift, jt, omni_frame, measure="logit_change",
+                    test="figure2_frame jackknife t")  # fmt: skip
+    test = change_tests.paired_bootstrap_test(b1.estimate, b0.estimate, b1.samples, b0.samples)
+    effect, n_p = test.effect, len(prompt_ids)
+    se_boot = (b1.samples - b0.samples).std(-1) * math.sqrt(n_p / (n_p - 1))
+    small_n = torch.tensor([t_two_sided_p(float(e / s), n_p - 1) for e, s in zip(effect, se_boot)])
+    var, _ = change_tests.jackknife_variance(jack, b0.jackknife_strata)
+    jack_z = torch.special.erfc(effect.abs() / var.sqrt() / math.sqrt(2.0))
     omni = change_tests.omnibus_bootstrap_test(test.effect, b1.samples - b0.samples)
     omni_frame = pd.DataFrame(dict(measure=["logit_change"], p=[omni.p], q=[omni.p]))
-    out += _records("sensitivity", shift, two, omni_frame, measure="logit_change",
-                    test="two-level bootstrap")  # fmt: skip
+    for name, p, o in (("two-level bootstrap", test.p, omni_frame),
+                       (f"two-level bootstrap SE, t{n_p - 1}", small_n, None),
+                       ("jackknife SE, normal p", jack_z, None)):  # fmt: skip
+        two = pd.DataFrame(
+            dict(measure="logit_change", p=p.numpy(), effect=effect.numpy(),
+                 first_value=b0.estimate.numpy())
+        )  # fmt: skip
+        two["q"] = change_tests.benjamini_hochberg(two.p.to_numpy())
+        out += _records("sensitivity", shift, two, o, measure="logit_change", test=name)
     return out
 
 
@@ -305,11 +334,15 @@ def table(records: pd.DataFrame) -> pd.DataFrame:
         null, alts = g[g["shift"] == 0], g[g["shift"] > 0]
         n = len(null)
         fpr = null.n_p05.sum() / max(null.n_tests.sum(), 1)
+        # MC error of the FPR: the tests of one simulation are dependent (shared samples and
+        # prompts), so the simulations are the independent units: SE of their mean share
+        share = null.n_p05 / null.n_tests.clip(lower=1)
+        fpr_se = float(share.std(ddof=1)) / math.sqrt(n) if n > 1 else math.nan
         fwer = null.any_q05.mean()
         se = math.sqrt(max(fwer * (1 - fwer), 0.05 * 0.95) / n)
         row = {
             "family": family, "test": test, "tests/family": int(null.n_tests.mean()),
-            "targets": int(null.n_target.mean()), "FPR p<.05": f"{fpr:.3f}",
+            "targets": int(null.n_target.mean()), "FPR p<.05": f"{fpr:.3f} ± {fpr_se:.3f}",
             "FWER q<.05": f"{fwer:.3f} ± {se:.3f}",
         }  # fmt: skip
         shifts, pq, pp = [], [], []
