@@ -136,7 +136,7 @@ def _share_bound(shares: list[float]) -> float:
     return LEVEL + 3 * float(np.std(shares, ddof=1)) / math.sqrt(len(shares))
 
 
-def test_figure2_trend_tests_hold_the_nominal_rate_and_find_a_planted_ramp():
+def test_figure2_trend_tests_hold_the_nominal_rate_and_find_a_planted_ramp(one_thread):
     """figure2_frame's first-vs-last and slope tests (jackknife t) on four steps of the
     calibration simulation (steered prompts are neutral samples, as in the study). Under no
     change they reject at most the nominal rate plus three Monte-Carlo SEs (measured: 0.046
