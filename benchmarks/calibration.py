@@ -70,30 +70,34 @@ jackknife t (``figure2_trends.csv``'s ``method`` column says so), for first-vs-l
 slope over steps alike (``tests/test_calibration.py``: on four steps at smaller sizes, .046 and
 .044, against .088 and .093 for the bootstrap's tests).
 
-Cause, measured (scratch runs of this simulation, alpha = 4 unless said; "MC" = across
-simulated null series; "fixed" = the persistent parts c, a and the readout held fixed, b
+Cause, measured (``benchmarks/figure2_se.py`` on this simulation, alpha = 4 unless said; "MC" =
+across simulated null series; "fixed" = the persistent parts c, a and the readout held fixed, b
 redrawn, 200 series): the bootstrap variance of the first-last change was 0.82 of its MC
 variance (0.84 and 0.86 fixed; z = d / SE_boot had SD 1.14, hence 8% rejections). Not the 10
-prompts: the per-prompt spread carries 7-8% of the variance (``s_D^2 / P``; the (n - 1) / n
-bias of 10 prompts would cost under 1%), and the bootstrap with the prompts' weights held at 1
-(v alone resampled) has 70% of the full bootstrap variance. Not the coupling of prompts that
-are samples (resampled with their multiplicity since the last fix). Not the pairing (the paired
-SE is what the jackknife, also paired, recovers). The readout: the steered logit goes through
-the final norm, which flattens as ``|h + alpha v|`` grows, and a bootstrap replicate's ``v*``
-carries the estimation noise of v twice (v_hat's and the resample's), so the bootstrap reads
-the change's sensitivity to the samples' noise where the readout is flatter. The ratio fell
-with alpha (0.90 at alpha = 1, 0.82 at 4, 0.78 at 8), and with the norm taken out (a linear
-readout, ``Readout.at_read_point("final-norm")``) it was 0.99 (fixed). The delete-one jackknife
-moves one sample at a time from v_hat (a linearisation where the estimate is): its variance was
-1.02 and 1.01 of the MC variance (fixed), 0.95-0.97 across simulations (alpha 1-8). Its
-Satterthwaite df (median 59 here, 20 at 12 samples per label) give the t reference; with a
-normal reference it rejected 5.1% here but 6.4% at 12 samples per label. Picked: the jackknife
-t, calibrated at both sizes with the most power among the calibrated tests (the t9-corrected
-bootstrap is calibrated here only by overcorrecting, .031, at half the power at 0.25 SD, .14
-against .30). The joint test (``omnibus_jackknife_test``: the same ``T``, null from the
-jackknife correlation with one chi-square per series for its SE's noise) is valid now: .048 ±
-.011 (4.5% at 600 simulations, 2.8% at 12 samples per label; without the chi-squares 6.2-6.3%,
-with one shared chi-square 1.3-3.7% and less power).
+prompts: the per-prompt spread carries 7-8% of the bootstrap variance (``s_D^2 / P``; the
+(n-1)/n bias of 10 prompts would cost under 1%), and the bootstrap with the prompts' weights
+held at 1 (v alone resampled) has 70% of the full bootstrap variance. Not the coupling of
+prompts that are samples (resampled with their multiplicity since the last fix). Not the
+pairing (the paired SE is what the jackknife, also paired, recovers). The readout: the steered
+logit goes through the final norm, which flattens as ``|h + alpha v|`` grows, and a bootstrap
+replicate's ``v*`` carries the estimation noise of v twice (v_hat's and the resample's), so the
+bootstrap reads the change's sensitivity to the samples' noise where the readout is flatter.
+The ratio fell with alpha (0.90 at alpha = 1, 0.82 at 4, 0.78 at 8), and with the norm taken
+out (a linear readout, ``Readout.at_read_point("final-norm")``) it was 0.99 (fixed). The
+delete-one jackknife moves one sample at a time from v_hat (a linearisation where the estimate
+is): its variance was 1.03 and 1.01 of the MC variance (fixed), 0.95-0.97 across simulations
+(alpha 1-8). Its Satterthwaite df (median 59 here, 20 at 12 samples per label) give the t
+reference. At smaller sizes (``--families sensitivity --n-per 12 --d 16 --n-prompts 8 --n-sim
+400 --shifts 0.25,0.6``, 212 s): jackknife t .049 ± .004 (q|p power at 0.6 SD .57|.67), its
+omnibus .045 ± .010; bootstrap .102 ± .005, its omnibus .212 ± .020; bootstrap SE with t7 .044
+± .003 (.49|.65); jackknife SE with a normal p .065 ± .004, so the t reference is needed.
+Picked: the jackknife t, calibrated at both sizes with the most power among the calibrated
+tests (the t(P-1)-corrected bootstrap is calibrated only by overcorrecting where the prompts
+carry little of the variance: .031 here, at half the power at 0.25 SD, .14 against .30). The
+joint test (``omnibus_jackknife_test``: the same ``T``, null from the jackknife correlation
+with one chi-square per series for its SE's noise) is valid now: .048 ± .011 here, .045 ± .010
+at the smaller sizes (scratch runs of the null alone: without the chi-squares 6.2-6.3%, with
+one chi-square shared by all series 1.3-3.7% and less power).
 
 Why power at 0.25 SD was low: (1) per series it is at the information limit: a vector norm's
 paired change has SD 0.117 against a planted 0.222 (z = 1.9; Monte-Carlo SD and bootstrap SD
