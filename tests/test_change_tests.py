@@ -198,3 +198,61 @@ def test_trend_tests_find_a_planted_slope_and_stay_quiet_without_one():
     assert rates[0.01][0] > 0.8 and rates[0.01][1] > 0.5 and rates[0.01][2] > 0.7
     with pytest.raises(ValueError, match="two steps"):
         ct.trend_tests([0], est[:1], rep[:1])
+
+
+def test_figure2_jackknife_matches_leaving_each_unit_out():
+    """The vectorised jackknife of figure2_bootstrap against recomputing the point with each
+    unit left out: prompts that are neutral samples (out of the neutral mean and the prompt
+    mean at once), one that is an emotion's sample, one that is no sample, a label that
+    builds no vector; and the jackknife variance of a plain mean is s^2 / n on n - 1 df."""
+    gen = torch.Generator().manual_seed(4)
+    n_lab, d, n_per = 5, 6, 5  # labels 0, 1, 3 are steered; 2 builds nothing; 4 is neutral
+    y = torch.arange(n_lab).repeat_interleave(n_per)
+    h = (
+        torch.randn(len(y), d, generator=gen, dtype=torch.float64)
+        + 2 * torch.randn(n_lab, d, generator=gen, dtype=torch.float64)[y]
+    )
+    rows = torch.randn(7, d, generator=gen, dtype=torch.float64)
+
+    def readout(x):  # RMSNorm with unit gain, then label rows: saturates in |x|
+        return (x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()) @ rows.T
+
+    emotions, neutral, obs = [0, 1, 3], 4, [0, 1, 3]
+    pos = [20, 22, 6, -1]  # two neutral samples, a sample of label 1, a prompt of its own
+    extra = torch.randn(1, d, generator=gen, dtype=torch.float64)
+    prompts = torch.cat([h[pos[:3]], extra])
+    got = ct.figure2_bootstrap(h, y, emotions, neutral, prompts, readout, obs, 4.0, n_boot=3,
+                               prompt_positions=pos)  # fmt: skip
+
+    def point(drop_row: int | None, drop_prompt: int | None) -> torch.Tensor:
+        keep = torch.ones(len(y), dtype=torch.bool)
+        if drop_row is not None:
+            keep[drop_row] = False
+        means = torch.stack([h[keep & (y == c)].mean(0) for c in range(n_lab)])
+        use = [p for p in range(4) if pos[p] != drop_row and p != drop_prompt]
+        out = []
+        for j, e in enumerate(emotions):
+            v = means[e] - means[neutral]
+            steered = readout(prompts[use] + 4.0 * v)[:, obs[j]]
+            out.append((steered - readout(prompts[use])[:, obs[j]]).mean())
+        return torch.stack(out)
+
+    slow = torch.stack([point(i, None) for i in range(len(y))] + [point(None, 3)], -1)
+    assert got.jackknife.shape == (3, len(y) + 1)
+    torch.testing.assert_close(got.jackknife, slow, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got.estimate, point(None, None), rtol=1e-10, atol=1e-10)
+    assert got.jackknife_strata.tolist() == y.tolist() + [-1]
+    # label 2's rows change nothing; a jackknife of a mean is its textbook SE
+    unchanged = got.jackknife[:, : len(y)][:, y == 2]
+    torch.testing.assert_close(unchanged, got.estimate[:, None].expand(-1, n_per))
+    x = torch.randn(9, generator=gen, dtype=torch.float64)
+    loo = (x.sum() - x) / 8
+    var, df = ct.jackknife_variance(loo, torch.zeros(9, dtype=torch.long))
+    assert float(var) == pytest.approx(float(x.var() / 9)) and float(df) == pytest.approx(8.0)
+    test = ct.jackknife_test(x.mean(), loo, torch.zeros(9, dtype=torch.long))
+    t = float(x.mean() / (x.std() / 3))
+    from emolens.analysis.seed_tests import t_quantile, t_two_sided_p
+
+    assert float(test.p) == pytest.approx(t_two_sided_p(t, 8))
+    half = t_quantile(0.975, 8) * float(x.std() / 3)
+    assert float(test.high - test.low) == pytest.approx(2 * half)

@@ -386,8 +386,8 @@ def sensitivity_change_summary(
     are
     the same at every step, so the differences are paired) and TOST by sign flips. This holds
     each step's concept vector fixed: it is the prompt noise only, a test of "steering with
-    these vectors changed", not of "the model's sensitivity changed" (the two-level bootstrap
-    of :func:`figure2_frame` adds the noise of estimating ``v``). Measured in
+    these vectors changed", not of "the model's sensitivity changed" (the trend tests of
+    :func:`figure2_frame` add the noise of estimating ``v``). Measured in
     ``benchmarks/calibration.py``: where ``v`` is re-estimated from fresh samples at each step
     under no true change, this test rejects most series (false-positive rate about 0.6 at the
     demo's sizes), so use it for the conditional claim only. The margin is relative:

@@ -21,8 +21,13 @@ stated up front, since the absence of a significant change is not evidence of no
 - :func:`equivalence_margin`: the margin rule (absolute for bounded measures, relative to the
   step-0 value for unbounded ones).
 - :func:`figure2_bootstrap`, :func:`trend_tests`: Figure 2's two-level bootstrap (the samples
-  that build ``v``, then the steered prompts) through a readout function, and per-emotion
-  trend tests (first against last step, slope over steps) with FDR across emotions.
+  that build ``v``, then the steered prompts) through a readout function, with the delete-one
+  jackknife of its point, and per-emotion trend tests (first against last step, slope over
+  steps) with FDR across emotions.
+- :func:`jackknife_variance`, :func:`jackknife_test`, :func:`omnibus_jackknife_test`: the
+  stratified jackknife SE with Satterthwaite degrees of freedom, its t test, and the joint
+  test over a group of series from it (Figure 2's change tests: the bootstrap's SE of a
+  change in a saturating readout is too small, see :func:`trend_tests`).
 
 Every p-value here uses the ``(1 + k) / (1 + n)`` convention (never exactly 0). Resamples come
 from seeded CPU generators, so a seed gives the same resamples for every measure and step.
@@ -327,13 +332,17 @@ def tost_sign_flip(
 class Figure2Bootstrap:
     """Per emotion: the steered label's mean logit change over prompts (``estimate``, full
     samples and prompts), with its two-level bootstrap replicates ``samples`` and percentile
-    interval ``[low, high]``."""
+    interval ``[low, high]``; ``jackknife[:, i]`` the estimate with unit ``i`` left out (the
+    rows of ``resid``, then the prompts that are not among them, in prompt order) and
+    ``jackknife_strata[i]`` its stratum (its gold label; ``-1`` for those prompts)."""
 
     estimate: Float[Tensor, " emotion"]
     low: Float[Tensor, " emotion"]
     high: Float[Tensor, " emotion"]
     samples: Float[Tensor, "emotion n_boot"]
     ci: float
+    jackknife: Float[Tensor, "emotion unit"] | None = None
+    jackknife_strata: Int[Tensor, " unit"] | None = None
 
 
 def figure2_bootstrap(
@@ -372,6 +381,11 @@ def figure2_bootstrap(
     steered point stays coupled (resampling it twice independently, measured in
     ``benchmarks/calibration.py``, made the test of a change reject 12-14% of true nulls at
     the 5% level). The other prompts get bootstrap counts among themselves.
+
+    ``jackknife``: the point with one unit left out (each row of ``resid``: from its class
+    mean and, where it is a steered prompt, from the prompt mean; then each other prompt),
+    ``jackknife_strata`` the units' strata (:func:`_figure2_jackknife`). The change tests of
+    :func:`trend_tests` use it: the bootstrap's SE of a change is too small here.
     """
     h = resid.to(torch.float64)
     y = gold.long().cpu()
@@ -396,15 +410,20 @@ def figure2_bootstrap(
         means = (w @ h) / w.sum(1, keepdim=True).clamp_min(1e-300)
         return means[e_idx] - means[neutral_label]
 
-    estimate = changes(vectors_of(torch.ones(n, dtype=torch.float64))).mean(-1)
-    if n_boot <= 0:
-        nan = torch.full_like(estimate, torch.nan)
-        return Figure2Bootstrap(estimate, nan, nan.clone(), estimate.new_zeros(len(e_idx), 0), ci)
     pos = torch.full((n_p,), -1, dtype=torch.long)
     if prompt_positions is not None:
         pos = torch.as_tensor(list(prompt_positions), dtype=torch.long)
         if pos.shape != (n_p,) or bool((pos >= n).any()):
             raise ValueError(f"prompt_positions must give {n_p} rows of resid (or -1)")
+    full = changes(vectors_of(torch.ones(n, dtype=torch.float64)))  # [E, P]
+    estimate = full.mean(-1)
+    jack, strata = _figure2_jackknife(
+        h, y, e_idx, neutral_label, prompts, readout, obs, alpha, pos, full, base
+    )
+    if n_boot <= 0:
+        nan = torch.full_like(estimate, torch.nan)
+        empty = estimate.new_zeros(len(e_idx), 0)
+        return Figure2Bootstrap(estimate, nan, nan.clone(), empty, ci, jack, strata)
     inside = pos >= 0
     outside = torch.nonzero(~inside).flatten()
     sample_idx = stats.bootstrap_indices(n, n_boot, seed, strata=y)
@@ -419,7 +438,201 @@ def figure2_bootstrap(
         w = torch.where(inside, mult[pos.clamp_min(0)], out_counts[b])
         out[:, b] = (ch @ w) / w.sum() if float(w.sum()) > 0 else torch.nan
     low, high = stats._percentiles(out, ci)
-    return Figure2Bootstrap(estimate, low, high, out, ci)
+    return Figure2Bootstrap(estimate, low, high, out, ci, jack, strata)
+
+
+#: Elements of one chunk of steered residuals in the jackknife (about 128 MiB of float64).
+_JACKKNIFE_CHUNK = 2**24
+
+
+def _figure2_jackknife(
+    h: Tensor,
+    y: Tensor,
+    e_idx: Tensor,
+    neutral_label: int,
+    prompts: Tensor,
+    readout: Callable[[Tensor], Tensor],
+    obs: Tensor,
+    alpha: float,
+    pos: Tensor,
+    full: Tensor,
+    base: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Delete-one jackknife of :func:`figure2_bootstrap`'s point: ``[E, n + n_outside]``
+    estimates with one unit left out (each row of ``h``: from its class mean and, where it is
+    a steered prompt, from the prompt mean; then each prompt that is not a row: from the
+    prompt mean), and the units' strata (gold label; ``-1`` for the outside prompts).
+
+    Leaving out a row of an emotion's class moves only that emotion's vector (its class mean
+    is recomputed as ``(sum - h_i) / (n_c - 1)``), a neutral row moves every vector; rows of
+    other labels change nothing but the prompt mean. A class of one sample keeps its full
+    vector (its stratum has one unit, which adds nothing to the jackknife variance)."""
+    n, d = h.shape
+    n_e, n_p = len(e_idx), prompts.shape[0]
+    counts = torch.bincount(y, minlength=int(y.max()) + 1).to(torch.float64)
+    sums = torch.zeros(len(counts), d, dtype=torch.float64).index_add_(0, y, h)
+    means = sums / counts.clamp_min(1)[:, None]
+    at_row = torch.zeros(n, n_p, dtype=torch.float64)  # [row, prompt]: prompt p is row i
+    inside = torch.nonzero(pos >= 0).flatten()
+    at_row[pos[inside], inside] = 1.0
+    kept = 1.0 - at_row  # prompt weights with row i left out
+    n_kept = kept.sum(-1)  # [row]; 0 (NaN estimate) only where the one prompt is left out
+    theta = torch.empty(n_e, n + int((pos < 0).sum()), dtype=torch.float64)
+    theta[:, :n] = (full @ kept.T) / n_kept  # every row: the prompt mean alone moves
+    for j, c in enumerate(e_idx.tolist()):
+        rows = torch.nonzero(y == c).flatten()
+        if len(rows) < 2:
+            continue
+        step = max(1, _JACKKNIFE_CHUNK // max(1, n_p * d))
+        for r in rows.split(step):
+            v = (sums[c] - h[r]) / (counts[c] - 1) - means[neutral_label]  # [k, d]
+            ch = readout(prompts[None] + alpha * v[:, None, :])[:, :, obs[j]] - base[:, j]
+            theta[j, r] = (ch * kept[r]).sum(-1) / n_kept[r]
+    rows = torch.nonzero(y == neutral_label).flatten()
+    if len(rows) >= 2:
+        step = max(1, _JACKKNIFE_CHUNK // max(1, n_e * n_p * d))
+        for r in rows.split(step):
+            u = (sums[neutral_label] - h[r]) / (counts[neutral_label] - 1)  # [k, d]
+            v = means[e_idx][None] - u[:, None, :]  # [k, E, d]
+            steered = readout(prompts[None, None] + alpha * v[:, :, None, :])  # [k, E, P, label]
+            pick = obs.view(1, n_e, 1, 1).expand(len(r), n_e, n_p, 1)
+            ch = steered.gather(-1, pick).squeeze(-1) - base.T[None]  # [k, E, P]
+            theta[:, r] = ((ch * kept[r][:, None, :]).sum(-1) / n_kept[r][:, None]).T
+    outside = torch.nonzero(pos < 0).flatten()
+    if len(outside):
+        total = full.sum(-1, keepdim=True)
+        theta[:, n:] = (total - full[:, outside]) / (n_p - 1) if n_p > 1 else torch.nan
+    strata = torch.cat([y, torch.full((len(outside),), -1, dtype=torch.long)])
+    return theta, strata
+
+
+#: Largest degrees of freedom given to the t reference (t_1000 is the normal to 0.1%).
+_MAX_DF = 1000
+
+
+def jackknife_variance(
+    theta: Float[Tensor, "*batch unit"], strata: Int[Tensor, " unit"]
+) -> tuple[Float[Tensor, "*batch"], Float[Tensor, "*batch"]]:
+    """Stratified delete-one jackknife variance of a statistic and its Satterthwaite degrees
+    of freedom.
+
+    ``theta[..., i]``: the statistic with unit ``i`` left out, ``strata[i]`` its stratum.
+    ``V = sum_h V_h`` with ``V_h = (m_h - 1) / m_h * sum_{i in h} (theta_i - mean_h)^2`` over
+    the ``m_h`` units of stratum ``h``; ``df = V^2 / sum_h V_h^2 / (m_h - 1)``, the
+    Satterthwaite approximation of ``V`` by a scaled chi-square (a stratum with one unit adds
+    nothing). NaN in a stratum's ``theta`` gives NaN.
+    """
+    th = torch.as_tensor(theta, dtype=torch.float64)
+    st = torch.as_tensor(strata).long().reshape(-1)
+    if st.shape[0] != th.shape[-1]:
+        raise ValueError(f"strata has {st.shape[0]} units for {th.shape[-1]} jackknife values")
+    var = th.new_zeros(th.shape[:-1])
+    denom = th.new_zeros(th.shape[:-1])
+    for h in torch.unique(st).tolist():
+        t = th[..., st == h]
+        m = t.shape[-1]
+        if m < 2:
+            continue
+        v_h = (m - 1) / m * ((t - t.mean(-1, keepdim=True)) ** 2).sum(-1)
+        var = var + v_h
+        denom = denom + v_h**2 / (m - 1)
+    df = torch.where(denom > 0, var**2 / denom, torch.nan)
+    return var, df
+
+
+def jackknife_test(
+    effect: Float[Tensor, "*batch"],
+    theta: Float[Tensor, "*batch unit"],
+    strata: Int[Tensor, " unit"],
+    ci: float = 0.95,
+    method: str = "jackknife t",
+) -> PairedTest:
+    """Wald test of ``effect == 0`` with the stratified delete-one jackknife standard error
+    (:func:`jackknife_variance`) and a Student t reference on its Satterthwaite degrees of
+    freedom (rounded down, at most :data:`_MAX_DF`): ``p = P(|T_df| >= |effect| / se)``,
+    interval ``effect +- t_df(1 - (1 - ci) / 2) se``. ``theta[..., i]`` is the effect with
+    unit ``i`` left out at every step it enters (so steps that share units stay paired).
+    A zero SE gives ``p = 1`` for a zero effect and 0 otherwise; NaN gives NaN."""
+    from emolens.analysis.seed_tests import t_quantile, t_two_sided_p
+
+    eff = torch.as_tensor(effect, dtype=torch.float64)
+    var, df = jackknife_variance(theta, strata)
+    se = var.sqrt()
+    flat_e, flat_s, flat_df = eff.reshape(-1), se.reshape(-1), df.reshape(-1)
+    p = torch.full_like(flat_e, torch.nan)
+    half = torch.full_like(flat_e, torch.nan)
+    for k in range(len(flat_e)):
+        e, s_k = float(flat_e[k]), float(flat_s[k])
+        if not (math.isfinite(e) and math.isfinite(s_k)):
+            continue
+        if s_k == 0:
+            p[k], half[k] = (1.0 if e == 0 else 0.0), 0.0
+            continue
+        nu = int(min(max(math.floor(float(flat_df[k])), 1), _MAX_DF))
+        p[k] = t_two_sided_p(e / s_k, nu)
+        half[k] = _t_quantile(0.5 + ci / 2, nu, t_quantile) * s_k
+    p, half = p.reshape(eff.shape), half.reshape(eff.shape)
+    return PairedTest(eff, eff - half, eff + half, p, int(theta.shape[-1]), ci, method)
+
+
+_T_QUANTILES: dict[tuple[float, int], float] = {}
+
+
+def _t_quantile(level: float, df: int, quantile: Callable[[float, int], float]) -> float:
+    key = (level, df)
+    if key not in _T_QUANTILES:
+        _T_QUANTILES[key] = quantile(level, df)
+    return _T_QUANTILES[key]
+
+
+def omnibus_jackknife_test(
+    effect: Float[Tensor, " series"],
+    theta: Float[Tensor, "series unit"],
+    strata: Int[Tensor, " unit"],
+    n_draws: int = 9999,
+    seed: int = 0,
+) -> OmnibusTest:
+    """Joint test that none of a group's series changed, from their jackknife (e.g. every
+    emotion's first-last change in Figure 2): ``T = mean_k (d_k / s_k)^2`` as in
+    :func:`omnibus_bootstrap_test`, with ``s_k`` the jackknife SE (:func:`jackknife_variance`),
+    and the null of ``T`` drawn as ``mean_k z_k^2 / (chi2_k / df_k)``: ``z ~ N(0, R)`` with
+    ``R`` the series' stratified jackknife correlation, and for each series an independent
+    chi-square on its Satterthwaite degrees of freedom ``df_k`` (the noise of its SE).
+    ``p = (1 + #{T* >= T}) / (1 + n_draws)``, draws from ``numpy``'s generator with ``seed``.
+    Measured in ``benchmarks/calibration.py``: 4.8% and 4.5% of true nulls rejected at the 5%
+    level at two sample sizes (the bootstrap omnibus: 12% and 21%); in scratch runs of the
+    null, without the chi-squares 6.2-6.3%, with one chi-square shared by all series (their SEs
+    erring together) 1.3-3.7% and less power. Series with a
+    non-finite effect or SE, or a zero SE, are left out; none left gives NaN."""
+    eff = torch.as_tensor(effect, dtype=torch.float64).reshape(-1)
+    th = torch.as_tensor(theta, dtype=torch.float64).reshape(len(eff), -1)
+    var, df = jackknife_variance(th, strata)
+    se = var.sqrt()
+    ok = torch.isfinite(eff) & torch.isfinite(se) & (se > 0) & torch.isfinite(th).all(-1)
+    k = int(ok.sum())
+    method = "omnibus jackknife"
+    if k == 0:
+        return OmnibusTest(float("nan"), float("nan"), k, 0, method)
+    e, t, s = eff[ok], th[ok], se[ok]
+    stat = float(((e / s) ** 2).mean())
+    st = torch.as_tensor(strata).long().reshape(-1)
+    cov = torch.zeros(k, k, dtype=torch.float64)
+    for h in torch.unique(st).tolist():
+        x = t[:, st == h]
+        m = x.shape[-1]
+        if m >= 2:
+            xc = x - x.mean(-1, keepdim=True)
+            cov += (m - 1) / m * (xc @ xc.T)
+    corr = cov / (s[:, None] * s[None, :])
+    evals, evecs = torch.linalg.eigh(corr)
+    root = evecs * evals.clamp_min(0).sqrt()  # corr = root @ root.T
+    nu = df[ok].nan_to_num(float(_MAX_DF)).floor().clamp(1, _MAX_DF).numpy()
+    rng = np.random.default_rng(seed)
+    z = torch.from_numpy(rng.standard_normal((n_draws, k))) @ root.T
+    chi2 = torch.from_numpy(rng.chisquare(nu, (n_draws, k)) / nu)
+    null = (z**2 / chi2).mean(-1)
+    p = float(_count_p(null >= stat - 1e-12, n_draws))
+    return OmnibusTest(stat, min(p, 1.0), k, n_draws, method)
 
 
 @dataclass(frozen=True)
@@ -447,29 +660,59 @@ def trend_tests(
     estimates: Float[Tensor, "step emotion"],
     replicates: Float[Tensor, "step emotion n_boot"],
     ci: float = 0.95,
+    jackknife: Float[Tensor, "step emotion unit"] | None = None,
+    strata: Int[Tensor, " unit"] | None = None,
 ) -> TrendTests:
     """Trend tests of Figure 2's points per emotion, with FDR across emotions.
 
-    ``replicates[t, e, b]`` must come from the same resamples ``b`` at every step
-    (:func:`figure2_bootstrap` with one seed over a fixed sample set and prompts). First
-    against last: :func:`paired_bootstrap_test` of step ``-1`` against step ``0``. Slope: the
-    least-squares slope over ``steps`` of the estimates, tested the same way (replicate slopes
-    from the replicate series, centred bootstrap p against slope 0).
+    With ``jackknife`` (what :func:`emolens.analysis.figure2.figure2_frame` passes):
+    ``jackknife[t, e, i]`` is step ``t``'s point with unit ``i`` left out (the same unit at
+    every step, :attr:`Figure2Bootstrap.jackknife` aligned by sample id; a unit absent from a
+    step leaves that step's point as it is) and ``strata[i]`` its stratum; first against last
+    and the least-squares slope over ``steps`` are each a :func:`jackknife_test` of the
+    contrast computed from the leave-one-out series (method ``"jackknife t"``).
+
+    Without (the bootstrap test, kept for other callers): ``replicates[t, e, b]`` must come
+    from the same resamples ``b`` at every step (:func:`figure2_bootstrap` with one seed over
+    a fixed sample set and prompts); :func:`paired_bootstrap_test` of step ``-1`` against step
+    ``0``, and of the replicate slopes against slope 0.
+
+    Why the jackknife for Figure 2 (``benchmarks/calibration.py``,
+    ``benchmarks/figure2_se.py``): the steered logit saturates in ``|h + alpha v|`` (the
+    readout normalises), and a bootstrap replicate's ``v*`` carries the estimation noise twice
+    (``v_hat``'s and the resample's), so the bootstrap reads the change's sensitivity to the
+    samples' noise where ``|v|`` is larger and the readout flatter: its SD of a change was 0.90
+    of the Monte-Carlo SD (variance 0.82), and its tests rejected 7-8% of true nulls at the 5%
+    level (10% at smaller sizes), its joint test 12-27%. The jackknife moves one sample at a
+    time from ``v_hat`` (a linearisation where the estimate is), and its variance matched the
+    Monte-Carlo variance (1.01-1.03 with the persistent parts fixed); the small number of
+    prompts was not the cause (they carry under a tenth of the variance here). The jackknife t
+    rejected 4.5% and 4.9% (at two sample sizes) with the most power among the calibrated
+    tests.
     """
     est = torch.as_tensor(estimates, dtype=torch.float64)
     rep = torch.as_tensor(replicates, dtype=torch.float64)
     if est.shape[0] < 2:
         raise ValueError("a trend needs at least two steps")
     x = torch.as_tensor(list(steps), dtype=torch.float64)
-    first_last = paired_bootstrap_test(est[-1], est[0], rep[-1], rep[0], ci)
     slope_est = _slope(x, est)
-    slope_rep = _slope(x, rep)
-    slope = paired_bootstrap_test(
-        slope_est, torch.zeros_like(slope_est), slope_rep, torch.zeros_like(slope_rep), ci
-    )
-    slope = PairedTest(
-        slope.effect, slope.low, slope.high, slope.p, slope.n_resamples, ci, "bootstrap slope"
-    )
+    if jackknife is not None:
+        if strata is None:
+            raise ValueError("the jackknife needs its units' strata")
+        jack = torch.as_tensor(jackknife, dtype=torch.float64)
+        if jack.shape[:2] != est.shape:
+            raise ValueError(f"jackknife has shape {tuple(jack.shape)} for {tuple(est.shape)}")
+        first_last = jackknife_test(est[-1] - est[0], jack[-1] - jack[0], strata, ci)
+        slope = jackknife_test(slope_est, _slope(x, jack), strata, ci, "jackknife t slope")
+    else:
+        first_last = paired_bootstrap_test(est[-1], est[0], rep[-1], rep[0], ci)
+        slope_rep = _slope(x, rep)
+        slope = paired_bootstrap_test(
+            slope_est, torch.zeros_like(slope_est), slope_rep, torch.zeros_like(slope_rep), ci
+        )
+        slope = PairedTest(
+            slope.effect, slope.low, slope.high, slope.p, slope.n_resamples, ci, "bootstrap slope"
+        )
     return TrendTests(
         first_last,
         slope,
@@ -504,7 +747,10 @@ __all__ = [
     "family_of",
     "fdr_by_family",
     "figure2_bootstrap",
+    "jackknife_test",
+    "jackknife_variance",
     "omnibus_bootstrap_test",
+    "omnibus_jackknife_test",
     "paired_bootstrap_test",
     "sign_flip_test",
     "tost_bootstrap",
