@@ -517,6 +517,8 @@ def test_figure2_frame_points_match_the_fast_path_and_bands_see_the_vector_noise
     for e in ("anger", "sadness", "trust"):
         assert abs(t.loc[e, "first_last_effect"]) < 1e-9 and t.loc[e, "first_last_p"] == 1.0
     assert t.loc["joy", "first_last_q"] < 0.05
+    # the joint test over emotions: one p per alpha, and the planted joy change shows in it
+    assert t.joint_first_last_p.nunique() == 1 and t.joint_first_last_p.iloc[0] < 0.05
 
 
 def test_sensitivity_change_summary_pairs_prompts_and_flags_a_planted_fall():

@@ -591,7 +591,8 @@ def make_sensitivity_trends(alpha=4.0) -> pd.DataFrame:
              "paired": True, "first_last_effect": effect, "first_last_ci_low": effect - 0.3,
              "first_last_ci_high": effect + 0.3, "first_last_p": q / 2, "first_last_q": q,
              "slope_per_step": effect / 4, "slope_ci_low": effect / 4 - 0.1,
-             "slope_ci_high": effect / 4 + 0.1, "slope_p": q / 2, "slope_q": q}
+             "slope_ci_high": effect / 4 + 0.1, "slope_p": q / 2, "slope_q": q,
+             "method": "jackknife t", "joint_first_last_p": 0.003}
         )  # fmt: skip
     return pd.DataFrame(rows)
 

@@ -1018,6 +1018,21 @@ def _change_summary_body(frame: pd.DataFrame, ja: dict) -> str:
     return "\n".join(body)
 
 
+def _joint_sentence(rows: pd.DataFrame) -> str:
+    """The joint first-vs-last test of one alpha's emotions (omnibus jackknife), where the
+    table has it."""
+    if "joint_first_last_p" not in rows:
+        return ""
+    p = pd.to_numeric(rows["joint_first_last_p"], errors="coerce").dropna()
+    if p.empty:
+        return ""
+    verdict = "some emotion changed" if p.iloc[0] < verdicts.FDR_LEVEL else "no change is shown"
+    return (
+        f" Jointly (the test that no emotion's point changed): p = {p.iloc[0]:.3g}, "
+        f"{verdict} at the {verdicts.FDR_LEVEL:g} level."
+    )
+
+
 def _trends_body(frame: pd.DataFrame, ja: dict) -> str:
     """Per alpha: which emotions' Figure 2 points fell or rose from the first to the last step
     (q < level, BH across emotions), and which have a slope; the rest are not shown to move."""
@@ -1049,7 +1064,7 @@ def _trends_body(frame: pd.DataFrame, ja: dict) -> str:
             f"{len(fell)} of {len(g)} emotions fell ({', '.join(fell) or 'none'}) and "
             f"{len(rose)} rose ({', '.join(rose) or 'none'}) at q < {verdicts.FDR_LEVEL:g}; "
             f"{trend} have a slope over steps at q < {verdicts.FDR_LEVEL:g}; "
-            f"{len(g) - len(fell) - len(rose)} are not shown to have changed."
+            f"{len(g) - len(fell) - len(rose)} are not shown to have changed." + _joint_sentence(g)
         )
     body.append("<ul>" + "".join(f"<li>{_e(s)}</li>" for s in sentences) + "</ul>")
     if "paired" in frame and not frame["paired"].map(as_bool).all():

@@ -240,19 +240,26 @@ PAPER = FinetuneConfig(
 
 #: A short schedule for the demo: gemma-3-270m on the bundled corpus (338 training texts) on
 #: two CPU cores. 24 steps of batch 8 (about 0.6 epoch) with a checkpoint every 8 steps, so the
-#: series is the base plus 3 checkpoints; weights are saved in bfloat16 (0.54 GB a checkpoint
-#: instead of 1.07 GB). The learning rate is higher than the paper's so that so few steps move
-#: the model visibly. Measured: a step costs about 10 s of CPU time (one thread, rows of about 90
-#: tokens), peak memory 7.6 GB, 1.6 GB of disk for the run.
+#: series is the base plus 3 checkpoints. LoRA (rank 16 on every attention and MLP projection,
+#: learning rate 1e-3) rather than a full fine-tune: a checkpoint is a 14 MB adapter instead of
+#: 0.54 GB of weights, training holds no optimizer state for the 268M base weights (a full
+#: fine-tune peaked at 7.7 GB), and ``analyze`` swaps adapters on one loaded base. Measured
+#: against the full fine-tune of the same schedule: validation loss 4.97 -> 0.98 at step 24
+#: (full: 0.96), validation first-token accuracy 0.23. The unembedding and the final norm
+#: stay the base's, so the readout does not drift in the demo; the paper's protocol
+#: (``studies/paper.toml``) is a full fine-tune.
 DEMO = FinetuneConfig(
+    method="lora",
     epochs=1.0,
     max_steps=24,
     batch_size=8,
-    learning_rate=5e-5,
+    learning_rate=1e-3,
     warmup=0.0,
     save_steps=8,
-    save_dtype="bfloat16",
-)
+    lora_target_modules=(
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    ),
+)  # fmt: skip
 
 #: For the tiny random model of the tests: a few steps, seconds in all.
 TINY = FinetuneConfig(
