@@ -214,3 +214,14 @@ def test_subspace_angles_by_step_pads_with_nan():
     torch.testing.assert_close(out[0, :2], torch.zeros(2, dtype=torch.float64))
     torch.testing.assert_close(out[1, :2], torch.tensor([0.0, 0.2], dtype=torch.float64))
     assert torch.isnan(out[:, 2]).all()
+
+
+def test_column_scale_equals_building_from_the_scaled_rows():
+    """``column_scale=g`` is ``W_U * g`` without its copy (the effective unembedding)."""
+    gen = torch.Generator().manual_seed(3)
+    w_u = torch.randn(300, 8, generator=gen)
+    g = torch.rand(8, generator=gen) + 0.5
+    copy = CausalInnerProduct.from_unembedding(w_u.double() * g.double(), dual=True)
+    scaled = CausalInnerProduct.from_unembedding(w_u, dual=True, column_scale=g, chunk_size=64)
+    for name in ("cov", "mean", "whitener"):
+        assert torch.allclose(getattr(scaled, name), getattr(copy, name), rtol=1e-10, atol=1e-12)

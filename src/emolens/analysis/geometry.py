@@ -52,8 +52,11 @@ class CausalInnerProduct:
         ridge: float = 1e-6,
         chunk_size: int = DEFAULT_CHUNK,
         dual: bool = False,
+        column_scale: Float[Tensor, " d_model"] | None = None,
     ) -> "CausalInnerProduct":
-        """Build from unembedding rows (all, or ``token_ids``).
+        """Build from unembedding rows (all, or ``token_ids``), optionally with every row
+        scaled by ``column_scale`` (``W_U * gain``, the effective unembedding, without a copy
+        of ``W_U``: ``Cov(W diag(g)) = diag(g) Cov(W) diag(g)``).
 
         The covariance is centred and accumulated in float64 in chunks of ``chunk_size`` rows
         (two passes: mean, then centred outer products), so memory stays ``d_model^2`` plus one
@@ -76,6 +79,10 @@ class CausalInnerProduct:
             chunk = W_U[start : start + chunk_size].to(torch.float64) - mean
             cov += chunk.T @ chunk
         cov = (cov / (n - 1)).cpu()
+        mean = mean.cpu()
+        if column_scale is not None:
+            g = column_scale.detach().to(torch.float64).cpu()
+            cov, mean = cov * g[:, None] * g[None, :], mean * g
         cov = (cov + cov.T) / 2
         shift = ridge * float(torch.diagonal(cov).mean())
         reg = cov + shift * torch.eye(d, dtype=torch.float64)
@@ -86,7 +93,7 @@ class CausalInnerProduct:
         return cls(
             whitener=(whitener + whitener.T) / 2,
             cov=cov,
-            mean=mean.cpu(),
+            mean=mean,
             ridge=ridge,
             n_tokens=n,
             dual=dual,

@@ -60,8 +60,8 @@ def causal_metric(model: LoadedModel, gain: torch.Tensor) -> CausalInnerProduct:
     """Park et al.'s causal inner product from the model's effective unembedding
     (``W_U * gain``), in the dual form (``Cov^{1/2}``) that applies to residual-space vectors
     such as concept vectors."""
-    w_u = model.hf_model.get_output_embeddings().weight.detach().float().cpu()
-    return CausalInnerProduct.from_unembedding(w_u * gain, dual=True)
+    w_u = model.hf_model.get_output_embeddings().weight.detach()
+    return CausalInnerProduct.from_unembedding(w_u, dual=True, column_scale=gain)
 
 
 @dataclass(frozen=True)

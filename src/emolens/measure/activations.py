@@ -282,6 +282,38 @@ def answer_rows_hook(store: dict, key, answer_index: Int[Tensor, " sample"], *, 
 
 
 @torch.no_grad()
+def hooks_at_answer(
+    model,
+    input_ids: Int[Tensor, "sample seq"],
+    attention_mask: Int[Tensor, "sample seq"],
+    names: Sequence[str],
+) -> dict[str, Tensor]:
+    """One forward pass keeping ``activation[row, answer[row]]`` of each hook in ``names``
+    (float32, CPU; ``[sample, ...]``), stopped at the last block's output: neither the final
+    norm nor the unembedding runs (``run_with_cache`` keeps every position and computes the
+    logits at all of them, 0.75 GB for a batch of 8 Gemma prompts). Every hook in ``names``
+    must fire before the last block's output does."""
+    bridge = bridge_of(model)
+    answer = last_token_index(attention_mask)
+    last = hooks.resid_post(int(bridge.cfg.n_layers) - 1)
+    store: dict[str, Tensor] = {}
+    fwd = [(n, answer_rows_hook(store, n, answer)) for n in dict.fromkeys(names) if n != last]
+    fwd.append((last, answer_rows_hook(store, last, answer, stop=True)))
+    with bridge.hooks(fwd_hooks=fwd):
+        try:
+            bridge(
+                input_ids.to(input_device(bridge)),
+                attention_mask=attention_mask.to(input_device(bridge)),
+            )
+        except _StopForward:
+            pass
+    missing = [n for n in names if n not in store]
+    if missing:
+        raise RuntimeError(f"hooks {missing} did not fire before {last}")
+    return {n: store[n] for n in names}
+
+
+@torch.no_grad()
 def run_to_answer_rows(
     model,
     input_ids: Int[Tensor, "sample seq"],

@@ -423,24 +423,19 @@ def component_attribution(
 ) -> ComponentAttribution:
     """Decompose each prompt's label logits over the embedding and every attention and MLP
     output, through the final norm with its scale frozen (see :class:`ComponentAttribution`)."""
-    from emolens.data.tokens import last_token_index, pad, pad_id
+    from emolens.data.tokens import pad, pad_id
+    from emolens.measure.activations import hooks_at_answer
 
-    bridge = model.bridge
     n_layers = model.n_layers
     names = [hooks.resid_pre(0)]
     for layer in range(n_layers):
         names += [hooks.resid_mid(layer), hooks.resid_post(layer)]
-    device = next(bridge.parameters()).device
     parts = []
     pid = pad_id(model.tokenizer)
     for start in range(0, len(token_ids), batch_size):
         ids, mask = pad(token_ids[start : start + batch_size], pid, "right")
-        last = last_token_index(mask)
-        _, cache = bridge.run_with_cache(
-            ids.to(device), attention_mask=mask.to(device), names_filter=lambda n: n in names
-        )
-        rows = torch.arange(ids.shape[0])
-        stream = [cache[n][rows, last.to(cache[n].device)].float().cpu() for n in names]
+        at_answer = hooks_at_answer(model, ids, mask, names)
+        stream = [at_answer[n] for n in names]
         pieces = [stream[0]] + [b - a for a, b in zip(stream[:-1], stream[1:])]
         parts.append(torch.stack(pieces, 1))  # [batch, component, d]
     comps = torch.cat(parts).double()  # [sample, component, d]

@@ -110,7 +110,8 @@ def head_attribution(
 
     Raises :class:`HeadsUnavailable` when a layer's projected head outputs differ from its
     attention update of the residual by more than rounding (a norm after ``W_O``)."""
-    from emolens.data.tokens import last_token_index, pad, pad_id
+    from emolens.data.tokens import pad, pad_id
+    from emolens.measure.activations import hooks_at_answer
 
     bridge = model.bridge
     n_layers = model.n_layers
@@ -121,19 +122,13 @@ def head_attribution(
     d_model = int(bridge.cfg.d_model)
     post_norms = [_post_attention_norm(bridge, layer, d_model) for layer in range(n_layers)]
     post_names = [hooks.attn_post_norm_in(i) for i, p in enumerate(post_norms) if p is not None]
-    wanted = set(stream_names) | set(z_names) | set(post_names)
+    wanted = stream_names + z_names + post_names
     projections = [_output_projection(bridge, layer) for layer in range(n_layers)]
-    device = next(bridge.parameters()).device
     pid = pad_id(model.tokenizer)
     streams, zs, posts = [], [], []
     for start in range(0, len(token_ids), batch_size):
         ids, mask = pad(token_ids[start : start + batch_size], pid, "right")
-        last = last_token_index(mask)
-        _, cache = bridge.run_with_cache(
-            ids.to(device), attention_mask=mask.to(device), names_filter=lambda n: n in wanted
-        )
-        rows = torch.arange(ids.shape[0])
-        at_answer = {n: cache[n][rows, last.to(cache[n].device)].double().cpu() for n in wanted}
+        at_answer = {n: t.double() for n, t in hooks_at_answer(model, ids, mask, wanted).items()}
         streams.append(torch.stack([at_answer[n] for n in stream_names], 1))  # [b, 2L+1, d]
         zs.append(torch.stack([at_answer[n] for n in z_names], 1))  # [b, L, head, d_head]
         posts.append({n: at_answer[n] for n in post_names})  # [b, d] each
