@@ -287,61 +287,46 @@ def hooks_at_answer(
     input_ids: Int[Tensor, "sample seq"],
     attention_mask: Int[Tensor, "sample seq"],
     names: Sequence[str],
+    stop_after: str | None = None,
 ) -> dict[str, Tensor]:
     """One forward pass keeping ``activation[row, answer[row]]`` of each hook in ``names``
-    (float32, CPU; ``[sample, ...]``), stopped at the last block's output: neither the final
-    norm nor the unembedding runs (``run_with_cache`` keeps every position and computes the
-    logits at all of them, 0.75 GB for a batch of 8 Gemma prompts). Every hook in ``names``
-    must fire before the last block's output does."""
+    (float32, CPU; ``[sample, ...]``), stopped once ``stop_after`` fired (default the last
+    block's output): neither the final norm nor the unembedding runs (``run_with_cache`` keeps
+    every position and computes the logits at all of them, 0.75 GB for a batch of 8 Gemma
+    prompts). Every hook in ``names`` must fire before ``stop_after`` does. Hooks already on
+    the bridge (e.g. steering) stay active."""
     bridge = bridge_of(model)
     answer = last_token_index(attention_mask)
-    last = hooks.resid_post(int(bridge.cfg.n_layers) - 1)
+    last = stop_after or hooks.resid_post(int(bridge.cfg.n_layers) - 1)
     store: dict[str, Tensor] = {}
     fwd = [(n, answer_rows_hook(store, n, answer)) for n in dict.fromkeys(names) if n != last]
     fwd.append((last, answer_rows_hook(store, last, answer, stop=True)))
+    device = input_device(bridge)
     with bridge.hooks(fwd_hooks=fwd):
         try:
-            bridge(
-                input_ids.to(input_device(bridge)),
-                attention_mask=attention_mask.to(input_device(bridge)),
-            )
+            bridge(input_ids.to(device), attention_mask=attention_mask.to(device))
         except _StopForward:
             pass
     missing = [n for n in names if n not in store]
     if missing:
-        raise RuntimeError(f"hooks {missing} did not fire before {last}")
+        raise RuntimeError(f"hooks {missing} did not fire before {last} stopped the pass")
     return {n: store[n] for n in names}
 
 
-@torch.no_grad()
 def run_to_answer_rows(
     model,
     input_ids: Int[Tensor, "sample seq"],
     attention_mask: Int[Tensor, "sample seq"],
     layers: Sequence[int],
 ) -> dict[int, Float[Tensor, "sample d_model"]]:
-    """One forward pass keeping only ``blocks.{l}.hook_out`` at the answer position for
-    each layer in ``layers`` (float32, CPU); it stops after the last of them, so neither later
-    blocks nor the unembedding run. Hooks already on the bridge (e.g. steering) stay active.
-    Attention runs as HF's SDPA where it can (:func:`hf_attention`)."""
-    bridge = bridge_of(model)
-    answer = last_token_index(attention_mask)
+    """:func:`hooks_at_answer` of ``blocks.{l}.hook_out`` for each layer in ``layers``
+    (float32, CPU), stopped after the last of them, so neither later blocks nor the unembedding
+    run. Attention runs as HF's SDPA where it can (:func:`hf_attention`)."""
     wanted = sorted(set(layers))
-    store: dict[int, Tensor] = {}
-    fwd = [
-        (hooks.resid_post(layer), answer_rows_hook(store, layer, answer, stop=layer == wanted[-1]))
-        for layer in wanted
-    ]
-    device = input_device(bridge)
-    with bridge.hooks(fwd_hooks=fwd), hf_attention(bridge):
-        try:
-            bridge(input_ids.to(device), attention_mask=attention_mask.to(device))
-        except _StopForward:
-            pass
-    missing = [layer for layer in wanted if layer not in store]
-    if missing:
-        raise RuntimeError(f"hooks at layers {missing} did not fire during the forward pass")
-    return store
+    names = [hooks.resid_post(layer) for layer in wanted]
+    with hf_attention(bridge_of(model)):
+        rows = hooks_at_answer(model, input_ids, attention_mask, names, stop_after=names[-1])
+    return {layer: rows[name] for layer, name in zip(wanted, names, strict=True)}
 
 
 # --------------------------------------------------------------------------- activations
