@@ -18,8 +18,8 @@ Measured (2026-12-02, quiet 2-core machine, LoRA demo preset)::
     budget | wall 534 s <= 480 s: FAIL; peak RSS 4.434 GB <= 4 GB: FAIL; folder: PASS
 
 (the full fine-tune preset before it, under load: wall 1765 s, 7.7 GB, folder 1.83 GB). The
-RSS peak is the fine-tune's test-accuracy pass (base reloaded and merged with PEFT per
-checkpoint, ``finetune.write_accuracy``), 4.38 GB; ``analyze`` alone stays lower.
+fine-tune alone peaks at 4.38 GB (``/usr/bin/time -v``), in its test-accuracy pass (the base
+reloaded and merged with PEFT per checkpoint, ``finetune.write_accuracy``).
 """
 
 import argparse
