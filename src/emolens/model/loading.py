@@ -715,6 +715,28 @@ def plain_lora(adapter_dir: str | Path) -> tuple[dict[str, tuple], str | None]:
     return deltas, None
 
 
+def release_memory() -> None:
+    """Give memory freed by dropped models back to the system: a garbage collection, the CUDA
+    cache, and on glibc ``malloc_trim(0)``. glibc keeps freed tensors of up to its (adaptive)
+    mmap threshold in its heap: after the demo's LoRA fine-tune 2.1 GB of freed memory stayed
+    resident (3.0 -> 0.9 GB after the trim) under the next model's load."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return
+    trim(0)
+
+
 class SeriesLoader:
     """Loads the checkpoints of a series in turn, one model in memory at a time.
 
@@ -752,8 +774,9 @@ class SeriesLoader:
         return self.series.load(checkpoint, **self.load_kwargs)
 
     def release(self) -> None:
-        """Drop the base model held for swaps."""
+        """Drop the base model held for swaps (and give its memory back)."""
         self._base, self._originals, self._changed, self._tokenizers = None, {}, set(), {}
+        release_memory()
 
     def _tokenizer(self, checkpoint: Checkpoint) -> "PreTrainedTokenizerBase":
         """The checkpoint's tokenizer (the base's where it has none), shared by the checkpoints

@@ -62,6 +62,7 @@ from emolens.model.loading import (
     discover_series,
     load_hf_model,
     load_tokenizer,
+    release_memory,
     resolve_device,
     resolve_dtype,
     resolve_model_dir,
@@ -1007,6 +1008,7 @@ def finetune(
         trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
         info["global_step"] = trainer.state.global_step
         del trainer, model
+    release_memory()  # the accuracy pass (and a demo's analysis) loads the next models
     _leave_process_group()
     if args.should_save:
         info["status"] = "complete"
@@ -1229,6 +1231,7 @@ def write_accuracy(
         model = _as_hf_model(ckpt.spec, series.base if ckpt.kind == "lora" else None, device)
         result = evaluate_accuracy(model, tokenizer, test, prompt, batch_size=batch_size)
         del model
+        release_memory()
         rows[ckpt.step] = {
             "step": ckpt.step,
             "accuracy": result["accuracy"],
