@@ -554,3 +554,14 @@ def test_random_baseline_verdicts_come_from_the_permutation_tests(explained_repo
     text = _section_of(write_report(folder).read_text(encoding="utf-8"), "random-baseline")
     assert "raise their label more than every random direction" in text
     assert "has no p-values" in text
+
+
+def test_summary_verdicts_come_from_the_trend_tests_where_they_cover_the_slice(explained_report):
+    """With sensitivity_trends.csv at the shown layer and alpha, the summary's above / below
+    is the calibrated first-vs-last test's (joy fell at q .01, trust rose at q .02, sadness
+    q .4), never a bare difference of point estimates."""
+    summary = explained_report.split('id="summary"')[1].split("</section>")[0]
+    assert "above the base model's for trust and below it for joy (first-vs-last" in summary
+    assert "sadness: not shown to differ" in summary
+    assert "not shown to differ from the base model (q = 0.4)" in summary
+    assert "point estimates: no change test" not in summary

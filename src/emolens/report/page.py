@@ -488,7 +488,8 @@ def _verdicts(inputs: ReportInputs, ja: dict) -> str:
         summary, sel = diagonal_summary(inputs.sensitivity)
     except ValueError as exc:
         return _note(f"No steering sensitivity to summarise: {exc}", problem=True)
-    return verdicts.sensitivity_verdict(summary, sel, ja)
+    trends = inputs.extra_tables.get("sensitivity_trends")
+    return verdicts.sensitivity_verdict(summary, sel, ja, trends)
 
 
 def _summary_section(inputs: ReportInputs, ja: dict) -> str:

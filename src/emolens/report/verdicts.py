@@ -18,9 +18,35 @@ from emolens.report.markup import escape, names, note
 FDR_LEVEL = 0.05
 
 
-def sensitivity_verdict(summary: pd.DataFrame, sel: Selection, ja: Mapping[str, str]) -> str:
+def _trend_rows(trends: pd.DataFrame | None, sel: Selection, last: int) -> pd.DataFrame | None:
+    """``sensitivity_trends.csv``'s rows (by emotion) for the shown slice: the same layer and
+    alpha, the logit change, first step 0 and last step ``last``; None where it has none."""
+    need = {"emotion", "alpha", "layer", "first_step", "last_step", "first_last_q"}
+    if trends is None or not need <= set(trends.columns) or sel.measure != "logit_change":
+        return None
+    rows = trends[
+        (trends["layer"] == sel.layer)
+        & np.isclose(
+            trends["alpha"].astype(float), float(sel.alpha if sel.alpha is not None else np.nan)
+        )
+        & (trends["first_step"] == 0)
+        & (trends["last_step"] == last)
+    ]
+    return rows.set_index("emotion") if len(rows) else None
+
+
+def sensitivity_verdict(
+    summary: pd.DataFrame,
+    sel: Selection,
+    ja: Mapping[str, str],
+    trends: pd.DataFrame | None = None,
+) -> str:
     """One line per emotion (HTML): is its sensitivity at the last step above or below the
-    base model's? ``summary``, ``sel``: :func:`emolens.analysis.sensitivity.diagonal_summary`."""
+    base model's? ``summary``, ``sel``: :func:`emolens.analysis.sensitivity.diagonal_summary`.
+    Where ``trends`` (``sensitivity_trends.csv``) tests the shown slice, the verdict is its
+    calibrated first-vs-last test (rose / fell at q < :data:`FDR_LEVEL`, else not shown to
+    have changed); elsewhere the lines only describe the difference, with two prompt-level
+    standard errors as a caveat, and say that no test backs them."""
     steps = sorted(int(s) for s in summary["step"].unique())
     last = steps[-1]
     if 0 not in steps:
@@ -32,6 +58,9 @@ def sensitivity_verdict(summary: pd.DataFrame, sel: Selection, ja: Mapping[str, 
         return note(
             "Only the base model (step 0) was analysed; there is no later step to compare with."
         )
+    tested = _trend_rows(trends, sel, last)
+    if tested is not None:
+        return _tested_verdict(summary, sel, ja, tested, last)
     items, above, below = [], [], []
     for emotion in label_order(summary["emotion"]):
         rows = summary[summary["emotion"] == emotion].set_index("step")
@@ -61,7 +90,46 @@ def sensitivity_verdict(summary: pd.DataFrame, sel: Selection, ja: Mapping[str, 
     sentence = (
         f"At the last step ({last}), steering sensitivity ({escape(sel.describe())}) is "
         f"above the base model's for {escape(', '.join(above) or 'no emotion')} and below "
-        f"it for {escape(', '.join(below) or 'no emotion')}."
+        f"it for {escape(', '.join(below) or 'no emotion')} (point estimates: no change test "
+        "covers this layer and alpha; see the sensitivity trends for the tested ones)."
+    )
+    return f"<p>{sentence}</p><ul>{''.join(items)}</ul>"
+
+
+def _tested_verdict(
+    summary: pd.DataFrame, sel: Selection, ja: Mapping[str, str], tested: pd.DataFrame, last: int
+) -> str:
+    """The per-emotion lines of :func:`sensitivity_verdict` from the trend tests' q."""
+    items: list[str] = []
+    rose: list[str] = []
+    fell: list[str] = []
+    unclear: list[str] = []
+    for emotion in label_order(summary["emotion"]):
+        rows = summary[summary["emotion"] == emotion].set_index("step")
+        name = escape(figures.display_name(emotion, ja))
+        if emotion not in tested.index or 0 not in rows.index or last not in rows.index:
+            items.append(f"<li>{name}: not tested.</li>")
+            continue
+        q = float(tested.loc[emotion, "first_last_q"])
+        diff = float(rows.loc[last, "mean"] - rows.loc[0, "mean"])
+        if q < FDR_LEVEL and diff != 0:
+            word = "above" if diff > 0 else "below"
+            (rose if diff > 0 else fell).append(emotion)
+            said = f'<span class="{word}">{word}</span> the base model (q = {q:.2g})'
+        else:
+            unclear.append(emotion)
+            said = f"not shown to differ from the base model (q = {q:.2g})"
+        items.append(
+            f"<li>{name}: {rows.loc[last, 'mean']:.4g} at step {last} vs "
+            f"{rows.loc[0, 'mean']:.4g} at the base model ({diff:+.4g}): {said}.</li>"
+        )
+    sentence = (
+        f"At the last step ({last}), steering sensitivity ({escape(sel.describe())}) is "
+        f"above the base model's for {escape(', '.join(rose) or 'no emotion')} and below it "
+        f"for {escape(', '.join(fell) or 'no emotion')} (first-vs-last jackknife t test, q < "
+        f"{FDR_LEVEL:g} after Benjamini-Hochberg across emotions); "
+        f"{escape(', '.join(unclear) or 'no emotion')}: not shown to differ, which is not "
+        "evidence that they kept their sensitivity."
     )
     return f"<p>{sentence}</p><ul>{''.join(items)}</ul>"
 
