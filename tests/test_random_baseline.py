@@ -8,10 +8,10 @@ import torch
 from emolens.analysis.baselines import (
     RANDOM_COLUMNS,
     covariance_directions,
-    permutation_p,
     random_baseline_frame,
     shuffled_label_vectors,
 )
+from emolens.analysis.stats import permutation_p
 from emolens.analysis.steps import StepData
 from emolens.measure.activations import Activations
 from emolens.measure.attribution import Readout, transfer_effect

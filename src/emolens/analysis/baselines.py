@@ -94,18 +94,6 @@ def shuffled_label_vectors(
     return out
 
 
-def permutation_p(
-    observed: Float[Tensor, " emotion"], null: Float[Tensor, "draw emotion"]
-) -> Float[Tensor, " emotion"]:
-    """One-sided Monte-Carlo p-value ``(1 + k) / (1 + n)``, ``k`` the null draws at least the
-    observed value (NaN where there are no draws)."""
-    n = null.shape[0]
-    if n == 0:
-        return torch.full_like(observed, torch.nan)
-    k = (null >= observed[None]).to(torch.float64).sum(0)
-    return (1 + k) / (1 + n)
-
-
 def _own_label_change(
     readout: Readout,
     h: Float[Tensor, "prompt d_model"],
@@ -197,7 +185,7 @@ def random_baseline_frame(
                 lo = hi = [float("nan")] * len(emotions)
             rand = _own_label_change(s.readout, h, randoms, a, own)  # [K, E]
             shuf = _own_label_change(s.readout, h, shuffled, a, own)  # [S, E]
-            p_rand, p_shuf = permutation_p(concept, rand), permutation_p(concept, shuf)
+            p_rand, p_shuf = stats.permutation_p(concept, rand), stats.permutation_p(concept, shuf)
             out.add(
                 step=s.step,
                 layer=layer,
@@ -265,7 +253,6 @@ __all__ = [
     "DIRECTIONS",
     "RANDOM_COLUMNS",
     "covariance_directions",
-    "permutation_p",
     "random_baseline_frame",
     "shuffled_label_vectors",
 ]

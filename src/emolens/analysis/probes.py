@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from emolens.analysis import stats
+
 
 @dataclass(frozen=True)
 class Probe:
@@ -176,8 +178,8 @@ def permutation_p(real: float, shuffled: Sequence[float]) -> float:
     against the real probe, so discrete accuracies keep the test conservative)."""
     if not shuffled:
         raise ValueError("a permutation p-value needs at least one shuffled accuracy")
-    k = sum(1 for a in shuffled if a >= real)
-    return (1 + k) / (1 + len(shuffled))
+    null = torch.tensor(list(shuffled), dtype=torch.float64)
+    return float(stats.permutation_p(torch.tensor(float(real), dtype=torch.float64), null))
 
 
 @dataclass(frozen=True)

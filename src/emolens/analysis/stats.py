@@ -187,3 +187,17 @@ def random_direction_like(
     r = r / r.norm(dim=-1, keepdim=True)
     norms = vectors.detach().to(torch.float64).norm(dim=-1, keepdim=True).cpu()
     return (r * norms).to(dtype=vectors.dtype, device=vectors.device)
+
+
+def permutation_p(
+    observed: Float[Tensor, "*batch"],  # noqa: F821
+    null: Float[Tensor, "draw *batch"],  # noqa: F821
+) -> Float[Tensor, "*batch"]:  # noqa: F821
+    """One-sided Monte-Carlo p-value ``(1 + k) / (1 + n)``, ``k`` of the ``n`` null draws at
+    least the observed value (ties count against the observation, which keeps discrete
+    statistics conservative); NaN where there are no draws."""
+    n = null.shape[0]
+    if n == 0:
+        return torch.full_like(observed, torch.nan, dtype=torch.float64)
+    k = (null >= observed[None]).to(torch.float64).sum(0)
+    return (1 + k) / (1 + n)

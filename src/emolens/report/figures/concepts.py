@@ -353,33 +353,42 @@ def _random_baseline_traces(
             group="random",
             meta=emotion,
         ),
-        go.Scatter(
-            x=steps,
-            y=mean.tolist(),
-            mode="lines",
-            name="random directions (mean ± sd)",
-            legendgroup="random",
-            showlegend=first_panel,
-            meta=emotion,
-            line={"color": _RANDOM_COLOR, "dash": "dash"},
-            hovertemplate="random directions<br>step %{x}<br>mean %{y:.4g}<extra></extra>",
-        ),
-    ]
+        _null_line(steps, mean, "random directions (mean ± sd)", "random", "dash",
+                   first_panel=first_panel, meta=emotion),
+    ]  # fmt: skip
     if "logit_change_shuffled_mean" in rows:
+        shuffled = rows["logit_change_shuffled_mean"].to_numpy(float)
         traces.append(
-            go.Scatter(
-                x=steps,
-                y=rows["logit_change_shuffled_mean"].tolist(),
-                mode="lines",
-                name="shuffled-label vectors (mean)",
-                legendgroup="shuffled",
-                showlegend=first_panel,
-                meta=emotion,
-                line={"color": _RANDOM_COLOR, "dash": "dot"},
-                hovertemplate="shuffled-label vectors<br>step %{x}<br>mean %{y:.4g}<extra></extra>",
-            )
-        )
+            _null_line(steps, shuffled, "shuffled-label vectors (mean)", "shuffled", "dot",
+                       first_panel=first_panel, meta=emotion)
+        )  # fmt: skip
     return traces + _concept_traces(rows, emotion, first_panel=first_panel, ja=ja)
+
+
+def _null_line(
+    steps: list,
+    values: np.ndarray,
+    name: str,
+    group: str,
+    dash: str,
+    *,
+    first_panel: bool,
+    meta: str,
+) -> go.Scatter:
+    """A null's mean over steps (grey, ``dash``ed); its hover names the null, ``name`` up to
+    its parenthesis."""
+    what = name.split(" (")[0]
+    return go.Scatter(
+        x=steps,
+        y=values.tolist(),
+        mode="lines",
+        name=name,
+        legendgroup=group,
+        showlegend=first_panel,
+        meta=meta,
+        line={"color": _RANDOM_COLOR, "dash": dash},
+        hovertemplate=f"{what}<br>step %{{x}}<br>mean %{{y:.4g}}<extra></extra>",
+    )  # fmt: skip
 
 
 def _concept_traces(
